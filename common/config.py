@@ -1,0 +1,450 @@
+"""The configuration schema, Hydra composition and validation.
+
+Hydra composes the YAML groups in `configs/`; the result is merged onto the typed schema
+below so that a typo or a wrong type fails before anything starts, naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf import errors as oc_errors
+
+from common.errors import ConfigError
+
+CONFIG_DIR_ENV = "FEDSOV_CONFIG_DIR"
+EMBEDDED_MODEL = "embedded"
+
+
+class PrivacyUnitKind(str, Enum):
+    record = "record"
+    user = "user"
+
+
+class DataSource(str, Enum):
+    synthetic = "synthetic"
+    files = "files"
+
+
+class DtypeChoice(str, Enum):
+    auto = "auto"
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+
+
+class DeviceChoice(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+@dataclass
+class LoraSettings:
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    # None: PEFT's default target modules for the base model's architecture.
+    target_modules: Optional[List[str]] = None
+    # FFA-LoRA (Sun et al. 2024): A stays frozen at its shared initialisation, only B
+    # trains, so averaging the B matrices averages the products BA exactly.
+    ffa: bool = False
+
+
+@dataclass
+class EmbeddedRecipe:
+    """How the project builds its own small GPT-style base model (no download)."""
+
+    vocab_size: int = 2048
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    context: int = 128
+    corpus_documents: int = 12000
+    steps: int = 300
+    batch_size: int = 32
+    learning_rate: float = 3e-3
+    label_smoothing: float = 0.1
+    seed: int = 1234
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = "???"
+    cache_dir: str = "~/.cache/fedsov"
+    dtype: DtypeChoice = DtypeChoice.auto
+    device: DeviceChoice = DeviceChoice.auto
+    max_length: int = 128
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    embedded: EmbeddedRecipe = field(default_factory=EmbeddedRecipe)
+
+
+@dataclass
+class DataConfig:
+    seed: int = 0
+    root: str = "${workdir}/data"
+    users_per_region: int = 300
+    records_per_user: List[int] = field(default_factory=lambda: [2, 6])
+    consent_rate: float = 0.92
+    shards: int = 2
+    heldout_fraction: float = 0.1
+
+
+@dataclass
+class RegionData:
+    source: DataSource = DataSource.synthetic
+    # Local files or folders (JSONL, plain text, Parquet) when source=files.
+    paths: List[str] = field(default_factory=list)
+    # Plain-text lines carry no consent field: the region attests it for whole files.
+    plain_text_consent: Optional[bool] = None
+
+
+@dataclass
+class RegionConfig:
+    name: str = "???"
+    jurisdiction: str = "???"
+    locales: List[str] = field(default_factory=list)
+    clients: int = 2
+    data: RegionData = field(default_factory=RegionData)
+
+
+@dataclass
+class PrivacyConfig:
+    enabled: bool = True
+    # Exactly one of noise_multiplier and target_epsilon when enabled. target_epsilon is
+    # the epsilon this run may spend; sigma is derived for the run's planned rounds.
+    noise_multiplier: Optional[float] = None
+    target_epsilon: Optional[float] = None
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    # Lifetime budget per dataset, across runs, kept in each node's privacy ledger.
+    epsilon_budget: float = 10.0
+    unit: PrivacyUnitKind = PrivacyUnitKind.record
+
+
+@dataclass
+class FederationConfig:
+    rounds: int = 5
+    local_steps: int = 10
+    batch_size: int = 32
+    learning_rate: float = 1e-2
+    server_learning_rate: float = 1.0
+    eval_batch_size: int = 32
+    # A round is aggregated when at least this many clients reply with an update.
+    min_clients: int = 1
+    round_timeout_s: float = 900.0
+    node_wait_timeout_s: float = 120.0
+    keep_checkpoints: int = 3
+    seed: int = 0
+
+
+@dataclass
+class SimulationConfig:
+    client_cpus: int = 1
+    client_gpus: float = 0.0
+
+
+@dataclass
+class FedsovConfig:
+    workdir: str = "fedsov-work"
+    run_dir: Optional[str] = None
+    resume: Optional[str] = None
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    regions: Dict[str, RegionConfig] = field(default_factory=dict)
+
+
+def default_config_dir() -> Path:
+    """The `configs/` folder: $FEDSOV_CONFIG_DIR, else the one beside the installed code."""
+    if os.environ.get(CONFIG_DIR_ENV):
+        return Path(os.environ[CONFIG_DIR_ENV]).expanduser().resolve()
+    return Path(__file__).resolve().parent.parent / "configs"
+
+
+def load_config(
+    overrides: Sequence[str] = (), config_dir: Path | None = None, config_name: str = "config"
+) -> FedsovConfig:
+    """Compose `configs/` with command-line overrides, then type-check and validate."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    config_dir = Path(config_dir) if config_dir else default_config_dir()
+    if not (config_dir / f"{config_name}.yaml").is_file():
+        raise ConfigError(
+            f"No {config_name}.yaml in config folder {config_dir}. Point "
+            f"${CONFIG_DIR_ENV} (or --config-dir) at fedsov's configs/ folder."
+        )
+    _check_overrides(overrides, config_dir)
+    try:
+        with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+            composed = compose(config_name=config_name, overrides=list(overrides))
+    except (HydraException, OmegaConfBaseException) as err:
+        detail = str(err).strip() or str(err.__cause__ or "").strip() or type(err).__name__
+        raise ConfigError(f"Invalid configuration in {config_dir} or its overrides: {detail}") from err
+    return config_from_container(composed)
+
+
+def _check_overrides(overrides: Sequence[str], config_dir: Path) -> None:
+    """Name unknown keys and group options before Hydra's generic composition errors."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    groups = {p.name: sorted(f.stem for f in p.glob("*.yaml")) for p in config_dir.iterdir() if p.is_dir()}
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(overrides))
+    except HydraException as err:
+        raise ConfigError(f"Cannot parse command-line override: {err}") from err
+    for override in parsed:
+        key = override.key_or_group
+        if override.is_delete():
+            continue
+        if key in groups:
+            value = override.value()
+            chosen = value if isinstance(value, list) else [value]
+            for option in chosen:
+                if str(option) not in groups[key]:
+                    raise ConfigError(
+                        f"'{option}' is not a {key} config. Available in {config_dir / key}: "
+                        f"{', '.join(groups[key])}."
+                    )
+            continue
+        parts = key.split(".")
+        if parts[0] == "regions" and len(parts) > 1 and parts[1] not in groups.get("regions", []):
+            raise ConfigError(
+                f"Override '{key}' names region '{parts[1]}', which has no file "
+                f"{config_dir / 'regions' / parts[1]}.yaml. Known regions: "
+                f"{', '.join(groups.get('regions', []))}."
+            )
+        allowed = _schema_fields(key)
+        if allowed:
+            raise ConfigError(_unknown_key_text(_first_unknown(key), allowed))
+
+
+def config_from_container(raw: DictConfig | dict[str, Any]) -> FedsovConfig:
+    """Merge a plain or composed config onto the schema; errors name the key and the fix."""
+    schema = OmegaConf.structured(FedsovConfig)
+    try:
+        merged = OmegaConf.merge(schema, raw)
+        OmegaConf.resolve(merged)
+        cfg: FedsovConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except oc_errors.ConfigKeyError as err:
+        raise ConfigError(_unknown_key_message(err)) from err
+    except oc_errors.ValidationError as err:
+        raise ConfigError(_wrong_value_message(err)) from err
+    except oc_errors.MissingMandatoryValue as err:
+        raise ConfigError(
+            f"Config key '{err.full_key}' must be set: it has no default. Add "
+            f"{err.full_key}=<value> to the command line."
+        ) from err
+    except oc_errors.InterpolationResolutionError as err:
+        raise ConfigError(f"Config key '{err.full_key}': {err.msg}") from err
+    _absolutise_paths(cfg)
+    validate(cfg)
+    return cfg
+
+
+def config_from_json(text: str) -> FedsovConfig:
+    """Rebuild a resolved config that travelled as JSON (run config of a Flower run)."""
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"The fedsov-config run value is not valid JSON: {err}") from err
+    return config_from_container(raw)
+
+
+def config_to_dict(cfg: FedsovConfig) -> dict[str, Any]:
+    """Plain, JSON-ready dict of a resolved config (enums as their values)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg), default=_enum_value))
+
+
+def config_to_yaml(cfg: FedsovConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.create(config_to_dict(cfg)))
+
+
+def _enum_value(obj: Any) -> Any:
+    if isinstance(obj, Enum):
+        return obj.value
+    raise TypeError(f"{type(obj).__name__} is not JSON-serialisable")
+
+
+def _absolutise_paths(cfg: FedsovConfig) -> None:
+    # The ServerApp and ClientApps run in other processes with other working folders.
+    def absolute(p: str) -> str:
+        return str(Path(p).expanduser().resolve())
+
+    cfg.workdir = absolute(cfg.workdir)
+    cfg.data.root = absolute(cfg.data.root)
+    cfg.model.cache_dir = absolute(cfg.model.cache_dir)
+    if cfg.run_dir:
+        cfg.run_dir = absolute(cfg.run_dir)
+    if cfg.resume:
+        cfg.resume = absolute(cfg.resume)
+    if cfg.model.name_or_path != EMBEDDED_MODEL:
+        cfg.model.name_or_path = absolute(cfg.model.name_or_path)
+    for region in cfg.regions.values():
+        region.data.paths = [absolute(p) for p in region.data.paths]
+
+
+def _schema_fields(full_key: str) -> list[str]:
+    """Allowed keys at the first level of `full_key` the schema does not know ([] if all known)."""
+    node: Any = FedsovConfig
+    for part in full_key.split("."):
+        if typing.get_origin(node) is dict:  # a region name inside `regions`
+            node = typing.get_args(node)[1]
+            continue
+        if not dataclasses.is_dataclass(node):
+            return []
+        hints = typing.get_type_hints(node)
+        if part not in hints:
+            return [f.name for f in dataclasses.fields(node)]
+        node = hints[part]
+    return []
+
+
+def _unknown_key_message(err: oc_errors.ConfigKeyError) -> str:
+    full_key = str(err.full_key or err.key)
+    return _unknown_key_text(_first_unknown(full_key), _schema_fields(full_key))
+
+
+def _first_unknown(full_key: str) -> str:
+    """The shortest prefix of `full_key` that the schema does not know."""
+    parts = full_key.split(".")
+    for i in range(1, len(parts) + 1):
+        prefix = ".".join(parts[:i])
+        if _schema_fields(prefix):
+            return prefix
+    return full_key
+
+
+def _unknown_key_text(full_key: str, allowed: list[str]) -> str:
+    key = full_key.rsplit(".", 1)[-1]
+    where = full_key.rsplit(".", 1)[0] if "." in full_key else "the top level"
+    msg = f"Unknown config key '{full_key}'."
+    close = difflib.get_close_matches(key, allowed, n=1)
+    if close:
+        msg += f" Did you mean '{close[0]}'?"
+    if allowed:
+        msg += f" Allowed keys under {where}: {', '.join(allowed)}."
+    return msg
+
+
+def _wrong_value_message(err: oc_errors.ValidationError) -> str:
+    full_key = err.full_key
+    expected = err.ref_type
+    allowed = ""
+    if isinstance(expected, type) and issubclass(expected, Enum):
+        allowed = f" Allowed values: {', '.join(m.value for m in expected)}."
+    detail = str(err.msg).splitlines()[0]
+    return f"Config key '{full_key}' has an invalid value: {detail}.{allowed}"
+
+
+def _fail(key: str, value: Any, rule: str, fix: str) -> None:
+    raise ConfigError(f"Config key '{key}' = {value!r}: {rule}. {fix}")
+
+
+def validate(cfg: FedsovConfig) -> None:
+    """Range and consistency checks the type system cannot express."""
+    fed, priv, model, data = cfg.federation, cfg.privacy, cfg.model, cfg.data
+    positive_ints = {
+        "federation.rounds": fed.rounds,
+        "federation.local_steps": fed.local_steps,
+        "federation.batch_size": fed.batch_size,
+        "federation.eval_batch_size": fed.eval_batch_size,
+        "federation.min_clients": fed.min_clients,
+        "model.max_length": model.max_length,
+        "model.lora.rank": model.lora.rank,
+        "data.users_per_region": data.users_per_region,
+        "data.shards": data.shards,
+        "simulation.client_cpus": cfg.simulation.client_cpus,
+    }
+    for key, value in positive_ints.items():
+        if value < 1:
+            _fail(key, value, "must be at least 1", "Set a positive integer.")
+    for key, value in {
+        "federation.learning_rate": fed.learning_rate,
+        "federation.server_learning_rate": fed.server_learning_rate,
+        "federation.round_timeout_s": fed.round_timeout_s,
+        "federation.node_wait_timeout_s": fed.node_wait_timeout_s,
+        "model.lora.alpha": model.lora.alpha,
+    }.items():
+        if not value > 0:
+            _fail(key, value, "must be greater than 0", "Set a positive number.")
+    if fed.keep_checkpoints < 1:
+        _fail("federation.keep_checkpoints", fed.keep_checkpoints, "must be at least 1",
+              "Resuming needs the last checkpoint; keep at least 1.")
+    if not 0 <= model.lora.dropout < 1:
+        _fail("model.lora.dropout", model.lora.dropout, "must be in [0, 1)", "Use e.g. 0.05.")
+    if not 0 <= data.heldout_fraction < 1:
+        _fail("data.heldout_fraction", data.heldout_fraction, "must be in [0, 1)", "Use e.g. 0.1.")
+    if not 0 <= data.consent_rate <= 1:
+        _fail("data.consent_rate", data.consent_rate, "must be in [0, 1]", "Use e.g. 0.92.")
+    lo_hi = data.records_per_user
+    if len(lo_hi) != 2 or not 1 <= lo_hi[0] <= lo_hi[1]:
+        _fail("data.records_per_user", lo_hi, "must be [min, max] with 1 <= min <= max",
+              "Use e.g. [2, 6].")
+    if cfg.simulation.client_gpus < 0:
+        _fail("simulation.client_gpus", cfg.simulation.client_gpus, "must be >= 0", "Use 0 on CPU.")
+    if model.device == DeviceChoice.cuda:
+        import torch
+
+        if not torch.cuda.is_available():
+            _fail("model.device", "cuda", "no CUDA device is available on this machine",
+                  "Use model.device=auto or cpu.")
+    _validate_privacy(priv)
+    _validate_regions(cfg)
+
+
+def _validate_privacy(priv: PrivacyConfig) -> None:
+    if not priv.enabled:
+        return
+    if (priv.noise_multiplier is None) == (priv.target_epsilon is None):
+        raise ConfigError(
+            "DP-SGD needs exactly one of privacy.noise_multiplier and privacy.target_epsilon "
+            f"(got noise_multiplier={priv.noise_multiplier}, target_epsilon={priv.target_epsilon}). "
+            "Set one and null the other, e.g. privacy.noise_multiplier=null privacy.target_epsilon=8."
+        )
+    if priv.noise_multiplier is not None and not priv.noise_multiplier > 0:
+        _fail("privacy.noise_multiplier", priv.noise_multiplier, "must be greater than 0",
+              "Use e.g. 1.0, or privacy.enabled=false to train without DP.")
+    if priv.target_epsilon is not None and not priv.target_epsilon > 0:
+        _fail("privacy.target_epsilon", priv.target_epsilon, "must be greater than 0", "Use e.g. 8.")
+    if not 0 < priv.delta < 1:
+        _fail("privacy.delta", priv.delta, "must be in (0, 1)", "Use e.g. 1e-5 (at most 1/N).")
+    if not priv.max_grad_norm > 0:
+        _fail("privacy.max_grad_norm", priv.max_grad_norm, "must be greater than 0", "Use e.g. 1.0.")
+    if not priv.epsilon_budget > 0:
+        _fail("privacy.epsilon_budget", priv.epsilon_budget, "must be greater than 0", "Use e.g. 10.")
+    if priv.target_epsilon is not None and priv.target_epsilon > priv.epsilon_budget:
+        _fail("privacy.target_epsilon", priv.target_epsilon,
+              f"exceeds the lifetime budget privacy.epsilon_budget={priv.epsilon_budget}",
+              "Lower the target or raise the budget.")
+
+
+def _validate_regions(cfg: FedsovConfig) -> None:
+    if not cfg.regions:
+        raise ConfigError("No regions selected. Choose some, e.g. regions=[eu,us,sg].")
+    for key, region in cfg.regions.items():
+        where = f"regions.{key}"
+        if region.name != key:
+            _fail(f"{where}.name", region.name, f"must equal its key '{key}'",
+                  f"Rename the file or set {where}.name={key}.")
+        if region.clients < 1:
+            _fail(f"{where}.clients", region.clients, "must be at least 1", "Use e.g. 2.")
+        if region.data.source == DataSource.synthetic and not region.locales:
+            _fail(f"{where}.locales", region.locales, "synthetic data needs at least one Faker locale",
+                  "Use e.g. [de_DE, fr_FR].")
+        if region.data.source == DataSource.files and not region.data.paths:
+            _fail(f"{where}.data.paths", region.data.paths, "source=files needs at least one path",
+                  f"Set {where}.data.paths=[/data/{key}] or {where}.data.source=synthetic.")
