@@ -1,0 +1,154 @@
+"""Local DP-LoRA training and held-out evaluation on one node's privacy units.
+
+DP-SGD (Abadi et al. 2016) with Opacus: Poisson sampling of units at rate q, per-unit
+gradient clipping to C, Gaussian noise sigma*C on the summed clipped gradients. Only the
+LoRA tensors train; the base model is frozen.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from common.model.lora import adapter_state, trainable_names
+from common.privacy.units import PrivacyUnit
+
+
+@dataclass(frozen=True)
+class DpSettings:
+    noise_multiplier: float
+    max_grad_norm: float
+
+
+@dataclass
+class LocalTrainResult:
+    update: "OrderedDict[str, torch.Tensor]"  # trained minus received, trainable tensors, float32 CPU
+    mean_loss: float
+    steps: int
+    units_sampled: int
+
+
+def encode_units(units: Sequence[PrivacyUnit], tokenizer, max_length: int) -> list[list[int]]:
+    """Token ids per unit: its texts joined by EOS, ending in EOS, cut at max_length."""
+    eos = tokenizer.eos_token_id
+    encoded = []
+    for unit in units:
+        ids: list[int] = []
+        for text in unit.texts:
+            ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+            ids.append(eos)
+        encoded.append(ids[:max_length])
+    return encoded
+
+
+def train_locally(
+    peft_model,
+    examples: Sequence[Sequence[int]],
+    *,
+    steps: int,
+    batch_size: int,
+    learning_rate: float,
+    dp: DpSettings | None,
+    pad_id: int,
+) -> LocalTrainResult:
+    """Run `steps` optimiser steps on Poisson-sampled batches; return the adapter update."""
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+    from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+
+    device = next(peft_model.parameters()).device
+    keys = trainable_names(peft_model)
+    received = adapter_state(peft_model)
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    # Sampling must stay secret to keep the privacy amplification of Poisson sampling.
+    generator = torch.Generator().manual_seed(secrets.randbits(63))
+    sample_rate = batch_size / len(examples)
+    sampler = UniformWithReplacementSampler(
+        num_samples=len(examples), sample_rate=sample_rate, generator=generator, steps=steps
+    )
+    optimizer: torch.optim.Optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
+    model = peft_model
+    if dp is not None:
+        model = GradSampleModule(peft_model, batch_first=True, loss_reduction="mean")
+        optimizer = DPOptimizer(
+            optimizer,
+            noise_multiplier=dp.noise_multiplier,
+            max_grad_norm=dp.max_grad_norm,
+            expected_batch_size=batch_size,
+            loss_reduction="mean",
+        )
+    peft_model.train()
+    losses: list[float] = []
+    sampled = 0
+    try:
+        for indices in sampler:
+            if indices:
+                ids, mask = collate([examples[i] for i in indices], pad_id, device)
+                loss = unit_losses(model, ids, mask)[0].mean()
+                losses.append(loss.item())
+            else:
+                # An empty Poisson batch must still release pure noise, as the analysis
+                # assumes: zero-weighted dummy example, so clipping sums to 0 and noise is added.
+                ids, mask = collate([examples[0]], pad_id, device)
+                loss = unit_losses(model, ids, mask)[0].mean() * 0.0
+            sampled += len(indices)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    finally:
+        if dp is not None:
+            model._close()  # remove Opacus hooks so the cached model can be wrapped again
+        peft_model.eval()
+    trained = adapter_state(peft_model)
+    update = OrderedDict((k, trained[k] - received[k]) for k in keys)
+    return LocalTrainResult(
+        update=update,
+        mean_loss=sum(losses) / len(losses) if losses else float("nan"),
+        steps=steps,
+        units_sampled=sampled,
+    )
+
+
+@torch.no_grad()
+def heldout_loss(peft_model, examples: Sequence[Sequence[int]], *, batch_size: int, pad_id: int) -> tuple[float, int]:
+    """Summed next-token loss and number of predicted tokens over `examples`."""
+    device = next(peft_model.parameters()).device
+    peft_model.eval()
+    total, tokens = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        ids, mask = collate(examples[start : start + batch_size], pad_id, device)
+        _, loss_sum, count = unit_losses(peft_model, ids, mask)
+        total += loss_sum.sum().item()
+        tokens += int(count.sum().item())
+    return total, tokens
+
+
+def collate(batch: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(x) for x in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, x in enumerate(batch):
+        ids[row, : len(x)] = torch.tensor(x, dtype=torch.long)
+        mask[row, : len(x)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def unit_losses(model, ids: torch.Tensor, mask: torch.Tensor):
+    """Per-unit mean token loss (what DP-SGD clips), per-unit summed loss and token counts.
+
+    Each unit's loss depends on its own tokens only, so a unit's clipped gradient cannot
+    be scaled by what else is in the batch.
+    """
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+    targets = ids[:, 1:]
+    weight = mask[:, 1:].float()
+    token_loss = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none") * weight
+    summed = token_loss.sum(dim=1)
+    counts = weight.sum(dim=1)
+    return summed / counts.clamp(min=1.0), summed, counts
+

@@ -1,0 +1,140 @@
+"""The run directory: resolved config, events, per-round metrics, checkpoints, final adapter.
+
+Layout:
+  config.yaml          the resolved configuration actually used
+  events.jsonl         progress events (what the CLI shows while the run goes)
+  metrics.jsonl        one line per round (round 0 = before training)
+  checkpoints/round-NNNN/   PEFT adapter folder + checkpoint.json, the last few kept
+  adapter/             the final global adapter (PEFT format)
+  summary.json         the end-of-run summary
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+from common.errors import FederationError
+
+CHECKPOINT_INFO = "checkpoint.json"
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    round: int
+    path: Path
+    info: dict[str, Any]
+
+
+class RunDirectory:
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+        self.config_path = self.path / "config.yaml"
+        self.events_path = self.path / "events.jsonl"
+        self.metrics_path = self.path / "metrics.jsonl"
+        self.checkpoints_dir = self.path / "checkpoints"
+        self.adapter_dir = self.path / "adapter"
+        self.summary_path = self.path / "summary.json"
+        self.logs_dir = self.path / "logs"
+
+    @property
+    def run_id(self) -> str:
+        return self.path.name
+
+    def create(self) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.logs_dir.mkdir(exist_ok=True)
+
+    def event(self, kind: str, **fields: Any) -> None:
+        _append_json(self.events_path, {"time": _now(), "event": kind, **fields})
+
+    def metrics(self, row: dict[str, Any]) -> None:
+        _append_json(self.metrics_path, row)
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        return _read_jsonl(self.metrics_path)
+
+    def read_events(self) -> list[dict[str, Any]]:
+        return _read_jsonl(self.events_path)
+
+    def save_checkpoint(self, round_number: int, write_adapter: Callable[[Path], None], info: dict, keep: int) -> Path:
+        """Write checkpoints/round-NNNN atomically, then drop all but the newest `keep`."""
+        self.checkpoints_dir.mkdir(parents=True, exist_ok=True)
+        final = self.checkpoints_dir / f"round-{round_number:04d}"
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.checkpoints_dir))
+        try:
+            write_adapter(tmp)
+            (tmp / CHECKPOINT_INFO).write_text(json.dumps({"round": round_number, **info}, indent=1))
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        for old in self._checkpoint_dirs()[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def latest_checkpoint(self) -> Checkpoint | None:
+        dirs = self._checkpoint_dirs()
+        if not dirs:
+            return None
+        latest = dirs[-1]
+        try:
+            info = json.loads((latest / CHECKPOINT_INFO).read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise FederationError(f"Checkpoint {latest} is unreadable ({err}); remove it to resume from the one before.") from err
+        return Checkpoint(round=int(info["round"]), path=latest, info=info)
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        _write_json_atomic(self.summary_path, summary)
+
+    def read_summary(self) -> dict[str, Any] | None:
+        if not self.summary_path.exists():
+            return None
+        return json.loads(self.summary_path.read_text())
+
+    def _checkpoint_dirs(self) -> list[Path]:
+        if not self.checkpoints_dir.exists():
+            return []
+        return sorted(p for p in self.checkpoints_dir.glob("round-*") if (p / CHECKPOINT_INFO).is_file())
+
+
+def json_number(x: float | None) -> float | str | None:
+    """JSON has no infinity: epsilon without DP is written as the string "inf"."""
+    if x is None:
+        return None
+    return "inf" if math.isinf(x) else x
+
+
+def _append_json(path: Path, row: dict[str, Any]) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        f.flush()
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            rows.append(json.loads(line))
+    return rows
+
+
+def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=1, ensure_ascii=False)
+    os.replace(tmp, path)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")

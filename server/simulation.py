@@ -1,0 +1,209 @@
+"""`fedsov simulate`: a whole federation on this machine with Flower's simulation engine (Ray).
+
+Prepares data and base model, starts a private SuperLink in simulation mode, submits the
+run with `flwr run`, shows progress from the run's events, and prints the summary.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Sequence
+
+from omegaconf import OmegaConf
+
+from common.config import FedsovConfig, config_from_container, config_to_yaml, load_config
+from common.data.prepare import ensure_synthetic_data
+from common.errors import ConfigError, FederationError
+from common.model.loading import resolve_model_path
+from common.runconfig import write_flower_app, write_run_config
+from server.rundir import RunDirectory
+from server.superlink import LocalSuperLink, RunStatus
+
+# What may change when a run resumes; everything else would make the checkpoint meaningless.
+RESUMABLE_PREFIXES = ("federation.", "simulation.")
+
+
+def resolve_run_config(overrides: Sequence[str], config_dir: Path | None = None) -> FedsovConfig:
+    """Compose the config; with resume=<run_dir>, start from that run's saved config."""
+    cfg = load_config(overrides, config_dir)
+    if not cfg.resume:
+        if cfg.run_dir is None:
+            stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+            cfg.run_dir = str(Path(cfg.workdir) / "runs" / stamp)
+        return cfg
+    run = RunDirectory(cfg.resume)
+    if not run.config_path.is_file():
+        raise ConfigError(f"resume={cfg.resume}: no config.yaml there, so it is not a fedsov run directory.")
+    changes = [o for o in overrides if not o.startswith("resume=")]
+    for o in changes:
+        if not o.startswith(RESUMABLE_PREFIXES):
+            raise ConfigError(
+                f"Cannot change '{o.split('=', 1)[0]}' when resuming: the checkpoint was trained with the "
+                f"saved value. Only {', '.join(p + '*' for p in RESUMABLE_PREFIXES)} may change."
+            )
+    saved = OmegaConf.load(run.config_path)
+    merged = OmegaConf.merge(saved, OmegaConf.from_dotlist(changes))
+    resumed = config_from_container(merged)
+    resumed.run_dir, resumed.resume = str(run.path), str(run.path)
+    return resumed
+
+
+def simulate(overrides: Sequence[str], config_dir: Path | None = None, out: Callable[[str], None] = print) -> int:
+    """Run a simulated federation end to end; return the process exit code."""
+    cfg = resolve_run_config(overrides, config_dir)
+    run = RunDirectory(cfg.run_dir)
+    run.create()
+    run.config_path.write_text(config_to_yaml(cfg))
+    n_nodes = sum(r.clients for r in cfg.regions.values())
+    out(_headline(cfg, run, n_nodes))
+
+    ensure_synthetic_data(cfg, log=lambda m: out(f"  {m}"))
+    resolve_model_path(cfg.model, log=lambda m: out(f"  {m}"))
+
+    app_dir = write_flower_app(run.path / "flower-app")
+    run_config = write_run_config(run.path / "flower-run-config.toml", cfg)
+    superlink = LocalSuperLink(run.path / "flower-home", run.logs_dir / "superlink.log", simulation=True,
+                               extra_args=["--insecure"])  # loopback only: simulation never leaves this machine
+    started = time.time()
+    try:
+        superlink.start()
+        run_id = superlink.submit(
+            app_dir,
+            run_config,
+            {
+                "num-supernodes": n_nodes,
+                "client-resources-num-cpus": cfg.simulation.client_cpus,
+                "client-resources-num-gpus": cfg.simulation.client_gpus,
+            },
+        )
+        out(f"  Flower run {run_id} on a local SuperLink ({superlink.address}); logs in {run.logs_dir}")
+        status = _watch(superlink, run_id, run, cfg, out)
+        superlink.save_logs(run_id, run.logs_dir / "flower-run.log")
+    finally:
+        superlink.stop()
+    summary = run.read_summary()
+    if not status.completed or summary is None:
+        failure = next((e for e in reversed(run.read_events()) if e["event"] == "run_failed"), None)
+        reason = failure["error"] if failure else status.details
+        out(f"\nRun {run.run_id} FAILED ({status.status}): {reason}")
+        out(f"Logs: {run.logs_dir}. Resume from the last checkpoint with: fedsov simulate resume={run.path}")
+        return 1
+    out(render_summary(summary, cfg, time.time() - started))
+    return 0
+
+
+def _watch(superlink: LocalSuperLink, run_id: int, run: RunDirectory, cfg: FedsovConfig, out) -> RunStatus:
+    """Print events as the ServerApp writes them; read Flower's status for the verdict."""
+    seen = 0
+    last_check = 0.0
+    while True:
+        events = run.read_events()
+        for event in events[seen:]:
+            line = render_event(event, cfg)
+            if line:
+                out(line)
+        seen = len(events)
+        done = any(e["event"] in ("run_finished", "run_failed") for e in events)
+        if done or time.monotonic() - last_check > 15:
+            last_check = time.monotonic()
+            if not superlink.alive():
+                raise FederationError(f"The SuperLink stopped unexpectedly; see {superlink.log_path}.")
+            status = superlink.status(run_id)
+            if status.finished:
+                return status
+        time.sleep(1.0)
+
+
+def _headline(cfg: FedsovConfig, run: RunDirectory, n_nodes: int) -> str:
+    regions = ", ".join(f"{r.name} x{r.clients}" for r in cfg.regions.values())
+    p = cfg.privacy
+    if not p.enabled:
+        dp = "NO differential privacy (privacy.enabled=false)"
+    elif p.target_epsilon is not None:
+        dp = f"DP-SGD, target epsilon {p.target_epsilon:g} for this run, delta {p.delta:g}, per {p.unit.value}"
+    else:
+        dp = f"DP-SGD, sigma {p.noise_multiplier:g}, delta {p.delta:g}, per {p.unit.value}"
+    resumed = " (resuming)" if cfg.resume else ""
+    return (
+        f"fedsov simulate{resumed}: run {run.run_id}\n"
+        f"  {n_nodes} clients in {len(cfg.regions)} regions ({regions}), {cfg.federation.rounds} rounds, {dp}\n"
+        f"  run directory: {run.path}"
+    )
+
+
+def _fmt_eps(e) -> str:
+    if e is None:
+        return "-"
+    return "inf (no DP)" if e == "inf" else f"{e:.2f}"
+
+
+def render_event(event: dict, cfg: FedsovConfig) -> str | None:
+    """One progress line per event worth showing, or None."""
+    kind = event["event"]
+    total = cfg.federation.rounds
+    if kind == "node_joined":
+        return (f"  node {event['node']:<6} region {event['region']:<3} {event['units']:>5} units "
+                f"({event['excluded_no_consent']} records excluded: no consent), epsilon spent so far {_fmt_eps(event['epsilon'])}")
+    if kind == "node_unavailable":
+        return f"  node {event['node_id']} unavailable: {event['reason']}"
+    if kind == "resumed":
+        return f"  resuming after round {event['round']} from {event['checkpoint']}"
+    if kind == "evaluated" and event["round"] == 0:
+        return "  round 0/{}  held-out perplexity before training: {}".format(total, _fmt_ppl(event["perplexity"]))
+    if kind == "round_started":
+        return f"  round {event['round']}/{total} ..."
+    if kind == "node_trained":
+        return (f"    {event['node']:<6} trained  loss {event['loss']:.3f}  sigma {event['noise_multiplier']:.3f}  "
+                f"epsilon {_fmt_eps(event['epsilon'])}  ({event['seconds']:.1f}s)")
+    if kind in ("node_refused", "update_rejected"):
+        return f"    {event['node']:<6} REFUSED: {event['reason']}"
+    if kind == "round_skipped":
+        return f"    round {event['round']} skipped: {event['reason']}"
+    if kind == "round_finished":
+        eps = "  ".join(f"{r} {_fmt_eps(e)}" for r, e in event["epsilon"].items())
+        return (f"  round {event['round']}/{total} done in {event['seconds']:.1f}s  perplexity {_fmt_ppl(event['perplexity'])}"
+                f"  | epsilon {eps}")
+    if kind == "run_failed":
+        return f"  run failed: {event['error']}"
+    return None
+
+
+def _fmt_ppl(perplexity: dict) -> str:
+    return "  ".join(f"{k} {v:.2f}" for k, v in perplexity.items())
+
+
+def render_summary(summary: dict, cfg: FedsovConfig, seconds: float) -> str:
+    p = summary["privacy"]
+    lines = [
+        "",
+        f"Summary: run {summary['run_id']} completed {summary['rounds_completed']}/{cfg.federation.rounds} rounds "
+        f"in {seconds / 60:.1f} min",
+        f"  {'region':<8}{'nodes':>6}   {'held-out perplexity before -> after':<38}{'epsilon spent':>14}   budget",
+    ]
+    for name, r in summary["regions"].items():
+        before, after = r["perplexity_before"], r["perplexity_after"]
+        if before and after:
+            change = f"{before:8.2f} -> {after:8.2f}  ({(after - before) / before:+.0%})"
+        else:
+            change = "n/a"
+        budget = f"{p['epsilon_budget']:g}" if p["enabled"] else "-"
+        lines.append(f"  {name:<8}{len(r['nodes']):>6}   {change:<38}{_fmt_eps(r['epsilon']):>14}   {budget}")
+        for refusal in r["refusals"]:
+            lines.append(f"      refused: {refusal}")
+    o = summary["overall"]
+    if o["perplexity_before"] and o["perplexity_after"]:
+        lines.append(f"  {'overall':<14}   {o['perplexity_before']:8.2f} -> {o['perplexity_after']:8.2f}")
+    privacy = (f"epsilon is cumulative per dataset across runs, at delta={p['delta']:g}, per {p['unit']} "
+               "(each node's privacy ledger)") if p["enabled"] else "NO differential privacy in this run"
+    out = summary["outputs"]
+    lines += [
+        f"  {privacy}",
+        f"  adapter : {out['adapter']}   (PeftModel.from_pretrained(base, path); base: {summary['model']['path']})",
+        f"  metrics : {out['metrics']}",
+        f"  config  : {out['config']}",
+        f"  summary : {Path(out['run_dir']) / 'summary.json'}",
+    ]
+    return "\n".join(lines)
+
