@@ -16,7 +16,7 @@ from client.training import DpSettings, encode_units, heldout_loss, train_locall
 from common.config import DataSource, FedsovConfig, LoraSettings, ModelConfig, PrivacyConfig, PrivacyUnitKind
 from common.data.partition import client_partition, split_heldout
 from common.data.records import load_records
-from common.errors import ModelError, PrivacyError
+from common.errors import FederationError, ModelError, PrivacyError
 from common.model.loading import load_base_model, load_tokenizer, model_fingerprint, pick_device, pick_dtype, resolve_model_path
 from common.model.lora import attach_lora, load_adapter_state
 from common.privacy.accounting import DpSgdSteps, noise_for_target
@@ -69,7 +69,7 @@ def simulation_settings(cfg: FedsovConfig, partition_id: int) -> NodeSettings:
                 threads=cfg.simulation.client_cpus,
             )
         first += region.clients
-    raise ModelError(
+    raise FederationError(
         f"Simulated node with partition-id {partition_id} has no region: the configured regions "
         f"have {first} clients in total. Run the simulation with that many supernodes."
     )

@@ -8,6 +8,7 @@ LoRA tensors train; the base model is frozen.
 from __future__ import annotations
 
 import secrets
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Sequence
@@ -97,7 +98,10 @@ def train_locally(
                 ids, mask = collate([examples[0]], pad_id, device)
                 loss = unit_losses(model, ids, mask)[0].mean() * 0.0
             sampled += len(indices)
-            loss.backward()
+            with warnings.catch_warnings():
+                # Opacus's hooks fire on module outputs because the frozen base needs no input grads.
+                warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
     finally:

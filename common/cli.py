@@ -25,6 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     # Nothing fedsov runs may fetch models or data sets.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
         if args.command == "simulate":
             from server.simulation import simulate

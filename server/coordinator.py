@@ -80,6 +80,7 @@ class Coordinator:
         self.run = run
         self.pull_interval = pull_interval
         self.nodes: dict[int, NodeInfo] = {}
+        self.unavailable: list[str] = []
 
     # -- the run ---------------------------------------------------------------------------
     def execute(self) -> dict[str, Any]:
@@ -89,6 +90,11 @@ class Coordinator:
         state = model.initial_state()
         first_round = 1
         checkpoint = run.latest_checkpoint()
+        if checkpoint is not None and not cfg.resume:
+            raise FederationError(
+                f"{run.path} already has checkpoints up to round {checkpoint.round}; a new run would mix with "
+                f"them. Resume it with resume={run.path}, or use a new run_dir."
+            )
         if checkpoint is not None:
             from safetensors.torch import load_file
 
@@ -147,6 +153,7 @@ class Coordinator:
         )
         for reply in replies:
             if not reply.ok:
+                self.unavailable.append(reply.reason)
                 self.run.event("node_unavailable", node_id=reply.node_id, reason=reply.reason)
                 continue
             info, metrics = reply.content[NODE], reply.content[METRICS]
@@ -345,6 +352,7 @@ class Coordinator:
                 "epsilon_budget": self.cfg.privacy.epsilon_budget,
             },
             "regions": regions,
+            "unavailable_nodes": self.unavailable,
             "overall": {"perplexity_before": before.get("overall"), "perplexity_after": after.get("overall")},
             "outputs": {
                 "run_dir": str(self.run.path),

@@ -31,7 +31,17 @@ def resolve_run_config(overrides: Sequence[str], config_dir: Path | None = None)
     if not cfg.resume:
         if cfg.run_dir is None:
             stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-            cfg.run_dir = str(Path(cfg.workdir) / "runs" / stamp)
+            runs = Path(cfg.workdir) / "runs"
+            cfg.run_dir = str(runs / stamp)
+            n = 1
+            while Path(cfg.run_dir).exists():
+                n += 1
+                cfg.run_dir = str(runs / f"{stamp}-{n}")
+        elif RunDirectory(cfg.run_dir).config_path.exists():
+            raise ConfigError(
+                f"run_dir={cfg.run_dir} already holds a run. Continue it with resume={cfg.run_dir}, "
+                "or choose a new run_dir."
+            )
         return cfg
     run = RunDirectory(cfg.resume)
     if not run.config_path.is_file():
@@ -192,6 +202,8 @@ def render_summary(summary: dict, cfg: FedsovConfig, seconds: float) -> str:
         lines.append(f"  {name:<8}{len(r['nodes']):>6}   {change:<38}{_fmt_eps(r['epsilon']):>14}   {budget}")
         for refusal in r["refusals"]:
             lines.append(f"      refused: {refusal}")
+    for reason in summary["unavailable_nodes"]:
+        lines.append(f"  a node did not take part: {reason}")
     o = summary["overall"]
     if o["perplexity_before"] and o["perplexity_after"]:
         lines.append(f"  {'overall':<14}   {o['perplexity_before']:8.2f} -> {o['perplexity_after']:8.2f}")

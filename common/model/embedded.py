@@ -128,7 +128,13 @@ def build_embedded_model(out_dir: Path, recipe: EmbeddedRecipe, log: Callable[[s
 
     model.eval()
     with torch.no_grad():
-        val_loss = sum(model(input_ids=b[None], labels=b[None]).loss.item() for b in val_blocks) / len(val_blocks)
+        total, count = 0.0, 0
+        for chunk in val_blocks.split(32):
+            logits = model(input_ids=chunk).logits[:, :-1]
+            targets = chunk[:, 1:].reshape(-1)
+            total += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), targets, reduction="sum").item()
+            count += targets.numel()
+        val_loss = total / count
         prompt = tokenizer("Hello, I am writing about my order", return_tensors="pt")
         sample_ids = model.generate(**prompt, max_new_tokens=40, do_sample=False, pad_token_id=tokenizer.eos_token_id)
     model.save_pretrained(out_dir, safe_serialization=True)

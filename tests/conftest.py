@@ -1,0 +1,50 @@
+"""Shared fixtures: a micro embedded model (built once per session) and small configs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# A smaller recipe than the default so the suite stays fast; same code path.
+MICRO_MODEL = [
+    "model.embedded.n_layer=2",
+    "model.embedded.n_head=2",
+    "model.embedded.n_embd=64",
+    "model.embedded.corpus_documents=3000",
+    "model.embedded.steps=150",
+]
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory) -> Path:
+    """Cache folder holding the micro embedded model, built once for the whole session."""
+    from common.config import load_config
+    from common.model.loading import resolve_model_path
+
+    cache = tmp_path_factory.mktemp("fedsov-cache")
+    cfg = load_config([f"model.cache_dir={cache}", *MICRO_MODEL])
+    resolve_model_path(cfg.model, log=lambda m: None)
+    return cache
+
+
+@pytest.fixture
+def small_overrides(tmp_path, model_cache) -> list[str]:
+    """A two-region federation small enough for a few seconds per round."""
+    return [
+        f"workdir={tmp_path / 'work'}",
+        f"model.cache_dir={model_cache}",
+        *MICRO_MODEL,
+        "regions=[eu,us]",
+        "data.users_per_region=60",
+        "federation.rounds=2",
+        "federation.local_steps=4",
+        "federation.batch_size=8",
+        "federation.eval_batch_size=64",
+        "model.max_length=96",
+    ]

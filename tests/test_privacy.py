@@ -1,0 +1,140 @@
+import json
+import logging
+import math
+
+import dp_accounting
+import pytest
+
+from common.config import PrivacyUnitKind
+from common.data.records import Record
+from common.errors import BudgetExhausted, LedgerError, PrivacyError
+from common.privacy.accounting import DpSgdSteps, epsilon_spent, noise_for_target
+from common.privacy.ledger import PrivacyLedger
+from common.privacy.units import dataset_fingerprint, group_units
+
+logging.getLogger("absl").setLevel(logging.ERROR)
+
+
+def google_epsilon(history, delta):
+    """Independent accountant: Google's dp-accounting RDP on the same events."""
+    accountant = dp_accounting.rdp.RdpAccountant()
+    for h in history:
+        event = dp_accounting.PoissonSampledDpEvent(h.sample_rate, dp_accounting.GaussianDpEvent(h.noise_multiplier))
+        accountant.compose(dp_accounting.SelfComposedDpEvent(event, h.steps))
+    return accountant.get_epsilon(delta)
+
+
+@pytest.mark.parametrize(
+    "history, delta",
+    [
+        ([DpSgdSteps(1.0, 0.06, 75)], 1e-5),
+        ([DpSgdSteps(2.0, 0.01, 1000)], 1e-6),
+        ([DpSgdSteps(0.8, 0.3, 10)], 1e-5),
+        ([DpSgdSteps(1.1, 0.08, 10)] * 5, 1e-5),  # five rounds charged separately
+        ([DpSgdSteps(1.0, 0.06, 20), DpSgdSteps(1.3, 0.05, 40), DpSgdSteps(0.9, 0.1, 10)], 1e-4),
+    ],
+)
+def test_epsilon_matches_dp_accounting_within_two_percent(history, delta):
+    ours, google = epsilon_spent(history, delta), google_epsilon(history, delta)
+    assert abs(ours - google) <= 0.02 * google, (ours, google)
+
+
+def test_epsilon_of_nothing_is_zero_and_of_no_noise_is_infinite():
+    assert epsilon_spent([], 1e-5) == 0.0
+    assert math.isinf(epsilon_spent([DpSgdSteps(1.0, 0.1, 10), DpSgdSteps(0.0, 0.1, 1)], 1e-5))
+
+
+def test_noise_for_target_reaches_the_target_from_below():
+    sigma = noise_for_target(3.0, 1e-5, 0.08, 50)
+    eps = epsilon_spent([DpSgdSteps(sigma, 0.08, 50)], 1e-5)
+    assert 2.9 <= eps <= 3.0
+    assert noise_for_target(1.0, 1e-5, 0.08, 50) > sigma  # a smaller epsilon needs more noise
+
+
+def records(n, prefix="u", region="eu"):
+    return [Record(text=f"message {i} from {prefix}", region=region, user_id=f"{prefix}{i % 7}", consent=True) for i in range(n)]
+
+
+def test_ledger_persists_across_instances_and_continues(tmp_path):
+    path = tmp_path / "ledger.json"
+    units = group_units(records(50), PrivacyUnitKind.record)
+    ledger = PrivacyLedger(path, delta=1e-5, unit=PrivacyUnitKind.record)
+    fp = ledger.register(units)
+    step = DpSgdSteps(1.1, 0.1, 10)
+    first = ledger.charge(fp, step, budget=10, run_id="r1", round_number=1).epsilon_after
+    # A restart (new process, new object) sees the same spend and adds to it.
+    again = PrivacyLedger(path, delta=1e-5, unit=PrivacyUnitKind.record)
+    assert again.spent(fp) == pytest.approx(first)
+    second = again.charge(fp, step, budget=10, run_id="r2", round_number=1).epsilon_after
+    assert second > first
+    assert second == pytest.approx(epsilon_spent([step, step], 1e-5))
+    assert [c.run_id for c in again.history(fp)] == ["r1", "r2"]
+
+
+def test_over_budget_round_is_refused_before_anything_is_recorded(tmp_path):
+    path = tmp_path / "ledger.json"
+    ledger = PrivacyLedger(path, delta=1e-5, unit=PrivacyUnitKind.record)
+    fp = ledger.register(group_units(records(50), PrivacyUnitKind.record))
+    big = DpSgdSteps(0.7, 0.2, 100)
+    before = path.read_bytes()
+    with pytest.raises(BudgetExhausted) as err:
+        ledger.check_budget(fp, big, budget=2.0)
+    assert "lifetime budget 2" in str(err.value) and "Nothing was trained or sent" in str(err.value)
+    with pytest.raises(BudgetExhausted):
+        ledger.charge(fp, big, budget=2.0, run_id="r", round_number=1)
+    assert path.read_bytes() == before
+    assert ledger.spent(fp) == 0.0
+
+
+def test_changed_dataset_inherits_the_spend_of_the_units_it_shares(tmp_path):
+    ledger = PrivacyLedger(tmp_path / "ledger.json", delta=1e-5, unit=PrivacyUnitKind.user)
+    old = group_units(records(40, "a"), PrivacyUnitKind.user)
+    grown = group_units(records(40, "a") + records(10, "b"), PrivacyUnitKind.user)
+    unrelated = group_units(records(40, "z"), PrivacyUnitKind.user)
+    fp_old = ledger.register(old)
+    ledger.charge(fp_old, DpSgdSteps(1.0, 0.2, 20), budget=10, run_id="r", round_number=1)
+    fp_grown, fp_unrelated = ledger.register(grown), ledger.register(unrelated)
+    assert fp_grown != fp_old
+    assert ledger.spent(fp_old) > 0
+    assert ledger.spent(fp_grown) == pytest.approx(ledger.spent(fp_old))
+    assert ledger.spent(fp_unrelated) == 0.0
+
+
+def test_training_without_dp_leaves_infinite_epsilon_and_blocks_dp_claims(tmp_path):
+    ledger = PrivacyLedger(tmp_path / "ledger.json", delta=1e-5, unit=PrivacyUnitKind.record)
+    fp = ledger.register(group_units(records(30), PrivacyUnitKind.record))
+    ledger.charge(fp, DpSgdSteps(0.0, 0.1, 5), budget=None, run_id="nodp", round_number=1)
+    assert math.isinf(ledger.spent(fp))
+    with pytest.raises(BudgetExhausted):
+        ledger.check_budget(fp, DpSgdSteps(5.0, 0.01, 1), budget=100)
+    assert json.loads((tmp_path / "ledger.json").read_text())["charges"][0]["epsilon_after"] == math.inf
+
+
+def test_delta_and_unit_are_fixed_for_a_ledger(tmp_path):
+    PrivacyLedger(tmp_path / "ledger.json", delta=1e-5, unit=PrivacyUnitKind.record)
+    with pytest.raises(PrivacyError, match="delta=1e-05"):
+        PrivacyLedger(tmp_path / "ledger.json", delta=1e-4, unit=PrivacyUnitKind.record)
+    with pytest.raises(PrivacyError, match="per record"):
+        PrivacyLedger(tmp_path / "ledger.json", delta=1e-5, unit=PrivacyUnitKind.user)
+
+
+@pytest.mark.parametrize("damage", [b"{not json", b'{"format": "fedsov-privacy-ledger/1"}', b""])
+def test_damaged_ledger_refuses_and_is_left_as_found(tmp_path, damage):
+    path = tmp_path / "ledger.json"
+    ledger = PrivacyLedger(path, delta=1e-5, unit=PrivacyUnitKind.record)
+    ledger.register(group_units(records(10), PrivacyUnitKind.record))
+    path.write_bytes(damage)
+    with pytest.raises(LedgerError, match="never reset the spent budget"):
+        PrivacyLedger(path, delta=1e-5, unit=PrivacyUnitKind.record)
+    assert path.read_bytes() == damage
+
+
+def test_user_units_group_everything_of_one_person():
+    recs = records(21)  # user ids u0..u6, three records each
+    units = group_units(recs, PrivacyUnitKind.user)
+    assert len(units) == 7 and all(len(u.texts) == 3 for u in units)
+    assert len(group_units(recs, PrivacyUnitKind.record)) == 21
+    # The fingerprint ignores record order but not content.
+    assert dataset_fingerprint(units, PrivacyUnitKind.user) == dataset_fingerprint(
+        group_units(list(reversed(recs)), PrivacyUnitKind.user)[::-1], PrivacyUnitKind.user
+    )

@@ -1,0 +1,101 @@
+"""DP-LoRA on the micro embedded model: adapters really change, hooks come off, FFA keeps A."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from client.training import DpSettings, encode_units, heldout_loss, train_locally
+from common.config import EmbeddedRecipe, LoraSettings, PrivacyUnitKind
+from common.data.synthetic import generate_region_records
+from common.model.embedded import BUILD_INFO, build_embedded_model, embedded_model_dir
+from common.model.loading import load_base_model, load_tokenizer
+from common.model.lora import adapter_state, attach_lora, load_adapter_state, trainable_names
+from common.privacy.units import group_units
+
+
+@pytest.fixture(scope="module")
+def model_dir(model_cache):
+    return next((model_cache / "models").glob("embedded-*"))
+
+
+@pytest.fixture(scope="module")
+def examples(model_dir):
+    tok = load_tokenizer(model_dir)
+    recs = generate_region_records("us", ["en_US"], seed=5, num_users=40)
+    return encode_units(group_units(recs, PrivacyUnitKind.record), tok, 96), tok.pad_token_id
+
+
+def fresh_lora(model_dir, ffa=False):
+    base = load_base_model(model_dir, torch.device("cpu"), torch.float32)
+    return attach_lora(base, LoraSettings(rank=4, alpha=8, ffa=ffa), seed=0)
+
+
+def test_embedded_model_generates_its_training_distribution(model_dir):
+    info = json.loads((model_dir / BUILD_INFO).read_text())
+    # Far below the 2048-token vocabulary: it has learnt the public text, not noise.
+    assert info["heldout_perplexity"] < 20
+    words = info["greedy_sample"].split()
+    assert len(words) > 10 and words[:6] == "Hello, I am writing about my".split()
+
+
+def test_embedded_build_is_deterministic(tmp_path):
+    recipe = EmbeddedRecipe(n_layer=1, n_head=2, n_embd=32, corpus_documents=300, steps=5, vocab_size=512)
+    a = build_embedded_model(tmp_path / "a", recipe, log=lambda m: None)
+    b = build_embedded_model(tmp_path / "b", recipe, log=lambda m: None)
+    assert a["weights_sha256"] == b["weights_sha256"]
+    assert (tmp_path / "a" / "tokenizer.json").read_bytes() == (tmp_path / "b" / "tokenizer.json").read_bytes()
+    assert embedded_model_dir(tmp_path, recipe) != embedded_model_dir(tmp_path, EmbeddedRecipe())
+
+
+def test_dp_round_changes_the_adapter_and_can_run_again(model_dir, examples):
+    ids, pad = examples
+    model = fresh_lora(model_dir)
+    before = adapter_state(model)
+    dp = DpSettings(noise_multiplier=1.0, max_grad_norm=1.0)
+    result = train_locally(model, ids, steps=3, batch_size=8, learning_rate=1e-2, dp=dp, pad_id=pad)
+    after = adapter_state(model)
+    assert set(result.update) == set(trainable_names(model))
+    assert all(result.update[k].abs().sum() > 0 for k in result.update)
+    assert all(torch.allclose(after[k] - before[k], result.update[k]) for k in result.update)
+    assert math.isfinite(result.mean_loss) and result.steps == 3
+    # Opacus hooks were removed: the same cached model trains again without double hooks.
+    assert not any(hasattr(p, "grad_sample") and p.grad_sample is not None for p in model.parameters())
+    train_locally(model, ids, steps=1, batch_size=8, learning_rate=1e-2, dp=dp, pad_id=pad)
+
+
+def test_empty_poisson_batches_still_release_noise(model_dir, examples):
+    ids, pad = examples
+    model = fresh_lora(model_dir)
+    # q = 1e-4 over ~150 units: nearly every batch is empty, yet the noisy step must happen.
+    result = train_locally(
+        model, ids, steps=2, batch_size=1e-4 * len(ids), learning_rate=1e-2,
+        dp=DpSettings(noise_multiplier=1.0, max_grad_norm=1.0), pad_id=pad,
+    )
+    assert result.units_sampled == 0
+    assert all(result.update[k].abs().sum() > 0 for k in result.update)
+
+
+def test_ffa_lora_trains_only_b(model_dir, examples):
+    ids, pad = examples
+    model = fresh_lora(model_dir, ffa=True)
+    before = adapter_state(model)
+    result = train_locally(model, ids, steps=2, batch_size=8, learning_rate=1e-2,
+                           dp=DpSettings(1.0, 1.0), pad_id=pad)
+    assert result.update and all("lora_B" in k for k in result.update)
+    after = adapter_state(model)
+    assert all(torch.equal(after[k], before[k]) for k in after if "lora_A" in k)
+
+
+def test_training_lowers_heldout_loss_and_loaded_state_reproduces_it(model_dir, examples):
+    ids, pad = examples
+    train, heldout = ids[:-40], ids[-40:]
+    model = fresh_lora(model_dir)
+    base_loss, n = heldout_loss(model, heldout, batch_size=64, pad_id=pad)
+    train_locally(model, train, steps=15, batch_size=16, learning_rate=1e-2, dp=None, pad_id=pad)
+    tuned_loss, _ = heldout_loss(model, heldout, batch_size=64, pad_id=pad)
+    assert tuned_loss / n < base_loss / n - 0.1
+    other = fresh_lora(model_dir)
+    load_adapter_state(other, adapter_state(model))
+    assert heldout_loss(other, heldout, batch_size=64, pad_id=pad)[0] == pytest.approx(tuned_loss, rel=1e-5)

@@ -1,0 +1,68 @@
+from collections import OrderedDict
+
+import pytest
+import torch
+
+from common.wire import RoundPlan, WireError, record_to_state, state_to_record
+from server.aggregation import apply_update, check_update, weighted_mean
+
+
+def lora_like_state():
+    g = torch.Generator().manual_seed(0)
+    return OrderedDict(
+        (f"base_model.model.transformer.h.{i}.attn.c_attn.lora_{ab}.weight", torch.randn(shape, generator=g) * 1e-2)
+        for i in range(2)
+        for ab, shape in (("A", (8, 64)), ("B", (192, 8)))
+    )
+
+
+def test_adapter_state_round_trips_through_the_wire_format_exactly():
+    state = lora_like_state()
+    again = record_to_state(state_to_record(state))
+    assert list(again) == list(state)
+    for k in state:
+        assert again[k].dtype == torch.float32 and torch.equal(again[k], state[k])
+
+
+def test_adapters_travel_as_float32_even_from_bfloat16():
+    state = OrderedDict(w=torch.ones(3, 2, dtype=torch.bfloat16))
+    record = state_to_record(state)
+    assert record_to_state(record)["w"].dtype == torch.float32
+
+
+def test_round_plan_round_trips_and_rejects_unknown_fields():
+    plan = RoundPlan(
+        run_id="r", round=2, total_rounds=5, local_steps=10, batch_size=32, learning_rate=0.01, max_length=128,
+        eval_batch_size=32, model_fingerprint="ab" * 32, lora_rank=8, lora_alpha=16.0, lora_dropout=0.0,
+        lora_ffa=True, lora_seed=0, dp_enabled=True, max_grad_norm=1.0, target_epsilon=3.0,
+        lora_target_modules=("c_attn",),
+    )
+    record = plan.to_record()
+    assert "noise-multiplier" not in record  # None does not travel
+    assert RoundPlan.from_record(record) == plan
+    with pytest.raises(WireError, match="unknown fields"):
+        RoundPlan.from_record({**record, "send-me-your-data": True})
+
+
+def test_weighted_mean_weights_by_units():
+    a = OrderedDict(w=torch.tensor([1.0, 0.0]))
+    b = OrderedDict(w=torch.tensor([0.0, 1.0]))
+    mean = weighted_mean([a, b], [3, 1])
+    assert torch.allclose(mean["w"], torch.tensor([0.75, 0.25]))
+    new = apply_update(OrderedDict(w=torch.zeros(2), frozen=torch.ones(1)), mean, 2.0)
+    assert torch.allclose(new["w"], torch.tensor([1.5, 0.5])) and torch.equal(new["frozen"], torch.ones(1))
+
+
+@pytest.mark.parametrize(
+    "update, message",
+    [
+        (OrderedDict(w=torch.zeros(2), extra=torch.zeros(1)), "unexpected \\['extra'\\]"),
+        (OrderedDict(), "missing \\['w'\\]"),
+        (OrderedDict(w=torch.zeros(3)), "expected float32\\(2,\\)"),
+        (OrderedDict(w=torch.zeros(2, dtype=torch.float64)), "float64"),
+        (OrderedDict(w=torch.tensor([float("nan"), 0.0])), "NaN"),
+    ],
+)
+def test_malformed_updates_are_rejected(update, message):
+    with pytest.raises(WireError, match=message):
+        check_update(update, OrderedDict(w=torch.zeros(2)))
