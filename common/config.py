@@ -147,6 +147,18 @@ class FederationConfig:
 
 
 @dataclass
+class SecureAggregationConfig:
+    # On by default; turning it off is logged on every run.
+    enabled: bool = True
+    # Shares needed to unmask, as a fraction of the clients that exchanged keys in a round.
+    # A round survives (1 - fraction) of them dropping after the key exchange.
+    threshold_fraction: float = 0.6
+    # A secure sum of fewer updates than this would reveal too much about each; skip instead.
+    min_clients: int = 2
+    stage_timeout_s: float = 120.0
+
+
+@dataclass
 class SimulationConfig:
     client_cpus: int = 1
     client_gpus: float = 0.0
@@ -161,6 +173,7 @@ class FedsovConfig:
     data: DataConfig = field(default_factory=DataConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    secure_aggregation: SecureAggregationConfig = field(default_factory=SecureAggregationConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     regions: Dict[str, RegionConfig] = field(default_factory=dict)
 
@@ -402,6 +415,15 @@ def validate(cfg: FedsovConfig) -> None:
         if not torch.cuda.is_available():
             _fail("model.device", "cuda", "no CUDA device is available on this machine",
                   "Use model.device=auto or cpu.")
+    sa = cfg.secure_aggregation
+    if not 0.5 <= sa.threshold_fraction <= 1:
+        _fail("secure_aggregation.threshold_fraction", sa.threshold_fraction, "must be in [0.5, 1]",
+              "Below one half, two disjoint groups could each unmask; use e.g. 0.6.")
+    if sa.min_clients < 2:
+        _fail("secure_aggregation.min_clients", sa.min_clients, "must be at least 2",
+              "A secure sum of one update is that update.")
+    if not sa.stage_timeout_s > 0:
+        _fail("secure_aggregation.stage_timeout_s", sa.stage_timeout_s, "must be greater than 0", "Use e.g. 120.")
     _validate_privacy(priv)
     _validate_regions(cfg)
 

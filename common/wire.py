@@ -2,8 +2,12 @@
 
 Message types (the protocol needs no others):
   query.describe  coordinator -> node: who are you?  reply: region, unit counts, epsilon spent
-  train           the round plan and the global adapter; reply: adapter update + fixed metrics
-  evaluate        the global adapter; reply: held-out loss sum and token count
+  train           the round plan and the global adapter. With secure aggregation (default) the
+                  reply is two public keys, the unit count and epsilon spent: the update itself
+                  only leaves masked, in train.secagg_mask. Without it: the update and metrics.
+  evaluate        the global adapter; reply: keys (secure) or held-out loss sum and token count
+  train|evaluate.secagg_shares / .secagg_mask / .secagg_unmask
+                  the three later stages of secure aggregation (common.secagg.protocol)
 A node that refuses (budget, policy) replies with an Error carrying REFUSED and the reason,
 and sends nothing else.
 """
@@ -23,6 +27,8 @@ DESCRIBE = "query.describe"
 TRAIN = "train"
 EVALUATE = "evaluate"
 
+SECAGG_STAGES = ("secagg_shares", "secagg_mask", "secagg_unmask")
+
 # Error codes in replies. Flower uses small codes for its own errors.
 REFUSED = 4001
 
@@ -33,8 +39,12 @@ UPDATE = "update"
 METRICS = "metrics"
 NODE = "node"
 
-# The only scalar metrics a train reply may carry.
+SECAGG_KEYS = "secagg-keys"
+SECAGG = "secagg"
+
+# The only scalar metrics a reply may carry in the clear.
 TRAIN_METRICS = ("num-units", "train-loss", "epsilon", "noise-multiplier", "sample-rate", "steps")
+SECURE_TRAIN_METRICS = ("num-units", "epsilon")
 EVALUATE_METRICS = ("loss-sum", "tokens", "num-examples")
 
 
@@ -62,6 +72,7 @@ class RoundPlan:
     lora_seed: int
     dp_enabled: bool
     max_grad_norm: float
+    secure_aggregation: bool = False
     noise_multiplier: float | None = None
     target_epsilon: float | None = None
     lora_target_modules: tuple[str, ...] = field(default_factory=tuple)
@@ -90,6 +101,26 @@ class RoundPlan:
             return cls(**values)
         except TypeError as err:
             raise WireError(f"Round plan is incomplete: {err}") from err
+
+
+def aggregation_tag(run_id: str, round_number: int, kind: str) -> bytes:
+    """Binds every secure-aggregation key and mask to one run, round and purpose."""
+    return f"fedsov/secagg/v1|{run_id}|{round_number}|{kind}".encode()
+
+
+def payload_bytes(content) -> int:
+    """Bytes of a message's payload: arrays, bytes and strings as stored, 8 per number."""
+    from flwr.app import ArrayRecord
+
+    total = 0
+    for record in content.values():
+        if isinstance(record, ArrayRecord):
+            total += sum(len(array.data) for array in record.values())
+            continue
+        for value in record.values():
+            for item in value if isinstance(value, list) else [value]:
+                total += len(item) if isinstance(item, (bytes, str)) else 8
+    return total
 
 
 def state_to_record(state: Mapping[str, torch.Tensor]):

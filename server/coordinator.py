@@ -19,6 +19,15 @@ from common.config import FedsovConfig
 from common.errors import FederationError
 from common.model.loading import load_base_model, model_fingerprint, resolve_model_path
 from common.model.lora import adapter_state, attach_lora, save_adapter
+from common.secagg.crypto import SecAggError
+from common.secagg.encoding import (
+    Quantization,
+    adam_displacement_bound,
+    layout_of,
+    metric_length,
+    read_metric_vector,
+    unflatten,
+)
 from common.wire import (
     DESCRIBE,
     EVALUATE,
@@ -26,15 +35,19 @@ from common.wire import (
     METRICS,
     NODE,
     PLAN,
+    SECAGG_KEYS,
     TRAIN,
     UPDATE,
     RoundPlan,
     WireError,
+    aggregation_tag,
+    payload_bytes,
     record_to_state,
     state_to_record,
 )
 from server.aggregation import apply_update, check_update, weighted_mean
 from server.rundir import RunDirectory, json_number
+from server.secure import secure_sum, threshold_for
 
 
 @dataclass
@@ -81,6 +94,7 @@ class Coordinator:
         self.pull_interval = pull_interval
         self.nodes: dict[int, NodeInfo] = {}
         self.unavailable: list[str] = []
+        self.upload_bytes: dict[int, int] = {}  # payload bytes each node sent this round
 
     # -- the run ---------------------------------------------------------------------------
     def execute(self) -> dict[str, Any]:
@@ -101,7 +115,11 @@ class Coordinator:
             state = OrderedDict(load_file(str(checkpoint.path / "adapter_model.safetensors")))
             first_round = checkpoint.round + 1
             run.event("resumed", round=checkpoint.round, checkpoint=str(checkpoint.path))
-        run.event("run_started", run_id=run.run_id, rounds=cfg.federation.rounds, first_round=first_round)
+        run.event("run_started", run_id=run.run_id, rounds=cfg.federation.rounds, first_round=first_round,
+                  secure_aggregation=cfg.secure_aggregation.enabled)
+        if not cfg.secure_aggregation.enabled:
+            run.event("secure_aggregation_disabled",
+                      reason="secure_aggregation.enabled=false: the coordinator sees every client's update")
 
         self._discover(model.fingerprint)
         if first_round == 1:
@@ -111,7 +129,11 @@ class Coordinator:
             t0 = time.time()
             plan = self._plan(round_number, model.fingerprint)
             run.event("round_started", round=round_number, rounds=cfg.federation.rounds)
+            self.upload_bytes = {}
             state, train_row = self._train(plan, state)
+            train_row["upload_bytes_per_client"] = (
+                round(sum(self.upload_bytes.values()) / len(self.upload_bytes)) if self.upload_bytes else 0
+            )
             perplexity = self._evaluate(round_number, state, model.fingerprint)
             model_dir = run.save_checkpoint(
                 round_number,
@@ -187,6 +209,7 @@ class Coordinator:
             lora_target_modules=tuple(lora.target_modules or ()),
             dp_enabled=priv.enabled,
             max_grad_norm=priv.max_grad_norm,
+            secure_aggregation=cfg.secure_aggregation.enabled,
             noise_multiplier=priv.noise_multiplier if priv.enabled else None,
             target_epsilon=priv.target_epsilon if priv.enabled else None,
         )
@@ -194,7 +217,11 @@ class Coordinator:
     def _train(self, plan: RoundPlan, state) -> tuple["OrderedDict[str, torch.Tensor]", dict[str, Any]]:
         from flwr.app import RecordDict
 
-        trainable = {k: v for k, v in state.items() if not (plan.lora_ffa and "lora_A" in k)}
+        global_record = state_to_record(state)
+        request = lambda _: RecordDict({PLAN: plan.to_record(), GLOBAL_ADAPTER: global_record})  # noqa: E731
+        trainable = OrderedDict((k, v) for k, v in state.items() if not (plan.lora_ffa and "lora_A" in k))
+        if plan.secure_aggregation:
+            return self._train_secure(plan, state, trainable, request)
         updates, weights = [], []
         losses: dict[str, list[tuple[float, int]]] = {}
         refused: list[str] = []
@@ -202,9 +229,7 @@ class Coordinator:
         def on_reply(reply: Reply) -> None:
             node = self.nodes[reply.node_id]
             if not reply.ok:
-                node.refusals.append(f"round {plan.round}: {reply.reason}")
-                refused.append(node.name)
-                self.run.event("node_refused", round=plan.round, node=node.name, region=node.region, reason=reply.reason)
+                self._refused(plan.round, node, reply.reason, refused)
                 return
             metrics = reply.content[METRICS]
             try:
@@ -222,54 +247,137 @@ class Coordinator:
             self.run.event(
                 "node_trained", round=plan.round, node=node.name, region=node.region,
                 loss=round(float(metrics["train-loss"]), 4), epsilon=json_number(node.epsilon),
-                noise_multiplier=round(float(metrics["noise-multiplier"]), 4), seconds=round(reply.seconds, 2),
+                seconds=round(reply.seconds, 2),
             )
 
-        global_record = state_to_record(state)
-        self._exchange(
-            list(self.nodes),
-            TRAIN,
-            lambda _: RecordDict({PLAN: plan.to_record(), GLOBAL_ADAPTER: global_record}),
-            plan.round,
-            on_reply=on_reply,
-        )
-        aggregated = len(updates) >= self.cfg.federation.min_clients
-        if aggregated:
+        self._exchange(list(self.nodes), TRAIN, request, plan.round, on_reply=on_reply)
+        row: dict[str, Any] = {"secure_aggregation": False, "clients_trained": len(updates), "clients_refused": refused}
+        if len(updates) >= self.cfg.federation.min_clients:
             state = apply_update(state, weighted_mean(updates, weights), self.cfg.federation.server_learning_rate)
+            row["aggregated"] = True
+            row["train_loss"] = {r: sum(l * n for l, n in v) / sum(n for _, n in v) for r, v in losses.items()}
         else:
-            self.run.event(
-                "round_skipped", round=plan.round,
-                reason=f"{len(updates)} update(s), fewer than federation.min_clients={self.cfg.federation.min_clients}; global adapter unchanged",
-            )
-        row = {
-            "aggregated": aggregated,
-            "clients_trained": len(updates),
-            "clients_refused": refused,
-            "train_loss": {r: sum(l * n for l, n in v) / sum(n for _, n in v) for r, v in losses.items()},
-            "epsilon": self._region_epsilon(),
-        }
+            self._skip(plan.round, f"{len(updates)} update(s), fewer than federation.min_clients={self.cfg.federation.min_clients}", row)
+        row["epsilon"] = self._region_epsilon()
         return state, row
+
+    def _train_secure(self, plan: RoundPlan, state, trainable, request) -> tuple["OrderedDict[str, torch.Tensor]", dict[str, Any]]:
+        """Stage 1 rides on the train message; the update is only ever seen summed."""
+        keys, units, refused = self._advertise(plan.round, TRAIN, request)
+        row: dict[str, Any] = {"secure_aggregation": True, "clients_trained": 0, "clients_refused": refused}
+        sa = self.cfg.secure_aggregation
+        try:
+            if len(keys) < sa.min_clients:
+                raise SecAggError(f"{len(keys)} client(s) trained, fewer than secure_aggregation.min_clients={sa.min_clients}")
+            layout = layout_of(trainable)
+            quantization = Quantization.for_cohort(
+                adam_displacement_bound(plan.learning_rate, plan.local_steps), sum(units.values())
+            )
+            regions = sorted({self.nodes[n].region for n in keys})
+            result = secure_sum(
+                self._stage_exchange(plan.round), "train", aggregation_tag(plan.run_id, plan.round, "train"), keys,
+                threshold_for(len(keys), sa.threshold_fraction),
+                {"layout": [name for name, _ in layout], "clip-range": quantization.clip_range,
+                 "levels": quantization.levels, "regions": regions},
+                sum(math.prod(shape) for _, shape in layout), metric_length("train", regions), sa.stage_timeout_s,
+            )
+            weight = sum(units[n] for n in result.survivors)
+            per_region, clipped = read_metric_vector("train", regions, result.total.metrics)
+            if round(sum(v["units"] for v in per_region.values())) != weight:
+                raise SecAggError("The securely summed unit counts disagree with the survivors' declared counts.")
+        except SecAggError as err:
+            self._skip(plan.round, f"secure aggregation failed: {err}", row)
+            row["epsilon"] = self._region_epsilon()
+            return state, row
+        mean = unflatten(quantization.decode(result.total.data, weight), layout)
+        state = apply_update(state, mean, self.cfg.federation.server_learning_rate)
+        row.update(
+            aggregated=True,
+            clients_trained=len(result.survivors),
+            clients_dropped=[self.nodes[n].name for n in result.dropped],
+            train_loss={r: v["loss-x-units"] / v["units"] for r, v in per_region.items() if v["units"] > 0},
+            clipped_values=int(clipped),
+            quantization_step=quantization.step,
+            epsilon=self._region_epsilon(),
+        )
+        return state, row
+
+    def _advertise(self, round_number: int, message_type: str, request) -> tuple[dict[int, tuple[bytes, bytes]], dict[int, int], list[str]]:
+        """Send the round's train/evaluate message; collect the nodes' public keys (stage 1)."""
+        keys: dict[int, tuple[bytes, bytes]] = {}
+        units: dict[int, int] = {}
+        refused: list[str] = []
+
+        def on_reply(reply: Reply) -> None:
+            node = self.nodes[reply.node_id]
+            if not reply.ok:
+                self._refused(round_number, node, reply.reason, refused)
+                return
+            advertised = reply.content[SECAGG_KEYS]
+            keys[reply.node_id] = (advertised["c-pk"], advertised["s-pk"])
+            if METRICS in reply.content:  # train: unit count and epsilon are all that travel in the clear
+                metrics = reply.content[METRICS]
+                units[reply.node_id] = int(metrics["num-units"])
+                node.epsilon = float(metrics["epsilon"])
+                self.run.event("node_trained", round=round_number, node=node.name, region=node.region, loss=None,
+                               epsilon=json_number(node.epsilon), seconds=round(reply.seconds, 2))
+
+        self._exchange(list(self.nodes), message_type, request, round_number, on_reply=on_reply)
+        return keys, units, refused
+
+    def _stage_exchange(self, round_number: int):
+        def exchange(node_ids, message_type, content_for, timeout):
+            return self._exchange(node_ids, message_type, content_for, round_number, timeout=timeout)
+
+        return exchange
+
+    def _refused(self, round_number: int, node: NodeInfo, reason: str, refused: list[str]) -> None:
+        node.refusals.append(f"round {round_number}: {reason}")
+        refused.append(node.name)
+        self.run.event("node_refused", round=round_number, node=node.name, region=node.region, reason=reason)
+
+    def _skip(self, round_number: int, reason: str, row: dict[str, Any]) -> None:
+        row["aggregated"] = False
+        self.run.event("round_skipped", round=round_number, reason=f"{reason}; global adapter unchanged")
 
     def _evaluate(self, round_number: int, state, fingerprint: str) -> dict[str, float]:
         from flwr.app import RecordDict
 
-        plan = self._plan(max(round_number, 1), fingerprint)
+        plan = self._plan(round_number, fingerprint)
         record = state_to_record(state)
-        per_region: dict[str, list[float]] = {}
-        for reply in self._exchange(
-            list(self.nodes), EVALUATE, lambda _: RecordDict({PLAN: plan.to_record(), GLOBAL_ADAPTER: record}), round_number
-        ):
-            node = self.nodes[reply.node_id]
-            if not reply.ok:
-                self.run.event("evaluation_failed", round=round_number, node=node.name, reason=reply.reason)
-                continue
-            m = reply.content[METRICS]
-            acc = per_region.setdefault(node.region, [0.0, 0.0])
-            acc[0] += float(m["loss-sum"])
-            acc[1] += float(m["tokens"])
-        perplexity = {r: math.exp(s / t) for r, (s, t) in per_region.items() if t > 0}
-        total_loss = sum(s for s, _ in per_region.values())
-        total_tokens = sum(t for _, t in per_region.values())
+        request = lambda _: RecordDict({PLAN: plan.to_record(), GLOBAL_ADAPTER: record})  # noqa: E731
+        sums: dict[str, list[float]] = {}
+        if plan.secure_aggregation:
+            keys, _, _ = self._advertise(round_number, EVALUATE, request)
+            sa = self.cfg.secure_aggregation
+            regions = sorted({self.nodes[n].region for n in keys})
+            try:
+                if len(keys) < sa.min_clients:
+                    raise SecAggError(f"{len(keys)} client(s) evaluated, fewer than secure_aggregation.min_clients")
+                result = secure_sum(
+                    self._stage_exchange(round_number), "evaluate",
+                    aggregation_tag(plan.run_id, round_number, "evaluate"), keys,
+                    threshold_for(len(keys), sa.threshold_fraction), {"regions": regions}, 0,
+                    metric_length("evaluate", regions), sa.stage_timeout_s,
+                )
+            except SecAggError as err:
+                self.run.event("evaluation_failed", round=round_number, reason=str(err))
+                return {}
+            per_region, _ = read_metric_vector("evaluate", regions, result.total.metrics)
+            sums = {r: [v["loss-sum"], v["tokens"]] for r, v in per_region.items()}
+        else:
+            for reply in self._exchange(list(self.nodes), EVALUATE, request, round_number):
+                node = self.nodes[reply.node_id]
+                if not reply.ok:
+                    self.run.event("evaluation_failed", round=round_number, node=node.name, reason=reply.reason)
+                    continue
+                m = reply.content[METRICS]
+                acc = sums.setdefault(node.region, [0.0, 0.0])
+                acc[0] += float(m["loss-sum"])
+                acc[1] += float(m["tokens"])
+        perplexity = {r: math.exp(s / t) for r, (s, t) in sums.items() if t > 0}
+        total_loss = sum(s for s, _ in sums.values())
+        total_tokens = sum(t for _, t in sums.values())
         if total_tokens > 0:
             perplexity["overall"] = math.exp(total_loss / total_tokens)
         self.run.event("evaluated", round=round_number, perplexity=perplexity)
@@ -283,6 +391,7 @@ class Coordinator:
         content_for: Callable[[int], Any],
         round_number: int,
         on_reply: Callable[[Reply], None] | None = None,
+        timeout: float | None = None,
     ) -> list[Reply]:
         """Send one message per node and collect replies as they arrive (until the timeout)."""
         from flwr.app import Message
@@ -294,7 +403,8 @@ class Coordinator:
         ]
         sent = time.monotonic()
         pending = {mid: n for mid, n in zip(self.grid.push_messages(messages), node_ids)}
-        deadline = sent + self.cfg.federation.round_timeout_s
+        timeout = self.cfg.federation.round_timeout_s if timeout is None else timeout
+        deadline = sent + timeout
         replies: list[Reply] = []
         while pending and time.monotonic() < deadline:
             for msg in self.grid.pull_messages(list(pending)):
@@ -305,13 +415,14 @@ class Coordinator:
                     reply = Reply(node_id, False, reason=msg.error.reason, seconds=time.monotonic() - sent)
                 else:
                     reply = Reply(node_id, True, content=msg.content, seconds=time.monotonic() - sent)
+                    self.upload_bytes[node_id] = self.upload_bytes.get(node_id, 0) + payload_bytes(msg.content)
                 replies.append(reply)
                 if on_reply:
                     on_reply(reply)
             if pending:
                 time.sleep(self.pull_interval)
         for node_id in pending.values():
-            reply = Reply(node_id, False, reason=f"no reply within federation.round_timeout_s={self.cfg.federation.round_timeout_s:.0f}s")
+            reply = Reply(node_id, False, reason=f"no reply to {message_type} within {timeout:.0f}s")
             replies.append(reply)
             if on_reply:
                 on_reply(reply)
@@ -345,6 +456,7 @@ class Coordinator:
             "rounds_completed": rows[-1]["round"] if rows else 0,
             "seconds_this_session": round(time.time() - started, 1),
             "model": {"path": str(model.path), "fingerprint": model.fingerprint},
+            "secure_aggregation": self.cfg.secure_aggregation.enabled,
             "privacy": {
                 "enabled": self.cfg.privacy.enabled,
                 "delta": self.cfg.privacy.delta,

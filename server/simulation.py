@@ -136,9 +136,14 @@ def _headline(cfg: FedsovConfig, run: RunDirectory, n_nodes: int) -> str:
     else:
         dp = f"DP-SGD, sigma {p.noise_multiplier:g}, delta {p.delta:g}, per {p.unit.value}"
     resumed = " (resuming)" if cfg.resume else ""
+    if cfg.secure_aggregation.enabled:
+        secure = f"secure aggregation on (threshold {cfg.secure_aggregation.threshold_fraction:.0%} of each round's clients)"
+    else:
+        secure = "WARNING: secure aggregation OFF (secure_aggregation.enabled=false): the coordinator sees each update"
     return (
         f"fedsov simulate{resumed}: run {run.run_id}\n"
         f"  {n_nodes} clients in {len(cfg.regions)} regions ({regions}), {cfg.federation.rounds} rounds, {dp}\n"
+        f"  {secure}\n"
         f"  run directory: {run.path}"
     )
 
@@ -165,16 +170,21 @@ def render_event(event: dict, cfg: FedsovConfig) -> str | None:
     if kind == "round_started":
         return f"  round {event['round']}/{total} ..."
     if kind == "node_trained":
-        return (f"    {event['node']:<6} trained  loss {event['loss']:.3f}  sigma {event['noise_multiplier']:.3f}  "
-                f"epsilon {_fmt_eps(event['epsilon'])}  ({event['seconds']:.1f}s)")
+        loss = "update masked" if event["loss"] is None else f"loss {event['loss']:.3f}"
+        return f"    {event['node']:<6} trained  {loss}  epsilon {_fmt_eps(event['epsilon'])}  ({event['seconds']:.1f}s)"
+    if kind == "secure_aggregation_disabled":
+        return f"  WARNING: secure aggregation is OFF: {event['reason']}"
     if kind in ("node_refused", "update_rejected"):
         return f"    {event['node']:<6} REFUSED: {event['reason']}"
     if kind == "round_skipped":
         return f"    round {event['round']} skipped: {event['reason']}"
     if kind == "round_finished":
         eps = "  ".join(f"{r} {_fmt_eps(e)}" for r, e in event["epsilon"].items())
-        return (f"  round {event['round']}/{total} done in {event['seconds']:.1f}s  perplexity {_fmt_ppl(event['perplexity'])}"
-                f"  | epsilon {eps}")
+        loss = "  ".join(f"{r} {v:.3f}" for r, v in event.get("train_loss", {}).items())
+        return (f"  round {event['round']}/{total} done in {event['seconds']:.1f}s  train loss {loss or '-'}"
+                f"  | perplexity {_fmt_ppl(event['perplexity'])}  | epsilon {eps}")
+    if kind == "evaluation_failed":
+        return f"    evaluation of round {event['round']} failed: {event['reason']}"
     if kind == "run_failed":
         return f"  run failed: {event['error']}"
     return None
@@ -207,6 +217,8 @@ def render_summary(summary: dict, cfg: FedsovConfig, seconds: float) -> str:
     o = summary["overall"]
     if o["perplexity_before"] and o["perplexity_after"]:
         lines.append(f"  {'overall':<14}   {o['perplexity_before']:8.2f} -> {o['perplexity_after']:8.2f}")
+    if not summary["secure_aggregation"]:
+        lines.append("  secure aggregation was OFF: the coordinator saw every client's update")
     privacy = (f"epsilon is cumulative per dataset across runs, at delta={p['delta']:g}, per {p['unit']} "
                "(each node's privacy ledger)") if p["enabled"] else "NO differential privacy in this run"
     out = summary["outputs"]

@@ -2,43 +2,15 @@
 code, Flower messages, no Ray): training, accounting, checkpoints, resume, refusals."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
-from client.node import LEDGER_FILE
-from common.config import config_to_yaml, load_config
+from common.config import load_config
 from common.data.prepare import ensure_synthetic_data
 from common.errors import FederationError
-from common.privacy.ledger import PrivacyLedger
-from server.coordinator import Coordinator
-from server.rundir import RunDirectory
 from server.simulation import resolve_run_config
-from tests.inprocess import InProcessGrid
-
-
-def run_federation(overrides, run_name="run"):
-    cfg = resolve_run_config(overrides)
-    if not cfg.resume:
-        cfg.run_dir = f"{cfg.workdir}/runs/{run_name}"
-    ensure_synthetic_data(cfg, log=lambda m: None)
-    run = RunDirectory(cfg.run_dir)
-    run.create()
-    run.config_path.write_text(config_to_yaml(cfg))
-    grid = InProcessGrid.for_config(cfg)
-    summary = Coordinator(cfg, grid, run, pull_interval=0).execute()
-    return cfg, run, summary, grid
-
-
-def ledger_epsilons(cfg):
-    out = {}
-    for node_dir in sorted((Path(cfg.workdir) / "nodes").iterdir()):
-        ledger = PrivacyLedger(node_dir / LEDGER_FILE, delta=cfg.privacy.delta, unit=cfg.privacy.unit)
-        state = json.loads((node_dir / LEDGER_FILE).read_text())
-        (fp,) = state["datasets"]
-        out[node_dir.name] = [c.epsilon_after for c in ledger.history(fp)]
-    return out
+from tests.inprocess import ledger_epsilons, run_federation
 
 
 def test_federated_dp_lora_trains_accounts_and_saves(small_overrides):
@@ -58,11 +30,19 @@ def test_federated_dp_lora_trains_accounts_and_saves(small_overrides):
         assert rows[-1]["epsilon"][region] == pytest.approx(final)
         assert all(len(v) == 3 for v in ledgers.values())
     assert summary["regions"]["eu"]["perplexity_after"] == rows[-1]["perplexity"]["eu"]
-    # Only adapter updates and the fixed metrics came back.
+    # Secure aggregation is on by default: in the clear a node sends keys, its unit count and its
+    # epsilon; its update and loss leave only masked.
+    kinds = {reply.metadata.message_type for reply in grid.received}
+    assert {"train.secagg_mask", "evaluate.secagg_unmask"} <= kinds
     for reply in grid.received:
         if reply.metadata.message_type == "train":
-            assert set(reply.content) == {"update", "metrics"}
-            assert set(reply.content["metrics"]) == {"num-units", "train-loss", "epsilon", "noise-multiplier", "sample-rate", "steps"}
+            assert set(reply.content) == {"secagg-keys", "metrics"}
+            assert set(reply.content["metrics"]) == {"num-units", "epsilon"}
+        if reply.metadata.message_type == "evaluate":
+            assert set(reply.content) == {"secagg-keys"}
+        if reply.metadata.message_type.endswith("secagg_mask"):
+            assert set(reply.content["secagg"]) == {"masked"}
+    assert all(r["secure_aggregation"] and r["aggregated"] for r in rows[1:])
     # Checkpoints: the newest few, each a loadable PEFT adapter.
     checkpoints = sorted(p.name for p in run.checkpoints_dir.iterdir())
     assert checkpoints == ["round-0001", "round-0002", "round-0003"]
@@ -77,7 +57,15 @@ def test_saved_adapter_loads_with_peft_and_beats_the_base(small_overrides):
     from common.model.loading import load_base_model, load_tokenizer
     from common.privacy.units import group_units
 
-    cfg, run, summary, _ = run_federation(small_overrides + ["privacy=off", "federation.rounds=2"])
+    cfg, run, summary, grid = run_federation(
+        small_overrides + ["privacy=off", "secure_aggregation.enabled=false", "federation.rounds=2"]
+    )
+    # Without secure aggregation (an explicit, logged choice) updates travel in the clear.
+    assert any(e["event"] == "secure_aggregation_disabled" for e in run.read_events())
+    for reply in grid.received:
+        if reply.metadata.message_type == "train":
+            assert set(reply.content) == {"update", "metrics"}
+            assert set(reply.content["metrics"]) == {"num-units", "train-loss", "epsilon", "noise-multiplier", "sample-rate", "steps"}
     base_path = summary["model"]["path"]
     assert (run.adapter_dir / "adapter_config.json").is_file()
     assert (run.adapter_dir / "adapter_model.safetensors").is_file()

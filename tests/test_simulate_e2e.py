@@ -38,6 +38,9 @@ def test_simulate_runs_a_dp_federation_and_a_second_run_continues_the_budget(sma
     assert [r["round"] for r in rows] == [0, 1, 2]
     assert all(rows[2]["perplexity"][r] < rows[0]["perplexity"][r] for r in ("eu", "us", "overall"))
     assert all(set(r["train_loss"]) == {"eu", "us"} for r in rows[1:])
+    # Secure aggregation is on by default in simulation: every round was summed securely.
+    assert "secure aggregation on" in out
+    assert all(r["secure_aggregation"] and r["aggregated"] and r["clients_trained"] == 4 for r in rows[1:])
     summary = json.loads((run / "summary.json").read_text())
     eps_first = {r: summary["regions"][r]["epsilon"] for r in ("eu", "us")}
     assert all(0 < e <= 3.0 + 1e-6 for e in eps_first.values())

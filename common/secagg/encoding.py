@@ -1,0 +1,136 @@
+"""Integer encoding of what is summed securely: a weighted adapter update and a few metrics.
+
+The update segment lives modulo 2**32 (4 bytes per value on the wire, as many as float32);
+metrics live modulo 2**64. Each client sends weight * q(x), where q maps [-R, R] onto the
+integers 0..L with unbiased stochastic rounding, and L is as large as the cohort's total
+weight allows without the sum wrapping around: L = floor((2**32 - 1) / total_weight).
+The decoded weighted mean is then off by at most one step 2R/L per value.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+
+from common.secagg.crypto import SecAggError
+
+DATA_DTYPE = np.uint32
+METRIC_DTYPE = np.uint64
+DATA_MODULUS = 2**32
+METRIC_SCALE = 10**6  # metrics travel as fixed-point micro-units
+MIN_LEVELS = 2**12
+
+Layout = Sequence[tuple[str, tuple[int, ...]]]
+
+
+def adam_displacement_bound(learning_rate: float, steps: int, beta1: float = 0.9, beta2: float = 0.999) -> float:
+    """Largest change Adam can make to one value in `steps` steps (Kingma & Ba 2015, sec. 2.1).
+
+    Adam normalises each gradient coordinate, so a round's update is bounded by the optimiser,
+    not by the DP clipping norm: |step| <= lr * (1 - b1) / sqrt(1 - b2) when (1 - b1) > sqrt(1 - b2),
+    else lr. Clipping the update to this range therefore never clips anything.
+    """
+    per_step = max(1.0, (1 - beta1) / (1 - beta2) ** 0.5)
+    return learning_rate * per_step * steps
+
+
+@dataclass(frozen=True)
+class Quantization:
+    clip_range: float
+    levels: int
+
+    @classmethod
+    def for_cohort(cls, clip_range: float, total_weight: int) -> "Quantization":
+        levels = (DATA_MODULUS - 1) // max(1, total_weight)
+        if levels < MIN_LEVELS:
+            raise SecAggError(
+                f"The cohort's total weight {total_weight} leaves only {levels} quantization levels in a 32-bit "
+                f"sum (at least {MIN_LEVELS} needed). Aggregate fewer privacy units per round."
+            )
+        return cls(clip_range=clip_range, levels=levels)
+
+    @property
+    def step(self) -> float:
+        return 2 * self.clip_range / self.levels
+
+    def encode(self, values: np.ndarray, weight: int) -> tuple[np.ndarray, int]:
+        """weight * q(values) as uint32, and how many values had to be clipped to [-R, R]."""
+        values = values.astype(np.float64)
+        clipped = int(np.count_nonzero(np.abs(values) > self.clip_range))
+        scaled = (np.clip(values, -self.clip_range, self.clip_range) + self.clip_range) / self.step
+        rng = np.random.default_rng(int.from_bytes(os.urandom(16), "little"))
+        rounded = np.floor(scaled + rng.random(scaled.shape))  # unbiased stochastic rounding
+        rounded = np.clip(rounded, 0, self.levels).astype(np.uint64)
+        return (rounded * np.uint64(weight)).astype(DATA_DTYPE), clipped
+
+    def decode(self, total: np.ndarray, total_weight: int) -> np.ndarray:
+        """The weighted mean of the encoded values from the modular sum of weight * q(x)."""
+        return (total.astype(np.float64) * self.step / total_weight - self.clip_range).astype(np.float32)
+
+
+def encode_metric(value: float) -> int:
+    if value < 0 or not np.isfinite(value):
+        raise SecAggError(f"Metric {value} cannot be summed securely: only finite non-negative values.")
+    return int(round(value * METRIC_SCALE))
+
+
+def decode_metric(total: int) -> float:
+    return int(total) / METRIC_SCALE
+
+
+def layout_of(state: Mapping[str, torch.Tensor]) -> list[tuple[str, tuple[int, ...]]]:
+    return [(name, tuple(state[name].shape)) for name in sorted(state)]
+
+
+def flatten(update: Mapping[str, torch.Tensor], layout: Layout) -> np.ndarray:
+    if set(update) != {name for name, _ in layout}:
+        raise SecAggError("The update's tensors differ from the aggregation layout the coordinator sent.")
+    return np.concatenate([update[name].detach().cpu().float().numpy().reshape(-1) for name, _ in layout])
+
+
+def unflatten(vector: np.ndarray, layout: Layout) -> "OrderedDict[str, torch.Tensor]":
+    out: "OrderedDict[str, torch.Tensor]" = OrderedDict()
+    offset = 0
+    for name, shape in layout:
+        size = int(np.prod(shape))
+        out[name] = torch.from_numpy(vector[offset : offset + size].copy()).reshape(shape)
+        offset += size
+    return out
+
+
+# What each client adds to the metric segment, per region slot (zeros in other regions' slots),
+# followed by one global counter. The coordinator learns per-region sums, never a client's value.
+METRIC_SLOTS = {
+    "train": (("loss-x-units", "units"), "clipped-values"),
+    "evaluate": (("loss-sum", "tokens", "examples"), "clients"),
+}
+
+
+def metric_vector(kind: str, regions: Sequence[str], region: str, values: Mapping[str, float], counter: float) -> np.ndarray:
+    slot, _ = METRIC_SLOTS[kind]
+    if region not in regions:
+        raise SecAggError(f"Region '{region}' has no slot in this aggregation (slots: {', '.join(regions)}).")
+    vector = np.zeros(len(regions) * len(slot) + 1, dtype=METRIC_DTYPE)
+    start = regions.index(region) * len(slot)
+    for i, name in enumerate(slot):
+        vector[start + i] = encode_metric(values[name])
+    vector[-1] = encode_metric(counter)
+    return vector
+
+
+def read_metric_vector(kind: str, regions: Sequence[str], vector: np.ndarray) -> tuple[dict[str, dict[str, float]], float]:
+    slot, _ = METRIC_SLOTS[kind]
+    per_region = {
+        region: {name: decode_metric(vector[r * len(slot) + i]) for i, name in enumerate(slot)}
+        for r, region in enumerate(regions)
+    }
+    return per_region, decode_metric(vector[-1])
+
+
+def metric_length(kind: str, regions: Sequence[str]) -> int:
+    return len(regions) * len(METRIC_SLOTS[kind][0]) + 1
