@@ -1,4 +1,8 @@
-"""Flower ClientApp: a regional node's side of the protocol. Thin glue over `client.node`."""
+"""Flower ClientApp: a regional node's side of the protocol. Thin glue over `client.node`.
+
+Every reply passes the egress guard (`client.egress`); message types outside the protocol
+are refused before any handler runs.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,8 @@ from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, Record
 from flwr.clientapp import ClientApp
 
 from client import secure
-from client.node import RegionNode, simulation_settings
+from client.egress import ALLOWED_MESSAGE_TYPES, guard
+from client.node import NodeSettings, RegionNode, node_audit, simulation_settings
 from common.config import config_from_json
 from common.errors import FedsovError
 from common.runconfig import CONFIG_KEY
@@ -20,6 +25,7 @@ from common.wire import (
     NODE,
     PLAN,
     REFUSED,
+    REQUEST,
     SECAGG,
     SECAGG_KEYS,
     UPDATE,
@@ -29,30 +35,57 @@ from common.wire import (
     state_to_record,
 )
 
-app = ClientApp()
-
 _NODES: dict[str, RegionNode] = {}
-_NODES_LOCK = threading.Lock()
+_SETTINGS: dict[str, NodeSettings] = {}
+_LOCK = threading.Lock()
 
 
-def region_node(context: Context) -> RegionNode:
-    """The node this message is for, created once per process and configuration."""
+def node_settings(context: Context) -> NodeSettings:
     raw = str(context.run_config.get(CONFIG_KEY, ""))
     if "partition-id" not in context.node_config:
         raise FedsovError(
             "This ClientApp runs only in fedsov's simulation for now: the node config has no partition-id."
         )
     key = hashlib.sha256(raw.encode()).hexdigest() + f"/{context.node_config['partition-id']}"
-    with _NODES_LOCK:
+    with _LOCK:
+        if key not in _SETTINGS:
+            _SETTINGS[key] = simulation_settings(config_from_json(raw), int(context.node_config["partition-id"]))
+        return _SETTINGS[key]
+
+
+def region_node(context: Context) -> RegionNode:
+    """The node this message is for, with every start check passed.
+
+    Started once per process and policy version: when the region edits its policy file, the
+    next message starts the node again under the new rules.
+    """
+    settings = node_settings(context)
+    policy = settings.policy_file.stat() if settings.policy_file.exists() else None
+    key = f"{settings.name}|{settings.state_dir}|{settings.policy_file}|{policy and (policy.st_mtime_ns, policy.st_size)}"
+    with _LOCK:
         if key not in _NODES:
-            settings = simulation_settings(config_from_json(raw), int(context.node_config["partition-id"]))
             _NODES[key] = RegionNode(settings)
         return _NODES[key]
 
 
-def refusal(msg: Message, err: FedsovError) -> Message:
+def refusal(msg: Message, reason: str) -> Message:
     """A refusal carries only its reason: no update, no metrics."""
-    return Message(Error(code=REFUSED, reason=f"{type(err).__name__}: {err}"), reply_to=msg)
+    return Message(Error(code=REFUSED, reason=reason), reply_to=msg)
+
+
+class GuardedClientApp(ClientApp):
+    """A ClientApp that refuses message types the protocol does not use, and logs it."""
+
+    def __call__(self, message: Message, context: Context) -> Message:
+        kind = message.metadata.message_type
+        if kind not in ALLOWED_MESSAGE_TYPES:
+            reason = f"message type {kind!r} is not part of the fedsov protocol; nothing is sent in reply"
+            node_audit(node_settings(context)).record("message", "refused", reason=reason, message_type=kind)
+            return refusal(message, reason)
+        return super().__call__(message, context)
+
+
+app = GuardedClientApp(mods=[guard(lambda context: node_audit(node_settings(context)), refusal)])
 
 
 def handled(step: Callable[[Message, Context], RecordDict]) -> Callable[[Message, Context], Message]:
@@ -63,7 +96,7 @@ def handled(step: Callable[[Message, Context], RecordDict]) -> Callable[[Message
             return Message(step(msg, context), reply_to=msg)
         except FedsovError as err:
             secure.clear(context.state)
-            return refusal(msg, err)
+            return refusal(msg, f"{type(err).__name__}: {err}")
 
     handler.__name__ = step.__name__
     return handler
@@ -72,7 +105,8 @@ def handled(step: Callable[[Message, Context], RecordDict]) -> Callable[[Message
 @app.query("describe")
 @handled
 def describe(msg: Message, context: Context) -> RecordDict:
-    info, counts = region_node(context).describe()
+    jurisdiction = str(msg.content[REQUEST]["coordinator-jurisdiction"])
+    info, counts = region_node(context).describe(jurisdiction)
     return RecordDict({NODE: ConfigRecord(info), METRICS: MetricRecord(counts)})
 
 
@@ -110,16 +144,31 @@ def evaluate(msg: Message, context: Context) -> RecordDict:
     return RecordDict({SECAGG_KEYS: ConfigRecord(keys)})
 
 
-def _stage(step: Callable) -> Callable[[Message, Context], RecordDict]:
-    def run(msg: Message, context: Context) -> RecordDict:
-        return RecordDict({SECAGG: ConfigRecord(step(context.state, msg.content[SECAGG]))})
+def _round(msg: Message) -> int | None:
+    return int(msg.metadata.group_id) if msg.metadata.group_id.isdigit() else None
 
-    run.__name__ = step.__name__
-    return run
+
+@handled
+def secagg_shares(msg: Message, context: Context) -> RecordDict:
+    content = msg.content[SECAGG]
+    region_node(context).check_cohort(len(content["node-ids"]), "key exchange", _round(msg))
+    return RecordDict({SECAGG: ConfigRecord(secure.share(context.state, content))})
+
+
+@handled
+def secagg_mask(msg: Message, context: Context) -> RecordDict:
+    return RecordDict({SECAGG: ConfigRecord(secure.mask(context.state, msg.content[SECAGG]))})
+
+
+@handled
+def secagg_unmask(msg: Message, context: Context) -> RecordDict:
+    content = msg.content[SECAGG]
+    region_node(context).check_cohort(len(content["survivors"]), "unmasking", _round(msg))
+    return RecordDict({SECAGG: ConfigRecord(secure.unmask(context.state, content))})
 
 
 # The later secure-aggregation stages are the same for training and evaluation.
 for _register in (app.train, app.evaluate):
-    _register("secagg_shares")(handled(_stage(secure.share)))
-    _register("secagg_mask")(handled(_stage(secure.mask)))
-    _register("secagg_unmask")(handled(_stage(secure.unmask)))
+    _register("secagg_shares")(secagg_shares)
+    _register("secagg_mask")(secagg_mask)
+    _register("secagg_unmask")(secagg_unmask)

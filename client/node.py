@@ -1,10 +1,13 @@
-"""A regional node: its own data, its own privacy ledger, and the rounds it agrees to run.
+"""A regional node: its own data, policy, privacy ledger and audit log, and the rounds it agrees to run.
 
-Plain Python (no Flower), so tests drive it directly; `client.app` is the Flower glue.
+Plain Python (no Flower), so tests drive it directly; `client.app` is the Flower glue. The
+policy comes from the node's own file, never from the coordinator: every request is checked
+against it before anything is computed, and each decision goes to the node's audit log.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,23 +16,36 @@ from typing import Any, Mapping
 import torch
 
 from client.training import DpSettings, encode_units, heldout_loss, train_locally
-from common.config import DataSource, FedsovConfig, LoraSettings, ModelConfig, PrivacyConfig, PrivacyUnitKind
+from common.audit import AuditLog, TamperedLog
+from common.config import DataSource, FedsovConfig, LoraSettings, ModelConfig, default_config_dir, load_region_file
 from common.data.partition import client_partition, split_heldout
-from common.data.records import load_records
-from common.errors import FederationError, ModelError, PrivacyError
+from common.data.records import Record, data_files, load_records
+from common.errors import FederationError, FedsovError, LedgerError, ModelError, PrivacyError
 from common.model.loading import load_base_model, load_tokenizer, model_fingerprint, pick_device, pick_dtype, resolve_model_path
 from common.model.lora import attach_lora, load_adapter_state
+from common.pii import PiiDetector
+from common.policy import (
+    PlanTerms,
+    PolicyViolation,
+    PrivacyUnitKind,
+    ResidencyViolation,
+    check_plan,
+    coordinator_allowed,
+    effective_noise,
+    policy_hash,
+)
 from common.privacy.accounting import DpSgdSteps, noise_for_target
 from common.privacy.ledger import PrivacyLedger
 from common.privacy.units import group_units
 from common.wire import RoundPlan
 
-LEDGER_FILE = "privacy-ledger.json"
+LEDGER_FILE = "privacy-ledger.jsonl"
+AUDIT_FILE = "audit.jsonl"
 
 
 @dataclass(frozen=True)
 class NodeSettings:
-    """Where a node's data and state live, and the privacy terms it keeps for itself."""
+    """Where a node's data, policy and state live (all node-local)."""
 
     name: str
     region: str
@@ -39,13 +55,17 @@ class NodeSettings:
     num_clients: int
     heldout_fraction: float
     state_dir: Path
+    policy_file: Path
     model: ModelConfig
-    privacy: PrivacyConfig
     threads: int
 
 
 def simulation_settings(cfg: FedsovConfig, partition_id: int) -> NodeSettings:
-    """Map a simulated node's partition id to its region and client slot (config order)."""
+    """Map a simulated node's partition id to its region and client slot (config order).
+
+    The policy file comes from this process's own config folder ($FEDSOV_CONFIG_DIR), not
+    from the coordinator's run config: a coordinator cannot hand a node a weaker policy.
+    """
     first = 0
     for region in cfg.regions.values():
         if partition_id < first + region.clients:
@@ -64,8 +84,8 @@ def simulation_settings(cfg: FedsovConfig, partition_id: int) -> NodeSettings:
                 num_clients=region.clients,
                 heldout_fraction=cfg.data.heldout_fraction,
                 state_dir=Path(cfg.workdir) / "nodes" / name,
+                policy_file=default_config_dir() / "regions" / f"{region.name}.yaml",
                 model=cfg.model,
-                privacy=cfg.privacy,
                 threads=cfg.simulation.client_cpus,
             )
         first += region.clients
@@ -80,8 +100,7 @@ class NodeData:
     train_units: list
     train_examples: list[list[int]]
     heldout_examples: list[list[int]]
-    records: int
-    excluded_no_consent: int
+    counts: dict[str, int]
 
 
 @dataclass
@@ -90,92 +109,188 @@ class TrainOutcome:
     metrics: dict[str, float | int]
 
 
+def node_audit(settings: NodeSettings) -> AuditLog:
+    return AuditLog(settings.state_dir / AUDIT_FILE, actor=f"node:{settings.name}")
+
+
 class RegionNode:
+    """Starting a node runs every start check; any failure refuses the node as a whole."""
+
     def __init__(self, settings: NodeSettings):
         self.settings = settings
-        torch.set_num_threads(max(1, settings.threads))
-        self._model_path = resolve_model_path(settings.model)
-        self._tokenizer = load_tokenizer(self._model_path)
-        self._data: NodeData | None = None
-        self._ledger = PrivacyLedger(
-            settings.state_dir / LEDGER_FILE, delta=settings.privacy.delta, unit=settings.privacy.unit
-        )
+        self.audit = node_audit(settings)
+        self.policy_hash: str | None = None
+        try:
+            region = load_region_file(settings.policy_file)
+            self.policy = region.policy
+            self.policy_hash = policy_hash(self.policy)
+            if region.name != settings.region:
+                raise PolicyViolation(
+                    f"Node {settings.name} declares region '{settings.region}' but its policy file "
+                    f"{settings.policy_file} is for region '{region.name}'. Point the node at its own region's policy."
+                )
+            torch.set_num_threads(max(1, settings.threads))
+            self._ledger = self._open_ledger()
+            self._model_path = resolve_model_path(settings.model)
+            self._tokenizer = load_tokenizer(self._model_path)
+            self.data = self._load_data()
+        except FedsovError as err:
+            try:
+                self.audit.record("start", "refused", reason=f"{type(err).__name__}: {err}", policy_hash=self.policy_hash)
+            except TamperedLog:
+                pass  # a tampered audit log is itself the reason the node will not start
+            raise
+        self.audit.record("start", "accepted", reason=f"{self.policy.law} policy checks passed: {self.data.counts}",
+                          policy_hash=self.policy_hash)
 
-    # -- data ---------------------------------------------------------------------------
-    @property
-    def data(self) -> NodeData:
-        if self._data is None:
-            self._data = self._load_data()
-        return self._data
+    # -- start checks ---------------------------------------------------------------------
+    def _open_ledger(self) -> PrivacyLedger:
+        path = self.settings.state_dir / LEDGER_FILE
+        charged = sum(1 for e in self.audit.entries() if e["action"] == "ledger_charge")
+        if charged and not path.exists():
+            raise LedgerError(
+                f"The privacy ledger {path} is missing, but this node's audit log records {charged} charge(s). "
+                "Training is refused: restore the ledger (and its .head file) from a backup."
+            )
+        p = self.policy.privacy
+        return PrivacyLedger(path, delta=p.delta, unit=p.unit)
 
     def _load_data(self) -> NodeData:
-        s = self.settings
-        records = load_records(s.data_paths, expected_region=s.region, plain_text_consent=s.plain_text_consent)
-        consented = [r for r in records if r.consent]
-        mine = client_partition(consented, client_index=s.client_index, num_clients=s.num_clients)
+        s, policy = self.settings, self.policy
+        roots = [os.path.realpath(r) for r in policy.residency.storage_roots]
+        files = data_files(s.data_paths)
+        for file in files:
+            real = os.path.realpath(file)
+            if roots and not any(real == r or real.startswith(r.rstrip("/") + "/") for r in roots):
+                raise ResidencyViolation(
+                    f"{file}: outside the storage locations this region's policy allows "
+                    f"({', '.join(policy.residency.storage_roots)}). The node refuses to start; move the data or "
+                    "fix policy.residency.storage_roots."
+                )
+        records = load_records(
+            files, expected_region=s.region, plain_text_consent=s.plain_text_consent,
+            allowed_regions=policy.residency.allowed_region_tags,
+        )
+        kept, counts = self._apply_data_use(records)
+        mine = client_partition(kept, client_index=s.client_index, num_clients=s.num_clients)
         train, heldout = split_heldout(mine, fraction=s.heldout_fraction)
         if not train:
             raise PrivacyError(
-                f"Node {s.name} has no training records after consent filtering and the held-out split "
-                f"({len(records)} records, {len(records) - len(consented)} without consent). Add data or "
-                "lower data.heldout_fraction."
+                f"Node {s.name} has no training records after its policy's filters and the held-out split "
+                f"({counts}). Add data or lower data.heldout_fraction."
             )
-        units = group_units(train, s.privacy.unit)
-        max_length = s.model.max_length
-        if s.privacy.enabled and s.privacy.delta > 1.0 / len(units):
+        unit = policy.privacy.unit
+        units = group_units(train, unit)
+        if policy.privacy.delta > 1.0 / len(units):
             raise PrivacyError(
-                f"privacy.delta={s.privacy.delta:g} is larger than 1/N = 1/{len(units)} for the {len(units)} "
-                f"privacy units ({s.privacy.unit.value}s) on node {s.name}: a mechanism could then publish "
-                f"a whole unit and still meet the guarantee. Set privacy.delta <= {1.0 / len(units):.3g}."
+                f"policy.privacy.delta={policy.privacy.delta:g} is larger than 1/N = 1/{len(units)} for the "
+                f"{len(units)} privacy units ({unit.value}s) on node {s.name}: a mechanism could then publish a "
+                f"whole unit and still meet the guarantee. Set policy.privacy.delta <= {1.0 / len(units):.3g}."
             )
+        max_length = s.model.max_length
+        counts.update(train_units=len(units), heldout_records=len(heldout))
         return NodeData(
             train_units=units,
             train_examples=encode_units(units, self._tokenizer, max_length),
             heldout_examples=encode_units(group_units(heldout, PrivacyUnitKind.record), self._tokenizer, max_length),
-            records=len(records),
-            excluded_no_consent=len(records) - len(consented),
+            counts=counts,
         )
 
-    # -- protocol ------------------------------------------------------------------------
-    def describe(self) -> tuple[dict[str, str], dict[str, float | int]]:
+    def _apply_data_use(self, records: list[Record]) -> tuple[list[Record], dict[str, int]]:
+        """Consent, special categories, excluded fields and PII scrubbing, each counted."""
+        use = self.policy.data_use
+        counts = {"records": len(records), "excluded_no_consent": 0, "excluded_special": 0, "excluded_fields": 0,
+                  "scrubbed_spans": 0}
+        special = set(use.excluded_special_categories)
+        detector = PiiDetector(use.scrub_entities) if use.scrub_pii else None
+        kept = []
+        for r in records:
+            if use.require_consent and not r.consent:
+                counts["excluded_no_consent"] += 1
+            elif special.intersection(r.fields.get("tags") or ()):
+                counts["excluded_special"] += 1
+            elif any(r.fields.get(f) not in (None, "", [], False) for f in use.excluded_fields):
+                counts["excluded_fields"] += 1
+            else:
+                if detector is not None:
+                    spans = detector.find(r.text)
+                    if spans:
+                        counts["scrubbed_spans"] += len(spans)
+                        r = Record(detector.scrub(r.text), r.region, r.user_id, r.consent, r.fields)
+                kept.append(r)
+        return kept, counts
+
+    # -- protocol ---------------------------------------------------------------------------
+    def check_coordinator(self, jurisdiction: str, round_number: int | None = None) -> None:
+        """A region whose policy forbids the coordinator's jurisdiction shares nothing at all."""
+        ok, why = coordinator_allowed(self.policy, jurisdiction)
+        if not ok:
+            self.audit.record("transfer", "refused", reason=why, round=round_number, policy_hash=self.policy_hash)
+            raise PolicyViolation(why)
+
+    def describe(self, coordinator_jurisdiction: str) -> tuple[dict[str, Any], dict[str, float | int]]:
+        self.check_coordinator(coordinator_jurisdiction)
         fingerprint = self._ledger.register(self.data.train_units)
+        c = self.data.counts
+        p = self.policy
         return (
-            {"region": self.settings.region, "node-name": self.settings.name},
             {
-                "num-units": len(self.data.train_units),
-                "records": self.data.records,
-                "excluded-no-consent": self.data.excluded_no_consent,
-                "heldout-records": len(self.data.heldout_examples),
+                "region": self.settings.region,
+                "node-name": self.settings.name,
+                "law": p.law,
+                "policy-hash": self.policy_hash,
+                "unit": p.privacy.unit.value,
+                "allowed-deployment": list(p.retention.allowed_deployment_jurisdictions),
+            },
+            {
+                "num-units": c["train_units"],
+                "records": c["records"],
+                "excluded-no-consent": c["excluded_no_consent"],
+                "excluded-special": c["excluded_special"] + c["excluded_fields"],
+                "heldout-records": c["heldout_records"],
+                "delta": p.privacy.delta,
+                "epsilon-budget": p.privacy.epsilon_budget,
                 "epsilon": self._ledger.spent(fingerprint),
             },
         )
 
     def train_round(self, plan: RoundPlan, global_state: Mapping[str, torch.Tensor]) -> TrainOutcome:
-        """Check the plan against this node's budget, train with DP, charge the ledger, return the update."""
+        """Check the plan against this node's policy and budget, train with DP, charge the ledger."""
+        decision = self._check_plan(plan, plan.dp_enabled)
         data = self.data
         n_units = len(data.train_units)
         sample_rate = plan.batch_size / n_units
         if sample_rate >= 1:
-            raise PrivacyError(
-                f"federation.batch_size={plan.batch_size} is not below the {n_units} privacy units on node "
-                f"{self.settings.name}: Poisson sampling needs rate < 1. Lower federation.batch_size."
-            )
+            self._refuse(plan, f"federation.batch_size={plan.batch_size} is not below the {n_units} privacy units "
+                               f"on node {self.settings.name}: Poisson sampling needs rate < 1")
         fingerprint = self._ledger.register(data.train_units)
-        privacy = self.settings.privacy
+        privacy = self.policy.privacy
         dp = None
+        adjustments = list(decision.adjustments)
         if plan.dp_enabled:
             sigma = plan.noise_multiplier
             if sigma is None:
                 if plan.target_epsilon is None:
-                    raise PrivacyError("The round plan enables DP but sets neither noise_multiplier nor target_epsilon.")
-                sigma = noise_for_target(
-                    plan.target_epsilon, privacy.delta, sample_rate, plan.local_steps * plan.total_rounds
-                )
-            dp = DpSettings(noise_multiplier=sigma, max_grad_norm=plan.max_grad_norm)
+                    self._refuse(plan, "the plan enables DP but sets neither noise_multiplier nor target_epsilon")
+                sigma = noise_for_target(plan.target_epsilon, privacy.delta, sample_rate, plan.local_steps * plan.total_rounds)
+            sigma, raised = effective_noise(self.policy, sigma)
+            if raised:
+                adjustments.append(raised)
+            dp = DpSettings(noise_multiplier=sigma, max_grad_norm=decision.max_grad_norm)
             planned = DpSgdSteps(sigma, sample_rate, plan.local_steps)
-            self._ledger.check_budget(fingerprint, planned, privacy.epsilon_budget)
+            try:
+                projected = self._ledger.check_budget(fingerprint, planned, privacy.epsilon_budget)
+            except PrivacyError as err:
+                self.audit.record("plan", "refused", reason=str(err), round=plan.round, policy_hash=self.policy_hash,
+                                  epsilon=self._ledger.spent(fingerprint))
+                raise
         else:
             planned = DpSgdSteps(0.0, sample_rate, plan.local_steps)
+            projected = float("inf")
+        self.audit.record("plan", "adjusted" if adjustments else "accepted",
+                          reason="; ".join(adjustments) or f"plan within the {self.policy.law} policy",
+                          round=plan.round, policy_hash=self.policy_hash, epsilon=projected,
+                          noise_multiplier=planned.noise_multiplier, max_grad_norm=decision.max_grad_norm)
 
         model = self._prepared_model(plan, global_state)
         result = train_locally(
@@ -189,12 +304,13 @@ class RegionNode:
         )
         # Charged before the reply leaves: a crash after training over-counts, never under-counts.
         charge = self._ledger.charge(
-            fingerprint,
-            planned,
-            budget=privacy.epsilon_budget if plan.dp_enabled else None,
-            run_id=plan.run_id,
-            round_number=plan.round,
+            fingerprint, planned, budget=privacy.epsilon_budget if plan.dp_enabled else None,
+            run_id=plan.run_id, round_number=plan.round,
         )
+        entries, head = self._ledger.head
+        self.audit.record("ledger_charge", "recorded", reason=f"{planned.steps} steps at sigma {planned.noise_multiplier:.3g}",
+                          round=plan.round, policy_hash=self.policy_hash, epsilon=charge.epsilon_after,
+                          ledger_entries=entries, ledger_head=head)
         return TrainOutcome(
             update=result.update,
             metrics={
@@ -208,11 +324,34 @@ class RegionNode:
         )
 
     def evaluate(self, plan: RoundPlan, global_state: Mapping[str, torch.Tensor]) -> dict[str, float | int]:
+        # Evaluation trains nothing (DP is not at stake) but its losses still leave the node.
+        self._check_plan(plan, dp_enabled=True)
         model = self._prepared_model(plan, global_state)
         loss_sum, tokens = heldout_loss(
             model, self.data.heldout_examples, batch_size=plan.eval_batch_size, pad_id=self._tokenizer.pad_token_id
         )
         return {"loss-sum": loss_sum, "tokens": tokens, "num-examples": len(self.data.heldout_examples)}
+
+    def check_cohort(self, size: int, stage: str, round_number: int | None) -> None:
+        """The aggregation a node actually joins must be as large as its policy demands."""
+        minimum = self.policy.transfers.min_cohort
+        if size < minimum:
+            why = f"{stage}: {size} client(s) in this aggregation, below the {self.policy.law} policy's minimum cohort {minimum}"
+            self.audit.record("cohort", "refused", reason=why, round=round_number, policy_hash=self.policy_hash)
+            raise PolicyViolation(why)
+
+    def _check_plan(self, plan: RoundPlan, dp_enabled: bool):
+        decision = check_plan(
+            self.policy,
+            PlanTerms(plan.coordinator_jurisdiction, dp_enabled, plan.max_grad_norm, plan.secure_aggregation, plan.cohort_size),
+        )
+        if not decision.accepted:
+            self._refuse(plan, decision.explain())
+        return decision
+
+    def _refuse(self, plan: RoundPlan, why: str) -> None:
+        self.audit.record("plan", "refused", reason=why, round=plan.round, policy_hash=self.policy_hash)
+        raise PolicyViolation(f"{self.settings.name} refuses round {plan.round}: {why}")
 
     def _prepared_model(self, plan: RoundPlan, global_state: Mapping[str, torch.Tensor]):
         fingerprint = cached_fingerprint(self._model_path)
@@ -257,4 +396,3 @@ def cached_peft_model(path: Path, model_cfg: ModelConfig, lora: LoraSettings, se
             base = load_base_model(path, device, dtype)
             _MODELS[key] = attach_lora(base, lora, seed)
         return _MODELS[key]
-

@@ -20,14 +20,12 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf import errors as oc_errors
 
 from common.errors import ConfigError
+from common.policy import PrivacyUnitKind, RegionPolicy, validate_policy
+
+__all__ = ["PrivacyUnitKind"]  # re-exported: the unit is part of a region's policy
 
 CONFIG_DIR_ENV = "FEDSOV_CONFIG_DIR"
 EMBEDDED_MODEL = "embedded"
-
-
-class PrivacyUnitKind(str, Enum):
-    record = "record"
-    user = "user"
 
 
 class DataSource(str, Enum):
@@ -114,24 +112,28 @@ class RegionConfig:
     locales: List[str] = field(default_factory=list)
     clients: int = 2
     data: RegionData = field(default_factory=RegionData)
+    # The region's compliance rules. Its nodes enforce their own copy of this file; the
+    # coordinator's copy only shapes its plans.
+    policy: RegionPolicy = field(default_factory=RegionPolicy)
 
 
 @dataclass
 class PrivacyConfig:
+    """What the coordinator asks for. Delta, the lifetime budget, the privacy unit and the
+    bounds on sigma and the clip norm belong to each region's policy."""
+
     enabled: bool = True
     # Exactly one of noise_multiplier and target_epsilon when enabled. target_epsilon is
     # the epsilon this run may spend; sigma is derived for the run's planned rounds.
     noise_multiplier: Optional[float] = None
     target_epsilon: Optional[float] = None
-    delta: float = 1e-5
     max_grad_norm: float = 1.0
-    # Lifetime budget per dataset, across runs, kept in each node's privacy ledger.
-    epsilon_budget: float = 10.0
-    unit: PrivacyUnitKind = PrivacyUnitKind.record
 
 
 @dataclass
 class FederationConfig:
+    # Where the coordinator runs; each region's policy decides whether it may receive updates.
+    coordinator_jurisdiction: str = "EU"
     rounds: int = 5
     local_steps: int = 10
     batch_size: int = 32
@@ -234,11 +236,22 @@ def _check_overrides(overrides: Sequence[str], config_dir: Path) -> None:
                     )
             continue
         parts = key.split(".")
+        if parts[0] == "regions" and len(parts) > 2 and parts[2] == "policy":
+            raise ConfigError(
+                f"Override '{key}' would change only the coordinator's copy of region '{parts[1]}''s policy: each "
+                f"region's node enforces its own file. Edit {config_dir / 'regions' / parts[1]}.yaml (or point "
+                f"${CONFIG_DIR_ENV} at a copy of configs/ with your policies)."
+            )
         if parts[0] == "regions" and len(parts) > 1 and parts[1] not in groups.get("regions", []):
             raise ConfigError(
                 f"Override '{key}' names region '{parts[1]}', which has no file "
                 f"{config_dir / 'regions' / parts[1]}.yaml. Known regions: "
                 f"{', '.join(groups.get('regions', []))}."
+            )
+        if key in ("privacy.delta", "privacy.epsilon_budget", "privacy.unit"):
+            raise ConfigError(
+                f"'{key}' is set by each region's policy, not by the coordinator: edit "
+                f"policy.{key} in {config_dir / 'regions'}/<region>.yaml."
             )
         allowed = _schema_fields(key)
         if allowed:
@@ -247,25 +260,45 @@ def _check_overrides(overrides: Sequence[str], config_dir: Path) -> None:
 
 def config_from_container(raw: DictConfig | dict[str, Any]) -> FedsovConfig:
     """Merge a plain or composed config onto the schema; errors name the key and the fix."""
-    schema = OmegaConf.structured(FedsovConfig)
-    try:
-        merged = OmegaConf.merge(schema, raw)
-        OmegaConf.resolve(merged)
-        cfg: FedsovConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
-    except oc_errors.ConfigKeyError as err:
-        raise ConfigError(_unknown_key_message(err)) from err
-    except oc_errors.ValidationError as err:
-        raise ConfigError(_wrong_value_message(err)) from err
-    except oc_errors.MissingMandatoryValue as err:
-        raise ConfigError(
-            f"Config key '{err.full_key}' must be set: it has no default. Add "
-            f"{err.full_key}=<value> to the command line."
-        ) from err
-    except oc_errors.InterpolationResolutionError as err:
-        raise ConfigError(f"Config key '{err.full_key}': {err.msg}") from err
+    cfg: FedsovConfig = _typed(FedsovConfig, raw, "")
     _absolutise_paths(cfg)
     validate(cfg)
     return cfg
+
+
+def load_region_file(path: Path | str) -> RegionConfig:
+    """A region's own file (description and policy), validated the same way as the config."""
+    path = Path(path)
+    try:
+        raw = OmegaConf.load(path)
+    except FileNotFoundError as err:
+        raise ConfigError(f"No region policy file at {path}. Every node needs its region's file.") from err
+    except Exception as err:  # YAML syntax errors come in several types
+        raise ConfigError(f"Region policy file {path} is not valid YAML: {err}") from err
+    region: RegionConfig = _typed(RegionConfig, raw, f"{path}: ")
+    validate_policy(region.policy, f"{path.name}: policy")
+    if region.name not in region.policy.residency.allowed_region_tags:
+        raise ConfigError(f"{path}: policy.residency.allowed_region_tags must include the region's own tag '{region.name}'.")
+    return region
+
+
+def _typed(root: type, raw: Any, where: str) -> Any:
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(root), raw)
+        OmegaConf.resolve(merged)
+        return OmegaConf.to_object(merged)
+    except oc_errors.ConfigKeyError as err:
+        full_key = str(err.full_key or err.key)
+        raise ConfigError(where + _unknown_key_text(_first_unknown(full_key, root), _schema_fields(full_key, root))) from err
+    except oc_errors.ValidationError as err:
+        raise ConfigError(where + _wrong_value_message(err)) from err
+    except oc_errors.MissingMandatoryValue as err:
+        raise ConfigError(
+            f"{where}Config key '{err.full_key}' must be set: it has no default. Add "
+            f"{err.full_key}=<value> to the command line."
+        ) from err
+    except oc_errors.InterpolationResolutionError as err:
+        raise ConfigError(f"{where}Config key '{err.full_key}': {err.msg}") from err
 
 
 def config_from_json(text: str) -> FedsovConfig:
@@ -310,9 +343,9 @@ def _absolutise_paths(cfg: FedsovConfig) -> None:
         region.data.paths = [absolute(p) for p in region.data.paths]
 
 
-def _schema_fields(full_key: str) -> list[str]:
+def _schema_fields(full_key: str, root: type = FedsovConfig) -> list[str]:
     """Allowed keys at the first level of `full_key` the schema does not know ([] if all known)."""
-    node: Any = FedsovConfig
+    node: Any = root
     for part in full_key.split("."):
         if typing.get_origin(node) is dict:  # a region name inside `regions`
             node = typing.get_args(node)[1]
@@ -326,17 +359,12 @@ def _schema_fields(full_key: str) -> list[str]:
     return []
 
 
-def _unknown_key_message(err: oc_errors.ConfigKeyError) -> str:
-    full_key = str(err.full_key or err.key)
-    return _unknown_key_text(_first_unknown(full_key), _schema_fields(full_key))
-
-
-def _first_unknown(full_key: str) -> str:
+def _first_unknown(full_key: str, root: type = FedsovConfig) -> str:
     """The shortest prefix of `full_key` that the schema does not know."""
     parts = full_key.split(".")
     for i in range(1, len(parts) + 1):
         prefix = ".".join(parts[:i])
-        if _schema_fields(prefix):
+        if _schema_fields(prefix, root):
             return prefix
     return full_key
 
@@ -442,16 +470,8 @@ def _validate_privacy(priv: PrivacyConfig) -> None:
               "Use e.g. 1.0, or privacy.enabled=false to train without DP.")
     if priv.target_epsilon is not None and not priv.target_epsilon > 0:
         _fail("privacy.target_epsilon", priv.target_epsilon, "must be greater than 0", "Use e.g. 8.")
-    if not 0 < priv.delta < 1:
-        _fail("privacy.delta", priv.delta, "must be in (0, 1)", "Use e.g. 1e-5 (at most 1/N).")
     if not priv.max_grad_norm > 0:
         _fail("privacy.max_grad_norm", priv.max_grad_norm, "must be greater than 0", "Use e.g. 1.0.")
-    if not priv.epsilon_budget > 0:
-        _fail("privacy.epsilon_budget", priv.epsilon_budget, "must be greater than 0", "Use e.g. 10.")
-    if priv.target_epsilon is not None and priv.target_epsilon > priv.epsilon_budget:
-        _fail("privacy.target_epsilon", priv.target_epsilon,
-              f"exceeds the lifetime budget privacy.epsilon_budget={priv.epsilon_budget}",
-              "Lower the target or raise the budget.")
 
 
 def _validate_regions(cfg: FedsovConfig) -> None:
@@ -467,6 +487,10 @@ def _validate_regions(cfg: FedsovConfig) -> None:
         if region.data.source == DataSource.synthetic and not region.locales:
             _fail(f"{where}.locales", region.locales, "synthetic data needs at least one Faker locale",
                   "Use e.g. [de_DE, fr_FR].")
+        validate_policy(region.policy, f"{where}.policy")
+        if region.name not in region.policy.residency.allowed_region_tags:
+            _fail(f"{where}.policy.residency.allowed_region_tags", region.policy.residency.allowed_region_tags,
+                  f"does not include the region's own tag '{region.name}'", f"Add {region.name}.")
         if region.data.source == DataSource.files and not region.data.paths:
             _fail(f"{where}.data.paths", region.data.paths, "source=files needs at least one path",
                   f"Set {where}.data.paths=[/data/{key}] or {where}.data.source=synthetic.")

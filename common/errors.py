@@ -31,3 +31,11 @@ class LedgerError(PrivacyError):
 
 class FederationError(FedsovError):
     """The federation could not run (no nodes, every client refused, run failed)."""
+
+
+class PolicyViolation(FedsovError):
+    """A request breaks a region's policy; the node refuses it and sends nothing else."""
+
+
+class ResidencyViolation(PolicyViolation, DataError):
+    """Data on a node is not allowed there by its region's residency rule."""

@@ -33,6 +33,7 @@ SECAGG_STAGES = ("secagg_shares", "secagg_mask", "secagg_unmask")
 REFUSED = 4001
 
 # Record names inside a message's RecordDict.
+REQUEST = "request"
 PLAN = "plan"
 GLOBAL_ADAPTER = "global-adapter"
 UPDATE = "update"
@@ -72,6 +73,8 @@ class RoundPlan:
     lora_seed: int
     dp_enabled: bool
     max_grad_norm: float
+    coordinator_jurisdiction: str
+    cohort_size: int
     secure_aggregation: bool = False
     noise_multiplier: float | None = None
     target_epsilon: float | None = None

@@ -9,12 +9,14 @@ from __future__ import annotations
 import math
 import time
 from collections import OrderedDict
+from datetime import datetime, timezone
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
 
+from common.audit import AuditLog
 from common.config import FedsovConfig
 from common.errors import FederationError
 from common.model.loading import load_base_model, model_fingerprint, resolve_model_path
@@ -35,6 +37,7 @@ from common.wire import (
     METRICS,
     NODE,
     PLAN,
+    REQUEST,
     SECAGG_KEYS,
     TRAIN,
     UPDATE,
@@ -46,6 +49,8 @@ from common.wire import (
     state_to_record,
 )
 from server.aggregation import apply_update, check_update, weighted_mean
+from server.planning import plan_regions
+from server.provenance import write_manifest
 from server.rundir import RunDirectory, json_number
 from server.secure import secure_sum, threshold_for
 
@@ -57,8 +62,14 @@ class NodeInfo:
     region: str
     units: int
     epsilon: float
-    status: str = "ready"
+    law: str
+    policy_hash: str
+    delta: float
+    unit: str
+    allowed_deployment: list[str]
+    epsilon_budget: float
     refusals: list[str] = field(default_factory=list)
+    rounds_contributed: int = 0
 
 
 @dataclass
@@ -94,6 +105,8 @@ class Coordinator:
         self.pull_interval = pull_interval
         self.nodes: dict[int, NodeInfo] = {}
         self.unavailable: list[str] = []
+        self.audit = AuditLog(run.path / "audit.jsonl", actor="coordinator")
+        self.regions = plan_regions(cfg)
         self.upload_bytes: dict[int, int] = {}  # payload bytes each node sent this round
 
     # -- the run ---------------------------------------------------------------------------
@@ -117,9 +130,16 @@ class Coordinator:
             run.event("resumed", round=checkpoint.round, checkpoint=str(checkpoint.path))
         run.event("run_started", run_id=run.run_id, rounds=cfg.federation.rounds, first_round=first_round,
                   secure_aggregation=cfg.secure_aggregation.enabled)
+        self.audit.record("run", "started", reason=f"coordinator in {cfg.federation.coordinator_jurisdiction}; "
+                          f"regions planned: {', '.join(self.regions.included) or 'none'}", round=first_round)
         if not cfg.secure_aggregation.enabled:
             run.event("secure_aggregation_disabled",
                       reason="secure_aggregation.enabled=false: the coordinator sees every client's update")
+        for region, why in self.regions.excluded.items():
+            run.event("region_excluded", region=region, reason=why)
+            self.audit.record("region", "excluded", reason=f"{region}: {why}")
+        if not self.regions.included:
+            raise FederationError("Every region's policy rules out this run; see the region_excluded events for why.")
 
         self._discover(model.fingerprint)
         if first_round == 1:
@@ -143,9 +163,17 @@ class Coordinator:
             )
             row = {"round": round_number, **train_row, "perplexity": perplexity, "seconds": round(time.time() - t0, 2)}
             run.metrics(row)
+            self.audit.record(
+                "round", "aggregated" if row["aggregated"] else "skipped",
+                reason=f"{row['clients_trained']} client(s) aggregated; refused: {', '.join(row['clients_refused']) or 'none'}",
+                round=round_number, bytes_received=sum(self.upload_bytes.values()), epsilon_by_region=row["epsilon"],
+            )
             run.event("round_finished", **row, checkpoint=str(model_dir))
 
         model.save(state, run.adapter_dir)
+        manifest = write_manifest(run.adapter_dir, self._manifest(model))
+        self.audit.record("adapter", "saved", reason=f"final adapter with provenance manifest {manifest}",
+                          round=cfg.federation.rounds)
         summary = self._summary(started, model)
         run.write_summary(summary)
         run.event("run_finished", summary=str(run.summary_path))
@@ -170,20 +198,39 @@ class Coordinator:
             self.run.event("nodes_missing", expected=expected, connected=len(node_ids))
         from flwr.app import ConfigRecord, RecordDict
 
-        replies = self._exchange(
-            node_ids, DESCRIBE, lambda _: RecordDict({"request": ConfigRecord({"run-id": self.run.run_id})}), 0
+        request = ConfigRecord(
+            {"run-id": self.run.run_id, "coordinator-jurisdiction": self.cfg.federation.coordinator_jurisdiction}
         )
+        replies = self._exchange(node_ids, DESCRIBE, lambda _: RecordDict({REQUEST: request}), 0)
         for reply in replies:
             if not reply.ok:
                 self.unavailable.append(reply.reason)
                 self.run.event("node_unavailable", node_id=reply.node_id, reason=reply.reason)
+                self.audit.record("node", "unavailable", reason=reply.reason)
                 continue
             info, metrics = reply.content[NODE], reply.content[METRICS]
-            node = NodeInfo(reply.node_id, str(info["node-name"]), str(info["region"]), int(metrics["num-units"]), float(metrics["epsilon"]))
+            node = NodeInfo(
+                reply.node_id, str(info["node-name"]), str(info["region"]), int(metrics["num-units"]),
+                float(metrics["epsilon"]), law=str(info["law"]), policy_hash=str(info["policy-hash"]),
+                delta=float(metrics["delta"]), unit=str(info["unit"]),
+                allowed_deployment=[str(j) for j in info["allowed-deployment"]],
+                epsilon_budget=float(metrics["epsilon-budget"]),
+            )
+            if node.region in self.regions.excluded or node.region not in self.regions.included:
+                why = self.regions.excluded.get(node.region, f"region '{node.region}' is not in this run's config")
+                self.run.event("node_excluded", node=node.name, region=node.region, reason=why)
+                continue
+            if node.policy_hash != self.regions.included[node.region]:
+                # The node's own policy governs; the coordinator's copy was only for planning.
+                self.run.event("policy_mismatch", node=node.name, region=node.region, node_policy=node.policy_hash,
+                               coordinator_copy=self.regions.included[node.region])
             self.nodes[reply.node_id] = node
+            self.audit.record("node", "joined", reason=f"{node.name} ({node.region}, {node.law})",
+                              policy_hash=node.policy_hash, epsilon=node.epsilon)
             self.run.event(
                 "node_joined", node=node.name, region=node.region, units=node.units,
                 epsilon=json_number(node.epsilon), excluded_no_consent=int(metrics["excluded-no-consent"]),
+                excluded_special=int(metrics["excluded-special"]), law=node.law,
             )
         if not self.nodes:
             raise FederationError("Every node refused or failed to describe itself; see events.jsonl for the reasons.")
@@ -209,6 +256,8 @@ class Coordinator:
             lora_target_modules=tuple(lora.target_modules or ()),
             dp_enabled=priv.enabled,
             max_grad_norm=priv.max_grad_norm,
+            coordinator_jurisdiction=fed.coordinator_jurisdiction,
+            cohort_size=len(self.nodes),
             secure_aggregation=cfg.secure_aggregation.enabled,
             noise_multiplier=priv.noise_multiplier if priv.enabled else None,
             target_epsilon=priv.target_epsilon if priv.enabled else None,
@@ -243,6 +292,7 @@ class Coordinator:
             updates.append(update)
             weights.append(units)
             node.epsilon = float(metrics["epsilon"])
+            node.rounds_contributed += 1
             losses.setdefault(node.region, []).append((float(metrics["train-loss"]), units))
             self.run.event(
                 "node_trained", round=plan.round, node=node.name, region=node.region,
@@ -290,6 +340,8 @@ class Coordinator:
             row["epsilon"] = self._region_epsilon()
             return state, row
         mean = unflatten(quantization.decode(result.total.data, weight), layout)
+        for n in result.survivors:
+            self.nodes[n].rounds_contributed += 1
         state = apply_update(state, mean, self.cfg.federation.server_learning_rate)
         row.update(
             aggregated=True,
@@ -435,15 +487,52 @@ class Coordinator:
             by_region[node.region] = max(by_region.get(node.region, 0.0), node.epsilon)
         return {r: json_number(e) for r, e in by_region.items()}
 
+    def _manifest(self, model: ServerModel) -> dict[str, Any]:
+        """Provenance of the adapter, from what each node reported of its own policy."""
+        contributing: dict[str, Any] = {}
+        for node in self.nodes.values():
+            if node.rounds_contributed == 0:
+                continue
+            entry = contributing.setdefault(node.region, {
+                "law": node.law, "policy_hashes": [], "epsilon": 0.0, "delta": node.delta, "unit": node.unit,
+                "rounds_contributed": 0, "allowed_deployment": node.allowed_deployment, "nodes": [],
+            })
+            entry["nodes"].append(node.name)
+            if node.policy_hash not in entry["policy_hashes"]:
+                entry["policy_hashes"].append(node.policy_hash)
+            entry["epsilon"] = json_number(max(float(entry["epsilon"]), node.epsilon))
+            entry["rounds_contributed"] = max(entry["rounds_contributed"], node.rounds_contributed)
+            if set(node.allowed_deployment) != set(entry["allowed_deployment"]):
+                entry["allowed_deployment"] = sorted(set(entry["allowed_deployment"]) & set(node.allowed_deployment))
+        rows = self.run.read_metrics()
+        return {
+            "format": "fedsov-manifest/1",
+            "run_id": self.run.run_id,
+            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "base_model": {"path": str(model.path), "fingerprint": model.fingerprint},
+            "coordinator_jurisdiction": self.cfg.federation.coordinator_jurisdiction,
+            "rounds_completed": rows[-1]["round"] if rows else 0,
+            "secure_aggregation": self.cfg.secure_aggregation.enabled,
+            "dp": self.cfg.privacy.enabled,
+            "contributing_regions": contributing,
+            "excluded_regions": self.regions.excluded,
+        }
+
     def _summary(self, started: float, model: ServerModel) -> dict[str, Any]:
         rows = self.run.read_metrics()
         before = next((r["perplexity"] for r in rows if r["round"] == 0), {})
         after = rows[-1]["perplexity"] if rows else {}
         regions: dict[str, Any] = {}
         epsilon = self._region_epsilon()
-        for name in self.cfg.regions:
+        for name in self.regions.included:
             members = [n for n in self.nodes.values() if n.region == name]
+            first = members[0] if members else None
             regions[name] = {
+                "law": first.law if first else None,
+                "policy_hash": first.policy_hash if first else None,
+                "delta": first.delta if first else None,
+                "unit": first.unit if first else None,
+                "epsilon_budget": first.epsilon_budget if first else None,
                 "nodes": [n.name for n in members],
                 "perplexity_before": before.get(name),
                 "perplexity_after": after.get(name),
@@ -457,13 +546,10 @@ class Coordinator:
             "seconds_this_session": round(time.time() - started, 1),
             "model": {"path": str(model.path), "fingerprint": model.fingerprint},
             "secure_aggregation": self.cfg.secure_aggregation.enabled,
-            "privacy": {
-                "enabled": self.cfg.privacy.enabled,
-                "delta": self.cfg.privacy.delta,
-                "unit": self.cfg.privacy.unit.value,
-                "epsilon_budget": self.cfg.privacy.epsilon_budget,
-            },
+            "privacy": {"enabled": self.cfg.privacy.enabled},
             "regions": regions,
+            "coordinator_jurisdiction": self.cfg.federation.coordinator_jurisdiction,
+            "excluded_regions": self.regions.excluded,
             "unavailable_nodes": self.unavailable,
             "overall": {"perplexity_before": before.get("overall"), "perplexity_after": after.get("overall")},
             "outputs": {

@@ -132,9 +132,9 @@ def _headline(cfg: FedsovConfig, run: RunDirectory, n_nodes: int) -> str:
     if not p.enabled:
         dp = "NO differential privacy (privacy.enabled=false)"
     elif p.target_epsilon is not None:
-        dp = f"DP-SGD, target epsilon {p.target_epsilon:g} for this run, delta {p.delta:g}, per {p.unit.value}"
+        dp = f"DP-SGD, target epsilon {p.target_epsilon:g} for this run"
     else:
-        dp = f"DP-SGD, sigma {p.noise_multiplier:g}, delta {p.delta:g}, per {p.unit.value}"
+        dp = f"DP-SGD, sigma {p.noise_multiplier:g}"
     resumed = " (resuming)" if cfg.resume else ""
     if cfg.secure_aggregation.enabled:
         secure = f"secure aggregation on (threshold {cfg.secure_aggregation.threshold_fraction:.0%} of each round's clients)"
@@ -143,6 +143,8 @@ def _headline(cfg: FedsovConfig, run: RunDirectory, n_nodes: int) -> str:
     return (
         f"fedsov simulate{resumed}: run {run.run_id}\n"
         f"  {n_nodes} clients in {len(cfg.regions)} regions ({regions}), {cfg.federation.rounds} rounds, {dp}\n"
+        f"  coordinator in {cfg.federation.coordinator_jurisdiction}; each region enforces its own policy "
+        f"(delta, budget, unit, bounds)\n"
         f"  {secure}\n"
         f"  run directory: {run.path}"
     )
@@ -159,10 +161,16 @@ def render_event(event: dict, cfg: FedsovConfig) -> str | None:
     kind = event["event"]
     total = cfg.federation.rounds
     if kind == "node_joined":
-        return (f"  node {event['node']:<6} region {event['region']:<3} {event['units']:>5} units "
-                f"({event['excluded_no_consent']} records excluded: no consent), epsilon spent so far {_fmt_eps(event['epsilon'])}")
+        return (f"  node {event['node']:<6} region {event['region']:<3} ({event['law']}) {event['units']:>5} units; "
+                f"excluded by policy: {event['excluded_no_consent']} without consent, {event['excluded_special']} "
+                f"special-category; epsilon spent so far {_fmt_eps(event['epsilon'])}")
     if kind == "node_unavailable":
-        return f"  node {event['node_id']} unavailable: {event['reason']}"
+        return f"  a node refused to take part: {event['reason']}"
+    if kind == "region_excluded":
+        return f"  region {event['region']} EXCLUDED: {event['reason']}"
+    if kind == "policy_mismatch":
+        return (f"  note: {event['node']}'s own policy ({event['node_policy'][:12]}) differs from the coordinator's "
+                f"copy ({event['coordinator_copy'][:12]}); the node's governs")
     if kind == "resumed":
         return f"  resuming after round {event['round']} from {event['checkpoint']}"
     if kind == "evaluated" and event["round"] == 0:
@@ -208,23 +216,28 @@ def render_summary(summary: dict, cfg: FedsovConfig, seconds: float) -> str:
             change = f"{before:8.2f} -> {after:8.2f}  ({(after - before) / before:+.0%})"
         else:
             change = "n/a"
-        budget = f"{p['epsilon_budget']:g}" if p["enabled"] else "-"
+        budget = f"{r['epsilon_budget']:g}" if p["enabled"] and r["epsilon_budget"] else "-"
         lines.append(f"  {name:<8}{len(r['nodes']):>6}   {change:<38}{_fmt_eps(r['epsilon']):>14}   {budget}")
         for refusal in r["refusals"]:
             lines.append(f"      refused: {refusal}")
-    for reason in summary["unavailable_nodes"]:
-        lines.append(f"  a node did not take part: {reason}")
+    for region, reason in summary["excluded_regions"].items():
+        lines.append(f"  {region:<8}{'-':>6}   EXCLUDED: {reason}")
+    for reason in sorted(set(summary["unavailable_nodes"])):
+        count = summary["unavailable_nodes"].count(reason)
+        lines.append(f"  {count} node(s) did not take part: {reason}")
     o = summary["overall"]
     if o["perplexity_before"] and o["perplexity_after"]:
         lines.append(f"  {'overall':<14}   {o['perplexity_before']:8.2f} -> {o['perplexity_after']:8.2f}")
     if not summary["secure_aggregation"]:
         lines.append("  secure aggregation was OFF: the coordinator saw every client's update")
-    privacy = (f"epsilon is cumulative per dataset across runs, at delta={p['delta']:g}, per {p['unit']} "
-               "(each node's privacy ledger)") if p["enabled"] else "NO differential privacy in this run"
+    units = ", ".join(f"{n}: delta {r['delta']:g} per {r['unit']}" for n, r in summary["regions"].items() if r["delta"])
+    privacy = (f"epsilon is cumulative per dataset across runs, kept in each node's privacy ledger ({units})"
+               if p["enabled"] else "NO differential privacy in this run")
     out = summary["outputs"]
     lines += [
         f"  {privacy}",
         f"  adapter : {out['adapter']}   (PeftModel.from_pretrained(base, path); base: {summary['model']['path']})",
+        f"  provenance: {Path(out['adapter']) / 'fedsov-manifest.json'}; audit log: {Path(out['run_dir']) / 'audit.jsonl'}",
         f"  metrics : {out['metrics']}",
         f"  config  : {out['config']}",
         f"  summary : {Path(out['run_dir']) / 'summary.json'}",

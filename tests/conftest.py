@@ -34,7 +34,7 @@ def model_cache(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def small_overrides(tmp_path, model_cache) -> list[str]:
+def small_overrides(tmp_path, model_cache, config_dir) -> list[str]:
     """A two-region federation small enough for a few seconds per round."""
     return [
         f"workdir={tmp_path / 'work'}",
@@ -48,3 +48,26 @@ def small_overrides(tmp_path, model_cache) -> list[str]:
         "federation.eval_batch_size=64",
         "model.max_length=96",
     ]
+
+
+@pytest.fixture
+def config_dir(tmp_path, monkeypatch) -> Path:
+    """A private copy of configs/ that this test's nodes and coordinator read their policies from."""
+    import shutil
+
+    from common.config import default_config_dir
+
+    target = tmp_path / "configs"
+    shutil.copytree(default_config_dir(), target)
+    monkeypatch.setenv("FEDSOV_CONFIG_DIR", str(target))
+    return target
+
+
+def edit_policy(config_dir: Path, region: str, key: str, value) -> None:
+    """Set policy.<key> (dotted) in a region's file, as a region's administrator would."""
+    from omegaconf import OmegaConf
+
+    path = config_dir / "regions" / f"{region}.yaml"
+    cfg = OmegaConf.load(path)
+    OmegaConf.update(cfg, f"policy.{key}", value, merge=False)
+    path.write_text(f"# @package regions.{region}\n" + OmegaConf.to_yaml(cfg))

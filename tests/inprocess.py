@@ -107,7 +107,8 @@ def ledger_epsilons(cfg) -> dict[str, list[float]]:
 
     out = {}
     for node_dir in sorted((Path(cfg.workdir) / "nodes").iterdir()):
-        ledger = PrivacyLedger(node_dir / LEDGER_FILE, delta=cfg.privacy.delta, unit=cfg.privacy.unit)
-        (fingerprint,) = json.loads((node_dir / LEDGER_FILE).read_text())["datasets"]
+        region = cfg.regions[node_dir.name.rsplit("-", 1)[0]].policy.privacy
+        ledger = PrivacyLedger(node_dir / LEDGER_FILE, delta=region.delta, unit=region.unit)
+        (fingerprint,) = ledger.datasets()
         out[node_dir.name] = [c.epsilon_after for c in ledger.history(fingerprint)]
     return out

@@ -10,6 +10,7 @@ from common.config import load_config
 from common.data.prepare import ensure_synthetic_data
 from common.errors import FederationError
 from server.simulation import resolve_run_config
+from tests.conftest import edit_policy
 from tests.inprocess import ledger_epsilons, run_federation
 
 
@@ -48,7 +49,7 @@ def test_federated_dp_lora_trains_accounts_and_saves(small_overrides):
     assert checkpoints == ["round-0001", "round-0002", "round-0003"]
 
 
-def test_saved_adapter_loads_with_peft_and_beats_the_base(small_overrides):
+def test_saved_adapter_loads_with_peft_and_beats_the_base(small_overrides, config_dir):
     from peft import PeftModel
 
     from client.training import encode_units, heldout_loss
@@ -57,6 +58,9 @@ def test_saved_adapter_loads_with_peft_and_beats_the_base(small_overrides):
     from common.model.loading import load_base_model, load_tokenizer
     from common.privacy.units import group_units
 
+    for region in ("eu", "us"):  # regions that allow training without DP or secure aggregation
+        edit_policy(config_dir, region, "privacy.require_dp", False)
+        edit_policy(config_dir, region, "transfers.require_secure_aggregation", False)
     cfg, run, summary, grid = run_federation(
         small_overrides + ["privacy=off", "secure_aggregation.enabled=false", "federation.rounds=2"]
     )
@@ -70,9 +74,9 @@ def test_saved_adapter_loads_with_peft_and_beats_the_base(small_overrides):
     assert (run.adapter_dir / "adapter_config.json").is_file()
     assert (run.adapter_dir / "adapter_model.safetensors").is_file()
     tok = load_tokenizer(base_path)
-    records = load_records([f"{cfg.data.root}/us"], expected_region="us")
+    records = load_records([f"{cfg.data.root}/us"], expected_region="us")  # us policy: no scrubbing
     _, heldout = split_heldout([r for r in records if r.consent], fraction=cfg.data.heldout_fraction)
-    ids = encode_units(group_units(heldout, cfg.privacy.unit), tok, 96)
+    ids = encode_units(group_units(heldout, cfg.regions["us"].policy.privacy.unit), tok, 96)
     base = load_base_model(base_path, torch.device("cpu"), torch.float32)
     base_loss, n = heldout_loss(base, ids, batch_size=64, pad_id=tok.pad_token_id)
     tuned = PeftModel.from_pretrained(load_base_model(base_path, torch.device("cpu"), torch.float32), str(run.adapter_dir))
@@ -99,10 +103,11 @@ def test_resume_continues_the_round_count_and_a_new_run_continues_the_budget(sma
     assert run3.read_metrics()[1]["epsilon"]["eu"] > run2.read_metrics()[-1]["epsilon"]["eu"]
 
 
-def test_over_budget_round_is_refused_and_nothing_is_sent(small_overrides):
+def test_over_budget_round_is_refused_and_nothing_is_sent(small_overrides, config_dir):
     from client.node import RegionNode, simulation_settings
     from common.privacy.accounting import DpSgdSteps, epsilon_spent
 
+    edit_policy(config_dir, "eu", "transfers.min_cohort", 2)  # two clients in all
     overrides = small_overrides + ["regions.eu.clients=1", "regions.us.clients=1", "privacy.target_epsilon=null",
                                    "privacy.noise_multiplier=1.0", "federation.local_steps=10"]
     cfg = resolve_run_config(overrides)
@@ -113,7 +118,9 @@ def test_over_budget_round_is_refused_and_nothing_is_sent(small_overrides):
     two = min(epsilon_spent([DpSgdSteps(1.0, q, 10)] * 2, 1e-5) for q in rates)
     assert one < two
     budget = (one + two) / 2
-    cfg, run, summary, grid = run_federation(overrides + [f"privacy.epsilon_budget={budget}"])
+    for region in ("eu", "us"):
+        edit_policy(config_dir, region, "privacy.epsilon_budget", budget)
+    cfg, run, summary, grid = run_federation(overrides, run_name="budget")
     refusals = [m for m in grid.received if m.metadata.message_type == "train" and m.has_error()]
     assert len(refusals) == 2  # both nodes, round 2
     for reply in refusals:
@@ -125,11 +132,12 @@ def test_over_budget_round_is_refused_and_nothing_is_sent(small_overrides):
     assert summary["regions"]["eu"]["refusals"]
 
 
-def test_delta_above_one_over_n_is_refused_with_the_limit(small_overrides):
+def test_delta_above_one_over_n_is_refused_with_the_limit(small_overrides, config_dir):
+    for region in ("eu", "us"):
+        edit_policy(config_dir, region, "privacy.delta", 0.5)
     with pytest.raises(FederationError, match="Every node refused"):
-        run_federation(small_overrides + ["privacy.delta=0.5", "privacy.target_epsilon=8",
-                                                         "privacy.epsilon_budget=10"])
+        run_federation(small_overrides)
     cfg = load_config(small_overrides)
     events = [json.loads(line) for line in open(f"{cfg.workdir}/runs/run/events.jsonl")]
     reasons = [e["reason"] for e in events if e["event"] == "node_unavailable"]
-    assert len(reasons) == 4 and all("privacy.delta=0.5 is larger than 1/N" in r for r in reasons)
+    assert len(reasons) == 4 and all("policy.privacy.delta=0.5 is larger than 1/N" in r for r in reasons)

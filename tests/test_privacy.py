@@ -56,7 +56,7 @@ def records(n, prefix="u", region="eu"):
 
 
 def test_ledger_persists_across_instances_and_continues(tmp_path):
-    path = tmp_path / "ledger.json"
+    path = tmp_path / "ledger.jsonl"
     units = group_units(records(50), PrivacyUnitKind.record)
     ledger = PrivacyLedger(path, delta=1e-5, unit=PrivacyUnitKind.record)
     fp = ledger.register(units)
@@ -72,7 +72,7 @@ def test_ledger_persists_across_instances_and_continues(tmp_path):
 
 
 def test_over_budget_round_is_refused_before_anything_is_recorded(tmp_path):
-    path = tmp_path / "ledger.json"
+    path = tmp_path / "ledger.jsonl"
     ledger = PrivacyLedger(path, delta=1e-5, unit=PrivacyUnitKind.record)
     fp = ledger.register(group_units(records(50), PrivacyUnitKind.record))
     big = DpSgdSteps(0.7, 0.2, 100)
@@ -87,7 +87,7 @@ def test_over_budget_round_is_refused_before_anything_is_recorded(tmp_path):
 
 
 def test_changed_dataset_inherits_the_spend_of_the_units_it_shares(tmp_path):
-    ledger = PrivacyLedger(tmp_path / "ledger.json", delta=1e-5, unit=PrivacyUnitKind.user)
+    ledger = PrivacyLedger(tmp_path / "ledger.jsonl", delta=1e-5, unit=PrivacyUnitKind.user)
     old = group_units(records(40, "a"), PrivacyUnitKind.user)
     grown = group_units(records(40, "a") + records(10, "b"), PrivacyUnitKind.user)
     unrelated = group_units(records(40, "z"), PrivacyUnitKind.user)
@@ -101,32 +101,65 @@ def test_changed_dataset_inherits_the_spend_of_the_units_it_shares(tmp_path):
 
 
 def test_training_without_dp_leaves_infinite_epsilon_and_blocks_dp_claims(tmp_path):
-    ledger = PrivacyLedger(tmp_path / "ledger.json", delta=1e-5, unit=PrivacyUnitKind.record)
+    ledger = PrivacyLedger(tmp_path / "ledger.jsonl", delta=1e-5, unit=PrivacyUnitKind.record)
     fp = ledger.register(group_units(records(30), PrivacyUnitKind.record))
     ledger.charge(fp, DpSgdSteps(0.0, 0.1, 5), budget=None, run_id="nodp", round_number=1)
     assert math.isinf(ledger.spent(fp))
     with pytest.raises(BudgetExhausted):
         ledger.check_budget(fp, DpSgdSteps(5.0, 0.01, 1), budget=100)
-    assert json.loads((tmp_path / "ledger.json").read_text())["charges"][0]["epsilon_after"] == math.inf
+    assert ledger.history(fp)[0].epsilon_after == math.inf
 
 
 def test_delta_and_unit_are_fixed_for_a_ledger(tmp_path):
-    PrivacyLedger(tmp_path / "ledger.json", delta=1e-5, unit=PrivacyUnitKind.record)
+    PrivacyLedger(tmp_path / "ledger.jsonl", delta=1e-5, unit=PrivacyUnitKind.record)
     with pytest.raises(PrivacyError, match="delta=1e-05"):
-        PrivacyLedger(tmp_path / "ledger.json", delta=1e-4, unit=PrivacyUnitKind.record)
+        PrivacyLedger(tmp_path / "ledger.jsonl", delta=1e-4, unit=PrivacyUnitKind.record)
     with pytest.raises(PrivacyError, match="per record"):
-        PrivacyLedger(tmp_path / "ledger.json", delta=1e-5, unit=PrivacyUnitKind.user)
+        PrivacyLedger(tmp_path / "ledger.jsonl", delta=1e-5, unit=PrivacyUnitKind.user)
 
 
-@pytest.mark.parametrize("damage", [b"{not json", b'{"format": "fedsov-privacy-ledger/1"}', b""])
-def test_damaged_ledger_refuses_and_is_left_as_found(tmp_path, damage):
-    path = tmp_path / "ledger.json"
+def charged_ledger(tmp_path):
+    path = tmp_path / "ledger.jsonl"
     ledger = PrivacyLedger(path, delta=1e-5, unit=PrivacyUnitKind.record)
-    ledger.register(group_units(records(10), PrivacyUnitKind.record))
-    path.write_bytes(damage)
-    with pytest.raises(LedgerError, match="never reset the spent budget"):
+    fp = ledger.register(group_units(records(10), PrivacyUnitKind.record))
+    for r in range(3):
+        ledger.charge(fp, DpSgdSteps(1.0, 0.1, 10), budget=10, run_id="r", round_number=r + 1)
+    return path
+
+
+def lower_first_charge(lines):
+    # The attack that matters: make past rounds look cheaper than they were.
+    entry = json.loads(lines[2])
+    entry["noise_multiplier"] = 50.0
+    return lines[:2] + [json.dumps(entry)] + lines[3:]
+
+
+@pytest.mark.parametrize(
+    "damage, where",
+    [
+        (lower_first_charge, "entry 3"),                    # an edited charge
+        (lambda lines: lines[:2] + lines[3:], "entry 3"),   # a charge removed from the middle
+        (lambda lines: lines[:-2], "truncated"),            # the newest charges cut off
+        (lambda lines: [], "truncated"),                    # emptied
+        (lambda lines: ["{not json"] + lines[1:], "entry 1"),
+    ],
+)
+def test_tampered_or_truncated_ledger_refuses_and_is_left_as_found(tmp_path, damage, where):
+    path = charged_ledger(tmp_path)
+    lines = path.read_text().splitlines()
+    damaged = "\n".join(damage(lines)) + ("\n" if damage(lines) else "")
+    path.write_text(damaged)
+    with pytest.raises(LedgerError, match="never reset the spent budget") as err:
         PrivacyLedger(path, delta=1e-5, unit=PrivacyUnitKind.record)
-    assert path.read_bytes() == damage
+    assert where in str(err.value)
+    assert path.read_text() == damaged
+
+
+def test_deleted_ledger_is_detected_by_its_head(tmp_path):
+    path = charged_ledger(tmp_path)
+    path.unlink()
+    with pytest.raises(LedgerError, match="truncated"):
+        PrivacyLedger(path, delta=1e-5, unit=PrivacyUnitKind.record)
 
 
 def test_user_units_group_everything_of_one_person():

@@ -9,6 +9,7 @@ from client import secure
 from common.secagg.encoding import Quantization, adam_displacement_bound, flatten, layout_of
 from common.wire import record_to_state
 from server.aggregation import weighted_mean
+from tests.conftest import edit_policy
 from tests.inprocess import run_federation
 
 # Six clients in three regions: threshold ceil(0.6 * 6) = 4 tolerates two dropouts.
@@ -121,9 +122,11 @@ def test_one_dropout_too_many_skips_the_round_cleanly_and_the_run_goes_on(small_
     assert summary["status"] == "completed" and summary["rounds_completed"] == 2
 
 
-def test_secure_upload_is_compact(small_overrides):
+def test_secure_upload_is_compact(small_overrides, config_dir):
     base = small_overrides + ["federation.rounds=1", "federation.local_steps=2"]
     _, secure_run, _, _ = run_federation(base, run_name="secure")
+    for region in ("eu", "us"):  # regions that accept plaintext updates, for the comparison
+        edit_policy(config_dir, region, "transfers.require_secure_aggregation", False)
     _, plain_run, _, _ = run_federation(base + ["secure_aggregation.enabled=false"], run_name="plain")
     secure_bytes = secure_run.read_metrics()[1]["upload_bytes_per_client"]
     plain_bytes = plain_run.read_metrics()[1]["upload_bytes_per_client"]

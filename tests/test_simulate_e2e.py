@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -27,9 +28,12 @@ def flower_processes():
 
 def test_simulate_runs_a_dp_federation_and_a_second_run_continues_the_budget(small_overrides, tmp_path):
     assert not flower_processes()
-    first = fedsov([*small_overrides, "run_dir=" + str(tmp_path / "run1")], tmp_path)
+    # With the default China region, whose PIPL preset forbids the EU coordinator.
+    first = fedsov([*small_overrides, "regions=[eu,us,cn]", "run_dir=" + str(tmp_path / "run1")], tmp_path)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     out = first.stdout
+    assert "region cn EXCLUDED: PIPL policy forbids sending updates to a coordinator in EU" in out
+    assert re.search(r"\n  cn\s+-\s+EXCLUDED: PIPL", out)
     assert "round 0/2" in out and "round 2/2 done" in out and "Summary: run run1 completed 2/2 rounds" in out
     for node in ("eu-1", "eu-2", "us-1", "us-2"):
         assert f"{node:<6} trained" in out
@@ -45,6 +49,11 @@ def test_simulate_runs_a_dp_federation_and_a_second_run_continues_the_budget(sma
     eps_first = {r: summary["regions"][r]["epsilon"] for r in ("eu", "us")}
     assert all(0 < e <= 3.0 + 1e-6 for e in eps_first.values())
     assert (run / "adapter" / "adapter_model.safetensors").is_file() and (run / "config.yaml").is_file()
+    assert set(json.loads((run / "adapter" / "fedsov-manifest.json").read_text())["contributing_regions"]) == {"eu", "us"}
+    from common.audit import HashChainLog
+
+    for log in [run / "audit.jsonl", *sorted((tmp_path / "work" / "nodes").glob("*/audit.jsonl"))]:
+        assert HashChainLog(log).verify().ok, log
     assert not flower_processes(), "fedsov simulate left Flower or Ray processes behind"
 
     second = fedsov([*small_overrides, "run_dir=" + str(tmp_path / "run2"), "federation.rounds=1"], tmp_path)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
-from common.errors import DataError
+from common.errors import DataError, ResidencyViolation
 
 REQUIRED_FIELDS = ("text", "region", "user_id", "consent")
 SUPPORTED_SUFFIXES = (".jsonl", ".txt", ".parquet")
@@ -70,12 +70,17 @@ def load_records(
     *,
     expected_region: str | None = None,
     plain_text_consent: bool | None = None,
+    allowed_regions: Sequence[str] | None = None,
 ) -> list[Record]:
-    """Load every record from the given files and folders (folders searched recursively, sorted)."""
+    """Load every record from the given files and folders (folders searched recursively, sorted).
+
+    Records must carry `expected_region`, or one of `allowed_regions` when given (a region's
+    residency rule); plain-text lines are tagged with `expected_region`.
+    """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     records: list[Record] = []
-    for file in _data_files(paths):
+    for file in data_files(paths):
         if file.suffix.lower() == ".jsonl":
             loaded = _load_jsonl(file)
         elif file.suffix.lower() == ".parquet":
@@ -84,18 +89,22 @@ def load_records(
             loaded = _load_text(file, expected_region, plain_text_consent)
         if not loaded:
             raise DataError(f"{file}: the file holds no records; add records or remove the file from the data paths.")
-        if expected_region is not None:
+        allowed = set(allowed_regions) if allowed_regions is not None else (
+            {expected_region} if expected_region is not None else None)
+        if allowed is not None:
             for where, r in loaded:
-                if r.region != expected_region:
-                    raise DataError(
+                if r.region not in allowed:
+                    raise ResidencyViolation(
                         f"{file} {where}: record region {r.region!r} does not match this node's region "
-                        f"{expected_region!r}; data must stay in its jurisdiction, so move the record to the "
-                        f"{r.region!r} node's data or correct its region field.")
+                        f"{expected_region or ''!r} (allowed here: {', '.join(sorted(allowed))}); data must stay in "
+                        f"its jurisdiction, so move the record to the {r.region!r} node's data or correct its region "
+                        "field. Nothing was trained.")
         records.extend(r for _, r in loaded)
     return records
 
 
-def _data_files(paths: Sequence[str | os.PathLike]) -> list[Path]:
+def data_files(paths: Sequence[str | os.PathLike]) -> list[Path]:
+    """The data files under `paths`, in the order load_records reads them."""
     files: list[Path] = []
     for p in map(Path, paths):
         if not p.exists():

@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass
 from typing import Sequence
 
-from common.config import PrivacyUnitKind
+from common.policy import PrivacyUnitKind
 from common.data.records import Record
 
 
