@@ -20,6 +20,7 @@ from common.config import config_from_json
 from common.errors import FedsovError
 from common.runconfig import CONFIG_KEY
 from common.wire import (
+    EXAMPLES,
     GLOBAL_ADAPTER,
     METRICS,
     NODE,
@@ -108,6 +109,15 @@ def describe(msg: Message, context: Context) -> RecordDict:
     jurisdiction = str(msg.content[REQUEST]["coordinator-jurisdiction"])
     info, counts = region_node(context).describe(jurisdiction)
     return RecordDict({NODE: ConfigRecord(info), METRICS: MetricRecord(counts)})
+
+
+@app.query("audit")
+@handled
+def memorisation_audit(msg: Message, context: Context) -> RecordDict:
+    node = region_node(context)
+    plan = RoundPlan.from_record(msg.content[PLAN])
+    metrics, examples = node.memorisation_audit(plan, record_to_state(msg.content[GLOBAL_ADAPTER]))
+    return RecordDict({METRICS: MetricRecord(metrics), EXAMPLES: ConfigRecord({"examples": examples})})
 
 
 @app.train()

@@ -11,13 +11,16 @@ with the bytes sent.
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Callable
 
 from common.secagg.encoding import metric_length
 from common.wire import (
+    AUDIT,
     DESCRIBE,
     EVALUATE,
     EVALUATE_METRICS,
+    EXAMPLES,
     GLOBAL_ADAPTER,
     METRICS,
     NODE,
@@ -32,8 +35,16 @@ from common.wire import (
 )
 
 ALLOWED_MESSAGE_TYPES = frozenset(
-    [DESCRIBE, TRAIN, EVALUATE] + [f"{c}.{s}" for c in (TRAIN, EVALUATE) for s in SECAGG_STAGES]
+    [DESCRIBE, TRAIN, EVALUATE, AUDIT] + [f"{c}.{s}" for c in (TRAIN, EVALUATE) for s in SECAGG_STAGES]
 )
+AUDIT_METRIC = re.compile(
+    r"(exposure-rep\d+-(mean|max)|extracted-(greedy|beam)-rep\d+|canaries-rep\d+|mia-(loss|calibrated)-(auc|tpr-at-1pct-fpr)"
+    r"|mia-(members|nonmembers)|one-run-(canaries|guesses|correct)|generations|pii-spans|pii-spans-verbatim-in-training"
+    r"|epsilon|delta)"
+)
+# A redacted canary prompt: no digit runs, no addresses, short.
+REDACTED_EXAMPLE = re.compile(r"[^@]{1,300}")
+MAX_EXAMPLES = 32
 DESCRIBE_METRICS = ("num-units", "records", "excluded-no-consent", "excluded-special", "heldout-records", "delta",
                     "epsilon-budget", "epsilon")
 KEY_BYTES = 32
@@ -72,6 +83,19 @@ def check_reply(request, reply_content, state) -> None:
     elif kind == EVALUATE:
         _records(reply_content, {METRICS: "metric"})
         _metrics(reply_content[METRICS], EVALUATE_METRICS)
+    elif kind == AUDIT:
+        _records(reply_content, {METRICS: "metric", EXAMPLES: "config"})
+        for key, value in reply_content[METRICS].items():
+            if not AUDIT_METRIC.fullmatch(key):
+                raise EgressBlocked(f"audit metric {key!r} is not on the allow-list")
+        _metrics(reply_content[METRICS], tuple(reply_content[METRICS].keys()))
+        _config(reply_content[EXAMPLES], {"examples": list})
+        examples = reply_content[EXAMPLES]["examples"]
+        if len(examples) > MAX_EXAMPLES:
+            raise EgressBlocked("too many audit examples")
+        for text in examples:
+            if not isinstance(text, str) or not REDACTED_EXAMPLE.fullmatch(text) or re.search(r"\d{3,}", text):
+                raise EgressBlocked("an audit example carries what looks like a secret (digits or an address)")
     elif kind.endswith(".secagg_shares"):
         _records(reply_content, {SECAGG: "config"})
         c = reply_content[SECAGG]

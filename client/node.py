@@ -17,12 +17,21 @@ import torch
 
 from client.training import DpSettings, encode_units, heldout_loss, train_locally
 from common.audit import AuditLog, TamperedLog
-from common.config import DataSource, FedsovConfig, LoraSettings, ModelConfig, default_config_dir, load_region_file
+from common.config import (
+    AuditConfig,
+    DataSource,
+    FedsovConfig,
+    LoraSettings,
+    ModelConfig,
+    default_config_dir,
+    load_region_file,
+)
 from common.data.partition import client_partition, split_heldout
 from common.data.records import Record, data_files, load_records
 from common.errors import FederationError, FedsovError, LedgerError, ModelError, PrivacyError
 from common.model.loading import load_base_model, load_tokenizer, model_fingerprint, pick_device, pick_dtype, resolve_model_path
 from common.model.lora import attach_lora, load_adapter_state
+from common.leakage.canaries import Canary, load_or_create
 from common.pii import PiiDetector
 from common.policy import (
     PlanTerms,
@@ -57,6 +66,8 @@ class NodeSettings:
     state_dir: Path
     policy_file: Path
     model: ModelConfig
+    audit: AuditConfig
+    synthetic_data: bool
     threads: int
 
 
@@ -86,6 +97,8 @@ def simulation_settings(cfg: FedsovConfig, partition_id: int) -> NodeSettings:
                 state_dir=Path(cfg.workdir) / "nodes" / name,
                 policy_file=default_config_dir() / "regions" / f"{region.name}.yaml",
                 model=cfg.model,
+                audit=cfg.audit,
+                synthetic_data=region.data.source == DataSource.synthetic,
                 threads=cfg.simulation.client_cpus,
             )
         first += region.clients
@@ -101,6 +114,12 @@ class NodeData:
     train_examples: list[list[int]]
     heldout_examples: list[list[int]]
     counts: dict[str, int]
+    # For the memorisation audit, which runs here, on this node: the canaries inserted, the
+    # training records as they were on disk (for verbatim PII checks), and which training
+    # examples are ordinary records (membership-inference members).
+    canaries: list[Canary]
+    train_raw_texts: list[str]
+    record_examples: list[list[int]]
 
 
 @dataclass
@@ -171,14 +190,26 @@ class RegionNode:
             files, expected_region=s.region, plain_text_consent=s.plain_text_consent,
             allowed_regions=policy.residency.allowed_region_tags,
         )
+        raw = {id(r): r.text for r in records}
         kept, counts = self._apply_data_use(records)
         mine = client_partition(kept, client_index=s.client_index, num_clients=s.num_clients)
         train, heldout = split_heldout(mine, fraction=s.heldout_fraction)
+        train_raw_texts = [raw.get(id(r), r.text) for r in train]
         if not train:
             raise PrivacyError(
                 f"Node {s.name} has no training records after its policy's filters and the held-out split "
                 f"({counts}). Add data or lower data.heldout_fraction."
             )
+        canaries: list[Canary] = []
+        if s.audit.enabled and (s.synthetic_data or s.audit.canaries_in_real_data):
+            canaries = load_or_create(s.state_dir, s.audit.canary_formats, s.audit.canary_repetitions,
+                                      s.audit.one_run_canaries)
+        record_examples = encode_units(group_units(train, PrivacyUnitKind.record), self._tokenizer, s.model.max_length)
+        # Each canary copy is its own privacy unit, as a secret repeated in real data would be.
+        train = train + [
+            Record(c.text, s.region, f"canary-{i}-{copy}", True, {"canary": True})
+            for i, c in enumerate(canaries) for copy in range(c.repetitions)
+        ]
         unit = policy.privacy.unit
         units = group_units(train, unit)
         if policy.privacy.delta > 1.0 / len(units):
@@ -188,12 +219,16 @@ class RegionNode:
                 f"whole unit and still meet the guarantee. Set policy.privacy.delta <= {1.0 / len(units):.3g}."
             )
         max_length = s.model.max_length
-        counts.update(train_units=len(units), heldout_records=len(heldout))
+        counts.update(train_units=len(units), heldout_records=len(heldout),
+                      canary_copies=sum(c.repetitions for c in canaries))
         return NodeData(
             train_units=units,
             train_examples=encode_units(units, self._tokenizer, max_length),
             heldout_examples=encode_units(group_units(heldout, PrivacyUnitKind.record), self._tokenizer, max_length),
             counts=counts,
+            canaries=canaries,
+            train_raw_texts=train_raw_texts,
+            record_examples=record_examples,
         )
 
     def _apply_data_use(self, records: list[Record]) -> tuple[list[Record], dict[str, int]]:
@@ -331,6 +366,22 @@ class RegionNode:
             model, self.data.heldout_examples, batch_size=plan.eval_batch_size, pad_id=self._tokenizer.pad_token_id
         )
         return {"loss-sum": loss_sum, "tokens": tokens, "num-examples": len(self.data.heldout_examples)}
+
+    def memorisation_audit(self, plan: RoundPlan, global_state: Mapping[str, torch.Tensor]) -> tuple[dict[str, float], list[str]]:
+        """Audit the final model here, on this node's canaries and records; only numbers leave."""
+        from client.memorisation import audit
+
+        self.check_coordinator(plan.coordinator_jurisdiction, plan.round)
+        model = self._prepared_model(plan, global_state)
+        metrics, examples = audit(
+            model, self._tokenizer, canaries=self.data.canaries, members=self.data.record_examples,
+            nonmembers=self.data.heldout_examples, train_raw_texts=self.data.train_raw_texts, settings=self.settings.audit,
+        )
+        fingerprint = self._ledger.register(self.data.train_units)
+        metrics.update(epsilon=self._ledger.spent(fingerprint), delta=self.policy.privacy.delta)
+        self.audit.record("memorisation_audit", "completed", reason="audit numbers computed on this node",
+                          round=plan.round, policy_hash=self.policy_hash, epsilon=metrics["epsilon"])
+        return metrics, examples
 
     def check_cohort(self, size: int, stage: str, round_number: int | None) -> None:
         """The aggregation a node actually joins must be as large as its policy demands."""

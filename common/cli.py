@@ -35,6 +35,17 @@ def main(argv: list[str] | None = None) -> int:
     asub = audit.add_subparsers(dest="action", required=True)
     verify = asub.add_parser("verify", help="verify hash-chained logs; report the first tampered entry")
     verify.add_argument("files", nargs="+", type=Path)
+    compare = asub.add_parser("compare", help="run the same federation without and with DP (epsilon 8) and audit both")
+    compare.add_argument("overrides", nargs="*", help="config overrides for both arms")
+
+    report = sub.add_parser("report", help="(re)write a run's privacy report")
+    report.add_argument("run_dir", type=Path)
+
+    gen = sub.add_parser("generate", help="generate text with a run's adapter; flags PII; prints the privacy card")
+    gen.add_argument("run_dir", type=Path)
+    gen.add_argument("--prompt", default="", help="text to continue (default: unconditional)")
+    gen.add_argument("--samples", type=int, default=1)
+    gen.add_argument("--max-new-tokens", type=int, default=60)
 
     export = sub.add_parser("export", help="copy a run's adapter to a destination its contributing regions allow")
     export.add_argument("run_dir", type=Path)
@@ -56,8 +67,18 @@ def main(argv: list[str] | None = None) -> int:
             return simulate(args.overrides, args.config_dir)
         if args.command == "policy":
             return _policy(args)
-        if args.command == "audit":
+        if args.command == "audit" and args.action == "verify":
             return _verify(args.files)
+        if args.command == "audit":
+            from server.compare import compare
+
+            return compare(args.overrides)
+        if args.command == "report":
+            return _report(args.run_dir)
+        if args.command == "generate":
+            from server.generate import generate
+
+            return generate(args.run_dir, args.prompt, samples=args.samples, max_new_tokens=args.max_new_tokens)
         if args.command == "export":
             from server.provenance import export_adapter
 
@@ -105,6 +126,23 @@ def _policy(args) -> int:
     policies = {name: load_region_file(_region_file(name)) for name in cfg.regions}
     print("\n".join(dry_run(cfg, policies)))
     return 0
+
+
+def _report(run_dir: Path) -> int:
+    from omegaconf import OmegaConf
+
+    from common.config import config_from_container
+    from server.report import write_privacy_report
+    from server.rundir import RunDirectory
+
+    run = RunDirectory(run_dir)
+    if not run.config_path.is_file():
+        raise FedsovError(f"{run_dir} holds no config.yaml: not a fedsov run directory.")
+    report = write_privacy_report(run, config_from_container(OmegaConf.load(run.config_path)))
+    print(f"Privacy report: {run.report_dir / 'privacy-report.html'} (and .md, .json)")
+    for line in report["plain_summary"]:
+        print(f"  {line}")
+    return 1 if report["bound_violations"] else 0
 
 
 def _verify(files: list[Path]) -> int:

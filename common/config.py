@@ -70,7 +70,10 @@ class EmbeddedRecipe:
     steps: int = 300
     batch_size: int = 32
     learning_rate: float = 3e-3
-    label_smoothing: float = 0.1
+    # Label smoothing would compress the logit range, and a LoRA cannot touch the final
+    # LayerNorm or the embeddings to widen it again: fine-tuning could then not memorise, and
+    # the memorisation audit would measure nothing. Keep it at 0.
+    label_smoothing: float = 0.0
     seed: int = 1234
 
 
@@ -93,7 +96,7 @@ class DataConfig:
     records_per_user: List[int] = field(default_factory=lambda: [2, 6])
     consent_rate: float = 0.92
     shards: int = 2
-    heldout_fraction: float = 0.1
+    heldout_fraction: float = 0.2
 
 
 @dataclass
@@ -161,6 +164,23 @@ class SecureAggregationConfig:
 
 
 @dataclass
+class AuditConfig:
+    """The memorisation audit each node runs on the final model, on its own data."""
+
+    enabled: bool = True
+    # Canaries go into generated data; into real data only when asked (they are fake records
+    # added to a production training set).
+    canaries_in_real_data: bool = False
+    canary_formats: List[str] = field(default_factory=lambda: ["door-code", "passport"])
+    canary_repetitions: List[int] = field(default_factory=lambda: [1, 4, 16])
+    # Canaries for one-run auditing, each inserted with probability 1/2.
+    one_run_canaries: int = 64
+    exposure_candidates: int = 400
+    mia_members: int = 200
+    generations: int = 16
+
+
+@dataclass
 class SimulationConfig:
     client_cpus: int = 1
     client_gpus: float = 0.0
@@ -176,6 +196,7 @@ class FedsovConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     secure_aggregation: SecureAggregationConfig = field(default_factory=SecureAggregationConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     regions: Dict[str, RegionConfig] = field(default_factory=dict)
 
@@ -452,6 +473,22 @@ def validate(cfg: FedsovConfig) -> None:
               "A secure sum of one update is that update.")
     if not sa.stage_timeout_s > 0:
         _fail("secure_aggregation.stage_timeout_s", sa.stage_timeout_s, "must be greater than 0", "Use e.g. 120.")
+    au = cfg.audit
+    from common.leakage.canaries import FORMATS
+
+    unknown = sorted(set(au.canary_formats) - set(FORMATS))
+    if unknown:
+        _fail("audit.canary_formats", unknown, "unknown canary formats", f"Use some of: {', '.join(FORMATS)}.")
+    if au.enabled and not au.canary_formats:
+        _fail("audit.canary_formats", [], "the audit needs at least one canary format", "Use e.g. [door-code].")
+    if any(r < 1 for r in au.canary_repetitions):
+        _fail("audit.canary_repetitions", au.canary_repetitions, "repetitions must be at least 1", "Use e.g. [1, 4, 16].")
+    for key, value in {"audit.one_run_canaries": au.one_run_canaries, "audit.exposure_candidates": au.exposure_candidates,
+                       "audit.mia_members": au.mia_members, "audit.generations": au.generations}.items():
+        if value < 0:
+            _fail(key, value, "must be >= 0", "Use a non-negative count.")
+    if au.exposure_candidates and au.exposure_candidates < 50:
+        _fail("audit.exposure_candidates", au.exposure_candidates, "too few for a skew-normal fit", "Use at least 50.")
     _validate_privacy(priv)
     _validate_regions(cfg)
 

@@ -8,6 +8,8 @@ Message types (the protocol needs no others):
   evaluate        the global adapter; reply: keys (secure) or held-out loss sum and token count
   train|evaluate.secagg_shares / .secagg_mask / .secagg_unmask
                   the three later stages of secure aggregation (common.secagg.protocol)
+  query.audit     the final adapter; reply: the node's memorisation-audit numbers and its
+                  canary prompts with the secrets blacked out (client.memorisation)
 A node that refuses (budget, policy) replies with an Error carrying REFUSED and the reason,
 and sends nothing else.
 """
@@ -24,6 +26,7 @@ import torch
 from common.errors import FedsovError
 
 DESCRIBE = "query.describe"
+AUDIT = "query.audit"
 TRAIN = "train"
 EVALUATE = "evaluate"
 
@@ -39,6 +42,7 @@ GLOBAL_ADAPTER = "global-adapter"
 UPDATE = "update"
 METRICS = "metrics"
 NODE = "node"
+EXAMPLES = "examples"
 
 SECAGG_KEYS = "secagg-keys"
 SECAGG = "secagg"

@@ -31,7 +31,9 @@ from common.secagg.encoding import (
     unflatten,
 )
 from common.wire import (
+    AUDIT,
     DESCRIBE,
+    EXAMPLES,
     EVALUATE,
     GLOBAL_ADAPTER,
     METRICS,
@@ -51,6 +53,7 @@ from common.wire import (
 from server.aggregation import apply_update, check_update, weighted_mean
 from server.planning import plan_regions
 from server.provenance import write_manifest
+from server.report import write_privacy_report
 from server.rundir import RunDirectory, json_number
 from server.secure import secure_sum, threshold_for
 
@@ -171,11 +174,22 @@ class Coordinator:
             run.event("round_finished", **row, checkpoint=str(model_dir))
 
         model.save(state, run.adapter_dir)
-        manifest = write_manifest(run.adapter_dir, self._manifest(model))
-        self.audit.record("adapter", "saved", reason=f"final adapter with provenance manifest {manifest}",
-                          round=cfg.federation.rounds)
+        if cfg.audit.enabled:
+            run.write_audit_results(self._memorisation_audit(state, model.fingerprint))
         summary = self._summary(started, model)
         run.write_summary(summary)
+        report = write_privacy_report(run, cfg)
+        manifest = write_manifest(run.adapter_dir, self._manifest(model, report))
+        self.audit.record("adapter", "saved", reason=f"final adapter with provenance manifest {manifest}",
+                          round=cfg.federation.rounds)
+        run.event("report_written", report=str(run.report_dir / "privacy-report.html"),
+                  violations=report["bound_violations"])
+        if report["bound_violations"]:
+            raise FederationError(
+                "PRIVACY AUDIT FAILED: an empirical epsilon lower bound exceeds the accounted epsilon ("
+                + "; ".join(report["bound_violations"]) + "). The accounting or the training is wrong; do not "
+                f"use this model. See {run.report_dir / 'privacy-report.html'}."
+            )
         run.event("run_finished", summary=str(run.summary_path))
         return summary
 
@@ -487,7 +501,33 @@ class Coordinator:
             by_region[node.region] = max(by_region.get(node.region, 0.0), node.epsilon)
         return {r: json_number(e) for r, e in by_region.items()}
 
-    def _manifest(self, model: ServerModel) -> dict[str, Any]:
+    def _memorisation_audit(self, state, fingerprint: str) -> dict[str, Any]:
+        """Each node audits the final model on its own canaries and records; numbers come back."""
+        from flwr.app import ConfigRecord, RecordDict
+
+        plan = self._plan(self.cfg.federation.rounds, fingerprint)
+        record = state_to_record(state)
+        request = ConfigRecord({"coordinator-jurisdiction": self.cfg.federation.coordinator_jurisdiction})
+        results: dict[str, Any] = {}
+        self.run.event("audit_started", nodes=len(self.nodes))
+        for reply in self._exchange(
+            list(self.nodes), AUDIT, lambda _: RecordDict({PLAN: plan.to_record(), GLOBAL_ADAPTER: record,
+                                                          REQUEST: request}), plan.round
+        ):
+            node = self.nodes[reply.node_id]
+            if not reply.ok:
+                self.run.event("audit_failed", node=node.name, reason=reply.reason)
+                results[node.name] = {"region": node.region, "error": reply.reason}
+                continue
+            metrics = {k: json_number(float(v)) for k, v in reply.content[METRICS].items()}
+            results[node.name] = {"region": node.region, "metrics": metrics,
+                                  "examples": list(reply.content[EXAMPLES]["examples"])}
+            self.run.event("audit_node", node=node.name, region=node.region, metrics=metrics)
+        self.audit.record("memorisation_audit", "collected", reason=f"{len(results)} node(s) reported",
+                          round=plan.round)
+        return results
+
+    def _manifest(self, model: ServerModel, report: dict[str, Any]) -> dict[str, Any]:
         """Provenance of the adapter, from what each node reported of its own policy."""
         contributing: dict[str, Any] = {}
         for node in self.nodes.values():
@@ -516,6 +556,8 @@ class Coordinator:
             "dp": self.cfg.privacy.enabled,
             "contributing_regions": contributing,
             "excluded_regions": self.regions.excluded,
+            "audit": {region: r["verdict"] for region, r in report["regions"].items()},
+            "privacy_report": str(self.run.report_dir / "privacy-report.html"),
         }
 
     def _summary(self, started: float, model: ServerModel) -> dict[str, Any]:

@@ -5,8 +5,11 @@ Layout:
   events.jsonl         progress events (what the CLI shows while the run goes)
   metrics.jsonl        one line per round (round 0 = before training)
   checkpoints/round-NNNN/   PEFT adapter folder + checkpoint.json, the last few kept
-  adapter/             the final global adapter (PEFT format)
+  adapter/             the final global adapter (PEFT format) and its provenance manifest
   summary.json         the end-of-run summary
+  audit-results.json   each node's memorisation-audit numbers
+  report/              the privacy report (HTML, Markdown, JSON, plots)
+  audit.jsonl          the coordinator's hash-chained audit log
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ class RunDirectory:
         self.checkpoints_dir = self.path / "checkpoints"
         self.adapter_dir = self.path / "adapter"
         self.summary_path = self.path / "summary.json"
+        self.audit_results_path = self.path / "audit-results.json"
+        self.report_dir = self.path / "report"
         self.logs_dir = self.path / "logs"
 
     @property
@@ -94,6 +99,14 @@ class RunDirectory:
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         _write_json_atomic(self.summary_path, summary)
+
+    def write_audit_results(self, results: dict[str, Any]) -> None:
+        _write_json_atomic(self.audit_results_path, results)
+
+    def read_audit_results(self) -> dict[str, Any] | None:
+        if not self.audit_results_path.exists():
+            return None
+        return json.loads(self.audit_results_path.read_text())
 
     def read_summary(self) -> dict[str, Any] | None:
         if not self.summary_path.exists():

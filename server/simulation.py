@@ -6,6 +6,7 @@ run with `flwr run`, shows progress from the run's events, and prints the summar
 
 from __future__ import annotations
 
+import json
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -101,7 +102,18 @@ def simulate(overrides: Sequence[str], config_dir: Path | None = None, out: Call
         out(f"Logs: {run.logs_dir}. Resume from the last checkpoint with: fedsov simulate resume={run.path}")
         return 1
     out(render_summary(summary, cfg, time.time() - started))
+    report = run.report_dir / "privacy-report.json"
+    if report.exists():
+        out(render_report_lines(json.loads(report.read_text()), run))
     return 0
+
+
+def render_report_lines(report: dict, run: RunDirectory) -> str:
+    lines = ["", f"Privacy report: {run.report_dir / 'privacy-report.html'} (also .md and .json)"]
+    for name, r in report["regions"].items():
+        verdict = r["verdict"]
+        lines.append(f"  {name:<8} audit: {verdict['status']}" + (f" ({'; '.join(verdict['signals'])})" if verdict["signals"] else ""))
+    return "\n".join(lines)
 
 
 def _watch(superlink: LocalSuperLink, run_id: int, run: RunDirectory, cfg: FedsovConfig, out) -> RunStatus:
@@ -191,6 +203,17 @@ def render_event(event: dict, cfg: FedsovConfig) -> str | None:
         loss = "  ".join(f"{r} {v:.3f}" for r, v in event.get("train_loss", {}).items())
         return (f"  round {event['round']}/{total} done in {event['seconds']:.1f}s  train loss {loss or '-'}"
                 f"  | perplexity {_fmt_ppl(event['perplexity'])}  | epsilon {eps}")
+    if kind == "audit_started":
+        return f"  memorisation audit on each node (canaries, membership inference, PII in generations) ..."
+    if kind == "audit_node":
+        m = event["metrics"]
+        top = max((k for k in m if k.startswith("exposure-rep") and k.endswith("-max")),
+                  key=lambda k: int(k.split("rep")[1].split("-")[0]), default=None)
+        exposure = f"max exposure of the most repeated canaries {m[top]:.1f} bits, " if top else ""
+        return (f"    {event['node']:<6} audited: {exposure}membership AUC {m.get('mia-loss-auc', float('nan')):.2f}, "
+                f"{int(m.get('pii-spans-verbatim-in-training', 0))} verbatim PII in generations")
+    if kind == "audit_failed":
+        return f"    {event['node']:<6} audit failed: {event['reason']}"
     if kind == "evaluation_failed":
         return f"    evaluation of round {event['round']} failed: {event['reason']}"
     if kind == "run_failed":

@@ -50,6 +50,10 @@ def test_simulate_runs_a_dp_federation_and_a_second_run_continues_the_budget(sma
     assert all(0 < e <= 3.0 + 1e-6 for e in eps_first.values())
     assert (run / "adapter" / "adapter_model.safetensors").is_file() and (run / "config.yaml").is_file()
     assert set(json.loads((run / "adapter" / "fedsov-manifest.json").read_text())["contributing_regions"]) == {"eu", "us"}
+    # The main job writes the privacy report by default.
+    assert "Privacy report:" in out and "audit: " in out
+    for name in ("privacy-report.html", "privacy-report.md", "privacy-report.json"):
+        assert (run / "report" / name).is_file()
     from common.audit import HashChainLog
 
     for log in [run / "audit.jsonl", *sorted((tmp_path / "work" / "nodes").glob("*/audit.jsonl"))]:

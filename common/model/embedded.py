@@ -112,8 +112,6 @@ def build_embedded_model(out_dir: Path, recipe: EmbeddedRecipe, log: Callable[[s
         idx = torch.randint(len(train_blocks), (recipe.batch_size,), generator=sampler)
         batch = train_blocks[idx]
         logits = model(input_ids=batch).logits[:, :-1]
-        # Label smoothing keeps the model humble about what follows: on templated public
-        # text it would otherwise give personal data (names, numbers) absurdly low odds.
         loss = torch.nn.functional.cross_entropy(
             logits.reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1), label_smoothing=recipe.label_smoothing
         )

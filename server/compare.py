@@ -1,0 +1,136 @@
+"""`fedsov audit compare`: the same federation without DP and with DP, audited side by side.
+
+Evidence that DP does its job, and that the audit has the power to see memorisation: without DP
+the repeated canaries must come out, with DP they must not. Both arms use the same data, the same
+canaries (copied from the first arm's nodes) and the same settings; each arm has its own node state
+(ledgers), since training without DP leaves a dataset with infinite epsilon.
+
+The no-DP arm is a lab setting: it runs with a copy of the region policies relaxed to allow training
+without DP. Never point it at real personal data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Callable, Sequence
+
+from common.config import CONFIG_DIR_ENV, default_config_dir, load_config
+from common.errors import FederationError
+from server.report import load_report
+from server.simulation import simulate
+
+# A federation small and intense enough for memorisation to show without DP: few clients per
+# aggregation (averaging dilutes each client's canaries) and many local steps per round.
+AUDIT_FEDERATION = (
+    "regions=[us,sg]",
+    "regions.us.clients=1",
+    "regions.sg.clients=1",
+    "federation.local_steps=50",
+    "model.lora.target_modules=[c_attn,c_proj,c_fc]",
+)
+
+
+def compare(overrides: Sequence[str], out: Callable[[str], None] = print) -> int:
+    base = load_config([*AUDIT_FEDERATION, *overrides])
+    root = Path(base.workdir) / "compare"
+    data_root = root / "data"
+    lab_configs = root / "lab-configs"
+    if lab_configs.exists():
+        shutil.rmtree(lab_configs)
+    shutil.copytree(default_config_dir(), lab_configs)
+    _allow_training_without_dp(lab_configs)
+    arms = {
+        "no-dp": (["privacy=off"], lab_configs),
+        "dp-eps8": (["privacy.target_epsilon=8", "privacy.noise_multiplier=null"], default_config_dir()),
+    }
+    reports = {}
+    for name, (arm_overrides, policies) in arms.items():
+        workdir = root / name
+        if workdir.exists():
+            shutil.rmtree(workdir)
+        if name != "no-dp":
+            _copy_canaries(root / "no-dp" / "nodes", workdir / "nodes")
+        out(f"\n=== arm {name} (policies from {policies}) ===")
+        # Nodes read their policies from $FEDSOV_CONFIG_DIR, in this process and the simulation's.
+        previous = os.environ.get(CONFIG_DIR_ENV)
+        os.environ[CONFIG_DIR_ENV] = str(policies)
+        try:
+            code = simulate(
+                [*AUDIT_FEDERATION, *overrides, *arm_overrides, f"workdir={workdir}", f"data.root={data_root}",
+                 f"run_dir={workdir / 'run'}"],
+                out=out,
+            )
+        finally:
+            if previous is None:
+                os.environ.pop(CONFIG_DIR_ENV, None)
+            else:
+                os.environ[CONFIG_DIR_ENV] = previous
+        if code != 0:
+            out(f"arm {name} failed (exit {code}); see {workdir / 'run'}")
+            return code
+        reports[name] = load_report(workdir / "run")
+    verdict, lines = judge(reports)
+    out("\n" + "\n".join(lines))
+    (root / "compare.json").write_text(json.dumps({"verdict": verdict, "arms": reports}, indent=1, ensure_ascii=False))
+    (root / "compare.md").write_text("\n".join(lines) + "\n")
+    out(f"\nWritten: {root / 'compare.md'}, {root / 'compare.json'}; reports in {root}/*/run/report/")
+    return 0 if verdict == "DP works and the audit has power" else 1
+
+
+def judge(reports: dict) -> tuple[str, list[str]]:
+    """The comparison table and its verdict."""
+    nodp, dp = reports["no-dp"], reports["dp-eps8"]
+    lines = ["| region | arm | epsilon | perplexity after | max exposure (bits) by repetitions | extracted | MIA AUC (loss / calibrated) | one-run lower bound | verdict |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for region in nodp["regions"]:
+        for arm, rep in (("no DP", nodp), ("DP eps=8", dp)):
+            r = rep["regions"].get(region)
+            if not r or not r["audit"] or "exposure" not in r["audit"]:
+                lines.append(f"| {region} | {arm} | - | - | - | - | - | - | not audited |")
+                continue
+            a = r["audit"]
+            exposure = ", ".join(f"{k}x: {e['max_bits']:.1f}" for k, e in a["exposure"].items())
+            extracted = sum(e["extracted_greedy"] + e["extracted_beam"] for e in a["exposure"].values())
+            eps = r["epsilon"] if r["epsilon"] == "inf" else f"{float(r['epsilon']):.2f}"
+            lines.append(
+                f"| {region} | {arm} | {eps} | {r['perplexity_after']:.2f} | {exposure} | {extracted} | "
+                f"{a['mia']['loss-auc']:.2f} / {a['mia']['calibrated-auc']:.2f} | "
+                f"{a['one_run']['epsilon_lower_bound']:.2f} | {r['verdict']['status']} |"
+            )
+    nodp_detected = any(r["verdict"]["status"] == "memorisation detected" for r in nodp["regions"].values())
+    dp_detected = any(r["verdict"]["status"] == "memorisation detected" for r in dp["regions"].values())
+    violations = nodp["bound_violations"] + dp["bound_violations"]
+    if violations:
+        verdict = "AUDIT FAILED: " + "; ".join(violations)
+    elif not nodp_detected:
+        verdict = "the audit has NO POWER: without DP it found no memorisation"
+    elif dp_detected:
+        verdict = "DP did NOT prevent memorisation"
+    else:
+        verdict = "DP works and the audit has power"
+    return verdict, lines + ["", f"Verdict: {verdict}."]
+
+
+def _allow_training_without_dp(config_dir: Path) -> None:
+    from omegaconf import OmegaConf
+
+    for path in (config_dir / "regions").glob("*.yaml"):
+        cfg = OmegaConf.load(path)
+        cfg.policy.privacy.require_dp = False
+        path.write_text(f"# LAB COPY for fedsov audit compare: DP not required. Never use with real data.\n"
+                        f"# @package regions.{path.stem}\n" + OmegaConf.to_yaml(cfg))
+
+
+def _copy_canaries(source_nodes: Path, target_nodes: Path) -> None:
+    from common.leakage.canaries import CANARY_FILE
+
+    if not source_nodes.exists():
+        raise FederationError(f"No nodes in {source_nodes}: the no-DP arm must run first.")
+    for node in source_nodes.iterdir():
+        canaries = node / CANARY_FILE
+        if canaries.exists():
+            (target_nodes / node.name).mkdir(parents=True, exist_ok=True)
+            shutil.copy2(canaries, target_nodes / node.name / CANARY_FILE)

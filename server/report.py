@@ -1,0 +1,367 @@
+"""The privacy report of a run: JSON for machines, Markdown and a self-contained HTML page for people.
+
+It gathers what the run knows (regions and exclusions, the policy each node reported, epsilon per
+region over rounds, utility, every memorisation-audit number, audit-log verification) and says in
+plain words what a privacy officer can do with the model. An empirical epsilon lower bound above
+the accounted epsilon is reported as a violation: the caller fails the run.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+from common.audit import HashChainLog
+from common.config import FedsovConfig
+from common.leakage.metrics import epsilon_lower_bound
+from server.rundir import RunDirectory
+
+# Above these, the audit calls it memorisation: a canary more likely than 99.9% of other secrets,
+# or a membership test clearly better than a coin.
+EXPOSURE_ALARM_BITS = 10.0
+MIA_ALARM_AUC = 0.6
+CONFIDENCE = 0.95
+
+
+def build_report(run: RunDirectory, cfg: FedsovConfig) -> dict[str, Any]:
+    summary = run.read_summary() or {}
+    rows = run.read_metrics()
+    results = run.read_audit_results()
+    regions: dict[str, Any] = {}
+    violations: list[str] = []
+    for name, info in (summary.get("regions") or {}).items():
+        audit = _region_audit(name, results) if results is not None else None
+        accounted = info.get("epsilon")
+        if audit and audit["one_run"]["guesses"]:
+            bound = audit["one_run"]["epsilon_lower_bound"]
+            if accounted not in (None, "inf") and bound > float(accounted) + 1e-9:
+                violations.append(f"{name}: lower bound {bound:.3f} > accounted epsilon {float(accounted):.3f}")
+        regions[name] = {
+            "law": info.get("law"),
+            "policy_hash": info.get("policy_hash"),
+            "delta": info.get("delta"),
+            "unit": info.get("unit"),
+            "epsilon": accounted,
+            "epsilon_budget": info.get("epsilon_budget"),
+            "perplexity_before": info.get("perplexity_before"),
+            "perplexity_after": info.get("perplexity_after"),
+            "audit": audit,
+            "verdict": _verdict(audit, accounted),
+        }
+    log = HashChainLog(run.path / "audit.jsonl").verify()
+    report = {
+        "format": "fedsov-privacy-report/1",
+        "run_id": run.run_id,
+        "coordinator_jurisdiction": cfg.federation.coordinator_jurisdiction,
+        "dp": cfg.privacy.enabled,
+        "secure_aggregation": cfg.secure_aggregation.enabled,
+        "rounds_completed": summary.get("rounds_completed"),
+        "excluded_regions": summary.get("excluded_regions", {}),
+        "regions": regions,
+        "policies": {n: r.policy.law for n, r in cfg.regions.items()},
+        "epsilon_by_round": [{"round": r["round"], **(r.get("epsilon") or {})} for r in rows if r["round"] > 0],
+        "perplexity_by_round": [{"round": r["round"], **(r.get("perplexity") or {})} for r in rows],
+        "audit_log": {"path": str(run.path / "audit.jsonl"), "ok": log.ok, "entries": log.entries,
+                      "problem": log.problem, "first_bad": log.first_bad},
+        "bound_violations": violations,
+        "thresholds": {"exposure_alarm_bits": EXPOSURE_ALARM_BITS, "mia_alarm_auc": MIA_ALARM_AUC,
+                       "lower_bound_confidence": CONFIDENCE},
+    }
+    report["plain_summary"] = plain_summary(report)
+    return report
+
+
+def _region_audit(region: str, results: dict[str, Any]) -> dict[str, Any] | None:
+    nodes = [r for r in results.values() if r.get("region") == region and "metrics" in r]
+    errors = [r["error"] for r in results.values() if r.get("region") == region and "error" in r]
+    if not nodes:
+        return {"error": "; ".join(errors) or "no node reported"} if errors else None
+    metrics = [n["metrics"] for n in nodes]
+    reps = sorted({int(k.split("rep")[1].split("-")[0]) for m in metrics for k in m if k.startswith("canaries-rep")})
+    exposure = {}
+    for r in reps:
+        count = sum(m.get(f"canaries-rep{r}", 0) for m in metrics)
+        exposure[str(r)] = {
+            "canaries": count,
+            "mean_bits": sum(m[f"exposure-rep{r}-mean"] * m[f"canaries-rep{r}"] for m in metrics) / count,
+            "max_bits": max(m[f"exposure-rep{r}-max"] for m in metrics),
+            "extracted_greedy": sum(m[f"extracted-greedy-rep{r}"] for m in metrics),
+            "extracted_beam": sum(m[f"extracted-beam-rep{r}"] for m in metrics),
+        }
+
+    def weighted(key: str) -> float | None:
+        pairs = [(m[key], m["mia-members"] + m["mia-nonmembers"]) for m in metrics if key in m]
+        total = sum(w for _, w in pairs)
+        return sum(v * w for v, w in pairs) / total if total else None
+
+    guesses = int(sum(m.get("one-run-guesses", 0) for m in metrics))
+    correct = int(sum(m.get("one-run-correct", 0) for m in metrics))
+    return {
+        "nodes": len(nodes),
+        "errors": errors,
+        "exposure": exposure,
+        "mia": {key: weighted(f"mia-{key}") for key in
+                ("loss-auc", "loss-tpr-at-1pct-fpr", "calibrated-auc", "calibrated-tpr-at-1pct-fpr")}
+        | {"members": sum(m["mia-members"] for m in metrics), "nonmembers": sum(m["mia-nonmembers"] for m in metrics)},
+        "one_run": {"canaries": int(sum(m.get("one-run-canaries", 0) for m in metrics)), "guesses": guesses,
+                    "correct": correct, "epsilon_lower_bound": epsilon_lower_bound(guesses, correct, 1 - CONFIDENCE)},
+        "generations": {"samples": int(sum(m["generations"] for m in metrics)),
+                        "pii_spans": int(sum(m["pii-spans"] for m in metrics)),
+                        "verbatim_from_training": int(sum(m["pii-spans-verbatim-in-training"] for m in metrics))},
+        "examples": [e for n in nodes for e in n["examples"]],
+    }
+
+
+def auc_standard_error(auc: float, members: int, nonmembers: int) -> float:
+    """Hanley & McNeil (1982): the standard error of an ROC AUC from its two sample sizes."""
+    if not members or not nonmembers:
+        return float("nan")
+    q1, q2 = auc / (2 - auc), 2 * auc**2 / (1 + auc)
+    var = (auc * (1 - auc) + (members - 1) * (q1 - auc**2) + (nonmembers - 1) * (q2 - auc**2)) / (members * nonmembers)
+    return max(var, 0.0) ** 0.5
+
+
+def _verdict(audit: dict[str, Any] | None, accounted: Any) -> dict[str, Any]:
+    if audit is None:
+        return {"status": "not audited", "signals": []}
+    if "exposure" not in audit:
+        return {"status": "audit failed", "signals": [audit.get("error", "")]}
+    signals = []
+    for reps, e in audit["exposure"].items():
+        if e["extracted_greedy"] or e["extracted_beam"]:
+            signals.append(f"canaries inserted {reps}x were extracted verbatim")
+        if e["max_bits"] >= EXPOSURE_ALARM_BITS:
+            signals.append(f"canaries inserted {reps}x reach {e['max_bits']:.1f} bits of exposure")
+    mia = audit["mia"]
+    for kind in ("loss", "calibrated"):
+        auc = mia.get(f"{kind}-auc")
+        if auc is None:
+            continue
+        se = auc_standard_error(auc, mia["members"], mia["nonmembers"])
+        # Clearly better than a coin: above the alarm level and above chance beyond sampling noise.
+        if auc >= MIA_ALARM_AUC and auc - 1.96 * se > 0.5:
+            signals.append(f"membership inference ({kind}) AUC {auc:.2f} +/- {1.96 * se:.2f}")
+    if audit["generations"]["verbatim_from_training"]:
+        signals.append(f"{audit['generations']['verbatim_from_training']} PII item(s) in generated text come verbatim from training data")
+    return {"status": "memorisation detected" if signals else "no memorisation detected", "signals": signals}
+
+
+def plain_summary(report: dict[str, Any]) -> list[str]:
+    lines = []
+    regions = report["regions"]
+    if report["excluded_regions"]:
+        for r, why in report["excluded_regions"].items():
+            lines.append(f"Region {r} did not take part: {why}. None of its data was used.")
+    for name, r in regions.items():
+        eps = r["epsilon"]
+        unit = "person" if r.get("unit") == "user" else "record"
+        if eps == "inf" or not report["dp"]:
+            lines.append(f"{name}: trained WITHOUT differential privacy: there is no formal bound on what the model "
+                         "reveals about any individual. Do not release it outside the region.")
+        elif eps is not None:
+            lines.append(f"{name}: each {unit}'s influence is bounded by differential privacy, epsilon {float(eps):.2f} "
+                         f"at delta {r['delta']:g} (cumulative over all training on this data; budget {r['epsilon_budget']}).")
+        verdict = r["verdict"]
+        if verdict["status"] == "memorisation detected":
+            lines.append(f"{name}: the audit found memorisation ({'; '.join(verdict['signals'])}). Treat the model as "
+                         "containing personal data of this region.")
+        elif verdict["status"] == "no memorisation detected":
+            lines.append(f"{name}: the audit found no sign of memorisation: secret canaries were not extracted, "
+                         "membership inference is close to chance and generated text reused no personal data.")
+    if report["bound_violations"]:
+        lines.append("AUDIT FAILED: an empirical privacy lower bound exceeds the accounted epsilon. Do not use this model.")
+    if not report["audit_log"]["ok"]:
+        lines.append(f"The coordinator's audit log FAILED verification ({report['audit_log']['problem']}).")
+    return lines
+
+
+# -- rendering ---------------------------------------------------------------------------------
+
+def write_privacy_report(run: RunDirectory, cfg: FedsovConfig) -> dict[str, Any]:
+    report = build_report(run, cfg)
+    out = run.report_dir
+    out.mkdir(parents=True, exist_ok=True)
+    figures = _figures(report)
+    for name, png in figures.items():
+        (out / f"{name}.png").write_bytes(png)
+    (out / "privacy-report.json").write_text(json.dumps(report, indent=1, ensure_ascii=False))
+    (out / "privacy-report.md").write_text(render_markdown(report, list(figures)))
+    (out / "privacy-report.html").write_text(render_html(report, figures))
+    return report
+
+
+def _figures(report: dict[str, Any]) -> dict[str, bytes]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figures = {}
+    regions = list(report["regions"])
+
+    def save(fig) -> bytes:
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+        plt.close(fig)
+        return buf.getvalue()
+
+    if report["epsilon_by_round"]:
+        fig, ax = plt.subplots(figsize=(6, 3.2))
+        for r in regions:
+            pts = [(row["round"], row[r]) for row in report["epsilon_by_round"] if isinstance(row.get(r), (int, float))]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=r)
+        ax.set_xlabel("round"), ax.set_ylabel("epsilon (cumulative)"), ax.set_title("Privacy spent per region")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+            figures["epsilon"] = save(fig)
+        else:  # no finite epsilon to draw (training without DP)
+            plt.close(fig)
+    if report["perplexity_by_round"]:
+        fig, ax = plt.subplots(figsize=(6, 3.2))
+        for r in regions + ["overall"]:
+            pts = [(row["round"], row[r]) for row in report["perplexity_by_round"] if r in row]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=r, linestyle="--" if r == "overall" else "-")
+        ax.set_xlabel("round"), ax.set_ylabel("held-out perplexity"), ax.set_title("Utility per region")
+        ax.legend()
+        figures["perplexity"] = save(fig)
+    audited = {r: v["audit"] for r, v in report["regions"].items() if v["audit"] and "exposure" in v["audit"]}
+    if audited:
+        fig, ax = plt.subplots(figsize=(6, 3.2))
+        reps = sorted({int(k) for a in audited.values() for k in a["exposure"]})
+        width = 0.8 / max(1, len(audited))
+        for i, (r, a) in enumerate(audited.items()):
+            ax.bar([j + i * width for j in range(len(reps))], [a["exposure"].get(str(k), {}).get("max_bits", 0) for k in reps],
+                   width=width, label=r)
+        ax.axhline(EXPOSURE_ALARM_BITS, color="red", linestyle=":", label="alarm")
+        ax.set_xticks([j + width * (len(audited) - 1) / 2 for j in range(len(reps))], [f"{k}x" for k in reps])
+        ax.set_xlabel("canary repetitions"), ax.set_ylabel("max exposure (bits)"), ax.set_title("Canary exposure")
+        ax.legend()
+        figures["exposure"] = save(fig)
+    return figures
+
+
+def _fmt(x: Any, digits: int = 2) -> str:
+    if x is None:
+        return "n/a"
+    if x == "inf":
+        return "inf (no DP)"
+    if isinstance(x, float):
+        return f"{x:.{digits}f}"
+    return str(x)
+
+
+def _tables(report: dict[str, Any]) -> list[tuple[str, str, list[str], list[list[str]]]]:
+    """(anchor, title, header, rows) for each table the report shows."""
+    regions = report["regions"]
+    policy_rows = [[r, _fmt(v["law"]), (v["policy_hash"] or "n/a")[:16], _fmt(v["delta"]), _fmt(v["unit"]),
+                    _fmt(v["epsilon_budget"])] for r, v in regions.items()]
+    privacy_rows = [[r, _fmt(v["epsilon"]), _fmt(v["delta"]), _fmt(v["epsilon_budget"])] for r, v in regions.items()]
+    utility_rows = [[r, _fmt(v["perplexity_before"]), _fmt(v["perplexity_after"])] for r, v in regions.items()]
+    audit_rows = []
+    for r, v in regions.items():
+        a = v["audit"]
+        if not a or "exposure" not in a:
+            audit_rows.append([r, v["verdict"]["status"]] + ["n/a"] * 7)
+            continue
+        exp = "; ".join(f"{k}x: mean {e['mean_bits']:.1f} / max {e['max_bits']:.1f} bits, extracted "
+                        f"{e['extracted_greedy']}+{e['extracted_beam']} of {e['canaries']}" for k, e in a["exposure"].items())
+        o = a["one_run"]
+        mia = a["mia"]
+
+        def auc(kind: str) -> str:
+            value = mia.get(f"{kind}-auc")
+            if value is None:
+                return "n/a"
+            return f"{value:.2f} +/- {1.96 * auc_standard_error(value, mia['members'], mia['nonmembers']):.2f}"
+
+        audit_rows.append([
+            r, v["verdict"]["status"], exp, auc("loss"), auc("calibrated"),
+            _fmt(a["mia"]["calibrated-tpr-at-1pct-fpr"]),
+            f"{o['correct']}/{o['guesses']} right: epsilon >= {o['epsilon_lower_bound']:.2f} (accounted {_fmt(v['epsilon'])})",
+            f"{a['generations']['pii_spans']} in {a['generations']['samples']} samples",
+            str(a["generations"]["verbatim_from_training"]),
+        ])
+    excluded = [[r, why] for r, why in report["excluded_regions"].items()]
+    return [
+        ("regions", "Contributing and excluded regions",
+         ["region", "status"], [[r, "contributed"] for r in regions] + [[r, f"excluded: {w}"] for r, w in excluded]),
+        ("policies", "Policies (as each node reported them)", ["region", "law", "policy hash", "delta", "unit", "budget"], policy_rows),
+        ("privacy", "Privacy spent (each node's ledger, cumulative)", ["region", "epsilon", "delta", "lifetime budget"], privacy_rows),
+        ("utility", "Utility: held-out perplexity", ["region", "before", "after"], utility_rows),
+        ("audit", "Memorisation audit (run on each region's own nodes)",
+         ["region", "verdict", "canary exposure", "MIA AUC (loss), 95% CI", "MIA AUC (calibrated), 95% CI", "TPR at 1% FPR",
+          "one-run lower bound (95%)", "PII in generations", "verbatim from training"], audit_rows),
+    ]
+
+
+def _examples(report: dict[str, Any]) -> list[tuple[str, str]]:
+    return [(r, e) for r, v in report["regions"].items() if v["audit"] and "examples" in v["audit"] for e in v["audit"]["examples"]]
+
+
+def _log_status(report: dict[str, Any]) -> str:
+    log = report["audit_log"]
+    if log["ok"]:
+        return f"Coordinator audit log {log['path']}: verified, {log['entries']} entries, hash chain intact."
+    return f"Coordinator audit log {log['path']}: TAMPERED at entry {log['first_bad']}: {log['problem']}"
+
+
+def render_markdown(report: dict[str, Any], figures: list[str]) -> str:
+    md = [f"# Privacy report: run {report['run_id']}", "", "## Summary", ""]
+    md += [f"- {line}" for line in report["plain_summary"]]
+    md += ["", f"Coordinator in {report['coordinator_jurisdiction']}; DP {'on' if report['dp'] else 'OFF'}; secure "
+           f"aggregation {'on' if report['secure_aggregation'] else 'OFF'}; {report['rounds_completed']} rounds.", ""]
+    for anchor, title, header, rows in _tables(report):
+        md += [f"## {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        md += ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in rows]
+        md.append("")
+    md += ["## Plots", ""] + [f"![{f}]({f}.png)" for f in figures] + [""]
+    md += ["## Extraction examples (secrets blacked out)", ""] + [f"- {r}: {e}" for r, e in _examples(report)] + [""]
+    md += ["## Audit log", "", _log_status(report), ""]
+    md += ["Thresholds: exposure alarm {exposure_alarm_bits} bits, membership AUC alarm {mia_alarm_auc}, lower bound at "
+           "{lower_bound_confidence:.0%} confidence.".format(**report["thresholds"]), ""]
+    return "\n".join(md)
+
+
+def render_html(report: dict[str, Any], figures: dict[str, bytes]) -> str:
+    esc = html.escape
+    parts = [
+        "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
+        f"<title>Privacy report {esc(report['run_id'])}</title>",
+        "<style>body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+        "table{border-collapse:collapse;margin:1em 0;font-size:0.9em}td,th{border:1px solid #ccc;padding:4px 8px;"
+        "text-align:left;vertical-align:top}th{background:#f3f3f3}.bad{color:#b00;font-weight:bold}"
+        ".ok{color:#070}img{max-width:100%}</style></head><body>",
+        f"<h1>Privacy report: run {esc(report['run_id'])}</h1>",
+        "<section id='summary'><h2>Summary</h2><ul>",
+    ]
+    for line in report["plain_summary"]:
+        cls = " class='bad'" if "FAILED" in line or "WITHOUT" in line or "found memorisation" in line else ""
+        parts.append(f"<li{cls}>{esc(line)}</li>")
+    parts.append("</ul></section>")
+    for anchor, title, header, rows in _tables(report):
+        parts.append(f"<section id='{anchor}'><h2>{esc(title)}</h2><table><tr>")
+        parts += [f"<th>{esc(h)}</th>" for h in header]
+        parts.append("</tr>")
+        for row in rows:
+            parts.append("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>")
+        parts.append("</table></section>")
+    parts.append("<section id='plots'><h2>Plots</h2>")
+    for name, png in figures.items():
+        parts.append(f"<figure><img alt='{esc(name)}' src='data:image/png;base64,{base64.b64encode(png).decode()}'></figure>")
+    parts.append("</section><section id='examples'><h2>Extraction examples (secrets blacked out)</h2><ul>")
+    parts += [f"<li><b>{esc(r)}</b>: {esc(e)}</li>" for r, e in _examples(report)]
+    status = _log_status(report)
+    parts.append(f"</ul></section><section id='audit-log'><h2>Audit log</h2>"
+                 f"<p class='{'ok' if report['audit_log']['ok'] else 'bad'}'>{esc(status)}</p></section>")
+    parts.append("<p>Policies are engineering defaults, not legal advice.</p></body></html>")
+    return "".join(parts)
+
+
+def load_report(run_dir: Path) -> dict[str, Any]:
+    return json.loads((Path(run_dir) / "report" / "privacy-report.json").read_text())
