@@ -8,55 +8,17 @@ passes them a safe environment, and reads run status the way `flwr ls` reports i
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from common.credentials import TlsFiles
 from common.errors import FederationError
+from common.flowerproc import flower_bin, flower_environment, free_port, stop_process_group
 
 CONNECTION = "fedsov"
-
-
-def flower_bin(name: str) -> str:
-    """A Flower executable from the same environment as this Python."""
-    candidate = Path(sys.executable).parent / name
-    return str(candidate) if candidate.exists() else name
-
-
-def flower_environment(flwr_home: Path) -> dict[str, str]:
-    """Environment for every Flower process: offline, no telemetry, no runtime installs."""
-    env = dict(os.environ)
-    # The SuperLink spawns flower-superexec / flwr-simulation by name: find them beside this Python.
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    env.update(
-        {
-            "FLWR_HOME": str(flwr_home),
-            # The SuperLink would otherwise `uv sync` app dependencies (downloads) at run time.
-            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-            "FLWR_TELEMETRY_ENABLED": "0",
-            "FLWR_DISABLE_UPDATE_CHECK": "1",
-            "HF_HUB_OFFLINE": "1",
-            "TRANSFORMERS_OFFLINE": "1",
-            "HF_DATASETS_OFFLINE": "1",
-            "TOKENIZERS_PARALLELISM": "false",
-            "RAY_USAGE_STATS_ENABLED": "0",
-            "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
-            "PYTHONUNBUFFERED": "1",
-        }
-    )
-    return env
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -74,68 +36,23 @@ class RunStatus:
         return self.status == "finished:completed"
 
 
-class LocalSuperLink:
-    """A SuperLink process this program started, stopped by its own process group."""
+class FlowerControl:
+    """The `flwr` CLI pointed at one SuperLink (its Control API), with its own FLWR_HOME."""
 
-    def __init__(self, flwr_home: Path, log_path: Path, *, simulation: bool, extra_args: Sequence[str] = ()):
-        self.flwr_home = flwr_home
-        self.log_path = log_path
-        self.port = free_port()
-        self.address = f"127.0.0.1:{self.port}"
-        self.env = flower_environment(flwr_home)
-        self._args = [
-            flower_bin("flower-superlink"),
-            "--host", "127.0.0.1",
-            "--port", str(self.port),
-            "--disable-runtime-dependency-installation",
-            *(["--simulation"] if simulation else []),
-            *extra_args,
-        ]
-        self.process: subprocess.Popen | None = None
-
-    def start(self, timeout: float = 60.0) -> None:
-        self.flwr_home.mkdir(parents=True, exist_ok=True)
-        (self.flwr_home / "config.toml").write_text(
-            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "{self.address}"\ninsecure = true\n'
+    def __init__(self, home: Path, address: str, ca_cert: Path | None):
+        self.home = home
+        self.address = address
+        self.ca_cert = ca_cert
+        self.env = flower_environment(home)
+        home.mkdir(parents=True, exist_ok=True)
+        # Flower 1.42 reads connections from $FLWR_HOME/config.toml only.
+        security = f'root-certificates = "{ca_cert.resolve()}"' if ca_cert else "insecure = true"
+        (home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "{address}"\n{security}\n'
         )
-        log = open(self.log_path, "ab")
-        # A new session: stopping the group also stops the simulation process and Ray it spawns.
-        self.process = subprocess.Popen(self._args, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + timeout
-        import httpx
 
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise FederationError(f"flower-superlink exited with code {self.process.returncode}; see {self.log_path}.")
-            try:
-                if httpx.get(f"http://{self.address}/health", timeout=1.0).is_success:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        self.stop()
-        raise FederationError(f"flower-superlink did not become healthy within {timeout:.0f}s; see {self.log_path}.")
-
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def stop(self, grace: float = 15.0) -> None:
-        if self.process is None:
-            return
-        if self.process.poll() is None:
-            _signal_group(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                pass
-        # Whatever the SuperLink left in its group (simulation process, Ray workers) goes too.
-        _signal_group(self.process.pid, signal.SIGKILL)
-        if self.process.poll() is None:
-            self.process.wait(timeout=5)
-
-    # -- the flwr CLI -------------------------------------------------------------------------
-    def submit(self, app_dir: Path, run_config: Path, federation_config: dict[str, Any]) -> int:
-        fed = " ".join(f"{k}={json.dumps(v)}" for k, v in federation_config.items())
+    def submit(self, app_dir: Path, run_config: Path, federation_config: dict[str, Any] | None = None) -> int:
+        fed = " ".join(f"{k}={json.dumps(v)}" for k, v in (federation_config or {}).items())
         args = ["run", str(app_dir), CONNECTION, "--run-config", str(run_config), "--format", "json"]
         if fed:
             args += ["--federation-config", fed]
@@ -152,12 +69,31 @@ class LocalSuperLink:
         run = runs[0]
         return RunStatus(run_id, str(run.get("status", "")), str(run.get("status-details", "")))
 
-    def save_logs(self, run_id: int, path: Path) -> None:
+    def logs(self, run_id: int) -> str:
+        """Everything the run's ServerApp has logged so far."""
         result = subprocess.run(
             [flower_bin("flwr"), "log", str(run_id), CONNECTION, "--show"],
             env=self.env, capture_output=True, text=True, timeout=120,
         )
-        path.write_text(result.stdout + result.stderr)
+        return result.stdout + result.stderr
+
+    def save_logs(self, run_id: int, path: Path) -> None:
+        path.write_text(self.logs(run_id))
+
+    def stop_run(self, run_id: int) -> None:
+        self._flwr(["stop", str(run_id), CONNECTION, "--format", "json"])
+
+    def register_node(self, public_key: Path) -> int:
+        out = self._flwr(["supernode", "register", str(public_key), CONNECTION, "--format", "json"])
+        if not out.get("success") or "node-id" not in out:
+            raise FederationError(f"Registering {public_key} with the SuperLink failed: {out.get('error-message', out)}")
+        return int(out["node-id"])
+
+    def nodes(self) -> list[dict[str, Any]]:
+        out = self._flwr(["supernode", "ls", CONNECTION, "--format", "json"])
+        if not out.get("success"):
+            raise FederationError(f"Listing SuperNodes failed: {out.get('error-message', out)}")
+        return list(out.get("nodes") or [])
 
     def _flwr(self, args: list[str]) -> dict[str, Any]:
         result = subprocess.run([flower_bin("flwr"), *args], env=self.env, capture_output=True, text=True, timeout=180)
@@ -169,8 +105,81 @@ class LocalSuperLink:
             ) from err
 
 
-def _signal_group(pid: int, sig: int) -> None:
-    try:
-        os.killpg(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
+class LocalSuperLink:
+    """A SuperLink process this program started, stopped by its own process group.
+
+    `tls=None` means plaintext, which only simulation (loopback) and explicitly insecure test
+    deployments use; node authentication needs TLS in Flower and is on for deployments.
+    """
+
+    def __init__(self, flwr_home: Path, log_path: Path, *, simulation: bool, host: str = "127.0.0.1",
+                 port: int | None = None, tls: TlsFiles | None = None, node_auth: bool = False,
+                 database: Path | None = None, extra_args: Sequence[str] = ()):
+        self.flwr_home = flwr_home
+        self.log_path = log_path
+        self.host = host
+        self.port = port or free_port()
+        connect_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+        self.address = f"{connect_host}:{self.port}"
+        self.tls = tls
+        self.env = flower_environment(flwr_home)
+        security = (
+            ["--ssl-ca-certfile", str(tls.ca_cert), "--ssl-certfile", str(tls.server_cert),
+             "--ssl-keyfile", str(tls.server_key)] if tls else ["--insecure"]
+        )
+        self._args = [
+            flower_bin("flower-superlink"),
+            "--host", host,
+            "--port", str(self.port),
+            "--disable-runtime-dependency-installation",
+            *(["--simulation"] if simulation else []),
+            *security,
+            *(["--enable-supernode-auth"] if node_auth else []),
+            # On disk, node registrations and run states survive a coordinator restart.
+            *(["--database", str(database)] if database else []),
+            *extra_args,
+        ]
+        self.process: subprocess.Popen | None = None
+        self.control = FlowerControl(flwr_home, self.address, tls.ca_cert if tls else None)
+
+    def start(self, timeout: float = 60.0, extra_env: dict[str, str] | None = None) -> None:
+        self.flwr_home.mkdir(parents=True, exist_ok=True)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")
+        env = {**self.env, **(extra_env or {})}
+        # A new session: stopping the group also stops the simulation process and Ray it spawns.
+        self.process = subprocess.Popen(self._args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        import httpx
+
+        scheme = "https" if self.tls else "http"
+        verify: Any = str(self.tls.ca_cert) if self.tls else True
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise FederationError(f"flower-superlink exited with code {self.process.returncode}; see {self.log_path}.")
+            try:
+                if httpx.get(f"{scheme}://{self.address}/health", timeout=1.0, verify=verify).is_success:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        self.stop()
+        raise FederationError(f"flower-superlink did not become healthy within {timeout:.0f}s; see {self.log_path}.")
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self, grace: float = 15.0) -> None:
+        if self.process is None:
+            return
+        stop_process_group(self.process, grace)
+
+    # The simulation launcher's shorthands for the Control API.
+    def submit(self, app_dir: Path, run_config: Path, federation_config: dict[str, Any]) -> int:
+        return self.control.submit(app_dir, run_config, federation_config)
+
+    def status(self, run_id: int) -> RunStatus:
+        return self.control.status(run_id)
+
+    def save_logs(self, run_id: int, path: Path) -> None:
+        self.control.save_logs(run_id, path)
