@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client import secure
 from client.egress import ALLOWED_MESSAGE_TYPES, guard
-from client.node import NodeSettings, RegionNode, node_audit, simulation_settings
+from client.settings import NodeSettings, PolicyGate, deployment_settings, node_audit, simulation_settings
 from common.config import config_from_json
 from common.errors import FedsovError
 from common.runconfig import CONFIG_KEY
@@ -36,33 +36,62 @@ from common.wire import (
     state_to_record,
 )
 
-_NODES: dict[str, RegionNode] = {}
+if TYPE_CHECKING:
+    from client.node import RegionNode
+
+_NODES: dict[str, "RegionNode"] = {}
+_GATES: dict[str, PolicyGate] = {}
 _SETTINGS: dict[str, NodeSettings] = {}
 _LOCK = threading.Lock()
 
 
 def node_settings(context: Context) -> NodeSettings:
+    """Simulation maps a partition id to a region; a deployed SuperNode names its own."""
     raw = str(context.run_config.get(CONFIG_KEY, ""))
-    if "partition-id" not in context.node_config:
-        raise FedsovError(
-            "This ClientApp runs only in fedsov's simulation for now: the node config has no partition-id."
-        )
-    key = hashlib.sha256(raw.encode()).hexdigest() + f"/{context.node_config['partition-id']}"
+    node_config = dict(context.node_config)
+    if "partition-id" in node_config:
+        key = hashlib.sha256(raw.encode()).hexdigest() + f"/{node_config['partition-id']}"
+        make = lambda cfg: simulation_settings(cfg, int(node_config["partition-id"]))  # noqa: E731
+    else:
+        key = hashlib.sha256((raw + repr(sorted(node_config.items()))).encode()).hexdigest()
+        make = lambda cfg: deployment_settings(cfg, node_config)  # noqa: E731
     with _LOCK:
         if key not in _SETTINGS:
-            _SETTINGS[key] = simulation_settings(config_from_json(raw), int(context.node_config["partition-id"]))
+            _SETTINGS[key] = make(config_from_json(raw))
         return _SETTINGS[key]
 
 
-def region_node(context: Context) -> RegionNode:
+def _node_key(settings: NodeSettings) -> str:
+    policy = settings.policy_file.stat() if settings.policy_file.exists() else None
+    return f"{settings.name}|{settings.state_dir}|{settings.policy_file}|{policy and (policy.st_mtime_ns, policy.st_size)}"
+
+
+def policy_gate(context: Context) -> PolicyGate:
+    """Policy and audit log only, for the messages that touch neither data nor model.
+
+    In deployment each message is a new process: these stages then skip loading torch, the
+    model and the data, which is most of a ClientApp's start cost.
+    """
+    settings = node_settings(context)
+    key = _node_key(settings)
+    with _LOCK:
+        if key in _NODES:
+            return _NODES[key]  # type: ignore[return-value]  # a started node has the same policy and audit log
+        if key not in _GATES:
+            _GATES[key] = PolicyGate(settings)
+        return _GATES[key]
+
+
+def region_node(context: Context) -> "RegionNode":
     """The node this message is for, with every start check passed.
 
     Started once per process and policy version: when the region edits its policy file, the
     next message starts the node again under the new rules.
     """
+    from client.node import RegionNode
+
     settings = node_settings(context)
-    policy = settings.policy_file.stat() if settings.policy_file.exists() else None
-    key = f"{settings.name}|{settings.state_dir}|{settings.policy_file}|{policy and (policy.st_mtime_ns, policy.st_size)}"
+    key = _node_key(settings)
     with _LOCK:
         if key not in _NODES:
             _NODES[key] = RegionNode(settings)
@@ -161,7 +190,7 @@ def _round(msg: Message) -> int | None:
 @handled
 def secagg_shares(msg: Message, context: Context) -> RecordDict:
     content = msg.content[SECAGG]
-    region_node(context).check_cohort(len(content["node-ids"]), "key exchange", _round(msg))
+    policy_gate(context).check_cohort(len(content["node-ids"]), "key exchange", _round(msg))
     return RecordDict({SECAGG: ConfigRecord(secure.share(context.state, content))})
 
 
@@ -173,7 +202,7 @@ def secagg_mask(msg: Message, context: Context) -> RecordDict:
 @handled
 def secagg_unmask(msg: Message, context: Context) -> RecordDict:
     content = msg.content[SECAGG]
-    region_node(context).check_cohort(len(content["survivors"]), "unmasking", _round(msg))
+    policy_gate(context).check_cohort(len(content["survivors"]), "unmasking", _round(msg))
     return RecordDict({SECAGG: ConfigRecord(secure.unmask(context.state, content))})
 
 

@@ -7,6 +7,9 @@ against it before anything is computed, and each decision goes to the node's aud
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import os
 import threading
 from dataclasses import dataclass
@@ -17,18 +20,10 @@ import torch
 
 from client.training import DpSettings, encode_units, heldout_loss, train_locally
 from common.audit import AuditLog, TamperedLog
-from common.config import (
-    AuditConfig,
-    DataSource,
-    FedsovConfig,
-    LoraSettings,
-    ModelConfig,
-    default_config_dir,
-    load_region_file,
-)
+from common.config import LoraSettings, ModelConfig, load_region_file
 from common.data.partition import client_partition, split_heldout
 from common.data.records import Record, data_files, load_records
-from common.errors import FederationError, FedsovError, LedgerError, ModelError, PrivacyError
+from common.errors import FedsovError, LedgerError, ModelError, PrivacyError
 from common.model.loading import load_base_model, load_tokenizer, model_fingerprint, pick_device, pick_dtype, resolve_model_path
 from common.model.lora import attach_lora, load_adapter_state
 from common.leakage.canaries import Canary, load_or_create
@@ -48,65 +43,8 @@ from common.privacy.ledger import PrivacyLedger
 from common.privacy.units import group_units
 from common.wire import RoundPlan
 
-LEDGER_FILE = "privacy-ledger.jsonl"
-AUDIT_FILE = "audit.jsonl"
-
-
-@dataclass(frozen=True)
-class NodeSettings:
-    """Where a node's data, policy and state live (all node-local)."""
-
-    name: str
-    region: str
-    data_paths: tuple[str, ...]
-    plain_text_consent: bool | None
-    client_index: int
-    num_clients: int
-    heldout_fraction: float
-    state_dir: Path
-    policy_file: Path
-    model: ModelConfig
-    audit: AuditConfig
-    synthetic_data: bool
-    threads: int
-
-
-def simulation_settings(cfg: FedsovConfig, partition_id: int) -> NodeSettings:
-    """Map a simulated node's partition id to its region and client slot (config order).
-
-    The policy file comes from this process's own config folder ($FEDSOV_CONFIG_DIR), not
-    from the coordinator's run config: a coordinator cannot hand a node a weaker policy.
-    """
-    first = 0
-    for region in cfg.regions.values():
-        if partition_id < first + region.clients:
-            index = partition_id - first
-            if region.data.source == DataSource.synthetic:
-                paths: tuple[str, ...] = (str(Path(cfg.data.root) / region.name),)
-            else:
-                paths = tuple(region.data.paths)
-            name = f"{region.name}-{index + 1}"
-            return NodeSettings(
-                name=name,
-                region=region.name,
-                data_paths=paths,
-                plain_text_consent=region.data.plain_text_consent,
-                client_index=index,
-                num_clients=region.clients,
-                heldout_fraction=cfg.data.heldout_fraction,
-                state_dir=Path(cfg.workdir) / "nodes" / name,
-                policy_file=default_config_dir() / "regions" / f"{region.name}.yaml",
-                model=cfg.model,
-                audit=cfg.audit,
-                synthetic_data=region.data.source == DataSource.synthetic,
-                threads=cfg.simulation.client_cpus,
-            )
-        first += region.clients
-    raise FederationError(
-        f"Simulated node with partition-id {partition_id} has no region: the configured regions "
-        f"have {first} clients in total. Run the simulation with that many supernodes."
-    )
-
+# Re-exported: settings live in a light module so light messages need not import torch.
+from client.settings import AUDIT_FILE, LEDGER_FILE, NodeSettings, PolicyGate, deployment_settings, node_audit, simulation_settings  # noqa: E402,F401
 
 @dataclass
 class NodeData:
@@ -126,10 +64,6 @@ class NodeData:
 class TrainOutcome:
     update: Mapping[str, torch.Tensor]
     metrics: dict[str, float | int]
-
-
-def node_audit(settings: NodeSettings) -> AuditLog:
-    return AuditLog(settings.state_dir / AUDIT_FILE, actor=f"node:{settings.name}")
 
 
 class RegionNode:
@@ -232,14 +166,33 @@ class RegionNode:
         )
 
     def _apply_data_use(self, records: list[Record]) -> tuple[list[Record], dict[str, int]]:
-        """Consent, special categories, excluded fields and PII scrubbing, each counted."""
+        """Consent, special categories, excluded fields and PII scrubbing, each counted.
+
+        PII detection is most of a node's start time, and in deployment every message starts
+        the node anew: the outcome is kept in the node's own state folder, keyed by the exact
+        records and the data-use rules, so a changed record or rule recomputes it.
+        """
         use = self.policy.data_use
+        key = hashlib.sha256(json.dumps(
+            [dataclasses.asdict(use), [(r.text, r.region, r.user_id, r.consent, dict(r.fields)) for r in records]],
+            sort_keys=True, default=str).encode()).hexdigest()
+        cache = self.settings.state_dir / "cache" / f"data-use-{key[:32]}.json"
+        if cache.exists():
+            try:
+                saved = json.loads(cache.read_text())
+                if saved["key"] == key:
+                    kept = [records[i] if text is None else Record(text, records[i].region, records[i].user_id,
+                                                                    records[i].consent, records[i].fields)
+                            for i, text in saved["kept"]]
+                    return kept, saved["counts"]
+            except (ValueError, KeyError, IndexError, TypeError):
+                pass  # a damaged cache is recomputed, never trusted
         counts = {"records": len(records), "excluded_no_consent": 0, "excluded_special": 0, "excluded_fields": 0,
                   "scrubbed_spans": 0}
         special = set(use.excluded_special_categories)
         detector = PiiDetector(use.scrub_entities) if use.scrub_pii else None
-        kept = []
-        for r in records:
+        kept, kept_index = [], []
+        for i, r in enumerate(records):
             if use.require_consent and not r.consent:
                 counts["excluded_no_consent"] += 1
             elif special.intersection(r.fields.get("tags") or ()):
@@ -247,12 +200,19 @@ class RegionNode:
             elif any(r.fields.get(f) not in (None, "", [], False) for f in use.excluded_fields):
                 counts["excluded_fields"] += 1
             else:
+                scrubbed = None
                 if detector is not None:
                     spans = detector.find(r.text)
                     if spans:
                         counts["scrubbed_spans"] += len(spans)
-                        r = Record(detector.scrub(r.text), r.region, r.user_id, r.consent, r.fields)
+                        scrubbed = detector.scrub(r.text, spans)
+                        r = Record(scrubbed, r.region, r.user_id, r.consent, r.fields)
                 kept.append(r)
+                kept_index.append((i, scrubbed))
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"key": key, "kept": kept_index, "counts": counts}))
+        os.replace(tmp, cache)
         return kept, counts
 
     # -- protocol ---------------------------------------------------------------------------
@@ -384,12 +344,7 @@ class RegionNode:
         return metrics, examples
 
     def check_cohort(self, size: int, stage: str, round_number: int | None) -> None:
-        """The aggregation a node actually joins must be as large as its policy demands."""
-        minimum = self.policy.transfers.min_cohort
-        if size < minimum:
-            why = f"{stage}: {size} client(s) in this aggregation, below the {self.policy.law} policy's minimum cohort {minimum}"
-            self.audit.record("cohort", "refused", reason=why, round=round_number, policy_hash=self.policy_hash)
-            raise PolicyViolation(why)
+        PolicyGate.check_cohort(self, size, stage, round_number)  # same rule, node already has policy + audit
 
     def _check_plan(self, plan: RoundPlan, dp_enabled: bool):
         decision = check_plan(

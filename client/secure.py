@@ -6,14 +6,15 @@ state (in simulation and deployment alike, later messages may run in another pro
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 import numpy as np
-import torch
 
 from common.secagg.encoding import Quantization, flatten, metric_vector
 from common.secagg.protocol import ClientSession, Payload
-from common.wire import record_to_state, state_to_record
+
+if TYPE_CHECKING:
+    import torch
 
 SESSION = "fedsov-secagg-session"
 UPDATE = "fedsov-secagg-update"
@@ -21,7 +22,7 @@ CONTRIBUTION = "fedsov-secagg-contribution"
 
 
 def begin(state, tag: bytes, node_id: int, kind: str, region: str, values: Mapping[str, float],
-          update: Mapping[str, torch.Tensor] | None = None) -> dict[str, bytes]:
+          update: Mapping[str, "torch.Tensor"] | None = None) -> dict[str, bytes]:
     """Keep what this node will contribute, start a session, return its public keys."""
     from flwr.app import ConfigRecord
 
@@ -30,6 +31,8 @@ def begin(state, tag: bytes, node_id: int, kind: str, region: str, values: Mappi
     state[SESSION] = ConfigRecord(session.to_record())
     state[CONTRIBUTION] = ConfigRecord({"kind": kind, "region": region, **{k: float(v) for k, v in values.items()}})
     if update is not None:
+        from common.wire import state_to_record
+
         state[UPDATE] = state_to_record(update)
     return {"c-pk": session.c_pk, "s-pk": session.s_pk}
 
@@ -53,7 +56,8 @@ def mask(state, content) -> dict:
     values = {k: float(v) for k, v in contribution.items() if k not in ("kind", "region")}
     data, counter = np.zeros(0, dtype=np.uint32), 1  # evaluation: metrics only, counting clients
     if kind == "train":
-        update = record_to_state(state[UPDATE])
+        # numpy straight from the record: the masking stage never needs torch.
+        update = {name: array.numpy() for name, array in state[UPDATE].items()}
         layout = [(str(n), tuple(update[str(n)].shape)) for n in content["layout"]]
         quantization = Quantization(float(content["clip-range"]), int(content["levels"]))
         data, counter = quantization.encode(flatten(update, layout), int(values["units"]))  # counter: clipped values

@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("run_dir", type=Path)
     export.add_argument("--to", dest="destination", type=Path, required=True)
     export.add_argument("--jurisdiction", required=True, help="where the model will be deployed, e.g. EU, US-CA")
+    _deployment_parsers(sub)
     args = parser.parse_args(argv)
 
     # Nothing fedsov runs may fetch models or data sets.
@@ -85,6 +86,15 @@ def main(argv: list[str] | None = None) -> int:
             out = export_adapter(args.run_dir, args.destination, args.jurisdiction)
             print(f"Exported {args.run_dir / 'adapter'} to {out} for deployment in {args.jurisdiction}.")
             return 0
+        if args.command == "data":
+            from common.config import load_config
+            from common.data.prepare import ensure_synthetic_data
+
+            for region, folder in ensure_synthetic_data(load_config(args.overrides)).items():
+                print(f"{region}: {folder} (start its node with --data {folder} --synthetic-data)")
+            return 0
+        if args.command in ("certs", "coordinator", "node", "run", "deploy"):
+            return _deployment(args)
     except FedsovError as err:
         print(f"fedsov: error: {err}", file=sys.stderr)
         return 2
@@ -92,6 +102,133 @@ def main(argv: list[str] | None = None) -> int:
         print("fedsov: interrupted", file=sys.stderr)
         return 130
     return 1
+
+
+CLI_HOME = "~/.cache/fedsov/flwr-cli"
+
+
+def _connection_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--superlink", default=f"127.0.0.1:9093", help="the coordinator's address HOST:PORT")
+    p.add_argument("--ca", help="CA certificate that signed the coordinator's certificate (TLS is on by default)")
+    p.add_argument("--insecure", action="store_true", help="plaintext, no TLS: closed test networks only")
+    p.add_argument("--home", default=CLI_HOME, help="folder for the flwr CLI's connection settings")
+
+
+def _deployment_parsers(sub) -> None:
+    certs = sub.add_parser("certs", help="make a local CA and the coordinator's TLS certificate (tests, first deployments)")
+    certs.add_argument("--out", type=Path, required=True)
+    certs.add_argument("--host", action="append", default=None,
+                       help="a name or IP the coordinator is reached by (repeat; default localhost, 127.0.0.1)")
+
+    coord = sub.add_parser("coordinator", help="the coordinator (Flower SuperLink): start it, register node keys")
+    csub = coord.add_subparsers(dest="action", required=True)
+    cstart = csub.add_parser("start", help="start the SuperLink with TLS and node authentication; runs until Ctrl-C")
+    cstart.add_argument("--certs", type=Path, help="folder with ca.crt, server.crt, server.key")
+    cstart.add_argument("--insecure", action="store_true", help="no TLS, no node authentication (tests only)")
+    cstart.add_argument("--host", default="0.0.0.0", help="interface to listen on (default all)")
+    cstart.add_argument("--port", type=int, default=9093)
+    cstart.add_argument("--home", type=Path, default=Path("fedsov-coordinator"), help="runs and logs")
+    cstart.add_argument("--model-cache", type=Path, default=Path("~/.cache/fedsov"),
+                        help="where this machine keeps (or builds) the base model")
+    creg = csub.add_parser("register", help="register a regional node's public key (run where the Control API is reachable)")
+    creg.add_argument("public_key", type=Path)
+    _connection_args(creg)
+    cls = csub.add_parser("nodes", help="list registered nodes and whether they are online")
+    _connection_args(cls)
+
+    node = sub.add_parser("node", help="a regional node (Flower SuperNode): make its key, start it")
+    nsub = node.add_subparsers(dest="action", required=True)
+    nkey = nsub.add_parser("key", help="make the node's key pair (register the .pub with the coordinator)")
+    nkey.add_argument("--out", type=Path, required=True)
+    nstart = nsub.add_parser("start", help="run the node's start checks, then connect it to the coordinator")
+    nstart.add_argument("--region", required=True)
+    nstart.add_argument("--data", required=True, help="data files or folders, ':'-separated")
+    nstart.add_argument("--state-dir", type=Path, required=True, help="ledger, audit log, canaries (keep it)")
+    nstart.add_argument("--key", type=Path, help="the node's private key (required unless --insecure)")
+    nstart.add_argument("--name", help="node name (default <region>-<state dir name>)")
+    nstart.add_argument("--synthetic-data", action="store_true", help="data are fedsov's generated demo data")
+    nstart.add_argument("--model-path", help="local base model folder (default: the run's model)")
+    nstart.add_argument("--model-cache", default="~/.cache/fedsov", help="where this node keeps the embedded model")
+    _connection_args(nstart)
+    nstart.add_argument("overrides", nargs="*", help="config overrides for the start checks (e.g. model settings)")
+
+    run = sub.add_parser("run", help="submit a federation run to a coordinator, watch it, fetch its outputs")
+    rsub = run.add_subparsers(dest="action", required=True)
+    rsubmit = rsub.add_parser("submit", help="submit a run; --watch follows it to the end")
+    _connection_args(rsubmit)
+    rsubmit.add_argument("--watch", action="store_true")
+    rsubmit.add_argument("overrides", nargs="*")
+    rwatch = rsub.add_parser("watch", help="follow a run (rounds, epsilon per region); exit 1 if it fails")
+    rwatch.add_argument("run_id", type=int)
+    _connection_args(rwatch)
+    rstatus = rsub.add_parser("status", help="a run's status as the SuperLink reports it")
+    rstatus.add_argument("run_id", type=int)
+    _connection_args(rstatus)
+    rfetch = rsub.add_parser("fetch", help="copy a finished run's outputs (on the coordinator machine)")
+    rfetch.add_argument("run_name", help="the fedsov run name (the run directory's name)")
+    rfetch.add_argument("--runs-dir", type=Path, default=Path("fedsov-coordinator/runs"))
+    rfetch.add_argument("--to", type=Path, required=True)
+
+    data = sub.add_parser("data", help="demo data")
+    dsub_data = data.add_subparsers(dest="action", required=True)
+    dgen = dsub_data.add_parser("generate", help="write fedsov's synthetic demo data for some regions (data.root=<dir>)")
+    dgen.add_argument("overrides", nargs="*", help="e.g. regions=[eu] data.root=/data/demo")
+
+    deploy = sub.add_parser("deploy", help="deployment on this machine")
+    dsub = deploy.add_subparsers(dest="action", required=True)
+    dlocal = dsub.add_parser("local", help="coordinator + one SuperNode per configured client, TLS and node auth on")
+    dlocal.add_argument("--insecure", action="store_true", help="no TLS, no node authentication (tests only)")
+    dlocal.add_argument("overrides", nargs="*")
+
+
+def _deployment(args) -> int:
+    from server import deployment as d
+
+    if args.command == "certs":
+        from common.credentials import make_certificates
+
+        files = make_certificates(args.out, args.host or ["localhost", "127.0.0.1"])
+        print(f"CA {files.ca_cert} (give it to every node and CLI user); server certificate {files.server_cert} "
+              f"and key {files.server_key} (coordinator only); CA key {args.out / 'ca.key'} (keep offline).")
+        return 0
+    if args.command == "deploy":
+        return d.local_deployment(args.overrides, insecure=args.insecure, config_dir=args.config_dir)
+    if args.command == "coordinator" and args.action == "start":
+        superlink = d.start_coordinator(args.home, certs=args.certs, insecure=args.insecure, host=args.host,
+                                        port=args.port, model_cache=args.model_cache)
+        return d.serve_coordinator(superlink)
+    if args.command == "node" and args.action == "key":
+        from common.credentials import make_node_key
+
+        private, public = make_node_key(args.out)
+        print(f"Node key {private} (stays on the node); register {public} with the coordinator.")
+        return 0
+    if args.command == "node":
+        from client.supernode import start_node
+
+        return start_node(args)
+    if args.command == "run" and args.action == "fetch":
+        d.fetch_outputs(args.runs_dir, args.run_name, args.to)
+        return 0
+    connection = d.Connection.from_args(args.superlink, args.ca, args.insecure, args.home)
+    if args.command == "coordinator" and args.action == "register":
+        d.register_node(connection, args.public_key)
+        return 0
+    if args.command == "coordinator":
+        for n in connection.control().nodes():
+            print(f"  node {n.get('node-id')}: {n.get('status')} (online since {n.get('online-at')})")
+        return 0
+    if args.action == "status":
+        status = connection.control().status(args.run_id)
+        print(f"run {args.run_id}: {status.status} {status.details}".rstrip())
+        return 0 if not status.finished or status.completed else 1
+    if args.action == "submit":
+        run_id, cfg = d.submit_run(connection, args.overrides, config_dir=args.config_dir)
+        if not args.watch:
+            print(f"Follow it with: fedsov run watch {run_id} --superlink {args.superlink} ...")
+            return 0
+        return d.run_outcome(d.watch_run(connection, run_id, cfg), None, print)
+    return d.run_outcome(d.watch_run(connection, args.run_id), None, print)
 
 
 def _region_file(name_or_path: str) -> Path:

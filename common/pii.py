@@ -106,10 +106,10 @@ class PiiDetector:
                 spans.append(span)
         return sorted(spans, key=lambda s: s.start)
 
-    def scrub(self, text: str) -> str:
-        """The text with every detected span replaced by its entity type in brackets."""
+    def scrub(self, text: str, spans: Sequence[PiiSpan] | None = None) -> str:
+        """The text with every detected span (or the given ones) replaced by its entity type in brackets."""
         out, last = [], 0
-        for span in self.find(text):
+        for span in self.find(text) if spans is None else spans:
             out.append(text[last : span.start])
             out.append(f"[{span.entity}]")
             last = span.end

@@ -19,9 +19,10 @@ from __future__ import annotations
 import dataclasses
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
-import torch
+if TYPE_CHECKING:  # torch is imported where tensors are used: light messages never load it
+    import torch
 
 from common.errors import FedsovError
 
@@ -130,14 +131,17 @@ def payload_bytes(content) -> int:
     return total
 
 
-def state_to_record(state: Mapping[str, torch.Tensor]):
+def state_to_record(state: Mapping[str, "torch.Tensor"]):
     """Adapter tensors as an ArrayRecord, always float32 (ArrayRecord refuses bfloat16)."""
+    import torch
     from flwr.app import ArrayRecord
 
     return ArrayRecord(OrderedDict((k, v.detach().to("cpu", torch.float32).contiguous()) for k, v in state.items()))
 
 
 def record_to_state(record) -> "OrderedDict[str, torch.Tensor]":
+    import torch
+
     state = record.to_torch_state_dict()
     for k, v in state.items():
         if v.dtype != torch.float32:

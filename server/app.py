@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import traceback
+from pathlib import Path
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from common.config import config_from_json
+from common.config import config_from_json, config_to_dict, config_to_yaml
 from common.runconfig import CONFIG_KEY
 from server.coordinator import Coordinator
 from server.rundir import RunDirectory
@@ -15,11 +17,32 @@ from server.rundir import RunDirectory
 app = ServerApp()
 
 
+# Set by `fedsov coordinator start`: where this coordinator keeps runs and its model cache,
+# whatever paths the machine that submitted the run had.
+RUNS_DIR_ENV = "FEDSOV_RUNS_DIR"
+MODEL_CACHE_ENV = "FEDSOV_MODEL_CACHE"
+
+
+def coordinator_paths(cfg):
+    """Place the run on this coordinator's disk when it was started by `fedsov coordinator start`."""
+    if os.environ.get(RUNS_DIR_ENV):
+        cfg.run_dir = str(Path(os.environ[RUNS_DIR_ENV]) / Path(cfg.run_dir).name)
+        if cfg.resume:
+            cfg.resume = cfg.run_dir
+    if os.environ.get(MODEL_CACHE_ENV):
+        cfg.model.cache_dir = os.environ[MODEL_CACHE_ENV]
+    return cfg
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    cfg = config_from_json(str(context.run_config[CONFIG_KEY]))
-    run = RunDirectory(cfg.run_dir)
+    cfg = coordinator_paths(config_from_json(str(context.run_config[CONFIG_KEY])))
+    run = RunDirectory(cfg.run_dir, echo_events=True)
     run.create()
+    if not run.config_path.exists():
+        run.config_path.write_text(config_to_yaml(cfg))
+    # A watcher on another machine renders progress from this (the config holds no secrets).
+    run.event("run_config", run_dir=str(run.path), config=config_to_dict(cfg))
     try:
         Coordinator(cfg, grid, run).execute()
     except Exception as err:

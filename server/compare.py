@@ -93,7 +93,7 @@ def judge(reports: dict) -> tuple[str, list[str]]:
                 continue
             a = r["audit"]
             exposure = ", ".join(f"{k}x: {e['max_bits']:.1f}" for k, e in a["exposure"].items())
-            extracted = sum(e["extracted_greedy"] + e["extracted_beam"] for e in a["exposure"].values())
+            extracted = int(sum(e["extracted_greedy"] + e["extracted_beam"] for e in a["exposure"].values()))
             eps = r["epsilon"] if r["epsilon"] == "inf" else f"{float(r['epsilon']):.2f}"
             lines.append(
                 f"| {region} | {arm} | {eps} | {r['perplexity_after']:.2f} | {exposure} | {extracted} | "
@@ -120,8 +120,10 @@ def _allow_training_without_dp(config_dir: Path) -> None:
     for path in (config_dir / "regions").glob("*.yaml"):
         cfg = OmegaConf.load(path)
         cfg.policy.privacy.require_dp = False
-        path.write_text(f"# LAB COPY for fedsov audit compare: DP not required. Never use with real data.\n"
-                        f"# @package regions.{path.stem}\n" + OmegaConf.to_yaml(cfg))
+        # Hydra reads the package directive only from the file's first line.
+        path.write_text(f"# @package regions.{path.stem}\n"
+                        "# LAB COPY for fedsov audit compare: DP not required. Never use with real data.\n"
+                        + OmegaConf.to_yaml(cfg))
 
 
 def _copy_canaries(source_nodes: Path, target_nodes: Path) -> None:

@@ -190,7 +190,7 @@ class Coordinator:
                 + "; ".join(report["bound_violations"]) + "). The accounting or the training is wrong; do not "
                 f"use this model. See {run.report_dir / 'privacy-report.html'}."
             )
-        run.event("run_finished", summary=str(run.summary_path))
+        run.event("run_finished", summary=str(run.summary_path), result=summary)
         return summary
 
     # -- steps -------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ def build_report(run: RunDirectory, cfg: FedsovConfig) -> dict[str, Any]:
     for name, info in (summary.get("regions") or {}).items():
         audit = _region_audit(name, results) if results is not None else None
         accounted = info.get("epsilon")
-        if audit and audit["one_run"]["guesses"]:
+        if audit and "one_run" in audit and audit["one_run"]["guesses"]:
             bound = audit["one_run"]["epsilon_lower_bound"]
             if accounted not in (None, "inf") and bound > float(accounted) + 1e-9:
                 violations.append(f"{name}: lower bound {bound:.3f} > accounted epsilon {float(accounted):.3f}")

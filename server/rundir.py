@@ -36,9 +36,14 @@ class Checkpoint:
     info: dict[str, Any]
 
 
+EVENT_LINE = "FEDSOV-EVENT "
+
+
 class RunDirectory:
-    def __init__(self, path: Path | str):
+    def __init__(self, path: Path | str, *, echo_events: bool = False):
         self.path = Path(path)
+        # In deployment the launcher may be on another machine: it follows events in Flower's run log.
+        self.echo_events = echo_events
         self.config_path = self.path / "config.yaml"
         self.events_path = self.path / "events.jsonl"
         self.metrics_path = self.path / "metrics.jsonl"
@@ -58,7 +63,10 @@ class RunDirectory:
         self.logs_dir.mkdir(exist_ok=True)
 
     def event(self, kind: str, **fields: Any) -> None:
-        _append_json(self.events_path, {"time": _now(), "event": kind, **fields})
+        entry = {"time": _now(), "event": kind, **fields}
+        _append_json(self.events_path, entry)
+        if self.echo_events:
+            print(EVENT_LINE + json.dumps(entry, default=str), flush=True)
 
     def metrics(self, row: dict[str, Any]) -> None:
         _append_json(self.metrics_path, row)

@@ -75,8 +75,8 @@ def simulate(overrides: Sequence[str], config_dir: Path | None = None, out: Call
 
     app_dir = write_flower_app(run.path / "flower-app")
     run_config = write_run_config(run.path / "flower-run-config.toml", cfg)
-    superlink = LocalSuperLink(run.path / "flower-home", run.logs_dir / "superlink.log", simulation=True,
-                               extra_args=["--insecure"])  # loopback only: simulation never leaves this machine
+    # Plaintext on loopback only: a simulation never leaves this machine.
+    superlink = LocalSuperLink(run.path / "flower-home", run.logs_dir / "superlink.log", simulation=True)
     started = time.time()
     try:
         superlink.start()

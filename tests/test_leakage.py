@@ -70,6 +70,9 @@ def test_canaries_are_random_private_and_stable(tmp_path):
     assert load_or_create(tmp_path, ["passport"], [1], 0) == stored  # created once, reused
     assert oct((tmp_path / "canaries.json").stat().st_mode)[-3:] == "600"
     assert "\u2588" * 6 in redact(stored[0]) and stored[0].secret not in redact(stored[0])
+    for canary in stored:  # neither the secret nor the made-up name/street in the prefix leaves the node
+        shown = redact(canary)
+        assert canary.secret not in shown and canary.prefix not in shown and ("[PERSON]" in shown or "[STREET]" in shown)
 
 
 @pytest.fixture(scope="module")
@@ -232,3 +235,35 @@ def test_compare_verdicts():
     assert "did NOT prevent" in judge({"no-dp": report("memorisation detected"), "dp-eps8": report("memorisation detected")})[0]
     failed = judge({"no-dp": report("memorisation detected"), "dp-eps8": report("x", violations=["us: 9 > 8"])})[0]
     assert failed.startswith("AUDIT FAILED")
+
+
+def test_compare_lab_policies_compose_and_relax_only_dp(tmp_path):
+    import shutil
+
+    from common.config import default_config_dir, load_config
+    from server.compare import AUDIT_FEDERATION, _allow_training_without_dp
+
+    lab = tmp_path / "lab-configs"
+    shutil.copytree(default_config_dir(), lab)
+    _allow_training_without_dp(lab)
+    assert (lab / "regions" / "us.yaml").read_text().startswith("# @package regions.us\n")
+    cfg = load_config([*AUDIT_FEDERATION, "privacy=off"], config_dir=lab)
+    assert list(cfg.regions) == ["us", "sg"] and cfg.regions["us"].clients == 1
+    for name in ("us", "sg"):
+        lab_policy = cfg.regions[name].policy
+        real_policy = load_config([*AUDIT_FEDERATION]).regions[name].policy
+        assert lab_policy.privacy.require_dp is False and real_policy.privacy.require_dp is True
+        assert lab_policy.transfers == real_policy.transfers and lab_policy.data_use == real_policy.data_use
+
+
+def test_a_node_whose_audit_failed_is_reported_as_such(tmp_path):
+    """A node lost before the audit (found killing a SuperNode in deployment) must not break the report."""
+    from server.report import write_privacy_report
+
+    run, cfg = fake_run(tmp_path, correct=17, accounted=3.0)
+    results = json.loads(run.audit_results_path.read_text())
+    results["us-1"] = {"region": "us", "error": "Node Unavailable"}
+    run.write_audit_results(results)
+    report = write_privacy_report(run, cfg)
+    assert report["regions"]["us"]["verdict"] == {"status": "audit failed", "signals": ["Node Unavailable"]}
+    assert "audit failed" in (run.report_dir / "privacy-report.html").read_text()

@@ -94,4 +94,10 @@ def load_or_create(state_dir: Path, formats: Sequence[str], repetitions: Sequenc
 
 
 def redact(canary: Canary) -> str:
-    return canary.with_secret("\u2588" * len(canary.secret))
+    """The canary as the report may show it: the format's words only.
+
+    The secret is blacked out, and so is the made-up name or street in its prefix: a random fake
+    name can still be a real user's name, and nothing textual from a node's training data leaves it.
+    """
+    template = FORMATS[canary.format][0].format(street="[STREET]", person="[PERSON]")
+    return f"{template} {chr(0x2588) * len(canary.secret)}"

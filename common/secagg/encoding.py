@@ -12,10 +12,12 @@ from __future__ import annotations
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+if TYPE_CHECKING:
+    import torch
 
 import numpy as np
-import torch
 
 from common.secagg.crypto import SecAggError
 
@@ -83,17 +85,26 @@ def decode_metric(total: int) -> float:
     return int(total) / METRIC_SCALE
 
 
-def layout_of(state: Mapping[str, torch.Tensor]) -> list[tuple[str, tuple[int, ...]]]:
+def layout_of(state: Mapping[str, Any]) -> list[tuple[str, tuple[int, ...]]]:
     return [(name, tuple(state[name].shape)) for name in sorted(state)]
 
 
-def flatten(update: Mapping[str, torch.Tensor], layout: Layout) -> np.ndarray:
+def flatten(update: Mapping[str, Any], layout: Layout) -> np.ndarray:
+    """Torch tensors or numpy arrays, in layout order, as one float32 vector."""
     if set(update) != {name for name, _ in layout}:
         raise SecAggError("The update's tensors differ from the aggregation layout the coordinator sent.")
-    return np.concatenate([update[name].detach().cpu().float().numpy().reshape(-1) for name, _ in layout])
+
+    def as_numpy(value: Any) -> np.ndarray:
+        if hasattr(value, "detach"):
+            value = value.detach().cpu().float().numpy()
+        return np.asarray(value, dtype=np.float32).reshape(-1)
+
+    return np.concatenate([as_numpy(update[name]) for name, _ in layout])
 
 
 def unflatten(vector: np.ndarray, layout: Layout) -> "OrderedDict[str, torch.Tensor]":
+    import torch
+
     out: "OrderedDict[str, torch.Tensor]" = OrderedDict()
     offset = 0
     for name, shape in layout:

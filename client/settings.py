@@ -1,0 +1,166 @@
+"""Where a regional node's data, policy and state live, from simulation or from its own
+--node-config in deployment; and the policy gate for messages that need no model or data.
+
+Light on purpose (no torch): deployment starts a ClientApp process per message, and the
+secure-aggregation stages after training need only the policy and the audit log.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+from common.audit import AuditLog
+from common.config import AuditConfig, DataSource, FedsovConfig, ModelConfig, default_config_dir, load_region_file
+from common.errors import FederationError
+from common.policy import PolicyViolation, policy_hash
+
+LEDGER_FILE = "privacy-ledger.jsonl"
+AUDIT_FILE = "audit.jsonl"
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """Where a node's data, policy and state live (all node-local)."""
+
+    name: str
+    region: str
+    data_paths: tuple[str, ...]
+    plain_text_consent: bool | None
+    client_index: int
+    num_clients: int
+    heldout_fraction: float
+    state_dir: Path
+    policy_file: Path
+    model: ModelConfig
+    audit: AuditConfig
+    synthetic_data: bool
+    threads: int
+
+
+def simulation_settings(cfg: FedsovConfig, partition_id: int) -> NodeSettings:
+    """Map a simulated node's partition id to its region and client slot (config order).
+
+    The policy file comes from this process's own config folder ($FEDSOV_CONFIG_DIR), not
+    from the coordinator's run config: a coordinator cannot hand a node a weaker policy.
+    """
+    first = 0
+    for region in cfg.regions.values():
+        if partition_id < first + region.clients:
+            index = partition_id - first
+            if region.data.source == DataSource.synthetic:
+                paths: tuple[str, ...] = (str(Path(cfg.data.root) / region.name),)
+            else:
+                paths = tuple(region.data.paths)
+            name = f"{region.name}-{index + 1}"
+            return NodeSettings(
+                name=name,
+                region=region.name,
+                data_paths=paths,
+                plain_text_consent=region.data.plain_text_consent,
+                client_index=index,
+                num_clients=region.clients,
+                heldout_fraction=cfg.data.heldout_fraction,
+                state_dir=Path(cfg.workdir) / "nodes" / name,
+                policy_file=default_config_dir() / "regions" / f"{region.name}.yaml",
+                model=cfg.model,
+                audit=cfg.audit,
+                synthetic_data=region.data.source == DataSource.synthetic,
+                threads=cfg.simulation.client_cpus,
+            )
+        first += region.clients
+    raise FederationError(
+        f"Simulated node with partition-id {partition_id} has no region: the configured regions "
+        f"have {first} clients in total. Run the simulation with that many supernodes."
+    )
+
+
+# Keys a deployed SuperNode reads from its --node-config (TOML values; strings quoted).
+NODE_CONFIG_KEYS = {
+    "region": "this node's region (required), e.g. region=\"eu\"",
+    "data-path": "its data files or folders, separated by ':' (required)",
+    "state-dir": "where its privacy ledger, audit log and canaries live (required, kept across restarts)",
+    "config-dir": "the fedsov configs folder holding regions/<region>.yaml (default: $FEDSOV_CONFIG_DIR or the installed one)",
+    "name": "node name in logs and the audit trail (default <region>-<state-dir name>)",
+    "synthetic-data": "true when data-path holds fedsov's generated demo data (canaries are then inserted)",
+    "plain-text-consent": "consent to assume for plain-text files (true/false; default: such files are refused)",
+    "model-path": "a local model folder overriding the run's model.name_or_path",
+    "model-cache": "where this node builds and keeps the embedded model (default ~/.cache/fedsov)",
+    "client-index": "this node's slot when several nodes share one data folder (default 0)",
+    "num-clients": "how many nodes share that folder (default 1)",
+    "threads": "CPU threads for training (default: all cores)",
+}
+
+
+def deployment_settings(cfg: FedsovConfig, node_config: Mapping[str, Any]) -> NodeSettings:
+    """A deployed node's settings come from its own --node-config, never from the coordinator.
+
+    The run config only contributes what is the federation's business (model recipe, audit
+    settings, held-out fraction); where data, state and policy live is decided on the node.
+    """
+    unknown = sorted(set(node_config) - set(NODE_CONFIG_KEYS))
+    if unknown:
+        raise FederationError(
+            f"Unknown --node-config key(s) {unknown}. Known keys: "
+            + "; ".join(f"{k}: {v}" for k, v in NODE_CONFIG_KEYS.items())
+        )
+    missing = [k for k in ("region", "data-path", "state-dir") if not str(node_config.get(k, "")).strip()]
+    if missing:
+        raise FederationError(
+            f"The SuperNode's --node-config lacks {missing}. Start it with e.g. "
+            "--node-config 'region=\"eu\" data-path=\"/data/eu\" state-dir=\"/var/lib/fedsov/eu-1\"' "
+            "(or use `fedsov node start`)."
+        )
+    region = str(node_config["region"])
+    state_dir = Path(str(node_config["state-dir"])).expanduser()
+    config_dir = Path(str(node_config.get("config-dir") or default_config_dir())).expanduser()
+    # Model files are node-local: the submitting machine's paths mean nothing here.
+    model = replace(cfg.model, cache_dir=str(Path(str(node_config.get("model-cache", "~/.cache/fedsov"))).expanduser()))
+    if node_config.get("model-path"):
+        model = replace(model, name_or_path=str(node_config["model-path"]))
+    consent = node_config.get("plain-text-consent")
+    return NodeSettings(
+        name=str(node_config.get("name") or f"{region}-{state_dir.name}"),
+        region=region,
+        data_paths=tuple(p for p in str(node_config["data-path"]).split(":") if p),
+        plain_text_consent=None if consent is None else bool(consent),
+        client_index=int(node_config.get("client-index", 0)),
+        num_clients=int(node_config.get("num-clients", 1)),
+        heldout_fraction=cfg.data.heldout_fraction,
+        state_dir=state_dir,
+        policy_file=config_dir / "regions" / f"{region}.yaml",
+        model=model,
+        audit=cfg.audit,
+        synthetic_data=bool(node_config.get("synthetic-data", False)),
+        threads=int(node_config.get("threads", os.cpu_count() or 1)),
+    )
+
+
+def node_audit(settings: NodeSettings) -> AuditLog:
+    return AuditLog(settings.state_dir / AUDIT_FILE, actor=f"node:{settings.name}")
+
+
+class PolicyGate:
+    """A node's policy and audit log, without its data or model (cheap to start)."""
+
+    def __init__(self, settings: NodeSettings):
+        self.settings = settings
+        self.audit = node_audit(settings)
+        region = load_region_file(settings.policy_file)
+        if region.name != settings.region:
+            raise PolicyViolation(
+                f"Node {settings.name} declares region '{settings.region}' but its policy file "
+                f"{settings.policy_file} is for region '{region.name}'. Point the node at its own region's policy."
+            )
+        self.policy = region.policy
+        self.policy_hash = policy_hash(self.policy)
+
+    def check_cohort(self, size: int, stage: str, round_number: int | None) -> None:
+        """The aggregation a node actually joins must be as large as its policy demands."""
+        minimum = self.policy.transfers.min_cohort
+        if size < minimum:
+            why = f"{stage}: {size} client(s) in this aggregation, below the {self.policy.law} policy's minimum cohort {minimum}"
+            self.audit.record("cohort", "refused", reason=why, round=round_number, policy_hash=self.policy_hash)
+            raise PolicyViolation(why)

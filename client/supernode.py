@@ -1,0 +1,162 @@
+"""Starting a regional node on Flower's deployment engine: a SuperNode with fedsov's node config.
+
+`fedsov node start` first runs every start check itself (policy vs region, residency of each
+data file and record, ledger integrity, model), so a node with the wrong data never even
+connects; then it hands over to `flower-supernode`, which starts a ClientApp process per
+message. Those processes find the node's data, policy and state through `--node-config`.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from common.errors import ConfigError, FederationError
+from common.flowerproc import flower_bin, flower_environment, free_port, stop_process_group
+
+# flower-supernode's exit code when the SuperLink refuses its key (Flower's ExitCode).
+NODE_NOT_REGISTERED = 305
+
+
+def node_config_string(values: Mapping[str, Any]) -> str:
+    """Flower's --node-config: space-separated TOML key=value pairs."""
+    import tomli_w
+
+    parts = []
+    for key, value in values.items():
+        if value is None:
+            continue
+        text = tomli_w.dumps({"k": value}).strip()  # 'k = "value"' with TOML quoting
+        parts.append(f"{key}={text.split('=', 1)[1].strip()}")
+    return " ".join(parts)
+
+
+@dataclass
+class SuperNodeProcess:
+    """One `flower-supernode` started by this program, stopped by its process group."""
+
+    superlink: str
+    node_config: dict[str, Any]
+    log_path: Path
+    ca_cert: Path | None = None  # None: plaintext (explicit insecure mode only)
+    private_key: Path | None = None
+    port: int = 0
+    extra_env: dict[str, str] = field(default_factory=dict)
+    process: subprocess.Popen | None = None
+
+    def args(self) -> list[str]:
+        if self.ca_cert is None and self.private_key is not None:
+            raise ConfigError("Node authentication needs TLS in Flower: give the CA certificate, or drop the key.")
+        security = ["--root-certificates", str(self.ca_cert)] if self.ca_cert else ["--insecure"]
+        auth = ["--auth-supernode-private-key", str(self.private_key)] if self.private_key else []
+        return [
+            flower_bin("flower-supernode"),
+            "--superlink", self.superlink,
+            *security, *auth,
+            # The Runtime API between SuperNode and its ClientApp processes stays on loopback.
+            "--host", "127.0.0.1",
+            "--port", str(self.port or free_port()),
+            "--node-config", node_config_string(self.node_config),
+            # Flower retries forever by default; a node that cannot reach its coordinator should say so.
+            "--max-wait-time", "600",
+        ]
+
+    def start(self, flwr_home: Path) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")
+        env = {**flower_environment(flwr_home), **self.extra_env}
+        self.process = subprocess.Popen(self.args(), env=env, stdout=log, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def wait_connected(self, timeout: float = 60.0) -> None:
+        """Until the SuperNode logs its node id; fail with the reason when it exits first."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+            if "SuperNode ID:" in text or "Starting Flower SuperExec" in text:
+                return
+            if not self.alive():
+                raise FederationError(refusal_reason(self.process.returncode if self.process else None, text, self.log_path))
+            time.sleep(0.3)
+        raise FederationError(f"The SuperNode did not connect within {timeout:.0f}s; see {self.log_path}.")
+
+    def stop(self, grace: float = 10.0) -> None:
+        if self.process is not None:
+            stop_process_group(self.process, grace)
+
+
+def refusal_reason(code: int | None, log_text: str, log_path: Path) -> str:
+    if f"Exit Code: {NODE_NOT_REGISTERED}" in log_text or code == NODE_NOT_REGISTERED:
+        return (f"The coordinator refused this node: its public key is not registered (Flower exit code "
+                f"{NODE_NOT_REGISTERED}). Register it on the coordinator with `fedsov coordinator register "
+                f"<key>.pub`, then start the node again. Log: {log_path}")
+    return f"flower-supernode exited with code {code}; see {log_path}."
+
+
+def start_node(args, out=print) -> int:
+    """`fedsov node start`: start checks here, then a SuperNode until Ctrl-C or the coordinator refuses it."""
+    import signal
+
+    from client.node import RegionNode, deployment_settings
+    from common.config import load_config
+    from server.deployment import INSECURE_WARNING
+
+    if args.insecure:
+        if args.ca or args.key:
+            raise ConfigError("--insecure with --ca/--key: choose one (TLS with node authentication is the default).")
+        out(INSECURE_WARNING)
+    else:
+        missing = [flag for flag, value in (("--ca", args.ca), ("--key", args.key)) if not value]
+        if missing:
+            raise ConfigError(
+                f"Missing {' and '.join(missing)}: a node connects with TLS (--ca <coordinator CA>) and "
+                "authenticates with its registered key (--key <private key>, made by `fedsov node key`). "
+                "Use --insecure only on a closed test network."
+            )
+        for path in (Path(args.ca), Path(args.key)):
+            if not path.expanduser().is_file():
+                raise ConfigError(f"{path}: no such file.")
+    state_dir = args.state_dir.expanduser().resolve()
+    node_config = {
+        "region": args.region,
+        "data-path": ":".join(str(Path(p).expanduser().resolve()) for p in args.data.split(":") if p),
+        "state-dir": str(state_dir),
+        "name": args.name,
+        "synthetic-data": bool(args.synthetic_data),
+        "model-path": str(Path(args.model_path).expanduser().resolve()) if args.model_path else None,
+        "model-cache": str(Path(args.model_cache).expanduser().resolve()),
+        "config-dir": str(args.config_dir.resolve()) if args.config_dir else None,
+    }
+    node_config = {k: v for k, v in node_config.items() if v is not None}
+    settings = deployment_settings(load_config(args.overrides, args.config_dir), node_config)
+    # Every start check runs before the node connects: wrong-region data never reaches the network.
+    node = RegionNode(settings)
+    out(f"Node {settings.name} ({settings.region}, {node.policy.law}): start checks passed: {node.data.counts}")
+    del node
+    supernode = SuperNodeProcess(
+        superlink=args.superlink, node_config=node_config, log_path=state_dir / "logs" / "supernode.log",
+        ca_cert=None if args.insecure else Path(args.ca).expanduser().resolve(),
+        private_key=None if args.insecure else Path(args.key).expanduser().resolve(),
+    )
+    supernode.start(state_dir / "flower-home")
+    stopping: list[bool] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stopping.append(True))
+    try:
+        supernode.wait_connected()
+        out(f"Connected to the coordinator at {args.superlink}; log {supernode.log_path}. Ctrl-C stops the node.")
+        while not stopping and supernode.alive():
+            time.sleep(0.5)
+        if not stopping:
+            text = supernode.log_path.read_text(errors="replace")
+            out(refusal_reason(supernode.process.returncode, text, supernode.log_path))
+            return 1
+    finally:
+        supernode.stop()
+    return 0

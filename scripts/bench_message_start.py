@@ -1,0 +1,107 @@
+#!/usr/bin/env python3
+"""Per-message start cost of a deployed node's ClientApp process (Flower starts one per message).
+
+Measures, in fresh Python processes on this machine, what a ClientApp pays before it can answer:
+  light  - a secure-aggregation stage (shares / mask / unmask): import + policy gate only
+  node   - describe: import + every start check (policy, residency, data, tokenizer)
+  model  - train/evaluate: the above + the base model with LoRA attached, ready to train
+and the same work repeated inside one warm process (what simulation's Ray actors pay).
+
+    .venv/bin/python scripts/bench_message_start.py [--repeats 3] [--out bench/message-start.json] [overrides...]
+
+Uses the embedded default model (built on first use) and the default synthetic data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+STAGE_CODE = r"""
+import json, sys, time
+t0 = time.perf_counter()
+stage, overrides, node_config = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
+import client.app  # what flwr-clientapp loads for every message
+from client.settings import PolicyGate, deployment_settings
+from common.config import load_config
+settings = deployment_settings(load_config(overrides), node_config)
+def once():
+    PolicyGate(settings)
+    if stage == "light":
+        return
+    from client.node import RegionNode, cached_peft_model
+    node = RegionNode(settings)
+    if stage == "model":
+        from common.config import LoraSettings
+        lora = settings.model.lora
+        cached_peft_model(node._model_path, settings.model, LoraSettings(rank=lora.rank, alpha=lora.alpha,
+                          dropout=lora.dropout, target_modules=lora.target_modules), 0)
+once()
+cold = time.perf_counter() - t0
+t1 = time.perf_counter()
+once()
+print(json.dumps({"cold_s": cold, "warm_s": time.perf_counter() - t1}))
+"""
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "message-start.json")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+
+    from common.config import load_config
+    from common.data.prepare import ensure_synthetic_data
+    from common.model.loading import resolve_model_path
+
+    cfg = load_config(args.overrides)
+    ensure_synthetic_data(cfg, log=print)
+    resolve_model_path(cfg.model, log=print)
+    state = Path(tempfile.mkdtemp(prefix="fedsov-bench-node-"))
+    node_config = {"region": "eu", "data-path": str(Path(cfg.data.root) / "eu"), "state-dir": str(state),
+                   "synthetic-data": True, "model-cache": cfg.model.cache_dir, "threads": 1}
+    results = {}
+    for stage in ("light", "node", "model"):
+        runs = []
+        for _ in range(args.repeats):
+            started = time.perf_counter()
+            done = subprocess.run([sys.executable, "-c", STAGE_CODE, stage, json.dumps(args.overrides),
+                                   json.dumps(node_config)], cwd=ROOT, capture_output=True, text=True)
+            wall = time.perf_counter() - started
+            if done.returncode != 0:
+                print(done.stderr[-2000:], file=sys.stderr)
+                return 1
+            runs.append({"process_wall_s": wall, **json.loads(done.stdout.strip().splitlines()[-1])})
+        results[stage] = {
+            "process_wall_s": statistics.median(r["process_wall_s"] for r in runs),
+            "cold_s": statistics.median(r["cold_s"] for r in runs),
+            "warm_s": statistics.median(r["warm_s"] for r in runs),
+        }
+    import torch
+
+    record = {"device": "cuda" if torch.cuda.is_available() else "cpu", "python": sys.version.split()[0],
+              "model": cfg.model.name_or_path, "repeats": args.repeats, "stages": results}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(record, indent=1))
+    print(f"\n| message kind | new process (wall) | of which fedsov work | same work in a warm process | cold/warm |")
+    print("|---|---|---|---|---|")
+    names = {"light": "secure-aggregation stage", "node": "describe (start checks)", "model": "train/evaluate (model ready)"}
+    for stage, r in results.items():
+        ratio = r["cold_s"] / max(r["warm_s"], 1e-3)
+        print(f"| {names[stage]} | {r['process_wall_s']:.2f} s | {r['cold_s']:.2f} s | {r['warm_s']:.3f} s | {ratio:.0f}x |")
+    print(f"\nWritten {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

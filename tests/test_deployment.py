@@ -1,0 +1,249 @@
+"""Flower's deployment engine on loopback: a real SuperLink and SuperNodes as separate processes.
+
+Every process is started by the test (or by the command it runs) and found again by its
+process id / command line afterwards: nothing may be left running.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import psutil
+import pytest
+
+FLOWER_PROCESSES = ("flower-superlink", "flower-supernode", "flwr-serverapp", "flwr-clientapp", "flower-superexec")
+
+
+def flower_processes(root: Path) -> list[str]:
+    """Flower processes belonging to this test (their command line or environment names its folder)."""
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if any(name in cmd for name in FLOWER_PROCESSES):
+            try:
+                env = p.environ()
+            except (psutil.AccessDenied, psutil.NoSuchProcess):
+                env = {}
+            if str(root) in cmd or str(root) in env.get("FLWR_HOME", ""):
+                found.append(cmd)
+    return found
+
+
+def deployment_overrides(small_overrides, tmp_path) -> list[str]:
+    return [
+        *small_overrides,
+        "regions=[eu,us,sg]",
+        "regions.eu.clients=1",
+        "regions.us.clients=1",
+        "regions.sg.clients=1",
+        "federation.local_steps=2",
+        f"workdir={tmp_path / 'work'}",
+    ]
+
+
+def test_local_deployment_with_tls_and_node_auth_end_to_end(small_overrides, tmp_path):
+    """`fedsov deploy local`: coordinator + 3 regional SuperNodes, TLS and node auth, DP and SecAgg, 2 rounds."""
+    overrides = deployment_overrides(small_overrides, tmp_path)
+    exe = Path(sys.executable).parent / "fedsov"
+    done = subprocess.run([str(exe), "deploy", "local", *overrides], capture_output=True, text=True, timeout=900)
+    out = done.stdout
+    assert done.returncode == 0, out[-4000:] + done.stderr[-3000:]
+    assert "TLS + node authentication" in out and "3 regional SuperNodes connected" in out
+    assert "INSECURE" not in out
+    assert "round 2/2 done" in out and "Privacy report:" in out
+    run_dir = Path(out.split("Run directory: ")[1].split()[0])
+    assert run_dir.parent == tmp_path / "work" / "deployment" / "coordinator" / "runs"
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert all(r["secure_aggregation"] and r["aggregated"] and r["clients_trained"] == 3 for r in rows[1:])
+    assert rows[2]["perplexity"]["overall"] < rows[0]["perplexity"]["overall"]
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+    manifest = json.loads((run_dir / "adapter" / "fedsov-manifest.json").read_text())
+    assert set(manifest["contributing_regions"]) == {"eu", "us", "sg"}
+    assert (run_dir / "report" / "privacy-report.html").is_file()
+    # Each node's ledger (a new ClientApp process per message) accumulated both rounds.
+    summary = json.loads((run_dir / "summary.json").read_text())
+    for region in ("eu", "us", "sg"):
+        assert 0 < summary["regions"][region]["epsilon"] <= 3.0 + 1e-6
+    from common.audit import HashChainLog
+
+    node_logs = sorted((tmp_path / "work" / "deployment" / "nodes").glob("*/state/audit.jsonl"))
+    assert len(node_logs) == 3
+    for log in [run_dir / "audit.jsonl", *node_logs]:
+        assert HashChainLog(log).verify().ok, log
+    assert not flower_processes(tmp_path), "fedsov deploy local left Flower processes behind"
+
+
+@pytest.fixture
+def secured_coordinator(tmp_path, model_cache):
+    from common.credentials import make_certificates
+    from server.deployment import Connection, start_coordinator
+
+    certs = tmp_path / "certs"
+    make_certificates(certs)
+    superlink = start_coordinator(tmp_path / "coordinator", certs=certs, insecure=False, host="127.0.0.1", port=0,
+                                  model_cache=model_cache, out=lambda m: None)
+    try:
+        yield superlink, certs, Connection(superlink.address, certs / "ca.crt", tmp_path / "cli")
+    finally:
+        superlink.stop()
+
+
+def test_an_unregistered_node_is_refused_and_a_registered_one_joins(secured_coordinator, tmp_path):
+    from client.supernode import SuperNodeProcess
+    from common.credentials import make_node_key
+    from common.errors import FederationError
+    from server.deployment import register_node
+
+    superlink, certs, connection = secured_coordinator
+    nodes = []
+    try:
+        for name in ("registered", "stranger"):
+            make_node_key(certs / "nodes" / name)
+        register_node(connection, certs / "nodes" / "registered.pub", out=lambda m: None)
+        for name in ("stranger", "registered"):
+            node = SuperNodeProcess(superlink.address, {"region": "eu"}, tmp_path / f"{name}.log",
+                                    ca_cert=certs / "ca.crt", private_key=certs / "nodes" / name)
+            node.start(tmp_path / f"{name}-home")
+            nodes.append(node)
+        with pytest.raises(FederationError, match="public key is not registered"):
+            nodes[0].wait_connected(timeout=90)
+        assert not nodes[0].alive()
+        nodes[1].wait_connected(timeout=90)
+        assert [n["status"] for n in connection.control().nodes()] == ["online"]
+    finally:
+        for node in nodes:
+            node.stop()
+    assert not flower_processes(tmp_path / "registered-home") and not flower_processes(tmp_path / "stranger-home")
+
+
+def test_a_node_with_another_regions_data_refuses_to_start(small_overrides, tmp_path, config_dir):
+    """`fedsov node start` runs the start checks before connecting: nothing is started, the file is named."""
+    from common.config import load_config
+    from common.credentials import make_node_key
+    from common.data.prepare import ensure_synthetic_data
+
+    cfg = load_config(small_overrides)
+    folders = ensure_synthetic_data(cfg, log=lambda m: None)
+    make_node_key(tmp_path / "key")
+    (tmp_path / "ca.crt").write_text("unused: the node never gets as far as connecting")
+    exe = Path(sys.executable).parent / "fedsov"
+    state = tmp_path / "eu-state"
+    done = subprocess.run(
+        [str(exe), "--config-dir", str(config_dir), "node", "start", "--region", "eu", "--data", str(folders["us"]),
+         "--state-dir", str(state), "--key", str(tmp_path / "key"), "--ca", str(tmp_path / "ca.crt"),
+         "--superlink", "127.0.0.1:9", "--synthetic-data", *small_overrides],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "region 'us'" in done.stderr and str(folders["us"]) in done.stderr and "line" in done.stderr
+    assert not (state / "logs" / "supernode.log").exists()  # no SuperNode was ever started
+    entries = [json.loads(line) for line in (state / "audit.jsonl").read_text().splitlines()]
+    assert entries[-1]["action"] == "start" and entries[-1]["decision"] == "refused"
+
+
+class RecordingProxy:
+    """A TCP proxy on loopback that keeps every byte the nodes send towards the SuperLink."""
+
+    def __init__(self, target: str):
+        host, port = target.rsplit(":", 1)
+        self.target = (host, int(port))
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self.server.getsockname()[1]}"
+        self.sent = bytearray()
+        self.lock = threading.Lock()
+        self.stopped = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.stopped:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            threading.Thread(target=self._pipe, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client, False), daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket, record: bool) -> None:
+        try:
+            while chunk := src.recv(65536):
+                if record:
+                    with self.lock:
+                        self.sent.extend(chunk)
+                dst.sendall(chunk)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.stopped = True
+        self.server.close()
+
+
+def test_wire_carries_no_text_and_a_node_killed_mid_round_is_survived(small_overrides, tmp_path):
+    """Plaintext test setting: record what the nodes send; kill the EU node after its round-1 update."""
+    from common.data.records import data_files, load_records
+    from common.leakage.canaries import CANARY_FILE
+    from server.deployment import LocalDeployment
+
+    overrides = [*deployment_overrides(small_overrides, tmp_path), "secure_aggregation.stage_timeout_s=30",
+                 "federation.round_timeout_s=120"]
+    proxies: list[RecordingProxy] = []
+
+    def through_proxy(address: str) -> str:
+        proxies.append(RecordingProxy(address))
+        return proxies[-1].address
+
+    lines: list[str] = []
+    killed: list[str] = []
+    with LocalDeployment(overrides, lines.append, insecure=True, node_superlink=through_proxy) as deployment:
+        assert any("insecure mode" in line for line in lines)
+
+        def kill_eu_after_its_update(event: dict) -> None:
+            if event["event"] == "node_trained" and event.get("node") == "eu-1" and event.get("round") == 1 and not killed:
+                deployment.nodes["eu-1"].stop(grace=0)
+                killed.append("eu-1")
+
+        code = deployment.run(on_event=kill_eu_after_its_update)
+        run_dir = deployment.run_dir
+    for proxy in proxies:
+        proxy.close()
+    assert code == 0, "\n".join(lines[-40:])
+    assert killed == ["eu-1"]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    # Round 1: eu dropped after key exchange, us and sg (2 of 3, the threshold) still aggregated.
+    assert rows[1]["aggregated"] and rows[1]["clients_trained"] == 2
+    assert rows[2]["aggregated"] and rows[2]["clients_trained"] == 2
+    assert not flower_processes(tmp_path)
+
+    wire = bytes().join(bytes(p.sent) for p in proxies)
+    assert len(wire) > 10_000
+    # Positive control: what the protocol does send in the clear is readable in the recording.
+    assert b"policy-hash" in wire and b"num-units" in wire
+    nodes = tmp_path / "work" / "deployment" / "nodes"
+    secrets = []
+    for name in ("eu-1", "us-1", "sg-1"):
+        canaries = json.loads((nodes / name / "state" / CANARY_FILE).read_text())
+        secrets += [c["secret"] for c in canaries["canaries"]] + [f"{c['prefix']} {c['secret']}" for c in canaries["canaries"]]
+    texts, pii = [], []
+    for region in ("eu", "us", "sg"):
+        for record in load_records(data_files([str(tmp_path / "work" / "data" / region)]), expected_region=region):
+            texts.append(record.text)
+            pii += [v for v in (record.fields.get("pii") or {}).values() if isinstance(v, str) and len(v) >= 6]
+    assert secrets and texts and pii
+    leaked = [s for s in [*secrets, *pii] if s.encode() in wire]
+    leaked += [t for t in texts if t[:40].encode() in wire]
+    assert not leaked, f"{len(leaked)} private strings on the wire, e.g. {leaked[:3]}"
