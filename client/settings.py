@@ -83,7 +83,7 @@ NODE_CONFIG_KEYS = {
     "data-path": "its data files or folders, separated by ':' (required)",
     "state-dir": "where its privacy ledger, audit log and canaries live (required, kept across restarts)",
     "config-dir": "the fedsov configs folder holding regions/<region>.yaml (default: $FEDSOV_CONFIG_DIR or the installed one)",
-    "name": "node name in logs and the audit trail (default <region>-<state-dir name>)",
+    "name": "node name in logs and the audit trail (default: the state folder's name, prefixed with the region unless it starts with it)",
     "synthetic-data": "true when data-path holds fedsov's generated demo data (canaries are then inserted)",
     "plain-text-consent": "consent to assume for plain-text files (true/false; default: such files are refused)",
     "model-path": "a local model folder overriding the run's model.name_or_path",
@@ -122,7 +122,8 @@ def deployment_settings(cfg: FedsovConfig, node_config: Mapping[str, Any]) -> No
         model = replace(model, name_or_path=str(node_config["model-path"]))
     consent = node_config.get("plain-text-consent")
     return NodeSettings(
-        name=str(node_config.get("name") or f"{region}-{state_dir.name}"),
+        name=str(node_config.get("name") or (state_dir.name if state_dir.name.startswith(region)
+                                              else f"{region}-{state_dir.name}")),
         region=region,
         data_paths=tuple(p for p in str(node_config["data-path"]).split(":") if p),
         plain_text_consent=None if consent is None else bool(consent),

@@ -145,7 +145,7 @@ def _deployment_parsers(sub) -> None:
     nstart.add_argument("--data", required=True, help="data files or folders, ':'-separated")
     nstart.add_argument("--state-dir", type=Path, required=True, help="ledger, audit log, canaries (keep it)")
     nstart.add_argument("--key", type=Path, help="the node's private key (required unless --insecure)")
-    nstart.add_argument("--name", help="node name (default <region>-<state dir name>)")
+    nstart.add_argument("--name", help="node name (default: the state folder name, with the region in front unless it has it)")
     nstart.add_argument("--synthetic-data", action="store_true", help="data are fedsov's generated demo data")
     nstart.add_argument("--model-path", help="local base model folder (default: the run's model)")
     nstart.add_argument("--model-cache", default="~/.cache/fedsov", help="where this node keeps the embedded model")

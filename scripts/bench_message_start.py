@@ -8,6 +8,7 @@ Measures, in fresh Python processes on this machine, what a ClientApp pays befor
 and the same work repeated inside one warm process (what simulation's Ray actors pay).
 
     .venv/bin/python scripts/bench_message_start.py [--repeats 3] [--out bench/message-start.json] [overrides...]
+    .venv/bin/python scripts/bench_message_start.py --quick    # smoke: micro model, small data
 
 Uses the embedded default model (built on first use) and the default synthetic data.
 """
@@ -56,9 +57,15 @@ print(json.dumps({"cold_s": cold, "warm_s": time.perf_counter() - t1}))
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="micro model, small data, one repeat: a smoke run")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "message-start.json")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
+    if args.quick:
+        args.repeats = 1
+        args.overrides = ["model.embedded.n_layer=2", "model.embedded.n_head=2", "model.embedded.n_embd=64",
+                          "model.embedded.corpus_documents=3000", "model.embedded.steps=150",
+                          "data.users_per_region=40", *args.overrides]
 
     from common.config import load_config
     from common.data.prepare import ensure_synthetic_data
@@ -89,7 +96,8 @@ def main() -> int:
         }
     import torch
 
-    record = {"device": "cuda" if torch.cuda.is_available() else "cpu", "python": sys.version.split()[0],
+    record = {"benchmark": "message-start", "quick": args.quick,
+              "device": "cuda" if torch.cuda.is_available() else "cpu", "python": sys.version.split()[0],
               "model": cfg.model.name_or_path, "repeats": args.repeats, "stages": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=1))

@@ -1,0 +1,149 @@
+#!/usr/bin/env python3
+"""DP overhead: time per training step and peak memory, DP-LoRA vs non-private LoRA.
+
+Same model, batch, sequence length and LoRA targets; Opacus's per-sample gradient modes
+(hooks, functorch, ghost clipping) against plain LoRA training. Each mode runs in its own
+process, so peak memory (CUDA: max allocated; CPU: peak RSS growth over the loaded model) is
+its own. Writes JSON and a Markdown table with ratios measured in this one run.
+
+    .venv/bin/python scripts/bench_dp_overhead.py            # full: embedded default model, batch 16 x 128 tokens
+    .venv/bin/python scripts/bench_dp_overhead.py --quick    # smoke: micro model, a few steps (< 1 min)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+MODES = ("non-private", "hooks", "functorch", "ghost")
+MICRO = ["model.embedded.n_layer=2", "model.embedded.n_head=2", "model.embedded.n_embd=64",
+         "model.embedded.corpus_documents=3000", "model.embedded.steps=150"]
+
+
+def run_mode(mode: str, overrides: list[str], batch: int, length: int, steps: int, warmup: int) -> dict:
+    """One mode, in this process: returns seconds per step and peak memory."""
+    import resource
+
+    import torch
+    from torch import nn
+
+    from common.config import load_config
+    from common.model.loading import load_base_model, pick_device, pick_dtype, resolve_model_path
+    from common.model.lora import attach_lora
+
+    cfg = load_config(overrides)
+    device = pick_device(cfg.model.device)
+    path = resolve_model_path(cfg.model, log=lambda m: None)
+    base = load_base_model(path, device, pick_dtype(cfg.model.dtype, device))
+    model = attach_lora(base, cfg.model.lora, seed=0)
+    vocab = model.config.vocab_size
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, vocab, (batch * (steps + warmup), length), generator=gen)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        start_mem = torch.cuda.memory_allocated()
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    criterion = nn.CrossEntropyLoss()
+    trainer = model
+    if mode != "non-private":
+        from opacus import PrivacyEngine
+        from torch.utils.data import DataLoader, TensorDataset
+
+        loader = DataLoader(TensorDataset(ids), batch_size=batch)
+        engine = PrivacyEngine(accountant="rdp")
+        made = engine.make_private(
+            module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0,
+            criterion=criterion, grad_sample_mode=mode, poisson_sampling=False,
+        )
+        # Ghost clipping also wraps the loss; the other modes return (module, optimizer, loader).
+        trainer, optimizer = made[0], made[1]
+        if mode == "ghost":
+            criterion = made[2]
+    trainer.train()
+    times = []
+    for step in range(warmup + steps):
+        x = ids[step * batch:(step + 1) * batch].to(device)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        logits = trainer(input_ids=x).logits[:, :-1]
+        target = x[:, 1:]
+        flat_logits, flat_target = logits.reshape(-1, vocab), target.reshape(-1)
+        loss = (criterion(flat_logits, flat_target, shape=target.shape) if mode == "ghost"
+                else criterion(flat_logits, flat_target))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if step >= warmup:
+            times.append(time.perf_counter() - t0)
+    if device.type == "cuda":
+        peak_mb = (torch.cuda.max_memory_allocated() - start_mem) / 2**20
+    else:
+        peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024  # KiB on Linux
+    times.sort()
+    return {"mode": mode, "s_per_step": times[len(times) // 2], "peak_mb": peak_mb, "device": device.type,
+            "trainable_params": sum(p.numel() for p in params)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="micro model, few steps: a smoke run")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "dp-overhead")
+    parser.add_argument("--mode", help=argparse.SUPPRESS)  # internal: run one mode in this process
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    batch, length, steps, warmup = (4, 32, 3, 1) if args.quick else (16, 128, 20, 3)
+    overrides = [*(MICRO if args.quick else []), *args.overrides]
+    if args.mode:
+        print(json.dumps(run_mode(args.mode, overrides, batch, length, steps, warmup)))
+        return 0
+    results = []
+    for mode in MODES:
+        done = subprocess.run([sys.executable, __file__, "--mode", mode, *(["--quick"] if args.quick else []),
+                               *args.overrides], capture_output=True, text=True, cwd=ROOT)
+        if done.returncode != 0:
+            # A mode Opacus cannot apply to this model is reported, not hidden.
+            results.append({"mode": mode, "error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed"})
+            continue
+        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    base = next(r for r in results if r["mode"] == "non-private")
+    for r in results:
+        if "error" not in r:
+            r["time_ratio"] = r["s_per_step"] / base["s_per_step"]
+            r["memory_ratio"] = r["peak_mb"] / base["peak_mb"] if base["peak_mb"] > 0 else None
+    dp = [r for r in results if r["mode"] != "non-private" and "error" not in r]
+    best = min(dp, key=lambda r: r["s_per_step"]) if dp else None
+    record = {"benchmark": "dp-overhead", "quick": args.quick, "batch": batch, "sequence_length": length,
+              "steps_timed": steps, "device": base["device"], "results": results,
+              "best_dp_mode": best and best["mode"], "goal": "best DP mode <= 1.15x the non-private step",
+              "goal_met": bool(best and best["time_ratio"] <= 1.15)}
+    lines = [f"DP overhead ({'quick' if args.quick else 'full'}; {base['device']}; batch {batch} x {length} tokens; "
+             f"median of {steps} steps)", "",
+             "| mode | s/step | x non-private | peak memory MB | x non-private |", "|---|---|---|---|---|"]
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['mode']} | failed: {r['error'][:80]} | | | |")
+        else:
+            mem = f"{r['memory_ratio']:.2f}" if r.get("memory_ratio") else "n/a"
+            lines.append(f"| {r['mode']} | {r['s_per_step']:.4f} | {r['time_ratio']:.2f} | {r['peak_mb']:.1f} | {mem} |")
+    lines += ["", f"Best DP mode: {record['best_dp_mode']}; goal (<= 1.15x): {'met' if record['goal_met'] else 'MISSED'}"]
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "dp-overhead.json").write_text(json.dumps(record, indent=1))
+    (args.out / "dp-overhead.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
