@@ -22,6 +22,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchlib import device_name, write_results  # noqa: E402  (scripts/ is on sys.path when run)
+
 MODES = ("non-private", "hooks", "functorch", "ghost")
 MICRO = ["model.embedded.n_layer=2", "model.embedded.n_head=2", "model.embedded.n_embd=64",
          "model.embedded.corpus_documents=3000", "model.embedded.steps=150"]
@@ -138,10 +140,7 @@ def main() -> int:
             mem = f"{r['memory_ratio']:.2f}" if r.get("memory_ratio") else "n/a"
             lines.append(f"| {r['mode']} | {r['s_per_step']:.4f} | {r['time_ratio']:.2f} | {r['peak_mb']:.1f} | {mem} |")
     lines += ["", f"Best DP mode: {record['best_dp_mode']}; goal (<= 1.15x): {'met' if record['goal_met'] else 'MISSED'}"]
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "dp-overhead.json").write_text(json.dumps(record, indent=1))
-    (args.out / "dp-overhead.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(args.out, "dp-overhead", record, lines)
     return 0
 
 

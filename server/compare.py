@@ -38,10 +38,7 @@ def compare(overrides: Sequence[str], out: Callable[[str], None] = print) -> int
     root = Path(base.workdir) / "compare"
     data_root = root / "data"
     lab_configs = root / "lab-configs"
-    if lab_configs.exists():
-        shutil.rmtree(lab_configs)
-    shutil.copytree(default_config_dir(), lab_configs)
-    _allow_training_without_dp(lab_configs)
+    write_lab_policies(lab_configs, why="fedsov audit compare: DP not required", require_dp=False)
     arms = {
         "no-dp": (["privacy=off"], lab_configs),
         "dp-eps8": (["privacy.target_epsilon=8", "privacy.noise_multiplier=null"], default_config_dir()),
@@ -114,16 +111,28 @@ def judge(reports: dict) -> tuple[str, list[str]]:
     return verdict, lines + ["", f"Verdict: {verdict}."]
 
 
-def _allow_training_without_dp(config_dir: Path) -> None:
+def write_lab_policies(config_dir: Path, *, why: str, require_dp: bool | None = None,
+                       require_secure_aggregation: bool | None = None) -> Path:
+    """A copy of the configs in which the region policies are relaxed for a lab measurement.
+
+    Only the named switches change; everything else (transfers, data use, budgets) stays as the
+    regions wrote it. Never point a federation using these at real personal data.
+    """
     from omegaconf import OmegaConf
 
+    if config_dir.exists():
+        shutil.rmtree(config_dir)
+    shutil.copytree(default_config_dir(), config_dir)
     for path in (config_dir / "regions").glob("*.yaml"):
         cfg = OmegaConf.load(path)
-        cfg.policy.privacy.require_dp = False
+        if require_dp is not None:
+            cfg.policy.privacy.require_dp = require_dp
+        if require_secure_aggregation is not None:
+            cfg.policy.transfers.require_secure_aggregation = require_secure_aggregation
         # Hydra reads the package directive only from the file's first line.
         path.write_text(f"# @package regions.{path.stem}\n"
-                        "# LAB COPY for fedsov audit compare: DP not required. Never use with real data.\n"
-                        + OmegaConf.to_yaml(cfg))
+                        f"# LAB COPY ({why}). Never use with real data.\n" + OmegaConf.to_yaml(cfg))
+    return config_dir
 
 
 def _copy_canaries(source_nodes: Path, target_nodes: Path) -> None:

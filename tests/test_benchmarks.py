@@ -35,3 +35,17 @@ def test_message_start_quick_measures_each_message_kind(model_cache, tmp_path):
     for stage in record["stages"].values():
         assert stage["process_wall_s"] >= stage["cold_s"] > 0 and stage["warm_s"] >= 0
     assert "| secure-aggregation stage |" in done.stdout
+
+
+def test_federation_quick_compares_secure_and_plain(model_cache, tmp_path):
+    done = subprocess.run([sys.executable, str(SCRIPTS / "bench_federation.py"), "--quick", "--out", str(tmp_path),
+                           f"model.cache_dir={model_cache}"], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    record = json.loads((tmp_path / "federation.json").read_text())
+    assert {(r["clients"], r["secure_aggregation"]) for r in record["runs"]} == {(4, True), (4, False)}
+    for r in record["runs"]:
+        assert r["round_s"] > 0 and r["upload_bytes_per_client"] > 0
+    # Masked uploads are 4 bytes per adapter value, like float32: never far from the plain bytes.
+    assert 0.5 < record["ratios"]["4"]["bytes"] < 1.5
+    assert 0 < record["adapter_bytes"] < record["full_model_bytes"]
+    assert "| 4 |" in (tmp_path / "federation.md").read_text()

@@ -238,14 +238,10 @@ def test_compare_verdicts():
 
 
 def test_compare_lab_policies_compose_and_relax_only_dp(tmp_path):
-    import shutil
+    from common.config import load_config
+    from server.compare import AUDIT_FEDERATION, write_lab_policies
 
-    from common.config import default_config_dir, load_config
-    from server.compare import AUDIT_FEDERATION, _allow_training_without_dp
-
-    lab = tmp_path / "lab-configs"
-    shutil.copytree(default_config_dir(), lab)
-    _allow_training_without_dp(lab)
+    lab = write_lab_policies(tmp_path / "lab-configs", why="test", require_dp=False)
     assert (lab / "regions" / "us.yaml").read_text().startswith("# @package regions.us\n")
     cfg = load_config([*AUDIT_FEDERATION, "privacy=off"], config_dir=lab)
     assert list(cfg.regions) == ["us", "sg"] and cfg.regions["us"].clients == 1
