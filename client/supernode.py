@@ -46,6 +46,7 @@ class SuperNodeProcess:
     port: int = 0
     extra_env: dict[str, str] = field(default_factory=dict)
     process: subprocess.Popen | None = None
+    _log_offset: int = field(default=0, repr=False)  # where this start's lines begin in the shared log
 
     def args(self) -> list[str]:
         if self.ca_cert is None and self.private_key is not None:
@@ -66,6 +67,8 @@ class SuperNodeProcess:
 
     def start(self, flwr_home: Path) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        # The log is appended to across restarts: only this start's lines count.
+        self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         log = open(self.log_path, "ab")
         env = {**flower_environment(flwr_home), **self.extra_env}
         self.process = subprocess.Popen(self.args(), env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -78,13 +81,25 @@ class SuperNodeProcess:
         """Until the SuperNode logs its node id; fail with the reason when it exits first."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-            if "SuperNode ID:" in text or "Starting Flower SuperExec" in text:
+            text = self._log_since_start()
+            # Flower prints the node id only once the SuperLink accepted the node; a refused node
+            # logs its exit code first (and may still start its SuperExec on the way out).
+            if "Exit Code:" in text:
+                self.stop(grace=2)
+                raise FederationError(refusal_reason(self.process.returncode if self.process else None, text, self.log_path))
+            if "SuperNode ID:" in text:
                 return
             if not self.alive():
                 raise FederationError(refusal_reason(self.process.returncode if self.process else None, text, self.log_path))
             time.sleep(0.3)
         raise FederationError(f"The SuperNode did not connect within {timeout:.0f}s; see {self.log_path}.")
+
+    def _log_since_start(self) -> str:
+        if not self.log_path.exists():
+            return ""
+        with open(self.log_path, "rb") as f:
+            f.seek(self._log_offset)
+            return f.read().decode(errors="replace")
 
     def stop(self, grace: float = 10.0) -> None:
         if self.process is not None:
@@ -154,8 +169,7 @@ def start_node(args, out=print) -> int:
         while not stopping and supernode.alive():
             time.sleep(0.5)
         if not stopping:
-            text = supernode.log_path.read_text(errors="replace")
-            out(refusal_reason(supernode.process.returncode, text, supernode.log_path))
+            out(refusal_reason(supernode.process.returncode, supernode._log_since_start(), supernode.log_path))
             return 1
     finally:
         supernode.stop()

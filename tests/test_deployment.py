@@ -198,9 +198,9 @@ def test_wire_carries_no_text_and_a_node_killed_mid_round_is_survived(small_over
     from common.leakage.canaries import CANARY_FILE
     from server.deployment import LocalDeployment
 
-    # The audit's own path is covered by the end-to-end test above; here it would only add minutes.
+    # The audit stays on: its canaries must be in the data, and its replies cross the wire too.
     overrides = [*deployment_overrides(small_overrides, tmp_path), "secure_aggregation.stage_timeout_s=30",
-                 "federation.round_timeout_s=120", "audit.enabled=false"]
+                 "federation.round_timeout_s=120"]
     proxies: list[RecordingProxy] = []
 
     def through_proxy(address: str) -> str:
