@@ -19,7 +19,7 @@ from typing import Any, Mapping
 import torch
 
 from client.training import DpSettings, encode_units, heldout_loss, train_locally
-from common.audit import AuditLog, TamperedLog
+from common.audit import TamperedLog
 from common.config import LoraSettings, ModelConfig, load_region_file
 from common.data.partition import client_partition, split_heldout
 from common.data.records import Record, data_files, load_records

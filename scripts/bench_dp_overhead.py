@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchlib import device_name, write_results  # noqa: E402  (scripts/ is on sys.path when run)
+from benchlib import write_results  # noqa: E402  (scripts/ is on sys.path when run)
 
 MODES = ("non-private", "hooks", "functorch", "ghost")
 MICRO = ["model.embedded.n_layer=2", "model.embedded.n_head=2", "model.embedded.n_embd=64",

@@ -311,12 +311,15 @@ def local_deployment(overrides: Sequence[str], out: Callable[[str], None] = prin
 
 
 def local_node_config(cfg: FedsovConfig, region: str, index: int, clients: int, root: Path, name: str) -> dict:
-    from common.config import DataSource
+    """What `fedsov node start` would pass for this node, for a node on this machine."""
+    import os
+
+    from common.config import CONFIG_DIR_ENV, DataSource
 
     data = cfg.regions[region].data
     synthetic = data.source == DataSource.synthetic
     paths = [str(Path(cfg.data.root) / region)] if synthetic else list(data.paths)
-    return {
+    node_config = {
         "region": region,
         "name": name,
         "data-path": ":".join(paths),
@@ -326,16 +329,10 @@ def local_node_config(cfg: FedsovConfig, region: str, index: int, clients: int, 
         "num-clients": clients,
         "model-cache": cfg.model.cache_dir,
         "threads": cfg.simulation.client_cpus,
-        **({"config-dir": str(_config_dir())} if _config_dir() else {}),
     }
-
-
-def _config_dir() -> Path | None:
-    import os
-
-    from common.config import CONFIG_DIR_ENV
-
-    return Path(os.environ[CONFIG_DIR_ENV]) if os.environ.get(CONFIG_DIR_ENV) else None
+    if os.environ.get(CONFIG_DIR_ENV):  # policies from the same configs folder this command uses
+        node_config["config-dir"] = os.environ[CONFIG_DIR_ENV]
+    return node_config
 
 
 def register_node(connection: Connection, public_key: Path, out: Callable[[str], None] = print) -> int:

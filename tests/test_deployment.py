@@ -79,6 +79,19 @@ def test_local_deployment_with_tls_and_node_auth_end_to_end(small_overrides, tmp
         assert HashChainLog(log).verify().ok, log
     assert not flower_processes(tmp_path), "fedsov deploy local left Flower processes behind"
 
+    # A restarted client (a fresh node process on the same state folder) still holds what it spent.
+    from client.node import RegionNode
+    from client.settings import deployment_settings
+    from common.config import config_from_container
+    from omegaconf import OmegaConf
+    from server.deployment import local_node_config
+
+    cfg = config_from_container(OmegaConf.load(run_dir / "config.yaml"))
+    restarted = RegionNode(deployment_settings(cfg, local_node_config(
+        cfg, "eu", 0, 1, tmp_path / "work" / "deployment", "eu-1")))
+    _, counts = restarted.describe("EU")
+    assert counts["epsilon"] == pytest.approx(summary["regions"]["eu"]["epsilon"], rel=1e-9)
+
 
 @pytest.fixture
 def secured_coordinator(tmp_path, model_cache):
@@ -248,3 +261,37 @@ def test_wire_carries_no_text_and_a_node_killed_mid_round_is_survived(small_over
     leaked = [s for s in [*secrets, *pii] if s.encode() in wire]
     leaked += [t for t in texts if t[:40].encode() in wire]
     assert not leaked, f"{len(leaked)} private strings on the wire, e.g. {leaked[:3]}"
+
+
+def test_a_restarted_coordinator_resumes_from_its_last_checkpoint(small_overrides, tmp_path):
+    """Stop the coordinator (SuperLink and its ServerApp) after round 1; restart it; resume the run."""
+    from common.errors import FederationError
+    from server.app import MODEL_CACHE_ENV, RUNS_DIR_ENV
+    from server.deployment import LocalDeployment, run_outcome, submit_run, watch_run
+
+    overrides = [*deployment_overrides(small_overrides, tmp_path), "federation.rounds=3", "audit.enabled=false"]
+    lines: list[str] = []
+    with LocalDeployment(overrides, lines.append, insecure=True) as deployment:
+        stopped: list[int] = []
+
+        def stop_coordinator_after_round_1(event: dict) -> None:
+            if event["event"] == "round_finished" and event["round"] == 1 and not stopped:
+                deployment.superlink.stop(grace=0)
+                stopped.append(1)
+
+        with pytest.raises(FederationError):
+            deployment.run(on_event=stop_coordinator_after_round_1)
+        assert stopped and not deployment.superlink.alive()
+        # Same port, same on-disk state; the SuperNodes were left running and reconnect by themselves.
+        deployment.superlink.start(extra_env={RUNS_DIR_ENV: str(deployment.coordinator_home / "runs"),
+                                              MODEL_CACHE_ENV: deployment.cfg.model.cache_dir})
+        run_id, cfg = submit_run(deployment.connection, [f"resume={deployment.run_dir}"], lines.append)
+        status = watch_run(deployment.connection, run_id, cfg, lines.append)
+        assert run_outcome(status, deployment.run_dir, lines.append) == 0, "\n".join(lines[-30:])
+    events = [json.loads(line) for line in (deployment.run_dir / "events.jsonl").read_text().splitlines()]
+    resumed = [e for e in events if e["event"] == "resumed"]
+    assert len(resumed) == 1 and resumed[0]["round"] == 1
+    rows = [json.loads(line) for line in (deployment.run_dir / "metrics.jsonl").read_text().splitlines()]
+    # Round 1 ran once, before the stop; rounds 2 and 3 after the restart: nothing repeated.
+    assert [r["round"] for r in rows if r["round"] > 0] == [1, 2, 3]
+    assert not flower_processes(tmp_path)
