@@ -36,7 +36,6 @@ AUDIT_FEDERATION = (
 def compare(overrides: Sequence[str], out: Callable[[str], None] = print) -> int:
     base = load_config([*AUDIT_FEDERATION, *overrides])
     root = Path(base.workdir) / "compare"
-    data_root = root / "data"
     lab_configs = root / "lab-configs"
     write_lab_policies(lab_configs, why="fedsov audit compare: DP not required", require_dp=False)
     arms = {
@@ -45,36 +44,48 @@ def compare(overrides: Sequence[str], out: Callable[[str], None] = print) -> int
     }
     reports = {}
     for name, (arm_overrides, policies) in arms.items():
-        workdir = root / name
-        if workdir.exists():
-            shutil.rmtree(workdir)
-        if name != "no-dp":
-            _copy_canaries(root / "no-dp" / "nodes", workdir / "nodes")
-        out(f"\n=== arm {name} (policies from {policies}) ===")
-        # Nodes read their policies from $FEDSOV_CONFIG_DIR, in this process and the simulation's.
-        previous = os.environ.get(CONFIG_DIR_ENV)
-        os.environ[CONFIG_DIR_ENV] = str(policies)
-        try:
-            code = simulate(
-                [*AUDIT_FEDERATION, *overrides, *arm_overrides, f"workdir={workdir}", f"data.root={data_root}",
-                 f"run_dir={workdir / 'run'}"],
-                out=out,
-            )
-        finally:
-            if previous is None:
-                os.environ.pop(CONFIG_DIR_ENV, None)
-            else:
-                os.environ[CONFIG_DIR_ENV] = previous
+        code, report = run_arm(root, name, [*AUDIT_FEDERATION, *overrides, *arm_overrides], policies,
+                               canaries_from=None if name == "no-dp" else root / "no-dp", out=out)
         if code != 0:
-            out(f"arm {name} failed (exit {code}); see {workdir / 'run'}")
             return code
-        reports[name] = load_report(workdir / "run")
+        reports[name] = report
     verdict, lines = judge(reports)
     out("\n" + "\n".join(lines))
     (root / "compare.json").write_text(json.dumps({"verdict": verdict, "arms": reports}, indent=1, ensure_ascii=False))
     (root / "compare.md").write_text("\n".join(lines) + "\n")
     out(f"\nWritten: {root / 'compare.md'}, {root / 'compare.json'}; reports in {root}/*/run/report/")
     return 0 if verdict == "DP works and the audit has power" else 1
+
+
+def run_arm(root: Path, name: str, overrides: Sequence[str], policies: Path, *, canaries_from: Path | None,
+            out: Callable[[str], None] = print) -> tuple[int, dict | None]:
+    """One arm of a comparison: a federation in `root/name` on the shared data in `root/data`.
+
+    Its nodes read their policies from `policies`; with `canaries_from` (an earlier arm's folder)
+    they get that arm's canaries, so every arm measures the same secrets. Returns the exit code and
+    the run's privacy report (None when the run failed).
+    """
+    workdir = root / name
+    if workdir.exists():
+        shutil.rmtree(workdir)
+    if canaries_from is not None:
+        _copy_canaries(canaries_from / "nodes", workdir / "nodes")
+    out(f"\n=== arm {name} (policies from {policies}) ===")
+    # Nodes read their policies from $FEDSOV_CONFIG_DIR, in this process and the simulation's.
+    previous = os.environ.get(CONFIG_DIR_ENV)
+    os.environ[CONFIG_DIR_ENV] = str(policies)
+    try:
+        code = simulate([*overrides, f"workdir={workdir}", f"data.root={root / 'data'}", f"run_dir={workdir / 'run'}"],
+                        out=out)
+    finally:
+        if previous is None:
+            os.environ.pop(CONFIG_DIR_ENV, None)
+        else:
+            os.environ[CONFIG_DIR_ENV] = previous
+    if code != 0:
+        out(f"arm {name} failed (exit {code}); see {workdir / 'run'}")
+        return code, None
+    return 0, load_report(workdir / "run")
 
 
 def judge(reports: dict) -> tuple[str, list[str]]:

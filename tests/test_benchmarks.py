@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from server.compare import AUDIT_FEDERATION
+
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 
 
@@ -13,7 +15,7 @@ def test_dp_overhead_quick_writes_every_mode(model_cache, tmp_path):
                            f"model.cache_dir={model_cache}"], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     record = json.loads((tmp_path / "dp-overhead.json").read_text())
-    assert record["device"] in ("cpu", "cuda") and record["quick"] is True
+    assert (record["device"] == "cpu" or record["device"].startswith("cuda")) and record["quick"] is True
     modes = {r["mode"]: r for r in record["results"]}
     assert set(modes) == {"non-private", "hooks", "functorch", "ghost"}
     for r in modes.values():
@@ -25,16 +27,18 @@ def test_dp_overhead_quick_writes_every_mode(model_cache, tmp_path):
 
 
 def test_message_start_quick_measures_each_message_kind(model_cache, tmp_path):
-    out = tmp_path / "message-start.json"
-    done = subprocess.run([sys.executable, str(SCRIPTS / "bench_message_start.py"), "--quick", "--out", str(out),
+    done = subprocess.run([sys.executable, str(SCRIPTS / "bench_message_start.py"), "--quick", "--out", str(tmp_path),
                            f"model.cache_dir={model_cache}", f"workdir={tmp_path / 'work'}"],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    record = json.loads(out.read_text())
+    record = json.loads((tmp_path / "message-start.json").read_text())
+    assert record["device"] == "cpu" or record["device"].startswith("cuda")
     assert set(record["stages"]) == {"light", "node", "model"}
     for stage in record["stages"].values():
         assert stage["process_wall_s"] >= stage["cold_s"] > 0 and stage["warm_s"] >= 0
     assert "| secure-aggregation stage |" in done.stdout
+    assert "| train/evaluate (model ready) |" in (tmp_path / "message-start.md").read_text()
+    assert (tmp_path / "message-start.png").stat().st_size > 0
 
 
 def test_federation_quick_compares_secure_and_plain(model_cache, tmp_path):
@@ -48,4 +52,57 @@ def test_federation_quick_compares_secure_and_plain(model_cache, tmp_path):
     # Masked uploads are 4 bytes per adapter value, like float32: never far from the plain bytes.
     assert 0.5 < record["ratios"]["4"]["bytes"] < 1.5
     assert 0 < record["adapter_bytes"] < record["full_model_bytes"]
-    assert "| 4 |" in (tmp_path / "federation.md").read_text()
+    sizes = record["sizes"]
+    assert sizes["configured"]["adapter_bytes"] == record["adapter_bytes"]
+    # Fewer target modules, or a bigger model, make the adapter a smaller share of the model.
+    assert sizes["configured, LoRA on c_attn only"]["share"] < sizes["configured"]["share"]
+    assert sizes["GPT-2 small shape (124M), same LoRA"]["share"] < sizes["configured"]["share"]
+    assert record["scale"]["secure"]["per_client_s"] is None  # one client count: no growth to report
+    assert "| 4 |" in (tmp_path / "federation.md").read_text() and (tmp_path / "federation.png").stat().st_size > 0
+
+
+def test_growth_per_added_client_finds_the_bend():
+    sys.path.insert(0, str(SCRIPTS))
+    from bench_federation import growth
+
+    flat = growth([(3, 10.0), (6, 16.0), (12, 28.0)])
+    assert abs(flat["per_client_s"] - 2.0) < 1e-9 and flat["bends_after"] is None
+    bent = growth([(3, 10.0), (6, 16.0), (12, 28.0), (24, 100.0)])
+    assert [s["per_client_s"] for s in bent["segments"]] == [2.0, 2.0, 6.0] and bent["bends_after"] == 12
+
+
+def test_privacy_utility_quick_runs_both_lora_kinds_on_the_same_canaries(model_cache, tmp_path):
+    done = subprocess.run([sys.executable, str(SCRIPTS / "bench_privacy_utility.py"), "--quick", "--out", str(tmp_path),
+                           f"model.cache_dir={model_cache}"], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    record = json.loads((tmp_path / "privacy-utility.json").read_text())
+    arms = {(a["target_epsilon"], a["ffa"]): a for a in record["arms"]}
+    assert set(arms) == {("no DP", False), ("8", True)}
+    nodp, dp = arms[("no DP", False)], arms[("8", True)]
+    assert nodp["epsilon"] == "inf" and 0 < dp["epsilon"] <= 8 + 1e-6
+    for a in arms.values():
+        assert 1 < a["perplexity_after"] < 1e5 and a["perplexity_x_lora_no_dp"] > 0
+        assert set(a["max_exposure_bits"]) == {"1", "4", "16"}
+    assert nodp["perplexity_x_no_dp"] == 1.0
+    # The DP arm measured the first arm's canaries: its nodes hold the very same canary files.
+    runs = tmp_path / "runs"
+    for node in (runs / "lora-no-dp" / "nodes").iterdir():
+        assert (runs / "ffa-lora-eps8" / "nodes" / node.name / "canaries.json").read_bytes() == (node / "canaries.json").read_bytes()
+    # FFA-LoRA kept A at its initialisation: the final adapter's A equals a fresh adapter's, B moved.
+    import torch
+    from safetensors.torch import load_file
+
+    from common.config import load_config
+    from common.model.loading import load_base_model, resolve_model_path
+    from common.model.lora import adapter_state, attach_lora
+    from tests.conftest import MICRO_MODEL
+
+    cfg = load_config([f"model.cache_dir={model_cache}", *MICRO_MODEL, *AUDIT_FEDERATION])
+    base = load_base_model(resolve_model_path(cfg.model, log=lambda m: None), torch.device("cpu"), torch.float32)
+    initial = adapter_state(attach_lora(base, cfg.model.lora, cfg.federation.seed))
+    final = load_file(runs / "ffa-lora-eps8" / "run" / "adapter" / "adapter_model.safetensors")
+    assert set(final) == set(initial)
+    assert all(torch.equal(final[k], initial[k]) for k in final if "lora_A" in k)
+    assert any(not torch.equal(final[k], initial[k]) for k in final if "lora_B" in k)
+    table = (tmp_path / "privacy-utility.md").read_text()
+    assert "| FFA-LoRA | 8 |" in table and "| LoRA | no DP |" in table and (tmp_path / "privacy-utility.png").stat().st_size > 0
