@@ -22,11 +22,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchlib import write_results  # noqa: E402  (scripts/ is on sys.path when run)
+from benchlib import MICRO, device_name, write_results  # noqa: E402  (scripts/ is on sys.path when run)
 
 MODES = ("non-private", "hooks", "functorch", "ghost")
-MICRO = ["model.embedded.n_layer=2", "model.embedded.n_head=2", "model.embedded.n_embd=64",
-         "model.embedded.corpus_documents=3000", "model.embedded.steps=150"]
 
 
 def run_mode(mode: str, overrides: list[str], batch: int, length: int, steps: int, warmup: int) -> dict:
@@ -127,10 +125,10 @@ def main() -> int:
     dp = [r for r in results if r["mode"] != "non-private" and "error" not in r]
     best = min(dp, key=lambda r: r["s_per_step"]) if dp else None
     record = {"benchmark": "dp-overhead", "quick": args.quick, "batch": batch, "sequence_length": length,
-              "steps_timed": steps, "device": base["device"], "results": results,
+              "steps_timed": steps, "device": device_name(), "results": results,
               "best_dp_mode": best and best["mode"], "goal": "best DP mode <= 1.15x the non-private step",
               "goal_met": bool(best and best["time_ratio"] <= 1.15)}
-    lines = [f"DP overhead ({'quick' if args.quick else 'full'}; {base['device']}; batch {batch} x {length} tokens; "
+    lines = [f"DP overhead ({'quick' if args.quick else 'full'}; {device_name()}; batch {batch} x {length} tokens; "
              f"median of {steps} steps)", "",
              "| mode | s/step | x non-private | peak memory MB | x non-private |", "|---|---|---|---|---|"]
     for r in results:
@@ -140,8 +138,21 @@ def main() -> int:
             mem = f"{r['memory_ratio']:.2f}" if r.get("memory_ratio") else "n/a"
             lines.append(f"| {r['mode']} | {r['s_per_step']:.4f} | {r['time_ratio']:.2f} | {r['peak_mb']:.1f} | {mem} |")
     lines += ["", f"Best DP mode: {record['best_dp_mode']}; goal (<= 1.15x): {'met' if record['goal_met'] else 'MISSED'}"]
-    write_results(args.out, "dp-overhead", record, lines)
+    write_results(args.out, "dp-overhead", record, lines, plot=lambda figure: plot_ratios(figure, results))
     return 0
+
+
+def plot_ratios(figure, results: list[dict]) -> None:
+    """Time and peak memory of each mode relative to non-private LoRA, with the 1.15x goal line."""
+    ok = [r for r in results if "error" not in r]
+    names = [r["mode"] for r in ok]
+    for i, (key, title) in enumerate((("time_ratio", "time per step"), ("memory_ratio", "peak memory"))):
+        ax = figure.add_subplot(1, 2, i + 1)
+        ax.bar(names, [r.get(key) or 0 for r in ok], color=["grey"] + ["tab:blue"] * (len(ok) - 1))
+        if key == "time_ratio":
+            ax.axhline(1.15, color="tab:red", linestyle="--", label="goal 1.15x")
+            ax.legend()
+        ax.set_title(f"{title}, x non-private")
 
 
 if __name__ == "__main__":

@@ -1,14 +1,16 @@
 #!/usr/bin/env python3
-"""Communication and secure-aggregation cost, measured on simulated federations (`fedsov simulate`).
+"""Communication, secure-aggregation cost and scale, measured on simulated federations (`fedsov simulate`).
 
-For each client count, the same federation runs with and without secure aggregation; from each
-run's metrics.jsonl it takes the round time (median over rounds) and the bytes each client
-uploaded per round, and from the model itself the adapter and full-model sizes (float32). Ratios
+For each client count, the same federation runs with and without secure aggregation (or only the
+modes given); from each run's metrics.jsonl it takes the round time (median over rounds) and the
+bytes each client uploaded per round, and from the models themselves the adapter and full-model
+sizes (float32). It reports the growth of round time per added client and where it bends. Ratios
 are within this one run on this machine.
 
-    .venv/bin/python scripts/bench_federation.py                      # full: 3, 6, 12 clients, embedded model
-    .venv/bin/python scripts/bench_federation.py --clients 3 6 12 24 48 --rounds 2   # scale curve
-    .venv/bin/python scripts/bench_federation.py --quick              # smoke: 3 clients, micro model, 1 round
+    .venv/bin/python scripts/bench_federation.py --clients 4 6 12 --rounds 2            # secure vs plain
+    .venv/bin/python scripts/bench_federation.py --clients 3 6 12 24 48 --rounds 2 --modes secure \
+        --out bench/scale                                                                # scale curve
+    .venv/bin/python scripts/bench_federation.py --quick              # smoke: 4 clients, micro model, 1 round
 """
 
 from __future__ import annotations
@@ -23,11 +25,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchlib import device_name, write_results  # noqa: E402  (scripts/ is on sys.path when run)
+from benchlib import MICRO, device_name, write_results  # noqa: E402  (scripts/ is on sys.path when run)
 
-MICRO = ["model.embedded.n_layer=2", "model.embedded.n_head=2", "model.embedded.n_embd=64",
-         "model.embedded.corpus_documents=3000", "model.embedded.steps=150", "model.max_length=96",
-         "data.users_per_region=60", "federation.local_steps=2", "federation.batch_size=8"]
+QUICK = [*MICRO, "model.max_length=96", "data.users_per_region=60", "federation.local_steps=2",
+         "federation.batch_size=8"]
+# Growth per added client counts as bent where a segment's slope exceeds the first segment's by this factor.
+BEND_FACTOR = 1.5
 REGIONS = ("us", "sg")  # policies that allow a coordinator in the EU and cohorts of 2+
 
 
@@ -38,17 +41,55 @@ def federation(clients: int) -> list[str]:
 
 
 def model_sizes(overrides: list[str]) -> dict:
-    from common.config import load_config
+    """float32 bytes of the full model and of what a client uploads (the trainable adapter), for the
+    configured model and LoRA, and for reference: attention-only LoRA on the same model, and the same
+    LoRA on a GPT-2 small shape (124M, random init on the meta device: counts only, nothing downloaded)."""
+    import dataclasses
+
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from common.config import LoraSettings, load_config
     from common.model.loading import load_base_model, resolve_model_path
     from common.model.lora import attach_lora
-    import torch
 
     cfg = load_config(overrides)
-    base = load_base_model(resolve_model_path(cfg.model, log=lambda m: None), torch.device("cpu"), torch.float32)
-    full = sum(p.numel() for p in base.parameters())
-    model = attach_lora(base, cfg.model.lora, seed=0)
-    adapter = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {"full_model_bytes": 4 * full, "adapter_bytes": 4 * adapter}
+    c = cfg.model.lora
+    lora = LoraSettings(rank=c.rank, alpha=c.alpha, dropout=c.dropout, ffa=c.ffa,
+                        target_modules=list(c.target_modules) if c.target_modules else None)
+
+    def sizes(make_base, settings: LoraSettings) -> dict:
+        base = make_base()
+        full = sum(p.numel() for p in base.parameters())
+        adapter = sum(p.numel() for p in attach_lora(base, settings, seed=0).parameters() if p.requires_grad)
+        return {"full_model_bytes": 4 * full, "adapter_bytes": 4 * adapter, "share": adapter / full}
+
+    def configured():
+        return load_base_model(resolve_model_path(cfg.model, log=lambda m: None), torch.device("cpu"), torch.float32)
+
+    def gpt2_small():
+        with torch.device("meta"):
+            return GPT2LMHeadModel(GPT2Config())
+
+    attention_only = dataclasses.replace(lora, target_modules=["c_attn"])
+    return {"configured": sizes(configured, lora),
+            "configured, LoRA on c_attn only": sizes(configured, attention_only),
+            "GPT-2 small shape (124M), same LoRA": sizes(gpt2_small, lora)}
+
+
+def growth(points: list[tuple[int, float]]) -> dict:
+    """Seconds per added client: least-squares over all points, per segment, and the first segment
+    (if any) whose slope exceeds BEND_FACTOR x the first one's."""
+    points = sorted(points)
+    if len(points) < 2:
+        return {"per_client_s": None, "segments": [], "bends_after": None}
+    xs, ys = zip(*points)
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    slope = sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x in xs)
+    segments = [{"from": a[0], "to": b[0], "per_client_s": (b[1] - a[1]) / (b[0] - a[0])} for a, b in zip(points, points[1:])]
+    first = segments[0]["per_client_s"]
+    bend = next((s["from"] for s in segments[1:] if first > 0 and s["per_client_s"] > BEND_FACTOR * first), None)
+    return {"per_client_s": slope, "segments": segments, "bends_after": bend}
 
 
 def main() -> int:
@@ -56,13 +97,16 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--clients", type=int, nargs="+", default=None)
     parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--modes", nargs="+", choices=("secure", "plain"), default=["secure", "plain"])
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "federation")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
-    clients = args.clients or ([4] if args.quick else [4, 6, 12])
+    clients = sorted(set(args.clients or ([4] if args.quick else [4, 6, 12])))
+    if clients[0] < 2 * len(REGIONS):
+        parser.error(f"--clients: at least {2 * len(REGIONS)} (each of {', '.join(REGIONS)} needs a cohort of 2)")
     rounds = args.rounds or (1 if args.quick else 3)
     # The memorisation audit after the last round is not what is measured here.
-    base = [*(MICRO if args.quick else []), f"federation.rounds={rounds}", "audit.enabled=false", *args.overrides]
+    base = [*(QUICK if args.quick else []), f"federation.rounds={rounds}", "audit.enabled=false", *args.overrides]
 
     import os
 
@@ -77,38 +121,68 @@ def main() -> int:
     os.environ[CONFIG_DIR_ENV] = str(lab.resolve())
     runs = []
     for n in clients:
-        for secure in (True, False):
-            run_dir = work / f"clients-{n}-{'secure' if secure else 'plain'}-{int(time.time())}"
-            overrides = [*base, *federation(n), f"secure_aggregation.enabled={str(secure).lower()}",
+        for mode in args.modes:
+            run_dir = work / f"clients-{n}-{mode}-{int(time.time())}"
+            overrides = [*base, *federation(n), f"secure_aggregation.enabled={str(mode == 'secure').lower()}",
                          f"workdir={work}", f"run_dir={run_dir}"]
             code = simulate(overrides, out=lambda line: None)
             if code != 0:
-                print(f"run with {n} clients (secure={secure}) failed; see {run_dir}", file=sys.stderr)
+                print(f"run with {n} clients ({mode}) failed; see {run_dir}", file=sys.stderr)
                 return 1
             rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()][1:]
-            runs.append({"clients": n, "secure_aggregation": secure,
+            runs.append({"clients": n, "secure_aggregation": mode == "secure",
                          "round_s": statistics.median(r["seconds"] for r in rows),
                          "upload_bytes_per_client": statistics.median(r["upload_bytes_per_client"] for r in rows)})
+            print(f"{n} clients, {mode}: {runs[-1]['round_s']:.1f} s/round", flush=True)
     sizes = model_sizes(base)
 
-    table = ["| clients | round s (secure) | round s (plain) | x | upload B/client (secure) | upload B/client (plain) | x |",
-             "|---|---|---|---|---|---|---|"]
-    by = {(r["clients"], r["secure_aggregation"]): r for r in runs}
+    by = {(r["clients"], "secure" if r["secure_aggregation"] else "plain"): r for r in runs}
+    table = ["| clients | " + " | ".join(f"round s ({m})" for m in args.modes)
+             + " | " + " | ".join(f"upload B/client ({m})" for m in args.modes)
+             + (" | time x | bytes x |" if len(args.modes) == 2 else " |"),
+             "|---" * (1 + 2 * len(args.modes) + (2 if len(args.modes) == 2 else 0)) + "|"]
     ratios = {}
     for n in clients:
-        s, p = by[(n, True)], by[(n, False)]
-        ratios[n] = {"time": s["round_s"] / p["round_s"], "bytes": s["upload_bytes_per_client"] / p["upload_bytes_per_client"]}
-        table.append(f"| {n} | {s['round_s']:.1f} | {p['round_s']:.1f} | {ratios[n]['time']:.2f} | "
-                     f"{s['upload_bytes_per_client']:,.0f} | {p['upload_bytes_per_client']:,.0f} | {ratios[n]['bytes']:.3f} |")
-    adapter_share = sizes["adapter_bytes"] / sizes["full_model_bytes"]
+        row = [str(n), *(f"{by[(n, m)]['round_s']:.1f}" for m in args.modes),
+               *(f"{by[(n, m)]['upload_bytes_per_client']:,.0f}" for m in args.modes)]
+        if len(args.modes) == 2:
+            s, p = by[(n, "secure")], by[(n, "plain")]
+            ratios[n] = {"time": s["round_s"] / p["round_s"],
+                         "bytes": s["upload_bytes_per_client"] / p["upload_bytes_per_client"]}
+            row += [f"{ratios[n]['time']:.2f}", f"{ratios[n]['bytes']:.3f}"]
+        table.append("| " + " | ".join(row) + " |")
+    scale = {m: growth([(n, by[(n, m)]["round_s"]) for n in clients]) for m in args.modes}
     lines = [f"Federation cost ({'quick' if args.quick else 'full'}; {device_name()}; "
-             f"{rounds} round(s) each, median round)", "", *table, "",
-             f"Adapter {sizes['adapter_bytes']:,} B vs full model {sizes['full_model_bytes']:,} B (float32): "
-             f"{100 * adapter_share:.1f}% (goal <= 2%)"]
-    record = {"benchmark": "federation", "quick": args.quick, "device": device_name(),
-              "rounds": rounds, "runs": runs, "ratios": ratios, **sizes, "adapter_share": adapter_share}
-    write_results(args.out, "federation", record, lines)
+             f"{rounds} round(s) each, median round)", "", *table]
+    for m, g in scale.items():
+        if g["per_client_s"] is not None:
+            segs = ", ".join(f"{s['from']}->{s['to']}: {s['per_client_s']:.2f}" for s in g["segments"])
+            bend = f"bends after {g['bends_after']} clients" if g["bends_after"] else "no bend in this range"
+            lines += ["", f"Round time ({m}) grows {g['per_client_s']:.2f} s per added client (segments {segs}); {bend}."]
+    lines += ["", "| model, LoRA | adapter B (float32) | full model B | adapter share |", "|---|---|---|---|"]
+    lines += [f"| {name} | {v['adapter_bytes']:,} | {v['full_model_bytes']:,} | {100 * v['share']:.2f}% |"
+              for name, v in sizes.items()]
+    lines += ["", f"Goal: adapter <= 2% of the full model on the default: "
+                  f"{'met' if sizes['configured']['share'] <= 0.02 else 'MISSED'}"]
+    record = {"benchmark": "federation", "quick": args.quick, "device": device_name(), "rounds": rounds,
+              "modes": args.modes, "runs": runs, "ratios": ratios, "scale": scale, "sizes": sizes,
+              "adapter_bytes": sizes["configured"]["adapter_bytes"],
+              "full_model_bytes": sizes["configured"]["full_model_bytes"],
+              "adapter_share": sizes["configured"]["share"]}
+    write_results(args.out, "federation", record, lines,
+                  plot=lambda fig: plot_rounds(fig, clients, args.modes, by))
     return 0
+
+
+def plot_rounds(figure, clients: list[int], modes: list[str], by: dict) -> None:
+    """Round time and upload bytes per client against the number of clients, per mode."""
+    for i, (key, title) in enumerate((("round_s", "round time (s)"), ("upload_bytes_per_client", "upload per client (B)"))):
+        ax = figure.add_subplot(1, 2, i + 1)
+        for m in modes:
+            ax.plot(clients, [by[(n, m)][key] for n in clients], marker="o", label=m)
+        ax.set_xlabel("clients")
+        ax.set_title(title)
+        ax.legend()
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ Measures, in fresh Python processes on this machine, what a ClientApp pays befor
   model  - train/evaluate: the above + the base model with LoRA attached, ready to train
 and the same work repeated inside one warm process (what simulation's Ray actors pay).
 
-    .venv/bin/python scripts/bench_message_start.py [--repeats 3] [--out bench/message-start.json] [overrides...]
+    .venv/bin/python scripts/bench_message_start.py [--repeats 3] [--out bench/message-start] [overrides...]
     .venv/bin/python scripts/bench_message_start.py --quick    # smoke: micro model, small data
 
 Uses the embedded default model (built on first use) and the default synthetic data.
@@ -26,6 +26,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from benchlib import MICRO, device_name, write_results  # noqa: E402  (scripts/ is on sys.path when run)
+
+STAGE_NAMES = {"light": "secure-aggregation stage", "node": "describe (start checks)", "model": "train/evaluate (model ready)"}
 
 STAGE_CODE = r"""
 import json, sys, time
@@ -58,14 +62,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="micro model, small data, one repeat: a smoke run")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "message-start.json")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "message-start")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     if args.quick:
         args.repeats = 1
-        args.overrides = ["model.embedded.n_layer=2", "model.embedded.n_head=2", "model.embedded.n_embd=64",
-                          "model.embedded.corpus_documents=3000", "model.embedded.steps=150",
-                          "data.users_per_region=40", *args.overrides]
+        args.overrides = [*MICRO, "data.users_per_region=40", *args.overrides]
 
     from common.config import load_config
     from common.data.prepare import ensure_synthetic_data
@@ -94,21 +96,31 @@ def main() -> int:
             "cold_s": statistics.median(r["cold_s"] for r in runs),
             "warm_s": statistics.median(r["warm_s"] for r in runs),
         }
-    import torch
-
-    record = {"benchmark": "message-start", "quick": args.quick,
-              "device": "cuda" if torch.cuda.is_available() else "cpu", "python": sys.version.split()[0],
-              "model": cfg.model.name_or_path, "repeats": args.repeats, "stages": results}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=1))
-    print(f"\n| message kind | new process (wall) | of which fedsov work | same work in a warm process | cold/warm |")
-    print("|---|---|---|---|---|")
-    names = {"light": "secure-aggregation stage", "node": "describe (start checks)", "model": "train/evaluate (model ready)"}
+    record = {"benchmark": "message-start", "quick": args.quick, "device": device_name(),
+              "python": sys.version.split()[0], "model": cfg.model.name_or_path, "repeats": args.repeats,
+              "stages": results}
+    lines = [f"Per-message start cost of a deployed ClientApp ({'quick' if args.quick else 'full'}; {device_name()}; "
+             f"median of {args.repeats})", "",
+             "| message kind | new process (wall) | of which fedsov work | same work in a warm process | cold/warm |",
+             "|---|---|---|---|---|"]
     for stage, r in results.items():
         ratio = r["cold_s"] / max(r["warm_s"], 1e-3)
-        print(f"| {names[stage]} | {r['process_wall_s']:.2f} s | {r['cold_s']:.2f} s | {r['warm_s']:.3f} s | {ratio:.0f}x |")
-    print(f"\nWritten {args.out}")
+        lines.append(f"| {STAGE_NAMES[stage]} | {r['process_wall_s']:.2f} s | {r['cold_s']:.2f} s | "
+                     f"{r['warm_s']:.3f} s | {ratio:.0f}x |")
+    write_results(args.out, "message-start", record, lines, plot=lambda fig: plot_stages(fig, results))
     return 0
+
+
+def plot_stages(figure, results: dict) -> None:
+    """Seconds per message: a fresh process (what deployment pays) against a warm one (simulation)."""
+    ax = figure.add_subplot(1, 1, 1)
+    names = [STAGE_NAMES[s] for s in results]
+    xs = range(len(names))
+    ax.bar([x - 0.2 for x in xs], [r["process_wall_s"] for r in results.values()], width=0.4, label="new process")
+    ax.bar([x + 0.2 for x in xs], [r["warm_s"] for r in results.values()], width=0.4, label="warm process")
+    ax.set_xticks(list(xs), names)
+    ax.set_ylabel("seconds per message")
+    ax.legend()
 
 
 if __name__ == "__main__":
