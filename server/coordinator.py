@@ -31,6 +31,7 @@ from common.secagg.encoding import (
     unflatten,
 )
 from common.wire import (
+    REFUSED,
     AUDIT,
     DESCRIBE,
     EXAMPLES,
@@ -82,6 +83,24 @@ class Reply:
     reason: str = ""
     content: Any = None
     seconds: float = 0.0
+    code: int | None = None  # the Error code of a failed reply; None when no reply came
+
+    @property
+    def refused(self) -> bool:
+        """A node's own decision (policy, budget), as opposed to a node lost or failing."""
+        return not self.ok and self.code == REFUSED
+
+
+@dataclass
+class NotContributing:
+    """The nodes that did not contribute to a round: those that refused, and those that failed
+    (no reply, node unavailable, an error). Only the first are refusals."""
+
+    refused: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+
+    def row(self) -> dict[str, list[str]]:
+        return {"clients_refused": self.refused, "clients_failed": self.failed}
 
 
 class ServerModel:
@@ -168,7 +187,8 @@ class Coordinator:
             run.metrics(row)
             self.audit.record(
                 "round", "aggregated" if row["aggregated"] else "skipped",
-                reason=f"{row['clients_trained']} client(s) aggregated; refused: {', '.join(row['clients_refused']) or 'none'}",
+                reason=f"{row['clients_trained']} client(s) aggregated; refused: {', '.join(row['clients_refused']) or 'none'}; "
+                       f"failed: {', '.join(row['clients_failed']) or 'none'}",
                 round=round_number, bytes_received=sum(self.upload_bytes.values()), epsilon_by_region=row["epsilon"],
             )
             run.event("round_finished", **row, checkpoint=str(model_dir))
@@ -287,19 +307,19 @@ class Coordinator:
             return self._train_secure(plan, state, trainable, request)
         updates, weights = [], []
         losses: dict[str, list[tuple[float, int]]] = {}
-        refused: list[str] = []
+        missing = NotContributing()
 
         def on_reply(reply: Reply) -> None:
             node = self.nodes[reply.node_id]
             if not reply.ok:
-                self._refused(plan.round, node, reply.reason, refused)
+                self._not_contributing(plan.round, node, reply, missing)
                 return
             metrics = reply.content[METRICS]
             try:
                 update = record_to_state(reply.content[UPDATE])
                 check_update(update, trainable)
             except (WireError, KeyError) as err:
-                refused.append(node.name)
+                missing.failed.append(node.name)
                 self.run.event("update_rejected", round=plan.round, node=node.name, region=node.region, reason=str(err))
                 return
             units = int(metrics["num-units"])
@@ -315,7 +335,7 @@ class Coordinator:
             )
 
         self._exchange(list(self.nodes), TRAIN, request, plan.round, on_reply=on_reply)
-        row: dict[str, Any] = {"secure_aggregation": False, "clients_trained": len(updates), "clients_refused": refused}
+        row: dict[str, Any] = {"secure_aggregation": False, "clients_trained": len(updates), **missing.row()}
         if len(updates) >= self.cfg.federation.min_clients:
             state = apply_update(state, weighted_mean(updates, weights), self.cfg.federation.server_learning_rate)
             row["aggregated"] = True
@@ -327,8 +347,8 @@ class Coordinator:
 
     def _train_secure(self, plan: RoundPlan, state, trainable, request) -> tuple["OrderedDict[str, torch.Tensor]", dict[str, Any]]:
         """Stage 1 rides on the train message; the update is only ever seen summed."""
-        keys, units, refused = self._advertise(plan.round, TRAIN, request)
-        row: dict[str, Any] = {"secure_aggregation": True, "clients_trained": 0, "clients_refused": refused}
+        keys, units, missing = self._advertise(plan.round, TRAIN, request)
+        row: dict[str, Any] = {"secure_aggregation": True, "clients_trained": 0, **missing.row()}
         sa = self.cfg.secure_aggregation
         try:
             if len(keys) < sa.min_clients:
@@ -368,16 +388,16 @@ class Coordinator:
         )
         return state, row
 
-    def _advertise(self, round_number: int, message_type: str, request) -> tuple[dict[int, tuple[bytes, bytes]], dict[int, int], list[str]]:
+    def _advertise(self, round_number: int, message_type: str, request) -> tuple[dict[int, tuple[bytes, bytes]], dict[int, int], NotContributing]:
         """Send the round's train/evaluate message; collect the nodes' public keys (stage 1)."""
         keys: dict[int, tuple[bytes, bytes]] = {}
         units: dict[int, int] = {}
-        refused: list[str] = []
+        missing = NotContributing()
 
         def on_reply(reply: Reply) -> None:
             node = self.nodes[reply.node_id]
             if not reply.ok:
-                self._refused(round_number, node, reply.reason, refused)
+                self._not_contributing(round_number, node, reply, missing)
                 return
             advertised = reply.content[SECAGG_KEYS]
             keys[reply.node_id] = (advertised["c-pk"], advertised["s-pk"])
@@ -389,7 +409,7 @@ class Coordinator:
                                epsilon=json_number(node.epsilon), seconds=round(reply.seconds, 2))
 
         self._exchange(list(self.nodes), message_type, request, round_number, on_reply=on_reply)
-        return keys, units, refused
+        return keys, units, missing
 
     def _stage_exchange(self, round_number: int):
         def exchange(node_ids, message_type, content_for, timeout):
@@ -397,10 +417,14 @@ class Coordinator:
 
         return exchange
 
-    def _refused(self, round_number: int, node: NodeInfo, reason: str, refused: list[str]) -> None:
-        node.refusals.append(f"round {round_number}: {reason}")
-        refused.append(node.name)
-        self.run.event("node_refused", round=round_number, node=node.name, region=node.region, reason=reason)
+    def _not_contributing(self, round_number: int, node: NodeInfo, reply: Reply, missing: NotContributing) -> None:
+        if reply.refused:
+            node.refusals.append(f"round {round_number}: {reply.reason}")
+            missing.refused.append(node.name)
+            self.run.event("node_refused", round=round_number, node=node.name, region=node.region, reason=reply.reason)
+        else:
+            missing.failed.append(node.name)
+            self.run.event("node_failed", round=round_number, node=node.name, region=node.region, reason=reply.reason)
 
     def _skip(self, round_number: int, reason: str, row: dict[str, Any]) -> None:
         row["aggregated"] = False
@@ -478,7 +502,8 @@ class Coordinator:
                 if node_id is None:
                     continue
                 if msg.has_error():
-                    reply = Reply(node_id, False, reason=msg.error.reason, seconds=time.monotonic() - sent)
+                    reply = Reply(node_id, False, reason=msg.error.reason, seconds=time.monotonic() - sent,
+                                  code=msg.error.code)
                 else:
                     reply = Reply(node_id, True, content=msg.content, seconds=time.monotonic() - sent)
                     self.upload_bytes[node_id] = self.upload_bytes.get(node_id, 0) + payload_bytes(msg.content)

@@ -194,8 +194,12 @@ def render_event(event: dict, cfg: FedsovConfig) -> str | None:
         return f"    {event['node']:<6} trained  {loss}  epsilon {_fmt_eps(event['epsilon'])}  ({event['seconds']:.1f}s)"
     if kind == "secure_aggregation_disabled":
         return f"  WARNING: secure aggregation is OFF: {event['reason']}"
-    if kind in ("node_refused", "update_rejected"):
+    if kind == "node_refused":
         return f"    {event['node']:<6} REFUSED: {event['reason']}"
+    if kind == "node_failed":  # lost, unreachable or broken: not the node's decision
+        return f"    {event['node']:<6} no contribution (not a refusal): {event['reason']}"
+    if kind == "update_rejected":
+        return f"    {event['node']:<6} update REJECTED by the coordinator: {event['reason']}"
     if kind == "round_skipped":
         return f"    round {event['round']} skipped: {event['reason']}"
     if kind == "round_finished":

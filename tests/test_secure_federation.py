@@ -101,6 +101,36 @@ def test_round_survives_dropouts_after_key_exchange(small_overrides, lost):
         assert ((after[name] - before[name]) - expected).abs().max() <= 1e-3 * expected.abs().max()
 
 
+def test_a_lost_node_is_reported_as_failed_never_as_refused(small_overrides):
+    """A node Flower reports unavailable did not refuse anything: the round shows it as failed."""
+    from flwr.app import Error, Message
+    from flwr.common.constant import ErrorCode
+
+    from server.simulation import render_event
+
+    def prepare(grid):
+        victim = sorted(grid.contexts)[0]
+        deliver = grid.client_app
+
+        def client_app(msg, context):
+            if msg.metadata.dst_node_id == victim and msg.metadata.message_type == "train":
+                return Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason="Node Unavailable"), reply_to=msg)
+            return deliver(msg, context)
+
+        grid.client_app = client_app
+
+    cfg, run, summary, _ = run_federation(small_overrides + SIX, prepare_grid=prepare)
+    row = run.read_metrics()[1]
+    assert row["aggregated"] and row["clients_trained"] == 5
+    assert row["clients_refused"] == [] and len(row["clients_failed"]) == 1
+    events = run.read_events()
+    assert not [e for e in events if e["event"] == "node_refused"]
+    failed = [e for e in events if e["event"] == "node_failed"]
+    assert [e["node"] for e in failed] == row["clients_failed"] and failed[0]["reason"] == "Node Unavailable"
+    line = render_event(failed[0], cfg)
+    assert "REFUSED" not in line and "not a refusal" in line
+
+
 def test_one_dropout_too_many_skips_the_round_cleanly_and_the_run_goes_on(small_overrides):
     def prepare(grid):
         grid.lose |= {(n, "train.secagg_mask", "1") for n in sorted(grid.contexts)[:3]}
