@@ -40,10 +40,6 @@ def flower_environment(flwr_home: Path) -> dict[str, str]:
             "PYTHONUNBUFFERED": "1",
         }
     )
-    # A deployed node starts one ClientApp process per message, and Flower's SuperExec looks for a
-    # new message once a second by default: up to 1 s lost per message, ~10 messages a round.
-    # Polling the node's own local API every 0.1 s costs nothing measurable. A user's value wins.
-    env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1")
     return env
 
 
