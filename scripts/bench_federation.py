@@ -27,17 +27,22 @@ sys.path.insert(0, str(ROOT))
 
 from benchlib import MICRO, device_name, write_results  # noqa: E402  (scripts/ is on sys.path when run)
 
-QUICK = [*MICRO, "model.max_length=96", "data.users_per_region=60", "federation.local_steps=2",
-         "federation.batch_size=8"]
+QUICK = [*MICRO, "model.max_length=96", "federation.local_steps=2", "federation.batch_size=8"]
+# The default federation's share: 300 users per region over 2 clients.
+USERS_PER_CLIENT = {"quick": 30, "full": 150}
 # Growth per added client counts as bent where a segment's slope exceeds the first segment's by this factor.
 BEND_FACTOR = 1.5
 REGIONS = ("us", "sg")  # policies that allow a coordinator in the EU and cohorts of 2+
 
 
-def federation(clients: int) -> list[str]:
-    """`clients` nodes spread over the regions (at least 2 per region: their minimum cohorts)."""
+def federation(clients: int, users_per_client: int) -> list[str]:
+    """`clients` nodes spread over the regions (at least 2 per region: their minimum cohorts), each
+    with the same amount of data whatever the count, so that every client does the same work (with a
+    fixed data set, more clients would mean smaller shards, cheaper evaluation, and nodes refusing
+    to train once their shard has fewer privacy units than the batch size)."""
     per_region = [clients // len(REGIONS) + (1 if i < clients % len(REGIONS) else 0) for i in range(len(REGIONS))]
-    return [f"regions=[{','.join(REGIONS)}]"] + [f"regions.{r}.clients={n}" for r, n in zip(REGIONS, per_region)]
+    return ([f"regions=[{','.join(REGIONS)}]", f"data.users_per_region={users_per_client * max(per_region)}"]
+            + [f"regions.{r}.clients={n}" for r, n in zip(REGIONS, per_region)])
 
 
 def model_sizes(overrides: list[str]) -> dict:
@@ -122,15 +127,23 @@ def main() -> int:
     runs = []
     for n in clients:
         for mode in args.modes:
-            run_dir = work / f"clients-{n}-{mode}-{int(time.time())}"
-            overrides = [*base, *federation(n), f"secure_aggregation.enabled={str(mode == 'secure').lower()}",
-                         f"workdir={work}", f"run_dir={run_dir}"]
+            name = f"clients-{n}-{mode}-{int(time.time())}"
+            # Each run its own node state: ledgers must not carry spend from one measurement to the next.
+            overrides = [*base, *federation(n, USERS_PER_CLIENT["quick" if args.quick else "full"]),
+                         f"secure_aggregation.enabled={str(mode == 'secure').lower()}",
+                         f"workdir={work / name}", f"data.root={work / 'data'}", f"run_dir={work / name / 'run'}"]
+            run_dir = work / name / "run"
             code = simulate(overrides, out=lambda line: None)
             if code != 0:
                 print(f"run with {n} clients ({mode}) failed; see {run_dir}", file=sys.stderr)
                 return 1
             rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()][1:]
-            runs.append({"clients": n, "secure_aggregation": mode == "secure",
+            trained = min(r["clients_trained"] for r in rows)
+            if trained < n:
+                # A round time with clients missing measures a smaller federation: say so, loudly.
+                print(f"WARNING: with {n} clients ({mode}) only {trained} trained in some round; see {run_dir}",
+                      file=sys.stderr)
+            runs.append({"clients": n, "secure_aggregation": mode == "secure", "min_clients_trained": trained,
                          "round_s": statistics.median(r["seconds"] for r in rows),
                          "upload_bytes_per_client": statistics.median(r["upload_bytes_per_client"] for r in rows)})
             print(f"{n} clients, {mode}: {runs[-1]['round_s']:.1f} s/round", flush=True)
@@ -143,7 +156,8 @@ def main() -> int:
              "|---" * (1 + 2 * len(args.modes) + (2 if len(args.modes) == 2 else 0)) + "|"]
     ratios = {}
     for n in clients:
-        row = [str(n), *(f"{by[(n, m)]['round_s']:.1f}" for m in args.modes),
+        row = [str(n), *(f"{by[(n, m)]['round_s']:.1f}" + ("" if by[(n, m)]["min_clients_trained"] == n
+                          else f" (only {by[(n, m)]['min_clients_trained']} trained)") for m in args.modes),
                *(f"{by[(n, m)]['upload_bytes_per_client']:,.0f}" for m in args.modes)]
         if len(args.modes) == 2:
             s, p = by[(n, "secure")], by[(n, "plain")]

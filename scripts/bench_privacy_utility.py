@@ -41,15 +41,19 @@ def summarise(report: dict) -> dict:
     regions = report["regions"]
     eps = [r["epsilon"] for r in regions.values()]
     exposure: dict[str, float] = {}
+    mean: dict[str, list[tuple[float, int]]] = {}
     for r in regions.values():
         for reps, e in ((r.get("audit") or {}).get("exposure") or {}).items():
             exposure[reps] = max(exposure.get(reps, 0.0), e["max_bits"])
+            mean.setdefault(reps, []).append((e["mean_bits"], e["canaries"]))
     return {
         "epsilon": "inf" if "inf" in eps else max(float(e) for e in eps),
         "perplexity_before": report["perplexity_by_round"][0]["overall"],
         "perplexity_after": report["perplexity_by_round"][-1]["overall"],
         "perplexity_by_region": {n: r["perplexity_after"] for n, r in regions.items()},
         "max_exposure_bits": exposure,
+        # The max over a handful of canaries is a noisy statistic; the mean shows the trend.
+        "mean_exposure_bits": {k: sum(b * n for b, n in v) / sum(n for _, n in v) for k, v in mean.items()},
         "verdicts": {n: r["verdict"]["status"] for n, r in regions.items()},
         "bound_violations": report["bound_violations"],
     }
@@ -59,6 +63,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--epsilons", nargs="+", default=None, help="target epsilons (default 1 3 8)")
+    parser.add_argument("--kinds", nargs="+", choices=("lora", "ffa-lora"), default=["lora", "ffa-lora"],
+                        help="LoRA kinds to sweep (default both)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="re-read the arms' finished runs under --out and rewrite the table, running nothing")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "privacy-utility")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
@@ -68,13 +76,15 @@ def main() -> int:
             parser.error(f"--epsilons takes positive numbers, got {e!r}")
     # Quick mode runs two arms only, but through both LoRA kinds.
     plan = ([(NO_DP, False), ("8", True)] if args.quick and not args.epsilons
-            else [(e, ffa) for ffa in (False, True) for e in epsilons])
+            else [(e, ffa) for ffa in (False, True) if ("ffa-lora" if ffa else "lora") in args.kinds for e in epsilons])
 
     from common.config import default_config_dir
     from server.compare import AUDIT_FEDERATION, run_arm, write_lab_policies
+    from server.report import load_report
 
     root = args.out / "runs"
-    lab = write_lab_policies(args.out / "lab-configs", why="bench_privacy_utility: no-DP baseline", require_dp=False)
+    lab = (None if args.report_only else
+           write_lab_policies(args.out / "lab-configs", why="bench_privacy_utility: no-DP baseline", require_dp=False))
     base = [*AUDIT_FEDERATION, *(QUICK if args.quick else []), *args.overrides]
     arms = []
     first = None
@@ -82,9 +92,12 @@ def main() -> int:
         name = arm_name(epsilon, ffa)
         privacy = (["privacy=off"] if epsilon == NO_DP
                    else [f"privacy.target_epsilon={epsilon}", "privacy.noise_multiplier=null"])
-        code, report = run_arm(root, name, [*base, f"model.lora.ffa={str(ffa).lower()}", *privacy],
-                               lab.resolve() if epsilon == NO_DP else default_config_dir(),
-                               canaries_from=first, out=lambda line: None)
+        if args.report_only:
+            code, report = (0, load_report(root / name / "run")) if (root / name / "run" / "summary.json").exists() else (1, None)
+        else:
+            code, report = run_arm(root, name, [*base, f"model.lora.ffa={str(ffa).lower()}", *privacy],
+                                   lab.resolve() if epsilon == NO_DP else default_config_dir(),
+                                   canaries_from=first, out=lambda line: None)
         if code != 0:
             print(f"arm {name} failed (exit {code}); see {root / name / 'run'}", file=sys.stderr)
             return 1
@@ -94,7 +107,7 @@ def main() -> int:
               flush=True)
 
     # Each arm against the non-private run of its own LoRA kind (LoRA's where that kind has none).
-    lora_no_dp = next(a for a in arms if not a["ffa"] and a["target_epsilon"] == NO_DP)
+    lora_no_dp = next((a for a in arms if not a["ffa"] and a["target_epsilon"] == NO_DP), arms[0])
     for a in arms:
         own = next((b for b in arms if b["ffa"] == a["ffa"] and b["target_epsilon"] == NO_DP), lora_no_dp)
         a["perplexity_x_no_dp"] = a["perplexity_after"] / own["perplexity_after"]
@@ -107,15 +120,16 @@ def main() -> int:
     lines = [f"Privacy vs utility ({'quick' if args.quick else 'full'}; {device_name()}; federation of "
              f"`fedsov audit compare`; perplexity before training {arms[0]['perplexity_before']:.1f})", "",
              "| LoRA | target epsilon | epsilon spent | held-out perplexity | x no-DP (same LoRA) | x LoRA no-DP | "
-             f"max exposure bits ({', '.join(k + 'x' for k in sorted(arms[0]['max_exposure_bits'], key=int))}) | audit |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"max exposure bits ({', '.join(k + 'x' for k in sorted(arms[0]['max_exposure_bits'], key=int))}) | "
+             f"mean exposure bits, {top}x | audit |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for a in arms:
         spent = a["epsilon"] if a["epsilon"] == "inf" else f"{a['epsilon']:.2f}"
         bits = " / ".join(f"{a['max_exposure_bits'][k]:.1f}" for k in sorted(a["max_exposure_bits"], key=int))
         verdicts = ", ".join(f"{r}: {v}" for r, v in a["verdicts"].items())
         lines.append(f"| {'FFA-LoRA' if a['ffa'] else 'LoRA'} | {a['target_epsilon']} | {spent} | "
                      f"{a['perplexity_after']:.2f} | {a['perplexity_x_no_dp']:.2f} | {a['perplexity_x_lora_no_dp']:.2f} | "
-                     f"{bits} | {verdicts} |")
+                     f"{bits} | {a['mean_exposure_bits'].get(top, math.nan):.1f} | {verdicts} |")
     if best8:
         lines += ["", f"At epsilon 8 the best arm ({best8['arm']}) reaches {best8['perplexity_x_lora_no_dp']:.2f}x the "
                       f"non-private perplexity; goal <= {UTILITY_GOAL}x: {'met' if goal_met else 'MISSED'}"]
@@ -127,22 +141,27 @@ def main() -> int:
 
 
 def plot_sweep(figure, arms: list[dict], epsilons: list[str], top: str | None) -> None:
-    """Perplexity and exposure of the most repeated canaries against epsilon, one line per LoRA kind."""
-    order = [e for e in epsilons if e != NO_DP]
-    order = sorted(order, key=float) + [NO_DP]
-    panels = [("perplexity_after", "held-out perplexity")]
+    """Perplexity, and exposure of the most repeated canaries (mean solid, max dotted), against
+    epsilon, one colour per LoRA kind."""
+    order = sorted((e for e in epsilons if e != NO_DP), key=float) + [NO_DP]
+    panels = [("perplexity", "held-out perplexity")]
     if top:
-        panels.append(("exposure", f"max exposure, {top}x canaries (bits)"))
+        panels.append(("exposure", f"{top}x canaries: exposure bits (mean; max dotted)"))
     for i, (key, title) in enumerate(panels):
         ax = figure.add_subplot(1, len(panels), i + 1)
         for ffa in sorted({a["ffa"] for a in arms}):
             by = {a["target_epsilon"]: a for a in arms if a["ffa"] == ffa}
             xs = [i for i, e in enumerate(order) if e in by]
-            ys = [by[order[i]]["perplexity_after"] if key == "perplexity_after"
-                  else by[order[i]]["max_exposure_bits"].get(top, math.nan) for i in xs]
-            ax.plot(xs, ys, marker="o", label="FFA-LoRA" if ffa else "LoRA")
+            label, colour = ("FFA-LoRA", "tab:orange") if ffa else ("LoRA", "tab:blue")
+            if key == "perplexity":
+                ax.plot(xs, [by[order[i]]["perplexity_after"] for i in xs], marker="o", label=label, color=colour)
+            else:
+                ax.plot(xs, [by[order[i]]["mean_exposure_bits"].get(top, math.nan) for i in xs], marker="o",
+                        label=label, color=colour)
+                ax.plot(xs, [by[order[i]]["max_exposure_bits"].get(top, math.nan) for i in xs], linestyle=":",
+                        color=colour)
         ax.set_xticks(range(len(order)), [e if e == NO_DP else f"eps {e}" for e in order])
-        if key == "perplexity_after":
+        if key == "perplexity":
             ax.set_yscale("log")
         ax.set_title(title)
         ax.legend()

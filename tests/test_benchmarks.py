@@ -48,7 +48,7 @@ def test_federation_quick_compares_secure_and_plain(model_cache, tmp_path):
     record = json.loads((tmp_path / "federation.json").read_text())
     assert {(r["clients"], r["secure_aggregation"]) for r in record["runs"]} == {(4, True), (4, False)}
     for r in record["runs"]:
-        assert r["round_s"] > 0 and r["upload_bytes_per_client"] > 0
+        assert r["round_s"] > 0 and r["upload_bytes_per_client"] > 0 and r["min_clients_trained"] == 4
     # Masked uploads are 4 bytes per adapter value, like float32: never far from the plain bytes.
     assert 0.5 < record["ratios"]["4"]["bytes"] < 1.5
     assert 0 < record["adapter_bytes"] < record["full_model_bytes"]
@@ -82,7 +82,8 @@ def test_privacy_utility_quick_runs_both_lora_kinds_on_the_same_canaries(model_c
     assert nodp["epsilon"] == "inf" and 0 < dp["epsilon"] <= 8 + 1e-6
     for a in arms.values():
         assert 1 < a["perplexity_after"] < 1e5 and a["perplexity_x_lora_no_dp"] > 0
-        assert set(a["max_exposure_bits"]) == {"1", "4", "16"}
+        assert set(a["max_exposure_bits"]) == set(a["mean_exposure_bits"]) == {"1", "4", "16"}
+        assert all(a["mean_exposure_bits"][k] <= a["max_exposure_bits"][k] + 1e-9 for k in ("1", "4", "16"))
     assert nodp["perplexity_x_no_dp"] == 1.0
     # The DP arm measured the first arm's canaries: its nodes hold the very same canary files.
     runs = tmp_path / "runs"
@@ -104,5 +105,11 @@ def test_privacy_utility_quick_runs_both_lora_kinds_on_the_same_canaries(model_c
     assert set(final) == set(initial)
     assert all(torch.equal(final[k], initial[k]) for k in final if "lora_A" in k)
     assert any(not torch.equal(final[k], initial[k]) for k in final if "lora_B" in k)
+    # --report-only re-reads the finished runs and writes the same numbers without running anything.
+    again = subprocess.run([sys.executable, str(SCRIPTS / "bench_privacy_utility.py"), "--quick", "--report-only",
+                            "--out", str(tmp_path), f"model.cache_dir={model_cache}"], capture_output=True, text=True,
+                           timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads((tmp_path / "privacy-utility.json").read_text())["arms"] == record["arms"]
     table = (tmp_path / "privacy-utility.md").read_text()
     assert "| FFA-LoRA | 8 |" in table and "| LoRA | no DP |" in table and (tmp_path / "privacy-utility.png").stat().st_size > 0
