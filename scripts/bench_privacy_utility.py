@@ -74,9 +74,10 @@ def main() -> int:
     for e in epsilons[1:]:
         if not (e.replace(".", "", 1).isdigit() and float(e) > 0):
             parser.error(f"--epsilons takes positive numbers, got {e!r}")
-    # Quick mode runs two arms only, but through both LoRA kinds.
-    plan = ([(NO_DP, False), ("8", True)] if args.quick and not args.epsilons
-            else [(e, ffa) for ffa in (False, True) if ("ffa-lora" if ffa else "lora") in args.kinds for e in epsilons])
+    kinds = [kind == "ffa-lora" for kind in dict.fromkeys(args.kinds)]
+    # Quick mode runs two arms only: without DP on the first kind, epsilon 8 on the last (both, by default).
+    plan = ([(NO_DP, kinds[0]), ("8", kinds[-1])] if args.quick and not args.epsilons
+            else [(e, ffa) for ffa in kinds for e in epsilons])
 
     from common.config import default_config_dir
     from server.compare import AUDIT_FEDERATION, run_arm, write_lab_policies
@@ -93,7 +94,11 @@ def main() -> int:
         privacy = (["privacy=off"] if epsilon == NO_DP
                    else [f"privacy.target_epsilon={epsilon}", "privacy.noise_multiplier=null"])
         if args.report_only:
-            code, report = (0, load_report(root / name / "run")) if (root / name / "run" / "summary.json").exists() else (1, None)
+            if not (root / name / "run" / "summary.json").is_file():
+                print(f"--report-only: no finished run for arm {name} in {root / name / 'run'}; "
+                      f"run the sweep without --report-only first (same --out, --kinds, --epsilons)", file=sys.stderr)
+                return 1
+            code, report = 0, load_report(root / name / "run")
         else:
             code, report = run_arm(root, name, [*base, f"model.lora.ffa={str(ffa).lower()}", *privacy],
                                    lab.resolve() if epsilon == NO_DP else default_config_dir(),
@@ -107,13 +112,14 @@ def main() -> int:
               flush=True)
 
     # Each arm against the non-private run of its own LoRA kind (LoRA's where that kind has none).
-    lora_no_dp = next((a for a in arms if not a["ffa"] and a["target_epsilon"] == NO_DP), arms[0])
+    lora_no_dp = next((a for a in arms if not a["ffa"] and a["target_epsilon"] == NO_DP),
+                      next((a for a in arms if a["target_epsilon"] == NO_DP), arms[0]))
     for a in arms:
         own = next((b for b in arms if b["ffa"] == a["ffa"] and b["target_epsilon"] == NO_DP), lora_no_dp)
         a["perplexity_x_no_dp"] = a["perplexity_after"] / own["perplexity_after"]
         a["perplexity_x_lora_no_dp"] = a["perplexity_after"] / lora_no_dp["perplexity_after"]
     top = max(arms[0]["max_exposure_bits"], key=int, default=None)
-    at8 = [a for a in arms if a["target_epsilon"] == "8"]
+    at8 = [a for a in arms if a["target_epsilon"] != NO_DP and float(a["target_epsilon"]) == 8]
     best8 = min(at8, key=lambda a: a["perplexity_after"]) if at8 else None
     goal_met = bool(best8 and best8["perplexity_x_lora_no_dp"] <= UTILITY_GOAL)
 
