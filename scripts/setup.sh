@@ -24,8 +24,10 @@ pip() { "$VENV/bin/python" -m pip --disable-pip-version-check "$@"; }
 if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
     pip install "torch==$TORCH_VERSION"
-  elif pip install --no-index "torch==$TORCH_VERSION+cpu" 2>/dev/null; then
-    :  # a local wheel mirror (pip's find-links) had the CPU build
+  elif echo "Installing torch $TORCH_VERSION (CPU build) ..." && pip install "torch==$TORCH_VERSION+cpu" >/dev/null 2>&1; then
+    :  # pip's configured sources (e.g. a find-links wheel folder) had the CPU build; its dependencies
+       # come from the usual index. Asking PyTorch's index only when needed avoids minutes of retries
+       # where that index is unreachable.
   else
     pip install "torch==$TORCH_VERSION+cpu" --extra-index-url https://download.pytorch.org/whl/cpu
   fi
