@@ -81,7 +81,7 @@ class SuperNodeProcess:
         """Until the SuperNode logs its node id; fail with the reason when it exits first."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            text = self._log_since_start()
+            text = self.log_since_start()
             # Flower prints the node id only once the SuperLink accepted the node; a refused node
             # logs its exit code first (and may still start its SuperExec on the way out).
             if "Exit Code:" in text:
@@ -94,7 +94,8 @@ class SuperNodeProcess:
             time.sleep(0.3)
         raise FederationError(f"The SuperNode did not connect within {timeout:.0f}s; see {self.log_path}.")
 
-    def _log_since_start(self) -> str:
+    def log_since_start(self) -> str:
+        """What this start of the SuperNode has logged (the log file is shared across restarts)."""
         if not self.log_path.exists():
             return ""
         with open(self.log_path, "rb") as f:
@@ -169,7 +170,7 @@ def start_node(args, out=print) -> int:
         while not stopping and supernode.alive():
             time.sleep(0.5)
         if not stopping:
-            out(refusal_reason(supernode.process.returncode, supernode._log_since_start(), supernode.log_path))
+            out(refusal_reason(supernode.process.returncode, supernode.log_since_start(), supernode.log_path))
             return 1
     finally:
         supernode.stop()
