@@ -30,8 +30,17 @@ class DpSettings:
 class LocalTrainResult:
     update: "OrderedDict[str, torch.Tensor]"  # trained minus received, trainable tensors, float32 CPU
     mean_loss: float
-    steps: int
+    steps: int  # optimiser steps that actually ran (what the ledger charges)
     units_sampled: int
+
+
+def secret_generator(device: torch.device) -> torch.Generator:
+    """A generator on `device` seeded from the OS random source, never from a seed anyone shares.
+
+    The default generators are seeded by whoever called `torch.manual_seed` last (the model build,
+    LoRA's public initialisation seed): noise drawn from them could be recomputed by the coordinator.
+    """
+    return torch.Generator(device=device).manual_seed(secrets.randbits(64))
 
 
 def encode_units(units: Sequence[PrivacyUnit], tokenizer, max_length: int) -> list[list[int]]:
@@ -67,25 +76,31 @@ def train_locally(
     received = adapter_state(peft_model)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     # Sampling must stay secret to keep the privacy amplification of Poisson sampling.
-    generator = torch.Generator().manual_seed(secrets.randbits(63))
+    generator = secret_generator(torch.device("cpu"))
     sample_rate = batch_size / len(examples)
     sampler = UniformWithReplacementSampler(
         num_samples=len(examples), sample_rate=sample_rate, generator=generator, steps=steps
     )
     optimizer: torch.optim.Optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
     model = peft_model
+    noise = secret_generator(device)
     if dp is not None:
         model = GradSampleModule(peft_model, batch_first=True, loss_reduction="mean")
+        # secure_mode: each noise value is a sum of four Gaussian draws, so the floating-point
+        # attack on a single draw (Mironov 2012; arXiv 2107.10138) does not recover the noise.
         optimizer = DPOptimizer(
             optimizer,
             noise_multiplier=dp.noise_multiplier,
             max_grad_norm=dp.max_grad_norm,
             expected_batch_size=batch_size,
             loss_reduction="mean",
+            generator=noise,
+            secure_mode=True,
         )
     peft_model.train()
     losses: list[float] = []
     sampled = 0
+    taken = 0
     try:
         for indices in sampler:
             if indices:
@@ -102,8 +117,11 @@ def train_locally(
                 # Opacus's hooks fire on module outputs because the frozen base needs no input grads.
                 warnings.filterwarnings("ignore", message="Full backward hook is firing")
                 loss.backward()
+            # Fresh OS entropy for every step: recovering one step's generator state reveals no other step.
+            noise.manual_seed(secrets.randbits(64))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            taken += 1
     finally:
         if dp is not None:
             model._close()  # remove Opacus hooks so the cached model can be wrapped again
@@ -113,7 +131,7 @@ def train_locally(
     return LocalTrainResult(
         update=update,
         mean_loss=sum(losses) / len(losses) if losses else float("nan"),
-        steps=steps,
+        steps=taken,
         units_sampled=sampled,
     )
 

@@ -99,3 +99,42 @@ def test_training_lowers_heldout_loss_and_loaded_state_reproduces_it(model_dir, 
     other = fresh_lora(model_dir)
     load_adapter_state(other, adapter_state(model))
     assert heldout_loss(other, heldout, batch_size=64, pad_id=pad)[0] == pytest.approx(tuned_loss, rel=1e-5)
+
+
+NOISE_PROBE = """
+import json, sys, torch
+torch.manual_seed(0)  # the same public seed in both processes, as after the embedded build
+from opacus.optimizers import optimizer as dp_optimizer
+from client.training import DpSettings, train_locally
+from common.config import LoraSettings
+from common.model.loading import load_base_model
+from common.model.lora import attach_lora
+drawn = []
+original = dp_optimizer._generate_noise
+def recording(std, reference, generator=None, secure_mode=False):
+    noise = original(std, reference, generator, secure_mode)
+    drawn.append(noise.flatten()[:16].tolist())
+    return noise
+dp_optimizer._generate_noise = recording
+device = torch.device(sys.argv[2])
+model = attach_lora(load_base_model(sys.argv[1], device, torch.float32), LoraSettings(rank=4, alpha=8), seed=0)
+examples = [[1, 2, 3, 4, 5]] * 16
+train_locally(model, examples, steps=1, batch_size=4, learning_rate=1e-2,
+              dp=DpSettings(noise_multiplier=1.0, max_grad_norm=1.0), pad_id=0)
+print(json.dumps(drawn))
+"""
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device on this machine"))])
+def test_two_processes_with_the_same_public_seeds_draw_different_noise(model_dir, device):
+    """The DP noise comes from a generator seeded by the OS, not from any seed the coordinator knows."""
+    import subprocess
+    import sys
+
+    runs = [subprocess.Popen([sys.executable, "-c", NOISE_PROBE, str(model_dir), device], stdout=subprocess.PIPE,
+                             text=True) for _ in range(2)]
+    first, second = (json.loads(p.communicate(timeout=300)[0]) for p in runs)
+    assert first and len(first) == len(second)  # one draw per trained tensor
+    for a, b in zip(first, second):
+        assert a != b

@@ -52,7 +52,9 @@ def attach_lora(base_model, settings: LoraSettings, seed: int):
     from peft import get_peft_model
 
     config = make_lora_config(settings, base_model)
-    with torch.random.fork_rng(devices=[]):
+    # The public seed must not leak into any default generator afterwards (CPU or GPU): fork all.
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)  # every party derives the same initial A matrices
         try:
             model = get_peft_model(base_model, config)
