@@ -10,7 +10,7 @@ import hashlib
 import threading
 from typing import TYPE_CHECKING, Callable
 
-from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client import secure
@@ -19,7 +19,12 @@ from client.settings import NodeSettings, PolicyGate, deployment_settings, node_
 from common.config import config_from_json
 from common.errors import FedsovError
 from common.runconfig import CONFIG_KEY
+from common.schema import SchemaError, check_record
 from common.wire import (
+    ANCHOR_FIELDS,
+    AUDIT_REQUEST_FIELDS,
+    DESCRIBE_REQUEST_FIELDS,
+    EVIDENCE,
     EXAMPLES,
     GLOBAL_ADAPTER,
     METRICS,
@@ -104,22 +109,33 @@ def refusal(msg: Message, reason: str) -> Message:
 
 
 class GuardedClientApp(ClientApp):
-    """A ClientApp that refuses message types the protocol does not use, and logs it."""
+    """A ClientApp that refuses message types the protocol does not use, and logs it.
+
+    Whatever fails on the way (even before a node's audit log can be opened) becomes a refusal that
+    names only the error's type: exception text can carry data, and a traceback is never sent.
+    """
 
     def __call__(self, message: Message, context: Context) -> Message:
         kind = message.metadata.message_type
-        if kind not in ALLOWED_MESSAGE_TYPES:
-            reason = f"message type {kind!r} is not part of the fedsov protocol; nothing is sent in reply"
-            node_audit(node_settings(context)).record("message", "refused", reason=reason, message_type=kind)
-            return refusal(message, reason)
-        return super().__call__(message, context)
+        try:
+            if kind not in ALLOWED_MESSAGE_TYPES:
+                reason = f"message type {kind!r} is not part of the fedsov protocol; nothing is sent in reply"
+                node_audit(node_settings(context)).record("message", "refused", reason=reason, message_type=kind)
+                return refusal(message, reason)
+            return super().__call__(message, context)
+        except Exception as err:  # noqa: BLE001 - the last line of defence: nothing of it may leave the node
+            return refusal(message, f"node error ({type(err).__name__}); nothing is sent in reply")
 
 
 app = GuardedClientApp(mods=[guard(lambda context: node_audit(node_settings(context)), refusal)])
 
 
 def handled(step: Callable[[Message, Context], RecordDict]) -> Callable[[Message, Context], Message]:
-    """Reply with the step's records, or with a refusal if it raised a fedsov error."""
+    """Reply with the step's records, or with a refusal: a fedsov error says why, anything else only its type.
+
+    Every refusal is in the node's audit log (the egress guard records what was sent); an unexpected error is
+    recorded there in full, and the coordinator learns only that the node failed.
+    """
 
     def handler(msg: Message, context: Context) -> Message:
         try:
@@ -127,36 +143,63 @@ def handled(step: Callable[[Message, Context], RecordDict]) -> Callable[[Message
         except FedsovError as err:
             secure.clear(context.state)
             return refusal(msg, f"{type(err).__name__}: {err}")
+        except Exception as err:  # noqa: BLE001 - an unexpected error must still be a logged refusal
+            secure.clear(context.state)
+            node_audit(node_settings(context)).record(
+                "error", "refused", reason=f"{type(err).__name__}: {str(err)[:2000]}", round=_round(msg),
+                message_type=msg.metadata.message_type)
+            return refusal(msg, f"node error ({type(err).__name__}); details stay in the node's audit log")
 
     handler.__name__ = step.__name__
     return handler
 
 
+def records(msg: Message, required: dict[str, type], optional: dict[str, type] | None = None) -> RecordDict:
+    """The message's records, exactly the names and kinds its type carries; anything else is refused."""
+    optional = optional or {}
+    names = set(msg.content.keys())
+    if not set(required) <= names <= set(required) | set(optional):
+        raise SchemaError(f"{msg.metadata.message_type}: records {sorted(names)}, expected {sorted(required)}"
+                          + (f" and optionally {sorted(optional)}" if optional else ""))
+    for name in names:
+        kind = {**required, **optional}[name]
+        if not isinstance(msg.content[name], kind):
+            raise SchemaError(f"{msg.metadata.message_type}: record {name!r} is not a {kind.__name__}")
+    return msg.content
+
+
 @app.query("describe")
 @handled
 def describe(msg: Message, context: Context) -> RecordDict:
-    jurisdiction = str(msg.content[REQUEST]["coordinator-jurisdiction"])
-    info, counts = region_node(context).describe(jurisdiction)
-    return RecordDict({NODE: ConfigRecord(info), METRICS: MetricRecord(counts)})
+    request = check_record(records(msg, {REQUEST: ConfigRecord})[REQUEST], DESCRIBE_REQUEST_FIELDS, "describe request")
+    node = region_node(context)
+    info, counts = node.describe(request["coordinator-jurisdiction"])
+    return RecordDict({NODE: ConfigRecord(info), METRICS: MetricRecord(counts), EVIDENCE: ConfigRecord(node.evidence())})
 
 
 @app.query("audit")
 @handled
 def memorisation_audit(msg: Message, context: Context) -> RecordDict:
+    content = records(msg, {PLAN: ConfigRecord, GLOBAL_ADAPTER: ArrayRecord, REQUEST: ConfigRecord})
+    check_record(content[REQUEST], AUDIT_REQUEST_FIELDS, "audit request")
     node = region_node(context)
-    plan = RoundPlan.from_record(msg.content[PLAN])
-    metrics, examples = node.memorisation_audit(plan, record_to_state(msg.content[GLOBAL_ADAPTER]))
+    plan = RoundPlan.from_record(content[PLAN])
+    metrics, examples = node.memorisation_audit(plan, record_to_state(content[GLOBAL_ADAPTER]))
     return RecordDict({METRICS: MetricRecord(metrics), EXAMPLES: ConfigRecord({"examples": examples})})
 
 
 @app.train()
 @handled
 def train(msg: Message, context: Context) -> RecordDict:
+    content = records(msg, {PLAN: ConfigRecord, GLOBAL_ADAPTER: ArrayRecord}, {REQUEST: ConfigRecord})
+    plan = RoundPlan.from_record(content[PLAN])
+    anchor = check_record(content[REQUEST], ANCHOR_FIELDS, "anchor") if REQUEST in content else None
     node = region_node(context)
-    plan = RoundPlan.from_record(msg.content[PLAN])
-    outcome = node.train_round(plan, record_to_state(msg.content[GLOBAL_ADAPTER]))
+    outcome = node.train_round(plan, record_to_state(content[GLOBAL_ADAPTER]), anchor)
+    evidence = ConfigRecord(node.evidence())
     if not plan.secure_aggregation:
-        return RecordDict({UPDATE: state_to_record(outcome.update), METRICS: MetricRecord(outcome.metrics)})
+        return RecordDict({UPDATE: state_to_record(outcome.update), METRICS: MetricRecord(outcome.metrics),
+                           EVIDENCE: evidence})
     units = int(outcome.metrics["num-units"])
     keys = secure.begin(
         context.state, aggregation_tag(plan.run_id, plan.round, "train"), msg.metadata.dst_node_id, "train",
@@ -164,15 +207,16 @@ def train(msg: Message, context: Context) -> RecordDict:
         update=outcome.update,
     )
     clear = MetricRecord({"num-units": units, "epsilon": float(outcome.metrics["epsilon"])})
-    return RecordDict({SECAGG_KEYS: ConfigRecord(keys), METRICS: clear})
+    return RecordDict({SECAGG_KEYS: ConfigRecord(keys), METRICS: clear, EVIDENCE: evidence})
 
 
 @app.evaluate()
 @handled
 def evaluate(msg: Message, context: Context) -> RecordDict:
+    content = records(msg, {PLAN: ConfigRecord, GLOBAL_ADAPTER: ArrayRecord})
+    plan = RoundPlan.from_record(content[PLAN])
     node = region_node(context)
-    plan = RoundPlan.from_record(msg.content[PLAN])
-    metrics = node.evaluate(plan, record_to_state(msg.content[GLOBAL_ADAPTER]))
+    metrics = node.evaluate(plan, record_to_state(content[GLOBAL_ADAPTER]))
     if not plan.secure_aggregation:
         return RecordDict({METRICS: MetricRecord(metrics)})
     keys = secure.begin(

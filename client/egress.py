@@ -15,11 +15,14 @@ import re
 from typing import Any, Callable
 
 from common.secagg.encoding import metric_length
+from common.schema import SchemaError, check_record
 from common.wire import (
     AUDIT,
     DESCRIBE,
     EVALUATE,
     EVALUATE_METRICS,
+    EVIDENCE,
+    EVIDENCE_FIELDS,
     EXAMPLES,
     GLOBAL_ADAPTER,
     METRICS,
@@ -39,7 +42,7 @@ ALLOWED_MESSAGE_TYPES = frozenset(
 )
 AUDIT_METRIC = re.compile(
     r"(exposure-rep\d+-(mean|max)|extracted-(greedy|beam)-rep\d+|canaries-rep\d+|mia-(loss|calibrated)-(auc|tpr-at-1pct-fpr)"
-    r"|mia-(members|nonmembers)|one-run-(canaries|guesses|correct)|generations|pii-spans|pii-spans-verbatim-in-training"
+    r"|mia-(members|nonmembers)|one-run-(canaries|guesses|correct)|generations|pii-spans"
     r"|epsilon|delta)"
 )
 # A redacted canary prompt: no digit runs, no addresses, short.
@@ -63,20 +66,23 @@ def check_reply(request, reply_content, state) -> None:
     kind = request.metadata.message_type
     secure = _secure(request)
     if kind == DESCRIBE:
-        _records(reply_content, {NODE: "config", METRICS: "metric"})
+        _records(reply_content, {NODE: "config", METRICS: "metric", EVIDENCE: "config"})
+        _evidence(reply_content[EVIDENCE])
         _config(reply_content[NODE], {"region": str, "node-name": str, "law": str, "policy-hash": str, "unit": str,
                                       "allowed-deployment": list})
         for value in reply_content[NODE]["allowed-deployment"]:
             _text(value, "allowed-deployment")
         _metrics(reply_content[METRICS], DESCRIBE_METRICS)
     elif kind == TRAIN and secure:
-        _records(reply_content, {SECAGG_KEYS: "config", METRICS: "metric"})
+        _records(reply_content, {SECAGG_KEYS: "config", METRICS: "metric", EVIDENCE: "config"})
         _keys(reply_content[SECAGG_KEYS])
         _metrics(reply_content[METRICS], SECURE_TRAIN_METRICS)
+        _evidence(reply_content[EVIDENCE])
     elif kind == TRAIN:
-        _records(reply_content, {UPDATE: "array", METRICS: "metric"})
+        _records(reply_content, {UPDATE: "array", METRICS: "metric", EVIDENCE: "config"})
         _update(reply_content[UPDATE], request)
         _metrics(reply_content[METRICS], TRAIN_METRICS)
+        _evidence(reply_content[EVIDENCE])
     elif kind == EVALUATE and secure:
         _records(reply_content, {SECAGG_KEYS: "config"})
         _keys(reply_content[SECAGG_KEYS])
@@ -164,6 +170,14 @@ def _metrics(record, allowed: tuple[str, ...]) -> None:
             raise EgressBlocked(f"metric {key!r} is not a single number (lists are per-example values)")
         if isinstance(value, float) and math.isnan(value):
             raise EgressBlocked(f"metric {key!r} is NaN")
+
+
+def _evidence(record) -> None:
+    """Chain heads only: counts and 64-hex hashes, nothing else."""
+    try:
+        check_record(record, EVIDENCE_FIELDS, "evidence")
+    except SchemaError as err:
+        raise EgressBlocked(str(err)) from err
 
 
 def _keys(record) -> None:

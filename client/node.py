@@ -14,12 +14,12 @@ import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, NoReturn
 
 import torch
 
 from client.training import DpSettings, encode_units, heldout_loss, train_locally
-from common.audit import TamperedLog
+from common.audit import EvidenceKey, HashChainLog, TamperedLog
 from common.config import LoraSettings, ModelConfig, load_region_file
 from common.data.partition import client_partition, split_heldout
 from common.data.records import Record, data_files, load_records
@@ -41,7 +41,7 @@ from common.policy import (
 from common.privacy.accounting import DpSgdSteps, noise_for_target
 from common.privacy.ledger import PrivacyLedger
 from common.privacy.units import group_units
-from common.wire import RoundPlan
+from common.wire import RoundPlan, adapter_digest
 
 # Re-exported: settings live in a light module so light messages need not import torch.
 from client.settings import AUDIT_FILE, LEDGER_FILE, NodeSettings, PolicyGate, deployment_settings, node_audit, simulation_settings  # noqa: E402,F401
@@ -83,10 +83,11 @@ class RegionNode:
                     f"{settings.policy_file} is for region '{region.name}'. Point the node at its own region's policy."
                 )
             torch.set_num_threads(max(1, settings.threads))
-            self._ledger = self._open_ledger()
             self._model_path = resolve_model_path(settings.model)
             self._tokenizer = load_tokenizer(self._model_path)
+            # Data first: a refusal found there (e.g. delta above 1/N) must not leave a new ledger behind.
             self.data = self._load_data()
+            self._ledger = self._open_ledger()
         except FedsovError as err:
             try:
                 self.audit.record("start", "refused", reason=f"{type(err).__name__}: {err}", policy_hash=self.policy_hash)
@@ -98,15 +99,20 @@ class RegionNode:
 
     # -- start checks ---------------------------------------------------------------------
     def _open_ledger(self) -> PrivacyLedger:
-        path = self.settings.state_dir / LEDGER_FILE
-        charged = sum(1 for e in self.audit.entries() if e["action"] == "ledger_charge")
-        if charged and not path.exists():
+        """The ledger, checked against the last head this node's own audit log recorded for it."""
+        path = self.settings.ledger_dir / LEDGER_FILE
+        charges = [e for e in self.audit.entries() if e["action"] == "ledger_charge"]
+        if charges and not HashChainLog.files_exist(path):
             raise LedgerError(
-                f"The privacy ledger {path} is missing, but this node's audit log records {charged} charge(s). "
+                f"The privacy ledger {path} is missing, but this node's audit log records {len(charges)} charge(s). "
                 "Training is refused: restore the ledger (and its .head file) from a backup."
             )
         p = self.policy.privacy
-        return PrivacyLedger(path, delta=p.delta, unit=p.unit)
+        key = EvidenceKey.load_or_create(self.settings.ledger_key_dir, logs=(path,))
+        ledger = PrivacyLedger(path, delta=p.delta, unit=p.unit, key=key)
+        if charges:  # a ledger replaced by a fresh one (e.g. started again by a sibling node) fails here
+            ledger.check_anchor(int(charges[-1]["ledger_entries"]), str(charges[-1]["ledger_head"]))
+        return ledger
 
     def _load_data(self) -> NodeData:
         s, policy = self.settings, self.policy
@@ -216,12 +222,40 @@ class RegionNode:
         return kept, counts
 
     # -- protocol ---------------------------------------------------------------------------
-    def check_coordinator(self, jurisdiction: str, round_number: int | None = None) -> None:
-        """A region whose policy forbids the coordinator's jurisdiction shares nothing at all."""
-        ok, why = coordinator_allowed(self.policy, jurisdiction)
-        if not ok:
-            self.audit.record("transfer", "refused", reason=why, round=round_number, policy_hash=self.policy_hash)
-            raise PolicyViolation(why)
+    def check_coordinator(self, declared: str, round_number: int | None = None) -> None:
+        """The coordinator is where this node's pins say, whatever it declares; the policy decides on that."""
+        pinned = self.settings.coordinator_jurisdiction
+        if declared != pinned:
+            why = (f"the coordinator declares jurisdiction {declared!r}, but this node's pins place it in {pinned!r} "
+                   "(coordinators.yaml in the node's config folder): a coordinator cannot choose its own jurisdiction")
+        else:
+            ok, why = coordinator_allowed(self.policy, pinned)
+            if ok:
+                return
+        self.audit.record("transfer", "refused", reason=why, round=round_number, policy_hash=self.policy_hash)
+        raise PolicyViolation(why)
+
+    def evidence(self) -> dict[str, Any]:
+        """This node's ledger and audit-log heads: the coordinator keeps them as anchors for the next run."""
+        ledger, audit = self._ledger.head, self.audit.chain.chain_head()
+        return {"ledger-genesis": ledger.genesis, "ledger-entries": ledger.entries, "ledger-head": ledger.head,
+                "audit-genesis": audit.genesis, "audit-entries": audit.entries, "audit-head": audit.head}
+
+    def check_anchor(self, anchor: Mapping[str, Any] | None, round_number: int) -> None:
+        """A ledger that lost what a coordinator saw in an earlier run (reset, rolled back, rewritten) trains nothing."""
+        if anchor is None:
+            return
+        try:
+            if anchor["ledger-genesis"] != self._ledger.head.genesis:
+                raise LedgerError(
+                    f"Privacy ledger {self._ledger.path} is not the ledger this node reported before (its first entry "
+                    "differs from the anchor the coordinator kept): it was deleted or replaced. Training is refused: "
+                    "restore the ledger and its .head file from a backup."
+                )
+            self._ledger.check_anchor(int(anchor["ledger-entries"]), str(anchor["ledger-head"]))
+        except LedgerError as err:
+            self.audit.record("ledger", "refused", reason=str(err), round=round_number, policy_hash=self.policy_hash)
+            raise
 
     def describe(self, coordinator_jurisdiction: str) -> tuple[dict[str, Any], dict[str, float | int]]:
         self.check_coordinator(coordinator_jurisdiction)
@@ -249,114 +283,166 @@ class RegionNode:
             },
         )
 
-    def train_round(self, plan: RoundPlan, global_state: Mapping[str, torch.Tensor]) -> TrainOutcome:
-        """Check the plan against this node's policy and budget, train with DP, charge the ledger."""
+    def train_round(self, plan: RoundPlan, global_state: Mapping[str, torch.Tensor],
+                    anchor: Mapping[str, Any] | None = None) -> TrainOutcome:
+        """Check the plan against this node's policy and budget, train with DP, charge what ran."""
+        self.check_anchor(anchor, plan.round)
         decision = self._check_plan(plan, plan.dp_enabled)
-        data = self.data
-        n_units = len(data.train_units)
+        self._check_round_moves_forward(plan)
+        n_units = len(self.data.train_units)
         sample_rate = plan.batch_size / n_units
         if sample_rate >= 1:
             self._refuse(plan, f"federation.batch_size={plan.batch_size} is not below the {n_units} privacy units "
                                f"on node {self.settings.name}: Poisson sampling needs rate < 1")
-        fingerprint = self._ledger.register(data.train_units)
-        privacy = self.policy.privacy
-        dp = None
-        adjustments = list(decision.adjustments)
-        if plan.dp_enabled:
-            sigma = plan.noise_multiplier
-            if sigma is None:
-                if plan.target_epsilon is None:
-                    self._refuse(plan, "the plan enables DP but sets neither noise_multiplier nor target_epsilon")
-                sigma = noise_for_target(plan.target_epsilon, privacy.delta, sample_rate, plan.local_steps * plan.total_rounds)
-            sigma, raised = effective_noise(self.policy, sigma)
-            if raised:
-                adjustments.append(raised)
-            dp = DpSettings(noise_multiplier=sigma, max_grad_norm=decision.max_grad_norm)
-            planned = DpSgdSteps(sigma, sample_rate, plan.local_steps)
-            try:
-                projected = self._ledger.check_budget(fingerprint, planned, privacy.epsilon_budget)
-            except PrivacyError as err:
-                self.audit.record("plan", "refused", reason=str(err), round=plan.round, policy_hash=self.policy_hash,
-                                  epsilon=self._ledger.spent(fingerprint))
-                raise
-        else:
-            planned = DpSgdSteps(0.0, sample_rate, plan.local_steps)
-            projected = float("inf")
+        fingerprint = self._ledger.register(self.data.train_units)
+        dp, planned, projected, adjustments = self._dp_terms(plan, decision, fingerprint, sample_rate)
         self.audit.record("plan", "adjusted" if adjustments else "accepted",
                           reason="; ".join(adjustments) or f"plan within the {self.policy.law} policy",
-                          round=plan.round, policy_hash=self.policy_hash, epsilon=projected,
+                          round=plan.round, run_id=plan.run_id, policy_hash=self.policy_hash, epsilon=projected,
                           noise_multiplier=planned.noise_multiplier, max_grad_norm=decision.max_grad_norm)
 
         model = self._prepared_model(plan, global_state)
-        result = train_locally(
-            model,
-            data.train_examples,
-            steps=plan.local_steps,
-            batch_size=plan.batch_size,
-            learning_rate=plan.learning_rate,
-            dp=dp,
-            pad_id=self._tokenizer.pad_token_id,
-        )
-        # Charged before the reply leaves: a crash after training over-counts, never under-counts.
+        result = train_locally(model, self.data.train_examples, steps=plan.local_steps, batch_size=plan.batch_size,
+                               learning_rate=plan.learning_rate, dp=dp, pad_id=self._tokenizer.pad_token_id)
+        # Charged before the reply leaves, with the steps that ran: a crash after training over-counts, never under.
+        ran = DpSgdSteps(planned.noise_multiplier, sample_rate, result.steps)
         charge = self._ledger.charge(
-            fingerprint, planned, budget=privacy.epsilon_budget if plan.dp_enabled else None,
-            run_id=plan.run_id, round_number=plan.round,
+            fingerprint, ran, budget=self.policy.privacy.epsilon_budget if plan.dp_enabled else None,
+            run_id=plan.run_id, round_number=plan.round, max_grad_norm=decision.max_grad_norm, node=self.settings.name,
         )
-        entries, head = self._ledger.head
-        self.audit.record("ledger_charge", "recorded", reason=f"{planned.steps} steps at sigma {planned.noise_multiplier:.3g}",
-                          round=plan.round, policy_hash=self.policy_hash, epsilon=charge.epsilon_after,
-                          ledger_entries=entries, ledger_head=head)
+        head = self._ledger.head
+        self.audit.record("ledger_charge", "recorded", reason=f"{ran.steps} steps at sigma {ran.noise_multiplier:.3g}",
+                          round=plan.round, run_id=plan.run_id, policy_hash=self.policy_hash,
+                          epsilon=charge.epsilon_after, ledger_entries=head.entries, ledger_head=head.head)
         return TrainOutcome(
             update=result.update,
             metrics={
                 "num-units": n_units,
                 "train-loss": result.mean_loss,
                 "epsilon": charge.epsilon_after,
-                "noise-multiplier": planned.noise_multiplier,
+                "noise-multiplier": ran.noise_multiplier,
                 "sample-rate": sample_rate,
-                "steps": result.steps,
+                "steps": ran.steps,
             },
         )
 
+    def _dp_terms(self, plan: RoundPlan, decision, fingerprint: str, sample_rate: float):
+        """(DP settings or None, the steps planned, projected epsilon, adjustments); refuses an over-budget round."""
+        adjustments = list(decision.adjustments)
+        if not plan.dp_enabled:
+            return None, DpSgdSteps(0.0, sample_rate, plan.local_steps), float("inf"), adjustments
+        privacy = self.policy.privacy
+        sigma = plan.noise_multiplier
+        if sigma is None:
+            sigma = noise_for_target(plan.target_epsilon, privacy.delta, sample_rate,
+                                     plan.local_steps * plan.total_rounds)
+        sigma, raised = effective_noise(self.policy, sigma)
+        if raised:
+            adjustments.append(raised)
+        planned = DpSgdSteps(sigma, sample_rate, plan.local_steps)
+        try:
+            projected = self._ledger.check_budget(fingerprint, planned, privacy.epsilon_budget)
+        except PrivacyError as err:
+            self.audit.record("plan", "refused", reason=str(err), round=plan.round, run_id=plan.run_id,
+                              policy_hash=self.policy_hash, epsilon=self._ledger.spent(fingerprint))
+            raise
+        return DpSettings(noise_multiplier=sigma, max_grad_norm=decision.max_grad_norm), planned, projected, adjustments
+
+    def _check_round_moves_forward(self, plan: RoundPlan) -> None:
+        done = self._ledger.rounds_charged(plan.run_id, self.settings.name)
+        if plan.round < 1:
+            self._refuse(plan, "training rounds are numbered from 1")
+        if done and plan.round <= max(done):
+            self._refuse(plan, f"round {plan.round} of run {plan.run_id} is not after the last round this node "
+                               f"trained in it ({max(done)}): a round number only moves forward within a run")
+
     def evaluate(self, plan: RoundPlan, global_state: Mapping[str, torch.Tensor]) -> dict[str, float | int]:
-        # Evaluation trains nothing (DP is not at stake) but its losses still leave the node.
+        """Held-out loss of an adapter this node may be asked about (see `_check_evaluation`); released outside
+        epsilon, so each evaluation is bounded to once per round the node trained in, plus the base model."""
         self._check_plan(plan, dp_enabled=True)
+        digest = adapter_digest(global_state)
+        self._check_evaluation(plan, global_state)
         model = self._prepared_model(plan, global_state)
         loss_sum, tokens = heldout_loss(
             model, self.data.heldout_examples, batch_size=plan.eval_batch_size, pad_id=self._tokenizer.pad_token_id
         )
+        self.audit.record("evaluate", "completed", reason=f"held-out loss over {tokens} tokens", round=plan.round,
+                          run_id=plan.run_id, policy_hash=self.policy_hash, adapter=digest)
         return {"loss-sum": loss_sum, "tokens": tokens, "num-examples": len(self.data.heldout_examples)}
 
+    def _check_evaluation(self, plan: RoundPlan, global_state: Mapping[str, torch.Tensor]) -> None:
+        """Round 0 evaluates only the initial adapter (LoRA B = 0: the base model itself); round r only after this
+        node trained round r of the run; never twice. An unmetered loss oracle on arbitrary adapters is refused."""
+        evaluated, _ = self._session(plan.run_id)
+        if plan.round in evaluated:
+            self._refuse(plan, f"round {plan.round} of run {plan.run_id} was already evaluated on this node")
+        if plan.round == 0:
+            if any(bool(v.any()) for k, v in global_state.items() if "lora_B" in k):
+                self._refuse(plan, "a round-0 evaluation must use the initial adapter (all LoRA B matrices zero)")
+        elif plan.round not in self._ledger.rounds_charged(plan.run_id, self.settings.name):
+            self._refuse(plan, f"this node did not train round {plan.round} of run {plan.run_id}, so it does not "
+                               "evaluate it")
+
+    def _session(self, run_id: str) -> tuple[dict[int, str], bool]:
+        """What this node already released for a run: {round: adapter digest} evaluated, and whether it audited."""
+        evaluated: dict[int, str] = {}
+        audited = False
+        for e in self.audit.entries():
+            if e.get("run_id") != run_id or e.get("decision") != "completed":
+                continue
+            if e["action"] == "evaluate":
+                evaluated[int(e["round"])] = str(e["adapter"])
+            elif e["action"] == "memorisation_audit":
+                audited = True
+        return evaluated, audited
+
     def memorisation_audit(self, plan: RoundPlan, global_state: Mapping[str, torch.Tensor]) -> tuple[dict[str, float], list[str]]:
-        """Audit the final model here, on this node's canaries and records; only numbers leave."""
+        """Audit the run's final model here, once, on this node's canaries and records; only numbers leave.
+
+        The count of PII spans in generations found verbatim in this node's training data stays in the node's
+        audit log: released, it would answer "is this string in your data" for any adapter a coordinator crafts.
+        """
         from client.memorisation import audit
 
         self.check_coordinator(plan.coordinator_jurisdiction, plan.round)
+        evaluated, audited = self._session(plan.run_id)
+        digest = adapter_digest(global_state)
+        if audited:
+            self._refuse(plan, f"run {plan.run_id} was already audited on this node (once per run)")
+        if not self._ledger.rounds_charged(plan.run_id, self.settings.name):
+            self._refuse(plan, f"this node trained nothing in run {plan.run_id}, so it audits nothing for it")
+        if not evaluated or evaluated[max(evaluated)] != digest:
+            self._refuse(plan, "the audit runs only on the run's final adapter (the one this node last evaluated)")
         model = self._prepared_model(plan, global_state)
         metrics, examples = audit(
             model, self._tokenizer, canaries=self.data.canaries, members=self.data.record_examples,
             nonmembers=self.data.heldout_examples, train_raw_texts=self.data.train_raw_texts, settings=self.settings.audit,
         )
+        verbatim = metrics.pop("pii-spans-verbatim-in-training", None)
         fingerprint = self._ledger.register(self.data.train_units)
         metrics.update(epsilon=self._ledger.spent(fingerprint), delta=self.policy.privacy.delta)
         self.audit.record("memorisation_audit", "completed", reason="audit numbers computed on this node",
-                          round=plan.round, policy_hash=self.policy_hash, epsilon=metrics["epsilon"])
+                          round=plan.round, run_id=plan.run_id, policy_hash=self.policy_hash,
+                          epsilon=metrics["epsilon"], adapter=digest, pii_spans_verbatim_in_training=verbatim)
         return metrics, examples
 
     def check_cohort(self, size: int, stage: str, round_number: int | None) -> None:
         PolicyGate.check_cohort(self, size, stage, round_number)  # same rule, node already has policy + audit
 
     def _check_plan(self, plan: RoundPlan, dp_enabled: bool):
+        self.check_coordinator(plan.coordinator_jurisdiction, plan.round)
         decision = check_plan(
             self.policy,
-            PlanTerms(plan.coordinator_jurisdiction, dp_enabled, plan.max_grad_norm, plan.secure_aggregation, plan.cohort_size),
+            PlanTerms(self.settings.coordinator_jurisdiction, dp_enabled, plan.max_grad_norm, plan.secure_aggregation,
+                      plan.cohort_size),
         )
         if not decision.accepted:
             self._refuse(plan, decision.explain())
         return decision
 
-    def _refuse(self, plan: RoundPlan, why: str) -> None:
-        self.audit.record("plan", "refused", reason=why, round=plan.round, policy_hash=self.policy_hash)
+    def _refuse(self, plan: RoundPlan, why: str) -> NoReturn:
+        self.audit.record("plan", "refused", reason=why, round=plan.round, run_id=plan.run_id,
+                          policy_hash=self.policy_hash)
         raise PolicyViolation(f"{self.settings.name} refuses round {plan.round}: {why}")
 
     def _prepared_model(self, plan: RoundPlan, global_state: Mapping[str, torch.Tensor]):

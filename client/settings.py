@@ -12,9 +12,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping
 
-from common.audit import AuditLog
+from common.audit import AuditLog, EvidenceKey
 from common.config import AuditConfig, DataSource, FedsovConfig, ModelConfig, default_config_dir, load_region_file
-from common.errors import FederationError
+from common.coordinator_pins import JURISDICTION, local_jurisdiction
+from common.errors import ConfigError, FederationError
 from common.policy import PolicyViolation, policy_hash
 
 LEDGER_FILE = "privacy-ledger.jsonl"
@@ -38,6 +39,13 @@ class NodeSettings:
     audit: AuditConfig
     synthetic_data: bool
     threads: int
+    # Evidence keys live apart from the logs they key; the ledger lives with the data it accounts
+    # for (nodes that split one region's data share it), so it has its own folder and key.
+    key_dir: Path
+    ledger_dir: Path
+    ledger_key_dir: Path
+    # Where this node's coordinator is, from the node's own pins (common.coordinator_pins).
+    coordinator_jurisdiction: str
 
 
 def simulation_settings(cfg: FedsovConfig, partition_id: int) -> NodeSettings:
@@ -55,6 +63,7 @@ def simulation_settings(cfg: FedsovConfig, partition_id: int) -> NodeSettings:
             else:
                 paths = tuple(region.data.paths)
             name = f"{region.name}-{index + 1}"
+            workdir = Path(cfg.workdir)
             return NodeSettings(
                 name=name,
                 region=region.name,
@@ -63,12 +72,16 @@ def simulation_settings(cfg: FedsovConfig, partition_id: int) -> NodeSettings:
                 client_index=index,
                 num_clients=region.clients,
                 heldout_fraction=cfg.data.heldout_fraction,
-                state_dir=Path(cfg.workdir) / "nodes" / name,
+                state_dir=workdir / "nodes" / name,
                 policy_file=default_config_dir() / "regions" / f"{region.name}.yaml",
                 model=cfg.model,
                 audit=cfg.audit,
                 synthetic_data=region.data.source == DataSource.synthetic,
                 threads=cfg.simulation.client_cpus,
+                key_dir=workdir / "keys" / name,
+                ledger_dir=workdir / "ledgers" / region.name,
+                ledger_key_dir=workdir / "keys" / f"ledger-{region.name}",
+                coordinator_jurisdiction=local_jurisdiction(default_config_dir()),
             )
         first += region.clients
     raise FederationError(
@@ -89,8 +102,13 @@ NODE_CONFIG_KEYS = {
     "model-path": "a local model folder overriding the run's model.name_or_path",
     "model-cache": "where this node builds and keeps the embedded model (default ~/.cache/fedsov)",
     "client-index": "this node's slot when several nodes share one data folder (default 0)",
-    "num-clients": "how many nodes share that folder (default 1)",
+    "num-clients": "how many nodes share that folder (default 1; above 1, ledger-dir is required)",
     "threads": "CPU threads for training (default: all cores)",
+    "key-dir": "the node's evidence-key folder, kept apart from state-dir (default: <state-dir>.keys)",
+    "ledger-dir": "the privacy ledger's folder, shared by the nodes that split one data folder (default: state-dir)",
+    "ledger-key-dir": "the ledger's evidence-key folder (default: key-dir)",
+    "coordinator-jurisdiction": "where the coordinator is, from the node's coordinators.yaml (set by `fedsov node "
+                                "start`; required)",
 }
 
 
@@ -121,6 +139,21 @@ def deployment_settings(cfg: FedsovConfig, node_config: Mapping[str, Any]) -> No
     if node_config.get("model-path"):
         model = replace(model, name_or_path=str(node_config["model-path"]))
     consent = node_config.get("plain-text-consent")
+    num_clients = int(node_config.get("num-clients", 1))
+    if num_clients > 1 and not node_config.get("ledger-dir"):
+        raise FederationError(
+            f"num-clients={num_clients}: the nodes that split one data folder must share one privacy ledger, or a "
+            "person moved between them by a re-sharding would start from an empty history. Set ledger-dir (and "
+            "ledger-key-dir) in --node-config to the same folders on each of these nodes."
+        )
+    jurisdiction = str(node_config.get("coordinator-jurisdiction", ""))
+    if not JURISDICTION.fullmatch(jurisdiction):
+        raise ConfigError(
+            "The SuperNode's --node-config has no valid coordinator-jurisdiction: a node decides where its "
+            "coordinator is from its own coordinators.yaml. Start it with `fedsov node start`, which looks the "
+            "coordinator's CA up there, or set coordinator-jurisdiction=\"EU\" (your pinned value) yourself."
+        )
+    key_dir = Path(str(node_config.get("key-dir") or f"{state_dir}.keys")).expanduser()
     return NodeSettings(
         name=str(node_config.get("name") or (state_dir.name if state_dir.name.startswith(region)
                                               else f"{region}-{state_dir.name}")),
@@ -128,7 +161,7 @@ def deployment_settings(cfg: FedsovConfig, node_config: Mapping[str, Any]) -> No
         data_paths=tuple(p for p in str(node_config["data-path"]).split(":") if p),
         plain_text_consent=None if consent is None else bool(consent),
         client_index=int(node_config.get("client-index", 0)),
-        num_clients=int(node_config.get("num-clients", 1)),
+        num_clients=num_clients,
         heldout_fraction=cfg.data.heldout_fraction,
         state_dir=state_dir,
         policy_file=config_dir / "regions" / f"{region}.yaml",
@@ -136,11 +169,17 @@ def deployment_settings(cfg: FedsovConfig, node_config: Mapping[str, Any]) -> No
         audit=cfg.audit,
         synthetic_data=bool(node_config.get("synthetic-data", False)),
         threads=int(node_config.get("threads", os.cpu_count() or 1)),
+        key_dir=key_dir,
+        ledger_dir=Path(str(node_config.get("ledger-dir") or state_dir)).expanduser(),
+        ledger_key_dir=Path(str(node_config.get("ledger-key-dir") or key_dir)).expanduser(),
+        coordinator_jurisdiction=jurisdiction,
     )
 
 
 def node_audit(settings: NodeSettings) -> AuditLog:
-    return AuditLog(settings.state_dir / AUDIT_FILE, actor=f"node:{settings.name}")
+    path = settings.state_dir / AUDIT_FILE
+    key = EvidenceKey.load_or_create(settings.key_dir, logs=(path,))
+    return AuditLog(path, actor=f"node:{settings.name}", key=key)
 
 
 class PolicyGate:

@@ -138,11 +138,22 @@ def start_node(args, out=print) -> int:
         for path in (Path(args.ca), Path(args.key)):
             if not path.expanduser().is_file():
                 raise ConfigError(f"{path}: no such file.")
+    from common.config import default_config_dir
+    from common.coordinator_pins import jurisdiction_for_ca, local_jurisdiction
+
+    config_dir = args.config_dir.resolve() if args.config_dir else default_config_dir()
+    # Where the coordinator is comes from this node's pins: the CA that authenticates it, or `local`.
+    jurisdiction = (local_jurisdiction(config_dir) if args.insecure
+                    else jurisdiction_for_ca(config_dir, Path(args.ca).expanduser()))
     state_dir = args.state_dir.expanduser().resolve()
     node_config = {
         "region": args.region,
         "data-path": ":".join(str(Path(p).expanduser().resolve()) for p in args.data.split(":") if p),
         "state-dir": str(state_dir),
+        "coordinator-jurisdiction": jurisdiction,
+        "key-dir": str(Path(args.key_dir).expanduser().resolve()) if args.key_dir else None,
+        "ledger-dir": str(Path(args.ledger_dir).expanduser().resolve()) if args.ledger_dir else None,
+        "ledger-key-dir": str(Path(args.ledger_key_dir).expanduser().resolve()) if args.ledger_key_dir else None,
         "name": args.name,
         "synthetic-data": bool(args.synthetic_data),
         "model-path": str(Path(args.model_path).expanduser().resolve()) if args.model_path else None,

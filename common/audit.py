@@ -1,9 +1,13 @@
-"""Append-only, hash-chained JSONL logs: the audit log, and the storage of the privacy ledger.
+"""Append-only, keyed hash-chained JSONL logs: the audit log, and the storage of the privacy ledger.
 
-Every entry carries `prev` (the previous entry's hash) and `hash` (SHA-256 of the entry's
-canonical JSON without `hash`), so editing, reordering or removing an entry breaks the chain
-at that entry. A sidecar `<file>.head` records the entry count and last hash after every
-append, so cutting entries off the end is detected too.
+Every entry carries `prev` (the previous entry's hash) and `hash`, an HMAC-SHA256 of the entry's
+canonical JSON (without `hash`) under the log owner's evidence key, so editing, reordering or
+removing an entry breaks the chain at that entry, and nobody without the key can rewrite the
+chain and re-hash it. A sidecar `<file>.head` records the entry count and last hash after every
+append, so cutting entries off the end is detected too. The key lives apart from the logs (a
+key folder, mode 0700, file mode 0600); what the chain cannot show by itself (the whole log and
+head deleted or rolled back together) is caught by anchors: heads the node reports in its
+replies, which the coordinator keeps and checks in the next run.
 """
 
 from __future__ import annotations
@@ -11,8 +15,10 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import hmac
 import json
 import os
+import secrets
 import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -22,10 +28,61 @@ from typing import Any, Callable, Iterator
 from common.errors import FedsovError
 
 GENESIS = "0" * 64
+KEY_FILE = "evidence.key"
 
 
 class TamperedLog(FedsovError):
     """A hash-chained log was edited, reordered or truncated."""
+
+
+class EvidenceKeyError(FedsovError):
+    """The secret that keys a log's chain is missing, unreadable or not the one the log was written with."""
+
+
+@dataclass(frozen=True)
+class EvidenceKey:
+    """The secret keying a log's chain, and where it lives (apart from the logs)."""
+
+    secret: bytes
+    folder: Path
+
+    @property
+    def key_id(self) -> str:
+        """A public name for the key (a hash of it), recorded in every entry to tell 'wrong key' from 'edited'."""
+        return hashlib.sha256(b"fedsov-evidence-key-id|" + self.secret).hexdigest()[:16]
+
+    @classmethod
+    def load(cls, folder: Path | str) -> "EvidenceKey":
+        folder = Path(folder).expanduser()
+        path = folder / KEY_FILE
+        try:
+            secret = bytes.fromhex(path.read_text().strip())
+        except FileNotFoundError as err:
+            raise EvidenceKeyError(
+                f"No evidence key at {path}. The logs keyed with it cannot be verified or extended without it: "
+                "restore the key folder from its backup (a new key would make the old evidence unverifiable)."
+            ) from err
+        except (OSError, ValueError) as err:
+            raise EvidenceKeyError(f"The evidence key {path} is unreadable ({err}); restore it from its backup.") from err
+        if len(secret) != 32:
+            raise EvidenceKeyError(f"The evidence key {path} is not 32 bytes; restore it from its backup.")
+        return cls(secret, folder)
+
+    @classmethod
+    def load_or_create(cls, folder: Path | str, *, logs: tuple[Path, ...] = ()) -> "EvidenceKey":
+        """The key in `folder`; a new one only while none of `logs` exists yet (else it would reset them)."""
+        folder = Path(folder).expanduser()
+        if (folder / KEY_FILE).exists() or any(HashChainLog.files_exist(p) for p in logs):
+            return cls.load(folder)
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(folder, 0o700)
+        secret = secrets.token_bytes(32)
+        fd = os.open(folder / KEY_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secret.hex() + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        return cls(secret, folder)
 
 
 @dataclass(frozen=True)
@@ -41,18 +98,55 @@ class Verification:
         return f"{path}: TAMPERED at entry {self.first_bad}: {self.problem}"
 
 
-def entry_hash(entry: dict[str, Any]) -> str:
+def entry_hash(entry: dict[str, Any], key: EvidenceKey) -> str:
     body = {k: v for k, v in entry.items() if k != "hash"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+    message = json.dumps(body, sort_keys=True, ensure_ascii=False).encode()
+    return hmac.new(key.secret, message, hashlib.sha256).hexdigest()
+
+
+@dataclass(frozen=True)
+class ChainHead:
+    """Where a log stands: its first and last hashes and its length. Anchors are heads kept elsewhere."""
+
+    genesis: str
+    entries: int
+    head: str
+
+    def text(self) -> str:
+        return f"{self.entries}:{self.head}"
 
 
 class HashChainLog:
-    def __init__(self, path: Path | str):
+    def __init__(self, path: Path | str, key: EvidenceKey):
         self.path = Path(path)
         self.head_path = self.path.with_name(self.path.name + ".head")
+        self.key = key
+        # The last (count, hash) this object read or wrote: a log rolled back, deleted or replaced under a
+        # running process (say, a node kept warm between messages) is caught at its next read.
+        self._seen: tuple[int, str] | None = None
+
+    @staticmethod
+    def files_exist(path: Path | str) -> bool:
+        path = Path(path)
+        return path.exists() or path.with_name(path.name + ".head").exists()
 
     def exists(self) -> bool:
-        return self.path.exists() or self.head_path.exists()
+        return self.files_exist(self.path)
+
+    def chain_head(self) -> ChainHead:
+        entries = self.entries()
+        if not entries:
+            return ChainHead(GENESIS, 0, GENESIS)
+        return ChainHead(entries[0]["hash"], len(entries), entries[-1]["hash"])
+
+    def check_anchor(self, entries_count: int, head: str) -> None:
+        """Raise TamperedLog unless entry `entries_count` of this log has hash `head` (an anchor kept elsewhere)."""
+        entries = self.entries()
+        if entries_count > len(entries):
+            raise _tampered(len(entries) + 1, f"an anchor recorded outside this log (by the coordinator or the node's audit log) records {entries_count} entries, "
+                                              f"the log holds {len(entries)} (it was cut or replaced)")
+        if entries_count > 0 and entries[entries_count - 1]["hash"] != head:
+            raise _tampered(entries_count, "entry does not match the anchor recorded outside this log (rewritten)")
 
     def append(self, fields: dict[str, Any] | Callable[[list[dict[str, Any]]], dict[str, Any]]) -> dict[str, Any]:
         """Verify the chain, then add one entry (durably) and move the head.
@@ -65,14 +159,15 @@ class HashChainLog:
             if callable(fields):
                 fields = fields(entries)
             prev = entries[-1]["hash"] if entries else GENESIS
-            entry = {"seq": len(entries) + 1, "time": _now(), **fields, "prev": prev}
-            entry["hash"] = entry_hash(entry)
+            entry = {"seq": len(entries) + 1, "time": _now(), **fields, "key_id": self.key.key_id, "prev": prev}
+            entry["hash"] = entry_hash(entry, self.key)
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(entry, ensure_ascii=False) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
             self._write_head(entry["seq"], entry["hash"])
+            self._seen = (entry["seq"], entry["hash"])
             return entry
 
     def entries(self) -> list[dict[str, Any]]:
@@ -100,8 +195,11 @@ class HashChainLog:
                 raise _tampered(number, f"sequence number {entry.get('seq')} where {number} was expected")
             if entry.get("prev") != prev:
                 raise _tampered(number, "it does not chain to the entry before it (an entry was removed or reordered)")
-            if entry.get("hash") != entry_hash(entry):
-                raise _tampered(number, "its content does not match its hash (it was edited)")
+            if entry.get("key_id") != self.key.key_id:
+                raise _tampered(number, f"it was written under evidence key {entry.get('key_id')}, not under this "
+                                        f"key ({self.key.key_id} in {self.key.folder}): wrong key folder, or a forgery")
+            if not hmac.compare_digest(str(entry.get("hash")), entry_hash(entry, self.key)):
+                raise _tampered(number, "its content does not match its keyed hash (it was edited)")
             prev = entry["hash"]
             entries.append(entry)
         head = self._read_head()
@@ -117,6 +215,12 @@ class HashChainLog:
         elif head["count"] == len(entries) - 1:
             # Crash between appending an entry and moving the head: the entry is chained, keep it.
             self._write_head(len(entries), entries[-1]["hash"])
+        if self._seen is not None:
+            count, last = self._seen
+            if count > len(entries) or (count and entries[count - 1]["hash"] != last):
+                raise _tampered(min(count, len(entries) + 1), f"the log changed under this process: it had {count} "
+                                f"entries, it now has {len(entries)} that do not extend them (rolled back or replaced)")
+        self._seen = (len(entries), entries[-1]["hash"]) if entries else None
         return entries
 
     def _read_head(self) -> dict[str, Any] | None:
@@ -131,7 +235,8 @@ class HashChainLog:
     def _write_head(self, count: int, last_hash: str) -> None:
         fd, tmp = tempfile.mkstemp(prefix=".head-", dir=self.path.parent)
         with os.fdopen(fd, "w") as f:
-            json.dump({"count": count, "hash": last_hash}, f)
+            # key_dir only says where the key is, for `fedsov audit verify`; it proves nothing.
+            json.dump({"count": count, "hash": last_hash, "key_dir": str(self.key.folder)}, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.head_path)
@@ -153,11 +258,29 @@ def _tampered(entry: int, problem: str) -> TamperedLog:
     return err
 
 
+def key_dir_hint(path: Path | str) -> Path | None:
+    """The key folder a log's head file names (for verification tools), if any."""
+    head = Path(path).with_name(Path(path).name + ".head")
+    try:
+        hint = json.loads(head.read_text()).get("key_dir")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return Path(hint) if isinstance(hint, str) and hint else None
+
+
+def open_log(path: Path | str, key_dir: Path | str | None = None) -> HashChainLog:
+    """A log with its key, from `key_dir` or the folder its head names (for verification tools and tests)."""
+    folder = key_dir or key_dir_hint(path)
+    if folder is None:
+        raise EvidenceKeyError(f"{path}: no key folder given and its .head file names none; pass --key-dir.")
+    return HashChainLog(path, EvidenceKey.load(folder))
+
+
 class AuditLog:
     """Who decided what, when and why: one per node and one per coordinator run."""
 
-    def __init__(self, path: Path | str, actor: str):
-        self.chain = HashChainLog(path)
+    def __init__(self, path: Path | str, actor: str, key: EvidenceKey):
+        self.chain = HashChainLog(path, key)
         self.actor = actor
 
     @property

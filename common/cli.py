@@ -33,8 +33,13 @@ def main(argv: list[str] | None = None) -> int:
 
     audit = sub.add_parser("audit", help="audit logs and privacy ledgers")
     asub = audit.add_subparsers(dest="action", required=True)
-    verify = asub.add_parser("verify", help="verify hash-chained logs; report the first tampered entry")
+    verify = asub.add_parser("verify", help="verify keyed hash-chained logs; report the first tampered entry")
     verify.add_argument("files", nargs="+", type=Path)
+    verify.add_argument("--key-dir", type=Path, help="the log's evidence-key folder (default: the one its .head names)")
+    verify.add_argument("--anchor", help="an anchor kept elsewhere, ENTRIES:HASH: the log must contain it")
+    verify.add_argument("--manifest", type=Path,
+                        help="a run's adapter/fedsov-manifest.json: check the log against the anchors it kept")
+    verify.add_argument("--node", help="with --manifest: the node whose anchors to use (e.g. eu-1)")
     compare = asub.add_parser("compare", help="run the same federation without and with DP (epsilon 8) and audit both")
     compare.add_argument("overrides", nargs="*", help="config overrides for both arms")
 
@@ -69,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "policy":
             return _policy(args)
         if args.command == "audit" and args.action == "verify":
-            return _verify(args.files)
+            return _verify(args.files, args.key_dir, args.anchor, args.manifest, args.node)
         if args.command == "audit":
             from server.compare import compare
 
@@ -149,6 +154,14 @@ def _deployment_parsers(sub) -> None:
     nstart.add_argument("--synthetic-data", action="store_true", help="data are fedsov's generated demo data")
     nstart.add_argument("--model-path", help="local base model folder (default: the run's model)")
     nstart.add_argument("--model-cache", default="~/.cache/fedsov", help="where this node keeps the embedded model")
+    nstart.add_argument("--key-dir", help="the node's evidence-key folder, apart from its state (default <state-dir>.keys)")
+    nstart.add_argument("--ledger-dir", help="the privacy ledger's folder, shared by nodes that split one data folder "
+                                             "(default: the state folder)")
+    nstart.add_argument("--ledger-key-dir", help="the ledger's evidence-key folder (default: --key-dir)")
+    ntrust = nsub.add_parser("trust", help="pin a coordinator's CA to the jurisdiction it is in (this node's config)")
+    ntrust.add_argument("--ca", type=Path, required=True, help="the coordinator's CA certificate")
+    ntrust.add_argument("--jurisdiction", required=True, help="where that coordinator is, e.g. EU, US-CA, CN")
+    ntrust.add_argument("--name", required=True, help="a label for this coordinator")
     _connection_args(nstart)
     nstart.add_argument("overrides", nargs="*", help="config overrides for the start checks (e.g. model settings)")
 
@@ -202,6 +215,15 @@ def _deployment(args) -> int:
 
         private, public = make_node_key(args.out)
         print(f"Node key {private} (stays on the node); register {public} with the coordinator.")
+        return 0
+    if args.command == "node" and args.action == "trust":
+        from common.config import default_config_dir
+        from common.coordinator_pins import PINS_FILE, add_pin
+
+        config_dir = args.config_dir.resolve() if args.config_dir else default_config_dir()
+        fingerprint = add_pin(config_dir, args.name, args.ca, args.jurisdiction)
+        print(f"Pinned coordinator '{args.name}' (CA sha256 {fingerprint}) to {args.jurisdiction} in "
+              f"{config_dir / PINS_FILE}. Check the fingerprint with the coordinator's operator.")
         return 0
     if args.command == "node":
         from client.supernode import start_node
@@ -282,19 +304,53 @@ def _report(run_dir: Path) -> int:
     return 1 if report["bound_violations"] else 0
 
 
-def _verify(files: list[Path]) -> int:
-    from common.audit import HashChainLog
+def _verify(files: list[Path], key_dir: Path | None, anchor: str | None, manifest: Path | None,
+            node: str | None) -> int:
+    from common.audit import EvidenceKeyError, TamperedLog, open_log
 
+    if manifest is not None and not node:
+        raise FedsovError("--manifest needs --node: the anchors in a manifest are per node (e.g. --node eu-1).")
     bad = 0
     for file in files:
-        if not file.exists():
-            print(f"{file}: no such file")
+        if not file.is_file():
+            print(f"{file}: no such file" if not file.exists() else f"{file}: not a file (give the .jsonl log)")
             bad += 1
             continue
-        result = HashChainLog(file).verify()
+        try:
+            log = open_log(file, key_dir)
+        except EvidenceKeyError as err:
+            print(f"{file}: cannot verify: {err}")
+            bad += 1
+            continue
+        result = log.verify()
         print(result.describe(file))
         bad += not result.ok
+        expected = _anchor_for(file, anchor, manifest, node)
+        if result.ok and expected is not None:
+            try:
+                log.check_anchor(*expected)
+                print(f"{file}: contains the anchor {expected[0]}:{expected[1][:16]}...")
+            except TamperedLog as err:
+                print(f"{file}: ANCHOR MISSING: {err}")
+                bad += 1
     return 1 if bad else 0
+
+
+def _anchor_for(file: Path, anchor: str | None, manifest: Path | None, node: str | None) -> tuple[int, str] | None:
+    import json
+
+    if anchor:
+        count, _, head = anchor.partition(":")
+        if not count.isdigit() or len(head) != 64:
+            raise FedsovError(f"--anchor {anchor!r}: expected ENTRIES:HASH, e.g. 12:<64 hex digits>.")
+        return int(count), head
+    if manifest is None:
+        return None
+    anchors = json.loads(manifest.read_text()).get("evidence_anchors", {})
+    if node not in anchors:
+        raise FedsovError(f"{manifest} keeps no anchors for node {node!r}; it has: {', '.join(sorted(anchors)) or 'none'}.")
+    kind = "ledger" if "ledger" in file.name else "audit"
+    return int(anchors[node][f"{kind}-entries"]), str(anchors[node][f"{kind}-head"])
 
 
 if __name__ == "__main__":

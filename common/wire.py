@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 if TYPE_CHECKING:  # torch is imported where tensors are used: light messages never load it
     import torch
 
-from common.errors import FedsovError
+from common.schema import Bool, Float, Int, Items, Optional, SchemaError, Spec, Text, check_record
 
 DESCRIBE = "query.describe"
 AUDIT = "query.audit"
@@ -47,6 +47,8 @@ EXAMPLES = "examples"
 
 SECAGG_KEYS = "secagg-keys"
 SECAGG = "secagg"
+# A node's ledger and audit-log heads (describe and train replies): the coordinator's anchors.
+EVIDENCE = "evidence"
 
 # The only scalar metrics a reply may carry in the clear.
 TRAIN_METRICS = ("num-units", "train-loss", "epsilon", "noise-multiplier", "sample-rate", "steps")
@@ -54,13 +56,60 @@ SECURE_TRAIN_METRICS = ("num-units", "epsilon")
 EVALUATE_METRICS = ("loss-sum", "tokens", "num-examples")
 
 
-class WireError(FedsovError):
+class WireError(SchemaError):
     """A message does not have the shape the protocol expects."""
+
+
+# Ceilings a node applies to any plan, whatever the coordinator asks: a plan can make no loop run
+# unbounded. The privacy budget bounds what training may spend; these bound what it may cost.
+MAX_ROUNDS = 100_000
+MAX_LOCAL_STEPS = 10_000
+MAX_BATCH = 1_000_000
+MAX_PEERS = 4096
+RUN_ID = Text(128, r"[A-Za-z0-9._:#-]+")
+JURISDICTION = Text(32, r"[A-Za-z0-9*_-]+")
+FINGERPRINT = Text(64, r"[0-9a-f]{64}")
+MODULE_NAME = Text(128, r"[A-Za-z0-9_.*-]+")
+
+PLAN_FIELDS: dict[str, Spec] = {
+    "run-id": RUN_ID,
+    "round": Int(0, MAX_ROUNDS),
+    "total-rounds": Int(1, MAX_ROUNDS),
+    "local-steps": Int(1, MAX_LOCAL_STEPS),
+    "batch-size": Int(1, MAX_BATCH),
+    "learning-rate": Float(0.0, 10.0, open_lo=True),
+    "max-length": Int(1, 1 << 20),
+    "eval-batch-size": Int(1, 65_536),
+    "model-fingerprint": FINGERPRINT,
+    "lora-rank": Int(1, 4096),
+    "lora-alpha": Float(0.0, 1e6, open_lo=True),
+    "lora-dropout": Float(0.0, 1.0, open_hi=True),
+    "lora-ffa": Bool(),
+    "lora-seed": Int(0, 2**63 - 1),
+    "dp-enabled": Bool(),
+    "max-grad-norm": Float(0.0, 1e6, open_lo=True),
+    "coordinator-jurisdiction": JURISDICTION,
+    "cohort-size": Int(1, MAX_PEERS),
+    "secure-aggregation": Bool(),
+    "noise-multiplier": Optional(Float(0.0, 1e4, open_lo=True)),
+    "target-epsilon": Optional(Float(0.0, 1e4, open_lo=True)),
+    "lora-target-modules": Items(MODULE_NAME, max_items=64, distinct=True),
+}
+
+HASH = FINGERPRINT
+# What a node reports of its evidence, and what a coordinator sends back as the anchor to check.
+EVIDENCE_FIELDS: dict[str, Spec] = {
+    "ledger-genesis": HASH, "ledger-entries": Int(0, 2**40), "ledger-head": HASH,
+    "audit-genesis": HASH, "audit-entries": Int(0, 2**40), "audit-head": HASH,
+}
+ANCHOR_FIELDS: dict[str, Spec] = {"ledger-genesis": HASH, "ledger-entries": Int(1, 2**40), "ledger-head": HASH}
+DESCRIBE_REQUEST_FIELDS: dict[str, Spec] = {"run-id": RUN_ID, "coordinator-jurisdiction": JURISDICTION}
+AUDIT_REQUEST_FIELDS: dict[str, Spec] = {"coordinator-jurisdiction": JURISDICTION}
 
 
 @dataclass(frozen=True)
 class RoundPlan:
-    """Everything a node needs to run one round, decided by the coordinator."""
+    """Everything a node needs to run one round, decided by the coordinator (and checked by the node)."""
 
     run_id: str
     round: int
@@ -98,22 +147,33 @@ class RoundPlan:
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> "RoundPlan":
-        values = {k.replace("-", "_"): v for k, v in record.items()}
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise WireError(f"Round plan has unknown fields {unknown}; coordinator and node versions differ.")
-        if "lora_target_modules" in values:
-            values["lora_target_modules"] = tuple(values["lora_target_modules"])
-        try:
-            return cls(**values)
-        except TypeError as err:
-            raise WireError(f"Round plan is incomplete: {err}") from err
+        """The plan, every field typed and ranged by PLAN_FIELDS; anything else is a SchemaError."""
+        values = check_record(record, PLAN_FIELDS, "round plan")
+        if values["round"] > values["total-rounds"]:
+            raise SchemaError(f"round plan: round {values['round']} is past total-rounds {values['total-rounds']}")
+        if values["dp-enabled"] and (values["noise-multiplier"] is None) == (values["target-epsilon"] is None):
+            raise SchemaError("round plan: DP needs exactly one of noise-multiplier and target-epsilon")
+        values["lora-target-modules"] = tuple(values["lora-target-modules"])
+        return cls(**{k.replace("-", "_"): v for k, v in values.items()})
 
 
 def aggregation_tag(run_id: str, round_number: int, kind: str) -> bytes:
     """Binds every secure-aggregation key and mask to one run, round and purpose."""
     return f"fedsov/secagg/v1|{run_id}|{round_number}|{kind}".encode()
+
+
+def adapter_digest(state: Mapping[str, "torch.Tensor"]) -> str:
+    """SHA-256 over an adapter's tensor names, shapes and float32 bytes: which adapter a node was shown."""
+    import hashlib
+
+    import torch
+
+    h = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().to("cpu", torch.float32).contiguous()
+        h.update(f"{name}|{tuple(tensor.shape)}|".encode())
+        h.update(tensor.numpy().tobytes())
+    return h.hexdigest()
 
 
 def payload_bytes(content) -> int:
@@ -146,4 +206,6 @@ def record_to_state(record) -> "OrderedDict[str, torch.Tensor]":
     for k, v in state.items():
         if v.dtype != torch.float32:
             raise WireError(f"Adapter tensor {k} arrived as {v.dtype}; the protocol carries float32 only.")
+        if not torch.isfinite(v).all():
+            raise WireError(f"Adapter tensor {k} holds NaN or infinite values.")
     return OrderedDict(state)

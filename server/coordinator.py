@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from common.audit import AuditLog
+from common.audit import AuditLog, EvidenceKey
 from common.config import FedsovConfig
 from common.errors import FederationError
 from common.model.loading import load_base_model, model_fingerprint, resolve_model_path
@@ -30,10 +30,13 @@ from common.secagg.encoding import (
     read_metric_vector,
     unflatten,
 )
+from common.schema import SchemaError, check_record
 from common.wire import (
     REFUSED,
     AUDIT,
     DESCRIBE,
+    EVIDENCE,
+    EVIDENCE_FIELDS,
     EXAMPLES,
     EVALUATE,
     GLOBAL_ADAPTER,
@@ -52,6 +55,7 @@ from common.wire import (
     state_to_record,
 )
 from server.aggregation import apply_update, check_update, weighted_mean
+from server.anchors import AnchorStore
 from server.planning import plan_regions
 from server.provenance import write_manifest
 from server.report import write_privacy_report
@@ -127,7 +131,13 @@ class Coordinator:
         self.pull_interval = pull_interval
         self.nodes: dict[int, NodeInfo] = {}
         self.unavailable: list[str] = []
-        self.audit = AuditLog(run.path / "audit.jsonl", actor="coordinator")
+        key = EvidenceKey.load_or_create(run.coordinator_key_dir, logs=(run.path / "audit.jsonl",))
+        self.audit = AuditLog(run.path / "audit.jsonl", actor="coordinator", key=key)
+        self.anchors = AnchorStore(run.anchors_path)
+        # Each start of the coordinator on a run is a session with its own id: nodes only ever see round numbers
+        # move forward within one, and a resumed run re-running a round after a crash is a new session.
+        session = 1 + sum(1 for e in self.audit.entries() if e["action"] == "run" and e["decision"] == "started")
+        self.session_id = f"{run.run_id}#{session}"
         self.regions = plan_regions(cfg)
         self.upload_bytes: dict[int, int] = {}  # payload bytes each node sent this round
 
@@ -153,7 +163,8 @@ class Coordinator:
         run.event("run_started", run_id=run.run_id, rounds=cfg.federation.rounds, first_round=first_round,
                   secure_aggregation=cfg.secure_aggregation.enabled)
         self.audit.record("run", "started", reason=f"coordinator in {cfg.federation.coordinator_jurisdiction}; "
-                          f"regions planned: {', '.join(self.regions.included) or 'none'}", round=first_round)
+                          f"regions planned: {', '.join(self.regions.included) or 'none'}", round=first_round,
+                          session=self.session_id)
         if not cfg.secure_aggregation.enabled:
             run.event("secure_aggregation_disabled",
                       reason="secure_aggregation.enabled=false: the coordinator sees every client's update")
@@ -233,7 +244,7 @@ class Coordinator:
         from flwr.app import ConfigRecord, RecordDict
 
         request = ConfigRecord(
-            {"run-id": self.run.run_id, "coordinator-jurisdiction": self.cfg.federation.coordinator_jurisdiction}
+            {"run-id": self.session_id, "coordinator-jurisdiction": self.cfg.federation.coordinator_jurisdiction}
         )
         replies = self._exchange(node_ids, DESCRIBE, lambda _: RecordDict({REQUEST: request}), 0)
         for reply in replies:
@@ -254,6 +265,8 @@ class Coordinator:
                 why = self.regions.excluded.get(node.region, f"region '{node.region}' is not in this run's config")
                 self.run.event("node_excluded", node=node.name, region=node.region, reason=why)
                 continue
+            if not self._evidence_follows_anchor(node, reply.content):
+                continue
             if node.policy_hash != self.regions.included[node.region]:
                 # The node's own policy governs; the coordinator's copy was only for planning.
                 self.run.event("policy_mismatch", node=node.name, region=node.region, node_policy=node.policy_hash,
@@ -269,11 +282,53 @@ class Coordinator:
         if not self.nodes:
             raise FederationError("Every node refused or failed to describe itself; see events.jsonl for the reasons.")
 
+    def _evidence_follows_anchor(self, node: NodeInfo, content) -> bool:
+        """A node whose ledger or audit log lost what it reported in an earlier run takes no part."""
+        try:
+            evidence = check_record(content[EVIDENCE], EVIDENCE_FIELDS, "evidence")
+        except (KeyError, SchemaError) as err:
+            why = f"its reply carries no valid evidence heads ({err})"
+        else:
+            why = self.anchors.problem(node.name, evidence)
+            if why is None:
+                self.anchors.record(node.name, node.region, evidence, self.session_id)
+                return True
+        self.unavailable.append(f"{node.name}: evidence check failed: {why}")
+        self.run.event("node_evidence_failed", node=node.name, region=node.region, reason=why)
+        self.audit.record("node", "excluded", reason=f"{node.name}: {why}; its privacy budget cannot be trusted")
+        return False
+
+    def _record_evidence(self, node: NodeInfo, content, round_number: int) -> None:
+        """Keep the heads a node reports after training as the anchor for later runs."""
+        try:
+            evidence = check_record(content[EVIDENCE], EVIDENCE_FIELDS, "evidence")
+        except (KeyError, SchemaError) as err:
+            self.run.event("node_evidence_failed", node=node.name, region=node.region, reason=str(err))
+            return
+        self.anchors.record(node.name, node.region, evidence, self.session_id)
+        self.audit.record("evidence", "anchored", reason=f"{node.name}: ledger at entry {evidence['ledger-entries']}",
+                          round=round_number, node=node.name, **{k.replace("-", "_"): v for k, v in evidence.items()})
+
+    def _train_request(self, plan: RoundPlan, global_record):
+        """The round's train message for one node: plan, global adapter and the node's ledger anchor."""
+        from flwr.app import ConfigRecord, RecordDict
+
+        plan_record = plan.to_record()
+
+        def request(node_id: int):
+            content = {PLAN: plan_record, GLOBAL_ADAPTER: global_record}
+            anchor = self.anchors.ledger_anchor(self.nodes[node_id].name)
+            if anchor is not None:
+                content[REQUEST] = ConfigRecord(anchor)
+            return RecordDict(content)
+
+        return request
+
     def _plan(self, round_number: int, fingerprint: str) -> RoundPlan:
         cfg = self.cfg
         lora, priv, fed = cfg.model.lora, cfg.privacy, cfg.federation
         return RoundPlan(
-            run_id=self.run.run_id,
+            run_id=self.session_id,
             round=round_number,
             total_rounds=fed.rounds,
             local_steps=fed.local_steps,
@@ -300,8 +355,7 @@ class Coordinator:
     def _train(self, plan: RoundPlan, state) -> tuple["OrderedDict[str, torch.Tensor]", dict[str, Any]]:
         from flwr.app import RecordDict
 
-        global_record = state_to_record(state)
-        request = lambda _: RecordDict({PLAN: plan.to_record(), GLOBAL_ADAPTER: global_record})  # noqa: E731
+        request = self._train_request(plan, state_to_record(state))
         trainable = OrderedDict((k, v) for k, v in state.items() if not (plan.lora_ffa and "lora_A" in k))
         if plan.secure_aggregation:
             return self._train_secure(plan, state, trainable, request)
@@ -323,6 +377,7 @@ class Coordinator:
                 self.run.event("update_rejected", round=plan.round, node=node.name, region=node.region, reason=str(err))
                 return
             units = int(metrics["num-units"])
+            self._record_evidence(node, reply.content, plan.round)
             updates.append(update)
             weights.append(units)
             node.epsilon = float(metrics["epsilon"])
@@ -402,6 +457,7 @@ class Coordinator:
             advertised = reply.content[SECAGG_KEYS]
             keys[reply.node_id] = (advertised["c-pk"], advertised["s-pk"])
             if METRICS in reply.content:  # train: unit count and epsilon are all that travel in the clear
+                self._record_evidence(node, reply.content, round_number)
                 metrics = reply.content[METRICS]
                 units[reply.node_id] = int(metrics["num-units"])
                 node.epsilon = float(metrics["epsilon"])
@@ -583,6 +639,9 @@ class Coordinator:
             "excluded_regions": self.regions.excluded,
             "audit": {region: r["verdict"] for region, r in report["regions"].items()},
             "privacy_report": str(self.run.report_dir / "privacy-report.html"),
+            # Each node's ledger and audit-log heads at the end of the run: `fedsov audit verify --manifest`
+            # checks a node's files against them.
+            "evidence_anchors": self.anchors.snapshot([n.name for n in self.nodes.values()]),
         }
 
     def _summary(self, started: float, model: ServerModel) -> dict[str, Any]:

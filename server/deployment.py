@@ -319,11 +319,20 @@ def local_node_config(cfg: FedsovConfig, region: str, index: int, clients: int, 
     data = cfg.regions[region].data
     synthetic = data.source == DataSource.synthetic
     paths = [str(Path(cfg.data.root) / region)] if synthetic else list(data.paths)
+    from common.config import default_config_dir
+    from common.coordinator_pins import local_jurisdiction
+
     node_config = {
         "region": region,
         "name": name,
         "data-path": ":".join(paths),
         "state-dir": str(root / "nodes" / name / "state"),
+        "key-dir": str(root / "keys" / name),
+        # The nodes of a region split one data folder here: they share its ledger.
+        "ledger-dir": str(root / "ledgers" / region),
+        "ledger-key-dir": str(root / "keys" / f"ledger-{region}"),
+        # The coordinator runs on this machine: the node's `local` pin says where that is.
+        "coordinator-jurisdiction": local_jurisdiction(default_config_dir()),
         "synthetic-data": synthetic,
         "client-index": index,
         "num-clients": clients,

@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from common.audit import AuditLog
+from common.audit import AuditLog, EvidenceKey
 from common.errors import PolicyViolation
 from common.policy import ANY
 
@@ -49,7 +49,11 @@ def export_adapter(run_dir: Path, destination: Path, jurisdiction: str) -> Path:
     """Copy the run's adapter (with its manifest) to `destination`, if every contributor allows it."""
     adapter = run_dir / "adapter"
     manifest = read_manifest(adapter)
-    audit = AuditLog(run_dir / "audit.jsonl", actor="coordinator")
+    from server.rundir import RunDirectory
+
+    # An export is a decision the coordinator's audit log must record: without its key, nothing is exported.
+    key = EvidenceKey.load(RunDirectory(run_dir).coordinator_key_dir)
+    audit = AuditLog(run_dir / "audit.jsonl", actor="coordinator", key=key)
     blockers = export_blockers(manifest, jurisdiction)
     if blockers:
         why = "; ".join(f"{r}: {b}" for r, b in blockers.items())

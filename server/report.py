@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from common.audit import HashChainLog
+from common.audit import EvidenceKey, EvidenceKeyError, HashChainLog, Verification
 from common.config import FedsovConfig
 from common.leakage.metrics import epsilon_lower_bound
 from server.rundir import RunDirectory
@@ -52,7 +52,7 @@ def build_report(run: RunDirectory, cfg: FedsovConfig) -> dict[str, Any]:
             "audit": audit,
             "verdict": _verdict(audit, accounted),
         }
-    log = HashChainLog(run.path / "audit.jsonl").verify()
+    log = _verify_coordinator_log(run)
     report = {
         "format": "fedsov-privacy-report/1",
         "run_id": run.run_id,
@@ -73,6 +73,14 @@ def build_report(run: RunDirectory, cfg: FedsovConfig) -> dict[str, Any]:
     }
     report["plain_summary"] = plain_summary(report)
     return report
+
+
+def _verify_coordinator_log(run: RunDirectory) -> Verification:
+    try:
+        key = EvidenceKey.load(run.coordinator_key_dir)
+    except EvidenceKeyError as err:
+        return Verification(False, 0, None, f"cannot be verified on this machine: {err}")
+    return HashChainLog(run.path / "audit.jsonl", key).verify()
 
 
 def _region_audit(region: str, results: dict[str, Any]) -> dict[str, Any] | None:
@@ -110,8 +118,7 @@ def _region_audit(region: str, results: dict[str, Any]) -> dict[str, Any] | None
         "one_run": {"canaries": int(sum(m.get("one-run-canaries", 0) for m in metrics)), "guesses": guesses,
                     "correct": correct, "epsilon_lower_bound": epsilon_lower_bound(guesses, correct, 1 - CONFIDENCE)},
         "generations": {"samples": int(sum(m["generations"] for m in metrics)),
-                        "pii_spans": int(sum(m["pii-spans"] for m in metrics)),
-                        "verbatim_from_training": int(sum(m["pii-spans-verbatim-in-training"] for m in metrics))},
+                        "pii_spans": int(sum(m["pii-spans"] for m in metrics))},
         "examples": [e for n in nodes for e in n["examples"]],
     }
 
@@ -145,8 +152,6 @@ def _verdict(audit: dict[str, Any] | None, accounted: Any) -> dict[str, Any]:
         # Clearly better than a coin: above the alarm level and above chance beyond sampling noise.
         if auc >= MIA_ALARM_AUC and auc - 1.96 * se > 0.5:
             signals.append(f"membership inference ({kind}) AUC {auc:.2f} +/- {1.96 * se:.2f}")
-    if audit["generations"]["verbatim_from_training"]:
-        signals.append(f"{audit['generations']['verbatim_from_training']} PII item(s) in generated text come verbatim from training data")
     return {"status": "memorisation detected" if signals else "no memorisation detected", "signals": signals}
 
 
@@ -267,7 +272,7 @@ def _tables(report: dict[str, Any]) -> list[tuple[str, str, list[str], list[list
     for r, v in regions.items():
         a = v["audit"]
         if not a or "exposure" not in a:
-            audit_rows.append([r, v["verdict"]["status"]] + ["n/a"] * 7)
+            audit_rows.append([r, v["verdict"]["status"]] + ["n/a"] * 6)
             continue
         exp = "; ".join(f"{k}x: mean {e['mean_bits']:.1f} / max {e['max_bits']:.1f} bits, extracted "
                         f"{e['extracted_greedy']}+{e['extracted_beam']} of {e['canaries']}" for k, e in a["exposure"].items())
@@ -285,7 +290,6 @@ def _tables(report: dict[str, Any]) -> list[tuple[str, str, list[str], list[list
             _fmt(a["mia"]["calibrated-tpr-at-1pct-fpr"]),
             f"{o['correct']}/{o['guesses']} right: epsilon >= {o['epsilon_lower_bound']:.2f} (accounted {_fmt(v['epsilon'])})",
             f"{a['generations']['pii_spans']} in {a['generations']['samples']} samples",
-            str(a["generations"]["verbatim_from_training"]),
         ])
     excluded = [[r, why] for r, why in report["excluded_regions"].items()]
     return [
@@ -296,7 +300,7 @@ def _tables(report: dict[str, Any]) -> list[tuple[str, str, list[str], list[list
         ("utility", "Utility: held-out perplexity", ["region", "before", "after"], utility_rows),
         ("audit", "Memorisation audit (run on each region's own nodes)",
          ["region", "verdict", "canary exposure", "MIA AUC (loss), 95% CI", "MIA AUC (calibrated), 95% CI", "TPR at 1% FPR",
-          "one-run lower bound (95%)", "PII in generations", "verbatim from training"], audit_rows),
+          "one-run lower bound (95%)", "PII in generations"], audit_rows),
     ]
 
 

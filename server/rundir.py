@@ -58,6 +58,19 @@ class RunDirectory:
     def run_id(self) -> str:
         return self.path.name
 
+    @property
+    def home(self) -> Path:
+        """The coordinator's folder above `runs/`: its evidence key and the nodes' anchors live there."""
+        return self.path.parent.parent
+
+    @property
+    def coordinator_key_dir(self) -> Path:
+        return self.home / "keys" / "coordinator"
+
+    @property
+    def anchors_path(self) -> Path:
+        return self.home / "evidence-anchors.json"
+
     def create(self) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         self.logs_dir.mkdir(exist_ok=True)

@@ -215,7 +215,7 @@ def render_event(event: dict, cfg: FedsovConfig) -> str | None:
                   key=lambda k: int(k.split("rep")[1].split("-")[0]), default=None)
         exposure = f"max exposure of the most repeated canaries {m[top]:.1f} bits, " if top else ""
         return (f"    {event['node']:<6} audited: {exposure}membership AUC {m.get('mia-loss-auc', float('nan')):.2f}, "
-                f"{int(m.get('pii-spans-verbatim-in-training', 0))} verbatim PII in generations")
+                f"{int(m.get('pii-spans', 0))} PII-like spans in {int(m.get('generations', 0))} generations")
     if kind == "audit_failed":
         return f"    {event['node']:<6} audit failed: {event['reason']}"
     if kind == "evaluation_failed":

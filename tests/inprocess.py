@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Callable, Iterable
 from uuid import uuid4
 
+import dataclasses
+
 from flwr.app import Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -100,15 +102,93 @@ def run_federation(overrides, run_name="run", prepare_grid=None):
     return cfg, run, summary, grid
 
 
-def ledger_epsilons(cfg) -> dict[str, list[float]]:
-    """Each node's ledger: the epsilon after every charged round, oldest first."""
+def node_audit_entries(cfg, node: str) -> list[dict]:
+    """A node's audit log, verified with the node's own evidence key (as `fedsov audit verify` would)."""
+    from common.audit import AuditLog, EvidenceKey
+
+    key = EvidenceKey.load(Path(cfg.workdir) / "keys" / node)
+    return AuditLog(Path(cfg.workdir) / "nodes" / node / "audit.jsonl", "test", key).entries()
+
+
+def region_ledger(cfg, region: str):
+    """The privacy ledger the simulated nodes of `region` share."""
     from client.node import LEDGER_FILE
+    from common.audit import EvidenceKey
     from common.privacy.ledger import PrivacyLedger
 
+    p = cfg.regions[region].policy.privacy
+    key = EvidenceKey.load(Path(cfg.workdir) / "keys" / f"ledger-{region}")
+    return PrivacyLedger(Path(cfg.workdir) / "ledgers" / region / LEDGER_FILE, delta=p.delta, unit=p.unit, key=key)
+
+
+def ledger_epsilons(cfg) -> dict[str, list[float]]:
+    """Each node's charges in its region's ledger: the epsilon after every charged round, oldest first."""
     out = {}
     for node_dir in sorted((Path(cfg.workdir) / "nodes").iterdir()):
-        region = cfg.regions[node_dir.name.rsplit("-", 1)[0]].policy.privacy
-        ledger = PrivacyLedger(node_dir / LEDGER_FILE, delta=region.delta, unit=region.unit)
-        (fingerprint,) = ledger.datasets()
-        out[node_dir.name] = [c.epsilon_after for c in ledger.history(fingerprint)]
+        ledger = region_ledger(cfg, node_dir.name.rsplit("-", 1)[0])
+        out[node_dir.name] = [c.epsilon_after for c in ledger.charges() if c.node == node_dir.name]
     return out
+
+
+class Federation:
+    """The pieces a (hostile) coordinator needs to talk to real nodes, without running rounds."""
+
+    def __init__(self, overrides):
+        from common.data.prepare import ensure_synthetic_data
+        from server.coordinator import Coordinator, ServerModel
+        from server.rundir import RunDirectory
+        from server.simulation import resolve_run_config
+
+        self.cfg = resolve_run_config(overrides)
+        self.cfg.run_dir = f"{self.cfg.workdir}/runs/hostile"
+        ensure_synthetic_data(self.cfg, log=lambda m: None)
+        self.run = RunDirectory(self.cfg.run_dir)
+        self.run.create()
+        self.grid = InProcessGrid.for_config(self.cfg)
+        self.model = ServerModel(self.cfg)
+        self.coordinator = Coordinator(self.cfg, self.grid, self.run, pull_interval=0)
+        self.coordinator._discover(self.model.fingerprint)
+        self.by_name = {n.name: n.node_id for n in self.coordinator.nodes.values()}
+        self.plan = self.coordinator._plan(1, self.model.fingerprint)
+
+    def send(self, node: str, message_type: str, content: RecordDict, round_number: int = 1) -> Message:
+        msg = Message(content, dst_node_id=self.by_name[node], message_type=message_type, group_id=str(round_number))
+        self.grid.push_messages([msg])
+        return self.grid.replies.pop(msg.metadata.message_id)
+
+    def train(self, node: str, **changes) -> Message:
+        plan = dataclasses.replace(self.plan, **changes)
+        return self.train_raw(node, plan.to_record())
+
+    def train_raw(self, node: str, plan_record, state=None, round_number: int = 1, **extra) -> Message:
+        """Send a train message with any plan record at all, as a deviating coordinator would."""
+        from common.wire import GLOBAL_ADAPTER, PLAN, state_to_record
+
+        state = state_to_record(self.model.initial_state() if state is None else state)
+        return self.send(node, "train", RecordDict({PLAN: plan_record, GLOBAL_ADAPTER: state, **extra}), round_number)
+
+    def plan_with(self, **fields):
+        """This federation's plan as a ConfigRecord with wire fields replaced (None removes a field)."""
+        from flwr.app import ConfigRecord
+
+        values = dict(self.plan.to_record())
+        for key, value in fields.items():
+            key = key.replace("_", "-")
+            if value is None:
+                values.pop(key, None)
+            else:
+                values[key] = value
+        return ConfigRecord(values)
+
+    def audit(self, node: str) -> list[dict]:
+        return node_audit_entries(self.cfg, node)
+
+    def ledger_sigmas(self, node: str) -> list[float]:
+        ledger = region_ledger(self.cfg, node.rsplit("-", 1)[0])
+        return [c.noise_multiplier for c in ledger.charges() if c.node == node]
+
+
+def assert_refused_with_nothing_sent(reply: Message, *fragments: str) -> None:
+    assert reply.has_error() and not reply.has_content()
+    for fragment in fragments:
+        assert fragment in reply.error.reason, reply.error.reason

@@ -12,7 +12,7 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, Message, RecordDict
 
-from client.node import AUDIT_FILE, LEDGER_FILE
+from client.node import LEDGER_FILE
 from common.data.prepare import ensure_synthetic_data
 from common.data.records import Record, write_jsonl
 from common.wire import GLOBAL_ADAPTER, PLAN, REQUEST, SECAGG, state_to_record
@@ -20,52 +20,7 @@ from server.coordinator import Coordinator, ServerModel
 from server.rundir import RunDirectory
 from server.simulation import resolve_run_config
 from tests.conftest import edit_policy
-from tests.inprocess import InProcessGrid, run_federation
-
-
-class Federation:
-    """The pieces a (hostile) coordinator needs to talk to real nodes, without running rounds."""
-
-    def __init__(self, overrides):
-        self.cfg = resolve_run_config(overrides)
-        self.cfg.run_dir = f"{self.cfg.workdir}/runs/hostile"
-        ensure_synthetic_data(self.cfg, log=lambda m: None)
-        self.run = RunDirectory(self.cfg.run_dir)
-        self.run.create()
-        self.grid = InProcessGrid.for_config(self.cfg)
-        self.model = ServerModel(self.cfg)
-        self.coordinator = Coordinator(self.cfg, self.grid, self.run, pull_interval=0)
-        self.coordinator._discover(self.model.fingerprint)
-        self.by_name = {n.name: n.node_id for n in self.coordinator.nodes.values()}
-        self.plan = self.coordinator._plan(1, self.model.fingerprint)
-
-    def send(self, node: str, message_type: str, content: RecordDict, round_number: int = 1) -> Message:
-        msg = Message(content, dst_node_id=self.by_name[node], message_type=message_type, group_id=str(round_number))
-        self.grid.push_messages([msg])
-        return self.grid.replies.pop(msg.metadata.message_id)
-
-    def train(self, node: str, **changes) -> Message:
-        plan = dataclasses.replace(self.plan, **changes)
-        state = state_to_record(self.model.initial_state())
-        return self.send(node, "train", RecordDict({PLAN: plan.to_record(), GLOBAL_ADAPTER: state}))
-
-    def audit(self, node: str) -> list[dict]:
-        from common.audit import AuditLog
-
-        return AuditLog(f"{self.cfg.workdir}/nodes/{node}/{AUDIT_FILE}", "test").entries()
-
-    def ledger_sigmas(self, node: str) -> list[float]:
-        from common.privacy.ledger import PrivacyLedger
-
-        region = self.cfg.regions[node.rsplit("-", 1)[0]].policy.privacy
-        ledger = PrivacyLedger(f"{self.cfg.workdir}/nodes/{node}/{LEDGER_FILE}", delta=region.delta, unit=region.unit)
-        return [c.noise_multiplier for fp in ledger.datasets() for c in ledger.history(fp)]
-
-
-def assert_refused_with_nothing_sent(reply: Message, *fragments: str) -> None:
-    assert reply.has_error() and not reply.has_content()
-    for fragment in fragments:
-        assert fragment in reply.error.reason, reply.error.reason
+from tests.inprocess import Federation, InProcessGrid, assert_refused_with_nothing_sent, run_federation
 
 
 @pytest.fixture
@@ -77,7 +32,7 @@ def federation(small_overrides):
 
 def test_weaker_sigma_is_raised_to_the_policy_minimum(federation):
     reply = federation.train("eu-1", noise_multiplier=0.1, target_epsilon=None)
-    assert not reply.has_error() and set(reply.content) == {"secagg-keys", "metrics"}
+    assert not reply.has_error() and set(reply.content) == {"secagg-keys", "metrics", "evidence"}
     assert federation.ledger_sigmas("eu-1") == [0.8]  # GDPR preset floor, not the coordinator's 0.1
     plan_entry = [e for e in federation.audit("eu-1") if e["action"] == "plan"][-1]
     assert plan_entry["decision"] == "adjusted" and "raised from 0.1 to the policy minimum 0.8" in plan_entry["reason"]
@@ -94,7 +49,7 @@ def test_larger_clip_norm_is_lowered_to_the_policy_maximum(federation):
     "changes, fragments",
     [
         ({"secure_aggregation": False}, ["requires secure aggregation", "plaintext update"]),
-        ({"coordinator_jurisdiction": "XX"}, ["GDPR policy forbids sending updates to a coordinator in XX"]),
+        ({"coordinator_jurisdiction": "XX"}, ["declares jurisdiction 'XX'", "pins place it in 'EU'"]),
         ({"dp_enabled": False}, ["requires DP-SGD"]),
         ({"cohort_size": 2}, ["below the policy's minimum cohort 3"]),
     ],
@@ -103,7 +58,7 @@ def test_plans_that_break_the_policy_are_refused(federation, changes, fragments)
     reply = federation.train("eu-1", **changes)
     assert_refused_with_nothing_sent(reply, "PolicyViolation", *fragments)
     assert federation.ledger_sigmas("eu-1") == []  # nothing trained, nothing charged
-    assert [e for e in federation.audit("eu-1") if e["action"] == "plan"][-1]["decision"] == "refused"
+    assert [e for e in federation.audit("eu-1") if e["action"] in ("plan", "transfer")][-1]["decision"] == "refused"
 
 
 def test_a_smaller_real_cohort_than_planned_is_refused_at_key_exchange(federation):
@@ -145,8 +100,8 @@ def test_an_update_with_an_extra_key_is_blocked(plaintext_federation, monkeypatc
 
     real = RegionNode.train_round
 
-    def leaky(self, plan, state):
-        outcome = real(self, plan, state)
+    def leaky(self, plan, state, anchor=None):
+        outcome = real(self, plan, state, anchor)
         outcome.update = OrderedDict(outcome.update, embeddings=torch.randn(16, 64))
         return outcome
 
@@ -169,8 +124,8 @@ def test_per_example_values_in_metrics_are_blocked(plaintext_federation, monkeyp
 
     real = RegionNode.train_round
 
-    def leaky(self, plan, state):
-        outcome = real(self, plan, state)
+    def leaky(self, plan, state, anchor=None):
+        outcome = real(self, plan, state, anchor)
         outcome.metrics.update(leak)
         return outcome
 
@@ -262,7 +217,7 @@ def test_coordinator_plans_around_policies(small_overrides):
 
 
 def test_run_shows_exclusions_writes_manifest_and_export_obeys_it(small_overrides, tmp_path):
-    from common.audit import HashChainLog
+    from common.audit import EvidenceKey, HashChainLog
     from common.errors import PolicyViolation
     from server.provenance import MANIFEST, export_adapter
 
@@ -282,14 +237,15 @@ def test_run_shows_exclusions_writes_manifest_and_export_obeys_it(small_override
     assert not (tmp_path / "to-us").exists()
     export_adapter(run.path, tmp_path / "to-eu", "EU")
     assert (tmp_path / "to-eu" / "adapter_model.safetensors").is_file() and (tmp_path / "to-eu" / MANIFEST).is_file()
-    decisions = [(e["action"], e["decision"]) for e in HashChainLog(run.path / "audit.jsonl").entries()]
+    key = EvidenceKey.load(run.coordinator_key_dir)
+    decisions = [(e["action"], e["decision"]) for e in HashChainLog(run.path / "audit.jsonl", key).entries()]
     assert ("export", "refused") in decisions and ("export", "accepted") in decisions
     assert ("region", "excluded") in decisions and ("round", "aggregated") in decisions
 
 
 def test_tampered_ledger_makes_the_node_refuse_to_train(small_overrides):
     cfg, run, _, _ = run_federation(small_overrides + ["federation.rounds=1", "federation.local_steps=2"])
-    ledger = f"{cfg.workdir}/nodes/eu-1/{LEDGER_FILE}"
+    ledger = f"{cfg.workdir}/ledgers/eu/{LEDGER_FILE}"
     lines = open(ledger).read().splitlines()
     open(ledger, "w").write("\n".join(lines[:-1]) + "\n")  # drop the last charge
     from client.node import RegionNode, simulation_settings

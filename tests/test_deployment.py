@@ -71,12 +71,12 @@ def test_local_deployment_with_tls_and_node_auth_end_to_end(small_overrides, tmp
     summary = json.loads((run_dir / "summary.json").read_text())
     for region in ("eu", "us", "sg"):
         assert 0 < summary["regions"][region]["epsilon"] <= 3.0 + 1e-6
-    from common.audit import HashChainLog
+    from common.audit import open_log
 
     node_logs = sorted((tmp_path / "work" / "deployment" / "nodes").glob("*/state/audit.jsonl"))
     assert len(node_logs) == 3
     for log in [run_dir / "audit.jsonl", *node_logs]:
-        assert HashChainLog(log).verify().ok, log
+        assert open_log(log).verify().ok, log
     assert not flower_processes(tmp_path), "fedsov deploy local left Flower processes behind"
 
     # A restarted client (a fresh node process on the same state folder) still holds what it spent.

@@ -37,7 +37,7 @@ def test_federated_dp_lora_trains_accounts_and_saves(small_overrides):
     assert {"train.secagg_mask", "evaluate.secagg_unmask"} <= kinds
     for reply in grid.received:
         if reply.metadata.message_type == "train":
-            assert set(reply.content) == {"secagg-keys", "metrics"}
+            assert set(reply.content) == {"secagg-keys", "metrics", "evidence"}
             assert set(reply.content["metrics"]) == {"num-units", "epsilon"}
         if reply.metadata.message_type == "evaluate":
             assert set(reply.content) == {"secagg-keys"}
@@ -68,7 +68,7 @@ def test_saved_adapter_loads_with_peft_and_beats_the_base(small_overrides, confi
     assert any(e["event"] == "secure_aggregation_disabled" for e in run.read_events())
     for reply in grid.received:
         if reply.metadata.message_type == "train":
-            assert set(reply.content) == {"update", "metrics"}
+            assert set(reply.content) == {"update", "metrics", "evidence"}
             assert set(reply.content["metrics"]) == {"num-units", "train-loss", "epsilon", "noise-multiplier", "sample-rate", "steps"}
     base_path = summary["model"]["path"]
     assert (run.adapter_dir / "adapter_config.json").is_file()

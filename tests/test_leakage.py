@@ -157,13 +157,14 @@ class Sections(html.parser.HTMLParser):
 
 
 def fake_run(tmp_path, correct: int, accounted: float):
-    from common.audit import AuditLog
+    from common.audit import AuditLog, EvidenceKey
     from common.config import load_config
     from server.rundir import RunDirectory
 
     run = RunDirectory(tmp_path / "run")
     run.create()
-    AuditLog(run.path / "audit.jsonl", "coordinator").record("run", "started", reason="test")
+    key = EvidenceKey.load_or_create(run.coordinator_key_dir)
+    AuditLog(run.path / "audit.jsonl", "coordinator", key).record("run", "started", reason="test")
     run.metrics({"round": 0, "perplexity": {"us": 200.0, "overall": 200.0}})
     run.metrics({"round": 1, "perplexity": {"us": 150.0, "overall": 150.0}, "epsilon": {"us": accounted}})
     run.write_summary({
@@ -176,7 +177,7 @@ def fake_run(tmp_path, correct: int, accounted: float):
                "extracted-beam-rep16": 0.0, "canaries-rep16": 2.0, "mia-loss-auc": 0.52, "mia-loss-tpr-at-1pct-fpr": 0.01,
                "mia-calibrated-auc": 0.51, "mia-calibrated-tpr-at-1pct-fpr": 0.02, "mia-members": 200.0,
                "mia-nonmembers": 50.0, "one-run-canaries": 64.0, "one-run-guesses": 32.0, "one-run-correct": float(correct),
-               "generations": 16.0, "pii-spans": 3.0, "pii-spans-verbatim-in-training": 0.0, "epsilon": accounted,
+               "generations": 16.0, "pii-spans": 3.0, "epsilon": accounted,
                "delta": 1e-5}
     run.write_audit_results({"us-1": {"region": "us", "metrics": metrics,
                                       "examples": ["The door code at Oak Lane is \u2588\u2588\u2588\u2588\u2588\u2588 [inserted 16x]"]}})

@@ -54,10 +54,10 @@ def test_simulate_runs_a_dp_federation_and_a_second_run_continues_the_budget(sma
     assert "Privacy report:" in out and "audit: " in out
     for name in ("privacy-report.html", "privacy-report.md", "privacy-report.json"):
         assert (run / "report" / name).is_file()
-    from common.audit import HashChainLog
+    from common.audit import open_log
 
     for log in [run / "audit.jsonl", *sorted((tmp_path / "work" / "nodes").glob("*/audit.jsonl"))]:
-        assert HashChainLog(log).verify().ok, log
+        assert open_log(log).verify().ok, log
     assert not flower_processes(), "fedsov simulate left Flower or Ray processes behind"
 
     second = fedsov([*small_overrides, "run_dir=" + str(tmp_path / "run2"), "federation.rounds=1"], tmp_path)

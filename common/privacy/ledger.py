@@ -1,11 +1,14 @@
-"""The privacy ledger: each node's durable record of the epsilon its data has spent.
+"""The privacy ledger: the durable record of the epsilon each person's data has spent.
 
-A hash-chained log on the node's own disk (see common.audit). It lists the datasets the node trained on (by content
-fingerprint, with salted digests of their privacy units) and every round charged against
-them. A dataset's epsilon composes the charges of every dataset that shares a unit with it,
-so retraining the same data, or data that grew or changed a little, continues from the
-spent budget instead of starting from zero. Like Opacus's accountants, the ledger keeps the
-history and derives epsilon from it; the history, not an epsilon, is the source of truth.
+A keyed hash-chained log (see common.audit) kept with the data, not with one node: the nodes
+that split one region's data share one ledger, so a person moved to another node by a
+re-sharding keeps their history. It lists the datasets trained on (by content fingerprint,
+with salted digests of their privacy units) and every round charged against them, with the
+steps, sampling rate, noise and clip norm that actually ran. A person's epsilon composes the
+charges of every dataset holding their unit; a dataset's epsilon is the largest over its
+people, so retraining the same data, or data that grew, shrank or moved between nodes,
+continues from the spent budget instead of starting from zero. Like Opacus's accountants,
+the ledger keeps the history and derives epsilon from it; the history is the source of truth.
 """
 
 from __future__ import annotations
@@ -16,18 +19,18 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
-from common.audit import HashChainLog, TamperedLog
+from common.audit import ChainHead, EvidenceKey, HashChainLog, TamperedLog
 from common.errors import BudgetExhausted, LedgerError, PrivacyError
 from common.policy import PrivacyUnitKind
 from common.privacy.accounting import DpSgdSteps, epsilon_spent
 from common.privacy.units import PrivacyUnit, dataset_fingerprint
 
-LEDGER_FORMAT = "fedsov-privacy-ledger/1"
+LEDGER_FORMAT = "fedsov-privacy-ledger/2"
 
 
 @dataclass(frozen=True)
 class RoundCharge:
-    """One federated round's DP-SGD steps on one dataset, and the epsilon after it."""
+    """One federated round's DP-SGD steps on one dataset, as they ran, and the epsilon after it."""
 
     dataset: str
     run_id: str
@@ -35,6 +38,8 @@ class RoundCharge:
     noise_multiplier: float
     sample_rate: float
     steps: int
+    max_grad_norm: float
+    node: str
     epsilon_after: float
     recorded_at: str
 
@@ -46,21 +51,38 @@ class RoundCharge:
 class PrivacyLedger:
     """The node's ledger, stored as a hash-chained log: every read verifies it first."""
 
-    def __init__(self, path: Path | str, *, delta: float, unit: PrivacyUnitKind):
+    def __init__(self, path: Path | str, *, delta: float, unit: PrivacyUnitKind, key: EvidenceKey):
         self.path = Path(path)
         self.delta = delta
         self.unit = unit
-        self._log = HashChainLog(self.path)
+        self._log = HashChainLog(self.path, key)
         if not self._log.exists():
             self._log.append({"kind": "ledger", "format": LEDGER_FORMAT, "delta": delta, "unit": unit.value,
                               "salt": secrets.token_hex(16)})
         self._check_settings(self._state())
 
     @property
-    def head(self) -> tuple[int, str]:
-        """(entries, last hash): what an audit log records to witness the ledger's length."""
-        entries = self._entries()
-        return len(entries), entries[-1]["hash"]
+    def head(self) -> ChainHead:
+        """Where the ledger stands: what audit logs and the coordinator's anchors record."""
+        try:
+            return self._log.chain_head()
+        except TamperedLog as err:
+            raise self._damaged(err) from err
+
+    def check_anchor(self, entries: int, head: str) -> None:
+        """Refuse a ledger that does not contain an anchor kept off this machine (it was reset or rewritten)."""
+        try:
+            self._log.check_anchor(entries, head)
+        except TamperedLog as err:
+            raise self._damaged(err) from err
+
+    def charges(self) -> list[RoundCharge]:
+        """Every charge in this ledger, in the order it was recorded."""
+        return list(self._state()["charges"])
+
+    def rounds_charged(self, run_id: str, node: str) -> list[int]:
+        """The rounds of run `run_id` that `node` charged to this ledger, oldest first."""
+        return [c.round for c in self._state()["charges"] if c.run_id == run_id and c.node == node]
 
     # -- queries -----------------------------------------------------------------------
     def datasets(self) -> list[str]:
@@ -79,15 +101,16 @@ class PrivacyLedger:
 
     def history(self, fingerprint: str) -> list[RoundCharge]:
         """Every charge that touched a unit of this dataset, oldest first."""
-        return self._history(self._state(), fingerprint)
+        state = self._state()
+        related = set().union(*self._unit_histories(state, fingerprint)) if fingerprint in state["datasets"] else set()
+        return [c for c in state["charges"] if c.dataset in related]
 
     def spent(self, fingerprint: str) -> float:
-        return epsilon_spent([c.dp_steps for c in self.history(fingerprint)], self.delta)
+        return self._epsilon(self._state(), fingerprint, None)
 
     def projected(self, fingerprint: str, planned: DpSgdSteps) -> float:
         """Epsilon after the planned steps, were they to run now."""
-        past = [c.dp_steps for c in self.history(fingerprint)]
-        return epsilon_spent(past + [planned], self.delta)
+        return self._epsilon(self._state(), fingerprint, planned)
 
     def check_budget(self, fingerprint: str, planned: DpSgdSteps, budget: float) -> float:
         """Return the projected epsilon, or raise BudgetExhausted before anything trains."""
@@ -106,13 +129,16 @@ class PrivacyLedger:
 
     # -- the one write that matters -----------------------------------------------------
     def charge(
-        self, fingerprint: str, planned: DpSgdSteps, *, budget: float | None, run_id: str, round_number: int
+        self, fingerprint: str, ran: DpSgdSteps, *, budget: float | None, run_id: str, round_number: int,
+        max_grad_norm: float, node: str,
     ) -> RoundCharge:
-        """Durably record a round's steps, re-checking the budget first.
+        """Durably record the steps that ran (not the ones planned), re-checking the budget first.
 
         budget=None records training without DP (noise 0): it is never refused here, but
         it leaves the dataset with infinite epsilon, so later DP runs on it are refused.
         """
+        if isinstance(ran.steps, bool) or not isinstance(ran.steps, int) or ran.steps < 1:
+            raise LedgerError(f"A charge must be a whole number of steps >= 1, not {ran.steps!r}.")
         made: list[RoundCharge] = []
 
         def entry(entries: list[dict[str, Any]]) -> dict[str, Any]:
@@ -121,20 +147,24 @@ class PrivacyLedger:
                 raise LedgerError(
                     f"Dataset {fingerprint[:12]} is not registered in ledger {self.path}; register it before charging."
                 )
-            past = [c.dp_steps for c in self._history(state, fingerprint)]
-            epsilon = epsilon_spent(past + [planned], self.delta)
+            before = self._epsilon(state, fingerprint, None)
+            epsilon = self._epsilon(state, fingerprint, ran)
             if budget is not None and epsilon > budget:
                 raise BudgetExhausted(
                     f"Privacy budget exhausted for dataset {fingerprint[:12]}: epsilon would reach "
                     f"{epsilon:.3f} > budget {budget:g} at delta={self.delta:g} (ledger {self.path})."
                 )
+            if epsilon < before:  # composition only adds: anything else is a broken accountant
+                raise LedgerError(f"Accounting error: epsilon would fall from {before} to {epsilon}; refusing.")
             made.append(RoundCharge(
                 dataset=fingerprint,
                 run_id=run_id,
                 round=round_number,
-                noise_multiplier=planned.noise_multiplier,
-                sample_rate=planned.sample_rate,
-                steps=planned.steps,
+                noise_multiplier=ran.noise_multiplier,
+                sample_rate=ran.sample_rate,
+                steps=ran.steps,
+                max_grad_norm=max_grad_norm,
+                node=node,
                 epsilon_after=epsilon,
                 recorded_at=_now(),
             ))
@@ -173,18 +203,32 @@ class PrivacyLedger:
             if e.get("kind") == "dataset":
                 state["datasets"][e["fingerprint"]] = {"units": e["units"], "unit_digests": e["unit_digests"]}
             elif e.get("kind") == "charge":
-                state["charges"].append(RoundCharge(**{k: e[k] for k in RoundCharge.__dataclass_fields__}))
+                try:
+                    state["charges"].append(RoundCharge(**{k: e[k] for k in RoundCharge.__dataclass_fields__}))
+                except KeyError as err:
+                    raise LedgerError(f"{self.path}: charge entry {e.get('seq')} lacks {err}; restore the ledger.") from err
         return state
 
-    def _history(self, state: dict[str, Any], fingerprint: str) -> list[RoundCharge]:
-        datasets = state["datasets"]
-        if fingerprint not in datasets:
-            return []
-        mine = set(datasets[fingerprint]["unit_digests"])
-        related = {
-            fp for fp, ds in datasets.items() if fp == fingerprint or mine.intersection(ds["unit_digests"])
-        }
-        return [c for c in state["charges"] if c.dataset in related]
+    @staticmethod
+    def _unit_histories(state: dict[str, Any], fingerprint: str) -> set[frozenset[str]]:
+        """The distinct sets of datasets that this dataset's units belong to (one set per kind of person)."""
+        holders: dict[str, set[str]] = {}
+        mine = set(state["datasets"][fingerprint]["unit_digests"])
+        for fp, ds in state["datasets"].items():
+            for digest in mine.intersection(ds["unit_digests"]):
+                holders.setdefault(digest, set()).add(fp)
+        return {frozenset(h) for h in holders.values()}
+
+    def _epsilon(self, state: dict[str, Any], fingerprint: str, planned: DpSgdSteps | None) -> float:
+        """The largest epsilon of any person in the dataset, after `planned` steps on the whole dataset."""
+        extra = [planned] if planned is not None else []
+        if fingerprint not in state["datasets"]:
+            return epsilon_spent(extra, self.delta)
+        worst = 0.0
+        for datasets in self._unit_histories(state, fingerprint):
+            past = [c.dp_steps for c in state["charges"] if c.dataset in datasets]
+            worst = max(worst, epsilon_spent(past + extra, self.delta))
+        return worst
 
     def _check_settings(self, state: dict[str, Any]) -> None:
         if state["delta"] != self.delta:
