@@ -17,6 +17,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf import errors as oc_errors
 
@@ -237,6 +238,8 @@ def load_config(
     except (HydraException, OmegaConfBaseException) as err:
         detail = str(err).strip() or str(err.__cause__ or "").strip() or type(err).__name__
         raise ConfigError(f"Invalid configuration in {config_dir} or its overrides: {detail}") from err
+    except yaml.YAMLError as err:  # Hydra reads every selected file before composing, and lets these through
+        raise ConfigError(f"A config file in {config_dir} is not valid YAML: {err}") from err
     unselected = sorted(set(composed.get("regions") or {}) - set(selected))
     if unselected:
         raise ConfigError(
@@ -377,8 +380,21 @@ def _typed(root: type, raw: Any, where: str, file: Path | None = None) -> Any:
         return OmegaConf.to_object(merged)
     except oc_errors.ConfigKeyError as err:
         full_key = str(err.full_key or err.key)
-        raise ConfigError(where + _unknown_key_text(_first_unknown(full_key, root), _schema_fields(full_key, root))) from err
+        if isinstance(raw, DictConfig) and "." not in full_key and full_key not in raw:
+            full_key = _locate(raw, full_key) or full_key  # OmegaConf loses the path inside a list entry
+        text = _unknown_key_text(_first_unknown(full_key, root), _schema_fields(full_key, root))
+        raise ConfigError(where + text) from err
     except oc_errors.ValidationError as err:
+        if isinstance(raw, DictConfig) and "." not in str(err.full_key) and err.full_key not in raw:
+            # OmegaConf loses the path of a value inside a list entry: find it in the file's own tree.
+            err.full_key = _locate(raw, str(err.key), err.value) or err.full_key
+        if file is not None and "is not Optional" in str(err.msg):
+            fields = _section_fields(str(err.full_key), root)
+            raise ConfigError(
+                f"{where}'{err.full_key}' is empty or null, but it must be set"
+                + (f" (a section; it must set {', '.join(fields)})" if fields else "")
+                + f". Set it in {file.name}; configs/{TEMPLATE_FILE} shows where null is allowed."
+            ) from err
         raise ConfigError(where + _wrong_value_message(err)) from err
     except oc_errors.MissingMandatoryValue as err:
         raise ConfigError(
@@ -418,10 +434,35 @@ def _section_fields(full_key: str, root: type) -> list[str]:
             continue
         if not dataclasses.is_dataclass(node):
             return []
-        node = typing.get_type_hints(node).get(part)
-        if typing.get_origin(node) in (list, typing.Union):
-            node = next(a for a in typing.get_args(node) if a is not type(None))
+        node = _element_type(typing.get_type_hints(node).get(part))
     return [f.name for f in dataclasses.fields(node)] if dataclasses.is_dataclass(node) else []
+
+
+_ANY_VALUE = object()
+
+
+def _locate(node: Any, key: str, value: Any = _ANY_VALUE, prefix: str = "") -> str | None:
+    """The dotted path (with [i] for list entries) of the first `key` holding `value` (or any) under `node`."""
+    from omegaconf import ListConfig
+
+    if isinstance(node, DictConfig):
+        items = [(f"{prefix}{k}", k, node._get_node(k)) for k in node.keys()]
+    elif isinstance(node, ListConfig):
+        items = [(f"{prefix[:-1]}[{i}]", None, node._get_node(i)) for i in range(len(node))]
+    else:
+        return None
+    def plain(v: Any) -> Any:
+        if isinstance(v, (DictConfig, ListConfig)):
+            return OmegaConf.to_container(v)
+        return v._value() if hasattr(v, "_value") else v
+
+    for path, name, child in items:
+        if name == key and (value is _ANY_VALUE or plain(child) == plain(value)):
+            return path
+        found = _locate(child, key, value, f"{path}.")
+        if found:
+            return found
+    return None
 
 
 def config_from_json(text: str) -> FedsovConfig:
@@ -469,7 +510,7 @@ def _absolutise_paths(cfg: FedsovConfig) -> None:
 def _schema_fields(full_key: str, root: type = FedsovConfig) -> list[str]:
     """Allowed keys at the first level of `full_key` the schema does not know ([] if all known)."""
     node: Any = root
-    for part in full_key.split("."):
+    for part in re.sub(r"\[\d+\]", "", full_key).split("."):
         if typing.get_origin(node) is dict:  # a region name inside `regions`
             node = typing.get_args(node)[1]
             continue
@@ -478,8 +519,15 @@ def _schema_fields(full_key: str, root: type = FedsovConfig) -> list[str]:
         hints = typing.get_type_hints(node)
         if part not in hints:
             return [f.name for f in dataclasses.fields(node)]
-        node = hints[part]
+        node = _element_type(hints[part])
     return []
+
+
+def _element_type(hint: Any) -> Any:
+    """The type inside Optional[...] and List[...] (a list entry's keys are checked like a section's)."""
+    while typing.get_origin(hint) in (list, typing.Union):
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    return hint
 
 
 def _first_unknown(full_key: str, root: type = FedsovConfig) -> str:

@@ -224,9 +224,11 @@ def validate_policy(policy: RegionPolicy, where: str) -> None:
     d = policy.data_use
     unknown = sorted(set(d.scrub_entities) - set(SUPPORTED_ENTITIES))
     if unknown:
-        fail("data_use.scrub_entities", unknown, "unknown entity types", f"Use some of: {', '.join(SUPPORTED_ENTITIES)}.")
+        fail("data_use.scrub_entities", unknown, "unknown entity types",
+             f"Use some of: {', '.join(SUPPORTED_ENTITIES)}.")
     if d.scrub_pii and not d.scrub_entities:
-        fail("data_use.scrub_entities", [], "scrub_pii is on but no entity types are listed", "List e.g. [EMAIL_ADDRESS].")
+        fail("data_use.scrub_entities", [], "scrub_pii is on but no entity types are listed",
+             "List e.g. [EMAIL_ADDRESS].")
     if d.scrub_entities and not d.scrub_pii:
         fail("data_use.scrub_entities", d.scrub_entities, "entities are listed but scrub_pii is false, so none "
              "would be scrubbed", "Set scrub_pii: true, or scrub_entities: [] if the region keeps identifiers.")
@@ -268,7 +270,8 @@ def _validate_transfers(t: TransferPolicy, fail) -> None:
     for i, s in enumerate(t.safeguards):
         at = f"{key}.safeguards[{i}]"
         if not s.reference.strip():
-            fail(f"{at}.reference", s.reference, "must not be empty", "Record the contract, filing or assessment reference.")
+            fail(f"{at}.reference", s.reference, "must not be empty",
+                 "Record the contract, filing or assessment reference.")
         if not s.jurisdictions:
             fail(f"{at}.jurisdictions", [], "a safeguard must cover at least one destination", "List e.g. [SG].")
         _check_codes(f"{at}.jurisdictions", s.jurisdictions, fail, wildcard=False)
@@ -366,7 +369,8 @@ def _allows(allowed: List[str], jurisdiction: str) -> bool:
     return ANY in allowed or jurisdiction in allowed
 
 
-def _prohibition(t: TransferPolicy, jurisdiction: str, on: datetime.date) -> tuple[str | None, ProhibitionExemption | None]:
+def _prohibition(t: TransferPolicy, jurisdiction: str,
+                 on: datetime.date) -> tuple[str | None, ProhibitionExemption | None]:
     """The prohibited entry that covers `jurisdiction`, and the exemption that lifts it (if any)."""
     listed = next((p for p in t.prohibited_coordinator_jurisdictions if _within(jurisdiction, p)), None)
     if listed is None:
@@ -485,9 +489,9 @@ def transfer_safeguard(policy: RegionPolicy, jurisdiction: str, people: int, sen
     match = next((s for s in _safeguards_for(policy.transfers, jurisdiction, on) if s.kind.value in required), None)
     needed = " or ".join(k.replace("_", " ") for k in required)
     if match:
-        return decide(cross_border=True, band=index, required=required, recorded=f"{match.kind.value} {match.reference}",
-                      allowed=True, reason=f"{law}: {counts} to {jurisdiction} need a {needed} ({why}); "
-                                           f"covered by {match.kind.value} {match.reference}")
+        recorded = f"{match.kind.value} {match.reference}"
+        return decide(cross_border=True, band=index, required=required, recorded=recorded, allowed=True,
+                      reason=f"{law}: {counts} to {jurisdiction} need a {needed} ({why}); covered by {recorded}")
     return decide(cross_border=True, band=index, required=required, recorded=None, allowed=False,
                   reason=f"{law}: {counts} to {jurisdiction} need a {needed} ({why}), and no current one covering "
                          f"{jurisdiction} is recorded in transfers.safeguards. Record it there, or keep the "
@@ -602,7 +606,8 @@ def explain_policy(name: str, jurisdiction: str, policy: RegionPolicy, on: datet
         return "anywhere" if ANY in values else "only in " + ", ".join(values)
 
     lines = [f"Region {name} ({jurisdiction}), rules under {policy.law}:"]
-    storage = f"stored under {', '.join(r.storage_roots)}" if r.storage_roots else "in the node's configured data folders"
+    storage = (f"stored under {', '.join(r.storage_roots)}" if r.storage_roots
+               else "in the node's configured data folders")
     lines.append(f"- Data: the node trains only on records tagged {', '.join(r.allowed_region_tags)}, {storage}; "
                  "any other record stops the node before it trains. Raw records never leave the node.")
     use = ["records without consent are excluded and counted" if d.require_consent else "consent is not checked"]

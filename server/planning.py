@@ -99,7 +99,8 @@ def dry_run(cfg: FedsovConfig, policies: dict[str, RegionConfig]) -> DryRun:
             accepted.append(name)
             verdict = "ACCEPT with adjustments: " + "; ".join(notes) if notes else "ACCEPT"
             if cfg.privacy.enabled and cfg.privacy.noise_multiplier is None:
-                verdict += f" (a derived sigma below the policy floor {region.policy.privacy.min_noise_multiplier:g} is raised to it)"
+                floor = region.policy.privacy.min_noise_multiplier
+                verdict += f" (a derived sigma below the policy floor {floor:g} is raised to it)"
         lines.append(f"  {name:<6} ({region.policy.law}): {verdict}")
     if not accepted:
         lines.append(f"No region accepts this plan (refused by {', '.join(refused)}): nothing would train.")
