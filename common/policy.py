@@ -375,8 +375,9 @@ def _prohibition(t: TransferPolicy, jurisdiction: str,
     listed = next((p for p in t.prohibited_coordinator_jurisdictions if _within(jurisdiction, p)), None)
     if listed is None:
         return None, None
+    # An exemption is a permission, so it matches exactly: one for CN does not lift CN-HK.
     exemption = next((e for e in t.prohibition_exemptions
-                      if _within(jurisdiction, e.jurisdiction) and _in_force(e.reviewed_on, e.expires, on)), None)
+                      if e.jurisdiction == jurisdiction and _in_force(e.reviewed_on, e.expires, on)), None)
     return listed, exemption
 
 

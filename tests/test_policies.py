@@ -280,6 +280,7 @@ def test_a_reviewed_exemption_lifts_a_prohibition_only_while_it_lasts():
     ok, why = coordinator_allowed(us, "CN", on=ON)
     assert ok and "28 CFR 202.802 specific license" in why
     assert not coordinator_allowed(us, "RU", on=ON)[0]  # the exemption names CN only
+    assert not coordinator_allowed(us, "CN-HK", on=ON)[0]  # and not its subdivisions
     assert not coordinator_allowed(us, "CN", on=datetime.date(2027, 6, 1))[0]
     assert coordinator_allowed(us, "DE", on=ON)[0]  # everywhere else stays allowed
 
