@@ -283,8 +283,9 @@ def _policy(args) -> int:
 
     cfg = load_config(args.overrides)
     policies = {name: load_region_file(_region_file(name)) for name in cfg.regions}
-    print("\n".join(dry_run(cfg, policies)))
-    return 0
+    result = dry_run(cfg, policies)
+    print("\n".join(result.lines))
+    return 0 if result.accepted else 1
 
 
 def _report(run_dir: Path) -> int:

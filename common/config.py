@@ -10,17 +10,19 @@ import dataclasses
 import difflib
 import json
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf import errors as oc_errors
 
 from common.errors import ConfigError
-from common.policy import PrivacyUnitKind, RegionPolicy, validate_policy
+from common.policy import JURISDICTION, PrivacyUnitKind, RegionPolicy, validate_policy
 
 __all__ = ["PrivacyUnitKind"]  # re-exported: the unit is part of a region's policy
 
@@ -99,25 +101,27 @@ class DataConfig:
     heldout_fraction: float = 0.2
 
 
+# A region's file must set every field below and in its policy: none has a default, so a
+# missing rule is an error naming the file, never a built-in value applied in silence.
 @dataclass
 class RegionData:
-    source: DataSource = DataSource.synthetic
+    source: DataSource
     # Local files or folders (JSONL, plain text, Parquet) when source=files.
-    paths: List[str] = field(default_factory=list)
+    paths: List[str]
     # Plain-text lines carry no consent field: the region attests it for whole files.
-    plain_text_consent: Optional[bool] = None
+    plain_text_consent: Optional[bool]
 
 
 @dataclass
 class RegionConfig:
-    name: str = "???"
-    jurisdiction: str = "???"
-    locales: List[str] = field(default_factory=list)
-    clients: int = 2
-    data: RegionData = field(default_factory=RegionData)
+    name: str
+    jurisdiction: str
+    locales: List[str]
+    clients: int
+    data: RegionData
     # The region's compliance rules. Its nodes enforce their own copy of this file; the
     # coordinator's copy only shapes its plans.
-    policy: RegionPolicy = field(default_factory=RegionPolicy)
+    policy: RegionPolicy
 
 
 @dataclass
@@ -225,11 +229,34 @@ def load_config(
     _check_overrides(overrides, config_dir)
     try:
         with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+            selected = _selected_regions(config_name, overrides)
+            # Each selected file is checked on its own first: Hydra would compose an empty file, or
+            # one whose package line names another region, as if that region were simply absent.
+            for name in selected:
+                load_region_file(config_dir / "regions" / f"{name}.yaml")
             composed = compose(config_name=config_name, overrides=list(overrides))
     except (HydraException, OmegaConfBaseException) as err:
         detail = str(err).strip() or str(err.__cause__ or "").strip() or type(err).__name__
         raise ConfigError(f"Invalid configuration in {config_dir} or its overrides: {detail}") from err
+    except yaml.YAMLError as err:  # Hydra reads every selected file before composing, and lets these through
+        raise ConfigError(f"A config file in {config_dir} is not valid YAML: {err}") from err
+    unselected = sorted(set(composed.get("regions") or {}) - set(selected))
+    if unselected:
+        raise ConfigError(
+            f"The overrides add region(s) {', '.join(unselected)} that regions=[{','.join(selected)}] does not select: "
+            f"a region comes only from its own file. Add them to regions=[...] or drop those overrides."
+        )
     return config_from_container(composed)
+
+
+def _selected_regions(config_name: str, overrides: Sequence[str]) -> list[str]:
+    """The region files the `regions` group selects, in order (Hydra's defaults list, before composing)."""
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.types import RunMode
+
+    defaults = GlobalHydra.instance().config_loader().compute_defaults_list(config_name, list(overrides), RunMode.RUN)
+    return [d.config_path.split("/", 1)[1] for d in defaults.defaults
+            if d.config_path and d.config_path.startswith("regions/")]
 
 
 def _check_overrides(overrides: Sequence[str], config_dir: Path) -> None:
@@ -287,31 +314,87 @@ def config_from_container(raw: DictConfig | dict[str, Any]) -> FedsovConfig:
     return cfg
 
 
+TEMPLATE_FILE = "region-template.yaml"
+
+
 def load_region_file(path: Path | str) -> RegionConfig:
-    """A region's own file (description and policy), validated the same way as the config."""
+    """A region's own file (description and policy): complete, for its own region, and valid.
+
+    The one loader for every path that reads a region's rules (the node, `policy validate`,
+    `dry-run`, `simulate`), so what one accepts, all accept.
+    """
     path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"No region policy file at {path}. Every node needs its region's file "
+                          f"(start from configs/{TEMPLATE_FILE}).")
+    region = path.stem
     try:
         raw = OmegaConf.load(path)
-    except FileNotFoundError as err:
-        raise ConfigError(f"No region policy file at {path}. Every node needs its region's file.") from err
     except Exception as err:  # YAML syntax errors come in several types
         raise ConfigError(f"Region policy file {path} is not valid YAML: {err}") from err
-    region: RegionConfig = _typed(RegionConfig, raw, f"{path}: ")
-    validate_policy(region.policy, f"{path.name}: policy")
+    if not isinstance(raw, DictConfig) or not raw:
+        raise ConfigError(f"Region policy file {path} is empty (or not a mapping): it must set every field of region "
+                          f"'{region}' and its policy. Copy configs/{TEMPLATE_FILE} to it and fill in each value.")
+    first = path.read_text().splitlines()[0].strip()
+    package = f"# @package regions.{region}"
+    if "<name>" in first:
+        raise ConfigError(f"{path} is still the template (first line '{first}'): copy it to "
+                          "configs/regions/<name>.yaml, put the region's name in place of <name> in the first line "
+                          "and in `name`, and set every ??? value.")
+    if first != package:
+        other = first.removeprefix("# @package regions.") if first.startswith("# @package regions.") else None
+        found = f"declares region '{other}' (first line '{first}')" if other else f"starts with '{first[:60]}'"
+        raise ConfigError(
+            f"{path} {found}, but a file named {path.name} must hold the rules of region '{region}' and start with "
+            f"'{package}' (Hydra files it under that key; without it the region vanishes or becomes another). "
+            + (f"If these are {other}'s rules, they belong in {other}.yaml; write {region}'s own here."
+               if other else f"Make '{package}' the first line.")
+        )
+    region_cfg: RegionConfig = _typed(RegionConfig, raw, f"{path}: ", file=path)
+    if region_cfg.name != region:
+        raise ConfigError(f"{path}: name = {region_cfg.name!r}, but the file is {path.name}: a region's file must be "
+                          f"for that region. Set name: {region} (if these are {region_cfg.name}'s rules, move them to "
+                          f"{region_cfg.name}.yaml).")
+    validate_region(region_cfg, f"{path.name}: ")
+    return region_cfg
+
+
+def validate_region(region: RegionConfig, where: str) -> None:
+    """The checks a region passes whether it comes from its file or from a composed config."""
+    validate_policy(region.policy, f"{where}policy")
     if region.name not in region.policy.residency.allowed_region_tags:
-        raise ConfigError(f"{path}: policy.residency.allowed_region_tags must include the region's own tag '{region.name}'.")
-    return region
+        _fail(f"{where}policy.residency.allowed_region_tags", region.policy.residency.allowed_region_tags,
+              f"does not include the region's own tag '{region.name}'", f"Add {region.name}.")
+    if not JURISDICTION.match(region.jurisdiction):
+        _fail(f"{where}jurisdiction", region.jurisdiction, "is not a jurisdiction code",
+              "Use an ISO 3166 code such as GB, CA-QC, or EU.")
 
 
-def _typed(root: type, raw: Any, where: str) -> Any:
+def _typed(root: type, raw: Any, where: str, file: Path | None = None) -> Any:
     try:
         merged = OmegaConf.merge(OmegaConf.structured(root), raw)
         OmegaConf.resolve(merged)
+        missing = sorted(OmegaConf.missing_keys(merged))
+        if missing:
+            raise ConfigError(where + _missing_text(missing, root, file))
         return OmegaConf.to_object(merged)
     except oc_errors.ConfigKeyError as err:
         full_key = str(err.full_key or err.key)
-        raise ConfigError(where + _unknown_key_text(_first_unknown(full_key, root), _schema_fields(full_key, root))) from err
+        if isinstance(raw, DictConfig) and "." not in full_key and full_key not in raw:
+            full_key = _locate(raw, full_key) or full_key  # OmegaConf loses the path inside a list entry
+        text = _unknown_key_text(_first_unknown(full_key, root), _schema_fields(full_key, root))
+        raise ConfigError(where + text) from err
     except oc_errors.ValidationError as err:
+        if isinstance(raw, DictConfig) and "." not in str(err.full_key) and err.full_key not in raw:
+            # OmegaConf loses the path of a value inside a list entry: find it in the file's own tree.
+            err.full_key = _locate(raw, str(err.key), err.value) or err.full_key
+        if file is not None and "is not Optional" in str(err.msg):
+            fields = _section_fields(str(err.full_key), root)
+            raise ConfigError(
+                f"{where}'{err.full_key}' is empty or null, but it must be set"
+                + (f" (a section; it must set {', '.join(fields)})" if fields else "")
+                + f". Set it in {file.name}; configs/{TEMPLATE_FILE} shows where null is allowed."
+            ) from err
         raise ConfigError(where + _wrong_value_message(err)) from err
     except oc_errors.MissingMandatoryValue as err:
         raise ConfigError(
@@ -320,6 +403,66 @@ def _typed(root: type, raw: Any, where: str) -> Any:
         ) from err
     except oc_errors.InterpolationResolutionError as err:
         raise ConfigError(f"{where}Config key '{err.full_key}': {err.msg}") from err
+
+
+def _missing_text(keys: list[str], root: type, file: Path | None) -> str:
+    """Name every unset key (and every field of a missing section) with the fix for where it lives."""
+    described = []
+    for key in keys:
+        fields = _section_fields(key, root)
+        described.append(f"{key} (a section; it must set {', '.join(fields)})" if fields else key)
+    listing = "; ".join(described)
+    rule = "nothing is filled with a default"
+    if file is not None:
+        return (f"{len(keys)} required key(s) missing or unset (???): {listing}. Every field of a region's file must "
+                f"be set in the file itself ({rule}): copy the missing lines from configs/{TEMPLATE_FILE} and set "
+                "each value (the presets cite the article behind theirs).")
+    regions = sorted({k.split(".")[1] for k in keys if k.startswith("regions.") and k.count(".") > 1})
+    if regions:
+        return (f"Config keys missing or unset (???): {listing}. Regions come only from their files ({rule}): "
+                f"set them in configs/regions/{{{','.join(regions)}}}.yaml.")
+    return (f"Config key(s) {listing} must be set: they have no default. Add "
+            + " ".join(f"{k}=<value>" for k in keys) + " to the command line.")
+
+
+def _section_fields(full_key: str, root: type) -> list[str]:
+    """The fields of the dataclass at `full_key` ([] if it is a plain value)."""
+    node: Any = root
+    for part in re.sub(r"\[\d+\]", "", full_key).split("."):
+        if typing.get_origin(node) is dict:
+            node = typing.get_args(node)[1]
+            continue
+        if not dataclasses.is_dataclass(node):
+            return []
+        node = _element_type(typing.get_type_hints(node).get(part))
+    return [f.name for f in dataclasses.fields(node)] if dataclasses.is_dataclass(node) else []
+
+
+_ANY_VALUE = object()
+
+
+def _locate(node: Any, key: str, value: Any = _ANY_VALUE, prefix: str = "") -> str | None:
+    """The dotted path (with [i] for list entries) of the first `key` holding `value` (or any) under `node`."""
+    from omegaconf import ListConfig
+
+    if isinstance(node, DictConfig):
+        items = [(f"{prefix}{k}", k, node._get_node(k)) for k in node.keys()]
+    elif isinstance(node, ListConfig):
+        items = [(f"{prefix[:-1]}[{i}]", None, node._get_node(i)) for i in range(len(node))]
+    else:
+        return None
+    def plain(v: Any) -> Any:
+        if isinstance(v, (DictConfig, ListConfig)):
+            return OmegaConf.to_container(v)
+        return v._value() if hasattr(v, "_value") else v
+
+    for path, name, child in items:
+        if name == key and (value is _ANY_VALUE or plain(child) == plain(value)):
+            return path
+        found = _locate(child, key, value, f"{path}.")
+        if found:
+            return found
+    return None
 
 
 def config_from_json(text: str) -> FedsovConfig:
@@ -367,7 +510,7 @@ def _absolutise_paths(cfg: FedsovConfig) -> None:
 def _schema_fields(full_key: str, root: type = FedsovConfig) -> list[str]:
     """Allowed keys at the first level of `full_key` the schema does not know ([] if all known)."""
     node: Any = root
-    for part in full_key.split("."):
+    for part in re.sub(r"\[\d+\]", "", full_key).split("."):
         if typing.get_origin(node) is dict:  # a region name inside `regions`
             node = typing.get_args(node)[1]
             continue
@@ -376,8 +519,15 @@ def _schema_fields(full_key: str, root: type = FedsovConfig) -> list[str]:
         hints = typing.get_type_hints(node)
         if part not in hints:
             return [f.name for f in dataclasses.fields(node)]
-        node = hints[part]
+        node = _element_type(hints[part])
     return []
+
+
+def _element_type(hint: Any) -> Any:
+    """The type inside Optional[...] and List[...] (a list entry's keys are checked like a section's)."""
+    while typing.get_origin(hint) in (list, typing.Union):
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    return hint
 
 
 def _first_unknown(full_key: str, root: type = FedsovConfig) -> str:
@@ -524,10 +674,7 @@ def _validate_regions(cfg: FedsovConfig) -> None:
         if region.data.source == DataSource.synthetic and not region.locales:
             _fail(f"{where}.locales", region.locales, "synthetic data needs at least one Faker locale",
                   "Use e.g. [de_DE, fr_FR].")
-        validate_policy(region.policy, f"{where}.policy")
-        if region.name not in region.policy.residency.allowed_region_tags:
-            _fail(f"{where}.policy.residency.allowed_region_tags", region.policy.residency.allowed_region_tags,
-                  f"does not include the region's own tag '{region.name}'", f"Add {region.name}.")
+        validate_region(region, f"{where}.")
         if region.data.source == DataSource.files and not region.data.paths:
             _fail(f"{where}.data.paths", region.data.paths, "source=files needs at least one path",
                   f"Set {where}.data.paths=[/data/{key}] or {where}.data.source=synthetic.")

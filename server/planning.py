@@ -8,8 +8,9 @@ without DP, plaintext updates, or a cohort as small as the one it can offer.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
-from common.config import FedsovConfig
+from common.config import DataSource, FedsovConfig, RegionConfig
 from common.policy import coordinator_allowed, policy_hash
 
 
@@ -49,7 +50,14 @@ def plan_regions(cfg: FedsovConfig) -> RegionPlan:
     return RegionPlan(included=included, excluded=excluded, cohort=cohort)
 
 
-def dry_run(cfg: FedsovConfig, policies: dict[str, "RegionConfig"]) -> list[str]:
+@dataclass(frozen=True)
+class DryRun:
+    lines: list[str]
+    accepted: list[str]  # regions whose node would train under this plan
+    refused: dict[str, str]  # region -> why its node would refuse
+
+
+def dry_run(cfg: FedsovConfig, policies: dict[str, RegionConfig]) -> DryRun:
     """Check the round plan this coordinator would send against each region's own policy file."""
     from common.policy import PlanTerms, check_plan, effective_noise
 
@@ -74,20 +82,34 @@ def dry_run(cfg: FedsovConfig, policies: dict[str, "RegionConfig"]) -> list[str]
         + (", ".join(f"leaves out {n}" for n in regions.excluded) or "includes every region"),
         "Each region's node, checking the plan against its own policy file:",
     ]
+    accepted: list[str] = []
+    refused: dict[str, str] = {}
     for name in cfg.regions:
         region = policies[name]
         decision = check_plan(region.policy, terms)
+        reasons = decision.reasons + _missing_data(cfg.regions[name])
         notes = list(decision.adjustments)
         if cfg.privacy.enabled and cfg.privacy.noise_multiplier is not None:
             _, raised = effective_noise(region.policy, cfg.privacy.noise_multiplier)
             notes += [raised] if raised else []
-        if not decision.accepted:
-            verdict = "REFUSE: " + "; ".join(decision.reasons)
-        elif notes:
-            verdict = "ACCEPT with adjustments: " + "; ".join(notes)
+        if reasons:
+            refused[name] = "; ".join(reasons)
+            verdict = "REFUSE: " + refused[name]
         else:
-            verdict = "ACCEPT"
-        if decision.accepted and cfg.privacy.enabled and cfg.privacy.noise_multiplier is None:
-            verdict += f" (a derived sigma below the policy floor {region.policy.privacy.min_noise_multiplier:g} is raised to it)"
+            accepted.append(name)
+            verdict = "ACCEPT with adjustments: " + "; ".join(notes) if notes else "ACCEPT"
+            if cfg.privacy.enabled and cfg.privacy.noise_multiplier is None:
+                floor = region.policy.privacy.min_noise_multiplier
+                verdict += f" (a derived sigma below the policy floor {floor:g} is raised to it)"
         lines.append(f"  {name:<6} ({region.policy.law}): {verdict}")
-    return lines
+    if not accepted:
+        lines.append(f"No region accepts this plan (refused by {', '.join(refused)}): nothing would train.")
+    return DryRun(lines=lines, accepted=accepted, refused=refused)
+
+
+def _missing_data(region: RegionConfig) -> list[str]:
+    """Data paths a node started on this machine would not find (its start checks refuse them)."""
+    if region.data.source != DataSource.files:
+        return []
+    return [f"data path {p} (regions.{region.name}.data.paths) does not exist; the node would refuse to start"
+            for p in region.data.paths if not Path(p).exists()]

@@ -99,8 +99,9 @@ def test_policy_commands(tmp_path, capsys):
     from common.config import default_config_dir
 
     regions = default_config_dir() / "regions"
-    assert main(["policy", "validate", *map(str, sorted(regions.glob("*.yaml")))]) == 0
-    assert capsys.readouterr().out.count("OK ") == 5
+    files = sorted(regions.glob("*.yaml"))
+    assert main(["policy", "validate", *map(str, files)]) == 0
+    assert capsys.readouterr().out.count("OK ") == len(files)
     broken = tmp_path / "eu.yaml"
     broken.write_text((regions / "eu.yaml").read_text().replace("raw_data_export: false", "raw_data_export: true"))
     assert main(["policy", "validate", str(broken)]) == 2

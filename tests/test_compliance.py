@@ -175,13 +175,13 @@ def test_data_outside_the_storage_roots_stops_the_node(small_overrides, config_d
 
 def test_a_node_given_another_regions_policy_refuses_to_start(small_overrides, config_dir):
     from client.node import RegionNode, simulation_settings
-    from common.errors import PolicyViolation
+    from common.errors import ConfigError
 
     cfg = resolve_run_config(small_overrides)
     ensure_synthetic_data(cfg, log=lambda m: None)
     # The eu node's policy file is replaced by the US one (after the coordinator read its copy).
     (config_dir / "regions" / "eu.yaml").write_text((config_dir / "regions" / "us.yaml").read_text())
-    with pytest.raises(PolicyViolation, match="declares region 'eu' but its policy file .* is for region 'us'"):
+    with pytest.raises(ConfigError, match="eu.yaml declares region 'us' .* must hold the rules of region 'eu'"):
         RegionNode(simulation_settings(cfg, 0))
 
 

@@ -1,4 +1,5 @@
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -56,7 +57,7 @@ def test_every_value_overridable_and_groups_composable(tmp_path):
         (["model.dtype=float16"], ["model.dtype", "auto", "float32", "bfloat16"]),
         (["regions.eu.data.source=filez"], ["regions.eu.data.source", "synthetic", "files"]),
         (["model=gpt9"], ["'gpt9' is not a model config", "hf", "tiny"]),
-        (["regions=[eu,mars]"], ["'mars'", "cn, eu, sg, template, us"]),
+        (["regions=[eu,mars]"], ["'mars'", "br, ca, cn, eu, in, jp, kr, qc, sg, uk, us"]),
         (["regions.mars.clients=2"], ["region 'mars'", "Known regions"]),
         (["model=hf"], ["model.name_or_path", "must be set"]),
         (["federation.rounds=0"], ["federation.rounds", "at least 1"]),
@@ -88,8 +89,22 @@ def test_missing_config_folder_is_explained(tmp_path):
         load_config([], config_dir=tmp_path)
 
 
-@pytest.mark.parametrize("region", ["eu", "us", "sg", "cn", "template"])
-def test_presets_and_template_validate(region):
+PRESETS = ("eu", "uk", "us", "ca", "qc", "br", "sg", "cn", "in", "jp", "kr")
+# A rationale must cite its source: an article, section, rule, principle, schedule, decision or regulation.
+CITATION = re.compile(
+    r"\b(Art\.|Arts?\b|Article|Recital|s\. \d|ss\. \d|Sch\. \d|Schedule|Principle|Rule \d|Rules|reg\. \d|Regulations?"
+    r"|CFR|U\.S\.C\.|EO \d|Decision|Resolution|Provisions|Notice|Chapter [IVX]+|SI \d{4}/\d+|1798\.\d+)"
+)
+
+
+def test_every_preset_file_is_a_region():
+    from common.config import default_config_dir
+
+    assert sorted(p.stem for p in (default_config_dir() / "regions").glob("*.yaml")) == sorted(PRESETS)
+
+
+@pytest.mark.parametrize("region", PRESETS)
+def test_presets_validate(region):
     from common.config import default_config_dir, load_region_file
     from common.policy import policy_hash
 
@@ -97,18 +112,62 @@ def test_presets_and_template_validate(region):
     assert loaded.name == region and len(policy_hash(loaded.policy)) == 64
 
 
-def test_every_preset_field_carries_a_rationale():
+def test_the_template_shows_every_field_and_is_refused_until_filled(tmp_path):
+    """Copied unreviewed, the template refuses and names every unset key, none filled by a default."""
+    import dataclasses
+    import typing
+
+    from omegaconf import OmegaConf
+
+    from common.config import TEMPLATE_FILE, RegionConfig, default_config_dir, load_region_file
+
+    def schema_keys(cls, prefix=""):
+        for f in dataclasses.fields(cls):
+            hint = typing.get_type_hints(cls)[f.name]
+            if dataclasses.is_dataclass(hint):
+                yield from schema_keys(hint, f"{prefix}{f.name}.")
+            else:
+                yield f"{prefix}{f.name}"
+
+    template = default_config_dir() / TEMPLATE_FILE
+    with pytest.raises(ConfigError, match="is still the template"):
+        load_region_file(template)
+    # Every field of the schema is shown, and every one is left unset (???) for the region to decide.
+    assert sorted(OmegaConf.missing_keys(OmegaConf.load(template))) == sorted(schema_keys(RegionConfig))
+    copy = tmp_path / "mars.yaml"
+    copy.write_text(template.read_text().replace("<name>", "mars", 1))
+    with pytest.raises(ConfigError) as err:
+        load_region_file(copy)
+    message = str(err.value)
+    for key in schema_keys(RegionConfig):
+        assert key in message, key
+    assert "nothing is filled with a default" in message and TEMPLATE_FILE in message
+
+
+@pytest.mark.parametrize("region", PRESETS)
+def test_every_preset_field_carries_a_cited_rationale(region):
+    """Each policy line says why, citing where from; a list entry's first line speaks for the entry."""
     from common.config import default_config_dir
 
-    for region in ("eu", "us", "sg", "cn"):
-        text = (default_config_dir() / "regions" / f"{region}.yaml").read_text()
-        policy = text[text.index("policy:"):]
-        for line in policy.splitlines()[1:]:
-            stripped = line.strip()
-            if stripped and not stripped.endswith(":") and ":" in stripped and not stripped.startswith("#"):
-                if stripped.startswith("law:"):
-                    continue  # the law's name is its own rationale
-                assert "#" in line, f"{region}.yaml: '{stripped}' has no rationale comment"
+    text = (default_config_dir() / "regions" / f"{region}.yaml").read_text()
+    policy = text[text.index("\npolicy:") + 1:].splitlines()[1:]
+    item_keys_indent = None
+    for line in policy:
+        stripped = line.strip()
+        indent = len(line) - len(line.lstrip())
+        if not stripped or stripped.startswith("#"):
+            continue
+        if stripped.startswith("- "):
+            item_keys_indent = indent + 2
+        elif indent == item_keys_indent:
+            continue  # a key of a list entry: the entry's own line carries the rationale
+        else:
+            item_keys_indent = None
+        if stripped.startswith("law:") or (stripped.endswith(":") and "#" not in stripped):
+            continue  # the law's name is its own rationale; a bare section header has no value
+        assert " # " in line or "  #" in line, f"{region}.yaml: '{stripped}' has no rationale comment"
+        comment = line.split("#", 1)[1]
+        assert CITATION.search(comment), f"{region}.yaml: '{stripped}' cites no article, section or decision"
 
 
 @pytest.mark.parametrize(
