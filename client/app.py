@@ -15,7 +15,15 @@ from flwr.clientapp import ClientApp
 
 from client import secure
 from client.egress import ALLOWED_MESSAGE_TYPES, guard
-from client.settings import NodeSettings, PolicyGate, deployment_settings, node_audit, simulation_settings
+from client.settings import (
+    NodeSettings,
+    PolicyGate,
+    deployment_settings,
+    node_audit,
+    node_identity,
+    node_roster,
+    simulation_settings,
+)
 from common.config import config_from_json
 from common.errors import FedsovError
 from common.runconfig import CONFIG_KEY
@@ -37,6 +45,7 @@ from common.wire import (
     UPDATE,
     RoundPlan,
     aggregation_tag,
+    plan_digest,
     record_to_state,
     state_to_record,
 )
@@ -203,8 +212,8 @@ def train(msg: Message, context: Context) -> RecordDict:
     units = int(outcome.metrics["num-units"])
     keys = secure.begin(
         context.state, aggregation_tag(plan.run_id, plan.round, "train"), msg.metadata.dst_node_id, "train",
-        node.settings.region, {"loss-x-units": float(outcome.metrics["train-loss"]) * units, "units": units},
-        update=outcome.update,
+        node_identity(node.settings), node.settings.name, plan_digest(content[PLAN]),
+        {"loss-x-units": float(outcome.metrics["train-loss"]) * units, "units": units}, update=outcome.update,
     )
     clear = MetricRecord({"num-units": units, "epsilon": float(outcome.metrics["epsilon"])})
     return RecordDict({SECAGG_KEYS: ConfigRecord(keys), METRICS: clear, EVIDENCE: evidence})
@@ -221,7 +230,7 @@ def evaluate(msg: Message, context: Context) -> RecordDict:
         return RecordDict({METRICS: MetricRecord(metrics)})
     keys = secure.begin(
         context.state, aggregation_tag(plan.run_id, plan.round, "evaluate"), msg.metadata.dst_node_id, "evaluate",
-        node.settings.region,
+        node_identity(node.settings), node.settings.name, plan_digest(content[PLAN]),
         {"loss-sum": metrics["loss-sum"], "tokens": metrics["tokens"], "examples": metrics["num-examples"]},
     )
     return RecordDict({SECAGG_KEYS: ConfigRecord(keys)})
@@ -231,27 +240,43 @@ def _round(msg: Message) -> int | None:
     return int(msg.metadata.group_id) if msg.metadata.group_id.isdigit() else None
 
 
+def _stage(msg: Message) -> ConfigRecord:
+    return records(msg, {SECAGG: ConfigRecord})[SECAGG]
+
+
 @handled
 def secagg_shares(msg: Message, context: Context) -> RecordDict:
-    content = msg.content[SECAGG]
-    policy_gate(context).check_cohort(len(content["node-ids"]), "key exchange", _round(msg))
-    return RecordDict({SECAGG: ConfigRecord(secure.share(context.state, content))})
+    content = _stage(msg)
+    gate = policy_gate(context)
+    ids = content.get("node-ids")
+    gate.check_cohort(len(set(ids)) if isinstance(ids, list) else 0, "key exchange", _round(msg))
+    shares = secure.share(context.state, content, node_roster(gate.settings), gate.policy.transfers.min_cohort)
+    return RecordDict({SECAGG: ConfigRecord(shares)})
 
 
 @handled
 def secagg_mask(msg: Message, context: Context) -> RecordDict:
-    return RecordDict({SECAGG: ConfigRecord(secure.mask(context.state, msg.content[SECAGG]))})
+    return RecordDict({SECAGG: ConfigRecord(secure.mask(context.state, _stage(msg)))})
+
+
+@handled
+def secagg_confirm(msg: Message, context: Context) -> RecordDict:
+    content = _stage(msg)
+    gate = policy_gate(context)
+    survivors = content.get("survivors")
+    gate.check_cohort(len(set(survivors)) if isinstance(survivors, list) else 0, "unmasking", _round(msg))
+    return RecordDict({SECAGG: ConfigRecord(secure.confirm(context.state, content, node_identity(gate.settings)))})
 
 
 @handled
 def secagg_unmask(msg: Message, context: Context) -> RecordDict:
-    content = msg.content[SECAGG]
-    policy_gate(context).check_cohort(len(content["survivors"]), "unmasking", _round(msg))
-    return RecordDict({SECAGG: ConfigRecord(secure.unmask(context.state, content))})
+    gate = policy_gate(context)
+    return RecordDict({SECAGG: ConfigRecord(secure.unmask(context.state, _stage(msg), node_roster(gate.settings)))})
 
 
 # The later secure-aggregation stages are the same for training and evaluation.
 for _register in (app.train, app.evaluate):
     _register("secagg_shares")(secagg_shares)
     _register("secagg_mask")(secagg_mask)
+    _register("secagg_confirm")(secagg_confirm)
     _register("secagg_unmask")(secagg_unmask)

@@ -14,7 +14,8 @@ import math
 import re
 from typing import Any, Callable
 
-from common.secagg.encoding import metric_length
+from common.secagg.identity import SIGNATURE_BYTES
+from common.secagg.protocol import MAX_SLOTS
 from common.schema import SchemaError, check_record
 from common.wire import (
     AUDIT,
@@ -54,7 +55,8 @@ KEY_BYTES = 32
 MAX_TEXT = 64
 MAX_REASON = 4096
 MAX_PEERS = 4096
-MAX_SHARE_CIPHERTEXT = 160
+# header 16 + mask-key share 32 + one 32-byte share per self-mask seed + AES-GCM nonce and tag 28
+MAX_SHARE_CIPHERTEXT = 16 + 32 + 32 * (1 + MAX_SLOTS) + 28
 
 
 class EgressBlocked(Exception):
@@ -106,12 +108,17 @@ def check_reply(request, reply_content, state) -> None:
         _records(reply_content, {SECAGG: "config"})
         c = reply_content[SECAGG]
         _config(c, {"receivers": list, "ciphertexts": list, "commitment": bytes})
-        if len(c["commitment"]) != KEY_BYTES:
-            raise EgressBlocked("commitment is not 32 bytes")
+        if len(c["commitment"]) % KEY_BYTES or not 0 < len(c["commitment"]) <= KEY_BYTES * (1 + MAX_SLOTS):
+            raise EgressBlocked("the commitment is not one 32-byte hash per self-mask seed")
         if len(c["receivers"]) != len(c["ciphertexts"]) or len(c["receivers"]) > MAX_PEERS:
             raise EgressBlocked("share lists are malformed or too long")
         if not all(isinstance(b, bytes) and len(b) <= MAX_SHARE_CIPHERTEXT for b in c["ciphertexts"]):
             raise EgressBlocked("a share ciphertext is larger than a share can be")
+    elif kind.endswith(".secagg_confirm"):
+        _records(reply_content, {SECAGG: "config"})
+        _config(reply_content[SECAGG], {"signature": bytes})
+        if len(reply_content[SECAGG]["signature"]) != SIGNATURE_BYTES:
+            raise EgressBlocked("a survivor-set signature is not 64 bytes")
     elif kind.endswith(".secagg_mask"):
         _records(reply_content, {SECAGG: "config"})
         _config(reply_content[SECAGG], {"masked": bytes})
@@ -124,8 +131,9 @@ def check_reply(request, reply_content, state) -> None:
         _config(c, {"owners": list, "shares": list})
         if len(c["owners"]) != len(c["shares"]) or len(c["owners"]) > MAX_PEERS:
             raise EgressBlocked("unmask lists are malformed or too long")
-        if not all(isinstance(b, bytes) and len(b) == KEY_BYTES for b in c["shares"]):
-            raise EgressBlocked("an unmask share is not 32 bytes")
+        if not all(isinstance(b, bytes) and b and len(b) % KEY_BYTES == 0 and len(b) <= KEY_BYTES * (1 + MAX_SLOTS)
+                   for b in c["shares"]):
+            raise EgressBlocked("an unmask share is not a whole number of 32-byte shares")
     else:
         raise EgressBlocked(f"message type {kind!r} is not part of the protocol")
 
@@ -181,9 +189,11 @@ def _evidence(record) -> None:
 
 
 def _keys(record) -> None:
-    _config(record, {"c-pk": bytes, "s-pk": bytes})
+    _config(record, {"c-pk": bytes, "s-pk": bytes, "name": str, "signature": bytes})
     if any(len(record[k]) != KEY_BYTES for k in ("c-pk", "s-pk")):
         raise EgressBlocked("public keys are not 32 bytes")
+    if len(record["signature"]) != SIGNATURE_BYTES:
+        raise EgressBlocked("the key signature is not 64 bytes")
 
 
 def _update(record, request) -> None:
@@ -204,14 +214,7 @@ def _update(record, request) -> None:
 def _masked_size(request, state) -> int:
     from client import secure
 
-    request_content = request.content[SECAGG]
-    regions = [str(r) for r in request_content["regions"]]
-    kind = request.metadata.message_type.split(".")[0]
-    n_values = 0
-    if kind == TRAIN:
-        update = state[secure.UPDATE]
-        n_values = sum(math.prod(update[str(n)].shape) for n in request_content["layout"])
-    return 4 * n_values + 8 * metric_length(kind, regions)
+    return secure.expected_masked_bytes(state, request.content[SECAGG])
 
 
 def guard(audit_for: Callable[[Any], Any], refusal: Callable[[Any, str], Any]):

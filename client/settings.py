@@ -46,6 +46,25 @@ class NodeSettings:
     ledger_key_dir: Path
     # Where this node's coordinator is, from the node's own pins (common.coordinator_pins).
     coordinator_jurisdiction: str
+    # The federation's nodes and their identity keys, as this node's operator installed them.
+    roster_file: Path
+
+
+def simulation_roster(cfg: FedsovConfig) -> Path:
+    """The roster of a simulated federation: every simulated node's identity key, made on first use.
+
+    A simulation runs every node on this machine, so it installs the roster the way each region's
+    operator would in a deployment (`fedsov roster add`), in the work folder.
+    """
+    from common.secagg.identity import Identity, add_to_roster
+
+    path = Path(cfg.workdir) / "roster.json"
+    for region in cfg.regions.values():
+        for index in range(region.clients):
+            name = f"{region.name}-{index + 1}"
+            identity = Identity.load_or_create(Path(cfg.workdir) / "keys" / name)
+            add_to_roster(path, name, region.name, identity.public_key)
+    return path
 
 
 def simulation_settings(cfg: FedsovConfig, partition_id: int) -> NodeSettings:
@@ -82,6 +101,7 @@ def simulation_settings(cfg: FedsovConfig, partition_id: int) -> NodeSettings:
                 ledger_dir=workdir / "ledgers" / region.name,
                 ledger_key_dir=workdir / "keys" / f"ledger-{region.name}",
                 coordinator_jurisdiction=local_jurisdiction(default_config_dir()),
+                roster_file=simulation_roster(cfg),
             )
         first += region.clients
     raise FederationError(
@@ -109,6 +129,7 @@ NODE_CONFIG_KEYS = {
     "ledger-key-dir": "the ledger's evidence-key folder (default: key-dir)",
     "coordinator-jurisdiction": "where the coordinator is, from the node's coordinators.yaml (set by `fedsov node "
                                 "start`; required)",
+    "roster": "the federation roster file (default: roster.json in the config folder)",
 }
 
 
@@ -173,6 +194,7 @@ def deployment_settings(cfg: FedsovConfig, node_config: Mapping[str, Any]) -> No
         ledger_dir=Path(str(node_config.get("ledger-dir") or state_dir)).expanduser(),
         ledger_key_dir=Path(str(node_config.get("ledger-key-dir") or key_dir)).expanduser(),
         coordinator_jurisdiction=jurisdiction,
+        roster_file=Path(str(node_config.get("roster") or config_dir / "roster.json")).expanduser(),
     )
 
 
@@ -180,6 +202,29 @@ def node_audit(settings: NodeSettings) -> AuditLog:
     path = settings.state_dir / AUDIT_FILE
     key = EvidenceKey.load_or_create(settings.key_dir, logs=(path,))
     return AuditLog(path, actor=f"node:{settings.name}", key=key)
+
+
+def node_identity(settings: NodeSettings):
+    from common.secagg.identity import Identity
+
+    return Identity.load_or_create(settings.key_dir)
+
+
+def node_roster(settings: NodeSettings):
+    """The roster, with this node in it under its own name, region and identity key (else a clear refusal)."""
+    from common.secagg.identity import Roster
+
+    roster = Roster.load(settings.roster_file)
+    entry = roster.entries.get(settings.name)
+    identity = node_identity(settings)
+    if entry is None or entry.region != settings.region or entry.public_key != identity.public_key:
+        raise ConfigError(
+            f"The federation roster {settings.roster_file} does not list node {settings.name} of region "
+            f"{settings.region} with its identity key {identity.public_key.hex()} (from {settings.key_dir}). Add it "
+            f"with `fedsov roster add --roster <file> --name {settings.name} --region {settings.region} --identity "
+            f"{identity.public_key.hex()}` and install the same roster on every node."
+        )
+    return roster
 
 
 class PolicyGate:

@@ -615,9 +615,9 @@ def validate(cfg: FedsovConfig) -> None:
             _fail("model.device", "cuda", "no CUDA device is available on this machine",
                   "Use model.device=auto or cpu.")
     sa = cfg.secure_aggregation
-    if not 0.5 <= sa.threshold_fraction <= 1:
-        _fail("secure_aggregation.threshold_fraction", sa.threshold_fraction, "must be in [0.5, 1]",
-              "Below one half, two disjoint groups could each unmask; use e.g. 0.6.")
+    if not 0.5 < sa.threshold_fraction <= 1:
+        _fail("secure_aggregation.threshold_fraction", sa.threshold_fraction, "must be in (0.5, 1]",
+              "At one half or below, two disjoint groups could each unmask; use e.g. 0.6.")
     if sa.min_clients < 2:
         _fail("secure_aggregation.min_clients", sa.min_clients, "must be at least 2",
               "A secure sum of one update is that update.")

@@ -6,8 +6,8 @@ Message types (the protocol needs no others):
                   reply is two public keys, the unit count and epsilon spent: the update itself
                   only leaves masked, in train.secagg_mask. Without it: the update and metrics.
   evaluate        the global adapter; reply: keys (secure) or held-out loss sum and token count
-  train|evaluate.secagg_shares / .secagg_mask / .secagg_unmask
-                  the three later stages of secure aggregation (common.secagg.protocol)
+  train|evaluate.secagg_shares / .secagg_mask / .secagg_confirm / .secagg_unmask
+                  the later stages of secure aggregation (common.secagg.protocol)
   query.audit     the final adapter; reply: the node's memorisation-audit numbers and its
                   canary prompts with the secrets blacked out (client.memorisation)
 A node that refuses (budget, policy) replies with an Error carrying REFUSED and the reason,
@@ -31,7 +31,7 @@ AUDIT = "query.audit"
 TRAIN = "train"
 EVALUATE = "evaluate"
 
-SECAGG_STAGES = ("secagg_shares", "secagg_mask", "secagg_unmask")
+SECAGG_STAGES = ("secagg_shares", "secagg_mask", "secagg_confirm", "secagg_unmask")
 
 # Error codes in replies. Flower uses small codes for its own errors.
 REFUSED = 4001
@@ -160,6 +160,14 @@ class RoundPlan:
 def aggregation_tag(run_id: str, round_number: int, kind: str) -> bytes:
     """Binds every secure-aggregation key and mask to one run, round and purpose."""
     return f"fedsov/secagg/v1|{run_id}|{round_number}|{kind}".encode()
+
+
+def plan_digest(record: Mapping[str, Any]) -> str:
+    """SHA-256 of a plan record's canonical JSON: secure aggregation binds every node to the same plan."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(dict(record), sort_keys=True).encode()).hexdigest()
 
 
 def adapter_digest(state: Mapping[str, "torch.Tensor"]) -> str:

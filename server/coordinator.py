@@ -22,6 +22,7 @@ from common.errors import FederationError
 from common.model.loading import load_base_model, model_fingerprint, resolve_model_path
 from common.model.lora import adapter_state, attach_lora, save_adapter
 from common.secagg.crypto import SecAggError
+from common.secagg.protocol import Advert
 from common.secagg.encoding import (
     Quantization,
     adam_displacement_bound,
@@ -51,6 +52,7 @@ from common.wire import (
     WireError,
     aggregation_tag,
     payload_bytes,
+    plan_digest,
     record_to_state,
     state_to_record,
 )
@@ -60,7 +62,7 @@ from server.planning import plan_regions
 from server.provenance import write_manifest
 from server.report import write_privacy_report
 from server.rundir import RunDirectory, json_number
-from server.secure import secure_sum, threshold_for
+from server.secure import SecureRound, SecureSumResult, secure_sum, threshold_for
 
 
 @dataclass
@@ -402,27 +404,21 @@ class Coordinator:
 
     def _train_secure(self, plan: RoundPlan, state, trainable, request) -> tuple["OrderedDict[str, torch.Tensor]", dict[str, Any]]:
         """Stage 1 rides on the train message; the update is only ever seen summed."""
-        keys, units, missing = self._advertise(plan.round, TRAIN, request)
+        adverts, units, missing = self._advertise(plan.round, TRAIN, request)
         row: dict[str, Any] = {"secure_aggregation": True, "clients_trained": 0, **missing.row()}
-        sa = self.cfg.secure_aggregation
         try:
-            if len(keys) < sa.min_clients:
-                raise SecAggError(f"{len(keys)} client(s) trained, fewer than secure_aggregation.min_clients={sa.min_clients}")
             layout = layout_of(trainable)
             quantization = Quantization.for_cohort(
                 adam_displacement_bound(plan.learning_rate, plan.local_steps), sum(units.values())
             )
-            regions = sorted({self.nodes[n].region for n in keys})
-            result = secure_sum(
-                self._stage_exchange(plan.round), "train", aggregation_tag(plan.run_id, plan.round, "train"), keys,
-                threshold_for(len(keys), sa.threshold_fraction),
-                {"layout": [name for name, _ in layout], "clip-range": quantization.clip_range,
-                 "levels": quantization.levels, "regions": regions},
-                sum(math.prod(shape) for _, shape in layout), metric_length("train", regions), sa.stage_timeout_s,
-            )
+            params = {"layout": [[name, list(shape)] for name, shape in layout],
+                      "clip-range": quantization.clip_range, "levels": quantization.levels}
+            result = self._secure_sum(plan, TRAIN, adverts, params, sum(math.prod(shape) for _, shape in layout))
             weight = sum(units[n] for n in result.survivors)
-            per_region, clipped = read_metric_vector("train", regions, result.total.metrics)
-            if round(sum(v["units"] for v in per_region.values())) != weight:
+            per_slot, clipped = read_metric_vector("train", result.slots, result.total.metrics)
+            per_slot = {slot: v for slot, v in per_slot.items() if slot in result.revealed}
+            units_summed = round(sum(v["units"] for v in per_slot.values()))
+            if units_summed > weight or (len(result.revealed) == len(result.slots) and units_summed != weight):
                 raise SecAggError("The securely summed unit counts disagree with the survivors' declared counts.")
         except SecAggError as err:
             self._skip(plan.round, f"secure aggregation failed: {err}", row)
@@ -436,26 +432,48 @@ class Coordinator:
             aggregated=True,
             clients_trained=len(result.survivors),
             clients_dropped=[self.nodes[n].name for n in result.dropped],
-            train_loss={r: v["loss-x-units"] / v["units"] for r, v in per_region.items() if v["units"] > 0},
+            train_loss={r: v["loss-x-units"] / v["units"] for r, v in per_slot.items() if v["units"] > 0},
             clipped_values=int(clipped),
             quantization_step=quantization.step,
             epsilon=self._region_epsilon(),
         )
         return state, row
 
-    def _advertise(self, round_number: int, message_type: str, request) -> tuple[dict[int, tuple[bytes, bytes]], dict[int, int], NotContributing]:
-        """Send the round's train/evaluate message; collect the nodes' public keys (stage 1)."""
-        keys: dict[int, tuple[bytes, bytes]] = {}
+    def _secure_sum(self, plan: RoundPlan, category: str, adverts: dict[int, Advert], params: dict[str, Any],
+                    n_data: int) -> SecureSumResult:
+        """Stages 2-5 for one secure sum, with a threshold every participating node accepts."""
+        sa = self.cfg.secure_aggregation
+        if len(adverts) < sa.min_clients:
+            raise SecAggError(f"{len(adverts)} client(s) took part, fewer than secure_aggregation.min_clients="
+                              f"{sa.min_clients}")
+        regions = {n: self.nodes[n].region for n in adverts}
+        cohort = max(self.cfg.regions[r].policy.transfers.min_cohort for r in regions.values())
+        threshold = threshold_for(len(adverts), sa.threshold_fraction, cohort)
+        if threshold > len(adverts):
+            raise SecAggError(f"{len(adverts)} client(s) took part; the threshold every node requires is {threshold}")
+        return secure_sum(self._stage_exchange(plan.round), SecureRound(
+            category, aggregation_tag(plan.run_id, plan.round, category), adverts, regions, threshold,
+            plan_digest(plan.to_record()), params, n_data, sa.stage_timeout_s,
+        ))
+
+    def _advertise(self, round_number: int, message_type: str, request) -> tuple[dict[int, Advert], dict[int, int], NotContributing]:
+        """Send the round's train/evaluate message; collect the nodes' signed public keys (stage 1)."""
+        adverts: dict[int, Advert] = {}
         units: dict[int, int] = {}
         missing = NotContributing()
 
         def on_reply(reply: Reply) -> None:
             node = self.nodes[reply.node_id]
+            if not reply.ok and message_type == EVALUATE:
+                # Not a refusal of the round: a node evaluates only rounds it trained in (and round 0).
+                self.run.event("node_not_evaluating", round=round_number, node=node.name, region=node.region,
+                               reason=reply.reason)
+                return
             if not reply.ok:
                 self._not_contributing(round_number, node, reply, missing)
                 return
-            advertised = reply.content[SECAGG_KEYS]
-            keys[reply.node_id] = (advertised["c-pk"], advertised["s-pk"])
+            k = reply.content[SECAGG_KEYS]
+            adverts[reply.node_id] = Advert(reply.node_id, str(k["name"]), k["c-pk"], k["s-pk"], k["signature"])
             if METRICS in reply.content:  # train: unit count and epsilon are all that travel in the clear
                 self._record_evidence(node, reply.content, round_number)
                 metrics = reply.content[METRICS]
@@ -465,7 +483,7 @@ class Coordinator:
                                epsilon=json_number(node.epsilon), seconds=round(reply.seconds, 2))
 
         self._exchange(list(self.nodes), message_type, request, round_number, on_reply=on_reply)
-        return keys, units, missing
+        return adverts, units, missing
 
     def _stage_exchange(self, round_number: int):
         def exchange(node_ids, message_type, content_for, timeout):
@@ -494,23 +512,14 @@ class Coordinator:
         request = lambda _: RecordDict({PLAN: plan.to_record(), GLOBAL_ADAPTER: record})  # noqa: E731
         sums: dict[str, list[float]] = {}
         if plan.secure_aggregation:
-            keys, _, _ = self._advertise(round_number, EVALUATE, request)
-            sa = self.cfg.secure_aggregation
-            regions = sorted({self.nodes[n].region for n in keys})
+            adverts, _, _ = self._advertise(round_number, EVALUATE, request)
             try:
-                if len(keys) < sa.min_clients:
-                    raise SecAggError(f"{len(keys)} client(s) evaluated, fewer than secure_aggregation.min_clients")
-                result = secure_sum(
-                    self._stage_exchange(round_number), "evaluate",
-                    aggregation_tag(plan.run_id, round_number, "evaluate"), keys,
-                    threshold_for(len(keys), sa.threshold_fraction), {"regions": regions}, 0,
-                    metric_length("evaluate", regions), sa.stage_timeout_s,
-                )
+                result = self._secure_sum(plan, EVALUATE, adverts, {}, 0)
             except SecAggError as err:
                 self.run.event("evaluation_failed", round=round_number, reason=str(err))
                 return {}
-            per_region, _ = read_metric_vector("evaluate", regions, result.total.metrics)
-            sums = {r: [v["loss-sum"], v["tokens"]] for r, v in per_region.items()}
+            per_slot, _ = read_metric_vector("evaluate", result.slots, result.total.metrics)
+            sums = {r: [v["loss-sum"], v["tokens"]] for r, v in per_slot.items() if r in result.revealed}
         else:
             for reply in self._exchange(list(self.nodes), EVALUATE, request, round_number):
                 node = self.nodes[reply.node_id]

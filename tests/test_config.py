@@ -64,7 +64,7 @@ def test_every_value_overridable_and_groups_composable(tmp_path):
         (["privacy.delta=1e-6"], ["set by each region's policy", "regions"]),
         (["regions.eu.policy.privacy.delta=0.1"], ["only the coordinator's copy", "eu.yaml"]),
         (["privacy.noise_multiplier=1.0"], ["exactly one of privacy.noise_multiplier and privacy.target_epsilon"]),
-        (["secure_aggregation.threshold_fraction=0.3"], ["secure_aggregation.threshold_fraction", "[0.5, 1]"]),
+        (["secure_aggregation.threshold_fraction=0.5"], ["secure_aggregation.threshold_fraction", "(0.5, 1]"]),
         (["secure_aggregation.min_clients=1"], ["secure_aggregation.min_clients", "at least 2"]),
         (["regions.eu.data.source=files"], ["regions.eu.data.paths", "source=files needs at least one path"]),
         (["data.records_per_user=[5,2]"], ["data.records_per_user"]),

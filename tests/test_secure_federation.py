@@ -162,3 +162,134 @@ def test_secure_upload_is_compact(small_overrides, config_dir):
     plain_bytes = plain_run.read_metrics()[1]["upload_bytes_per_client"]
     # Masked values are packed 4 bytes each, like float32; the protocol adds keys and shares.
     assert 0.9 * plain_bytes < secure_bytes <= 1.5 * plain_bytes
+
+
+# -- a coordinator that deviates (issue 13), through the real ClientApp --------------------------------------
+
+def tampering(monkeypatch, tamper):
+    """Make the real coordinator send every secure-aggregation stage message through `tamper`."""
+    from server.coordinator import Coordinator
+
+    real = Coordinator._stage_exchange
+
+    def stage_exchange(self, round_number):
+        exchange = real(self, round_number)
+
+        def hostile(node_ids, message_type, content_for, timeout):
+            node_ids = list(node_ids)
+            return exchange(node_ids, message_type, lambda n: tamper(message_type, n, node_ids, content_for(n)), timeout)
+
+        return hostile
+
+    monkeypatch.setattr(Coordinator, "_stage_exchange", stage_exchange)
+
+
+def changed(content, **fields):
+    from flwr.app import ConfigRecord, RecordDict
+
+    return RecordDict({"secagg": ConfigRecord({**dict(content["secagg"]), **fields})})
+
+
+def fake_adverts(count):
+    """Peers the coordinator made up: valid-looking keys, signed by identities no roster lists."""
+    from pathlib import Path
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from common.secagg.identity import Identity
+    from common.secagg.protocol import ClientSession, advert_message
+
+    out = []
+    for i in range(count):
+        node_id, name = 9000 + i, f"eu-{9 + i}"
+        s = ClientSession.start(b"x", node_id, name, "0" * 64)
+        fake = Identity(Ed25519PrivateKey.generate(), Path("/nowhere"))
+        out.append((node_id, name, s.c_pk, s.s_pk, fake.sign(advert_message(b"x", node_id, name, s.c_pk, s.s_pk))))
+    return out
+
+
+def duplicate_survivors(kind, node, nodes, content):
+    if kind.endswith(("secagg_confirm", "secagg_unmask")):
+        survivors = list(content["secagg"]["survivors"])
+        return changed(content, survivors=survivors[:2] + [survivors[0]] * 2)
+    return content
+
+
+def duplicate_ids_and_low_threshold(kind, node, nodes, content):
+    if kind.endswith("secagg_shares"):
+        c = content["secagg"]
+        return changed(content, **{k: list(c[k]) + [list(c[k])[0]] for k in ("node-ids", "names", "c-pks", "s-pks",
+                                                                            "signatures")}, threshold=2)
+    return content
+
+
+def low_threshold(kind, node, nodes, content):
+    if kind.endswith("secagg_shares"):
+        return changed(content, threshold=2)  # 2 of 4: two disjoint pairs could each unmask
+    return content
+
+
+def other_levels_for_one_node(kind, node, nodes, content):
+    if kind == "train.secagg_mask" and node == min(nodes):
+        return changed(content, levels=int(content["secagg"]["levels"]) // 1024)
+    return content
+
+
+def sybil_peers(kind, node, nodes, content):
+    if kind.endswith("secagg_shares"):
+        c = content["secagg"]
+        fakes = fake_adverts(2)
+        columns = {k: list(c[k]) + [f[i] for f in fakes]
+                   for i, k in enumerate(("node-ids", "names", "c-pks", "s-pks", "signatures"))}
+        return changed(content, **columns)
+    return content
+
+
+def split_survivor_sets(kind, node, nodes, content):
+    if kind.endswith("secagg_confirm"):
+        survivors = sorted(content["secagg"]["survivors"])
+        return changed(content, survivors=survivors if node in survivors[:2] else survivors[1:])
+    return content
+
+
+@pytest.mark.parametrize("tamper, refusal", [
+    (duplicate_survivors, "2 client(s) in this aggregation"),  # duplicates never count towards the cohort
+    (duplicate_ids_and_low_threshold, "must not repeat"),
+    (low_threshold, "this node requires at least 3"),
+    (other_levels_for_one_node, "survivors signed this survivor set"),
+    (sybil_peers, "not in this node's federation roster"),
+    (split_survivor_sets, "survivors signed this survivor set"),
+])
+def test_a_deviating_coordinator_recovers_nothing_and_the_round_fails_cleanly(small_overrides, monkeypatch,
+                                                                              tamper, refusal):
+    updates = {}
+    tampering(monkeypatch, tamper)
+    cfg, run, summary, grid = run_federation(
+        small_overrides + ["federation.rounds=1", "federation.local_steps=2", "audit.enabled=false",
+                           "secure_aggregation.stage_timeout_s=1"],
+        prepare_grid=lambda g: capture_updates(g, updates))
+    row = run.read_metrics()[1]
+    assert row["aggregated"] is False  # the round failed...
+    from safetensors.torch import load_file
+
+    before = initial_state(cfg)
+    after = load_file(str(run.checkpoints_dir / "round-0001" / "adapter_model.safetensors"))
+    assert all(torch.equal(after[k], before[k]) for k in before)  # ...and left the adapter as it was
+    assert "train_loss" not in row  # no loss came back either
+    # Nodes that saw the deviation refused it, and say why in their own audit logs.
+    from tests.inprocess import node_audit_entries
+
+    reasons = [e["reason"] for name in ("eu-1", "eu-2", "us-1", "us-2") for e in node_audit_entries(cfg, name)
+               if e["action"] == "egress" and e["decision"] == "refusal_sent"]
+    assert any(refusal in r for r in reasons), reasons
+    # Nothing the coordinator received, read as 32-bit words, correlates with any node's true update.
+    layout = layout_of(next(iter(updates.values()))[0])
+    for node, (update, _) in updates.items():
+        truth = flatten(update, layout).astype(np.float64)
+        for reply in grid.received:
+            for record in (reply.content.values() if reply.has_content() else []):
+                for value in record.values():
+                    for item in value if isinstance(value, list) else [value]:
+                        if isinstance(item, bytes) and len(item) >= 4 * len(truth):
+                            words = np.frombuffer(item[: 4 * len(truth)], dtype="<u4").astype(np.float64)
+                            assert abs(np.corrcoef(words, truth)[0, 1]) < 0.2

@@ -114,34 +114,56 @@ def unflatten(vector: np.ndarray, layout: Layout) -> "OrderedDict[str, torch.Ten
     return out
 
 
-# What each client adds to the metric segment, per region slot (zeros in other regions' slots),
-# followed by one global counter. The coordinator learns per-region sums, never a client's value.
+# What each client adds to the metric segment, in its slot (zeros in the other slots), followed by one
+# global counter. The coordinator learns per-slot sums, never a client's value.
 METRIC_SLOTS = {
     "train": (("loss-x-units", "units"), "clipped-values"),
     "evaluate": (("loss-sum", "tokens", "examples"), "clients"),
 }
+OTHER_REGIONS = "other-regions"
 
 
-def metric_vector(kind: str, regions: Sequence[str], region: str, values: Mapping[str, float], counter: float) -> np.ndarray:
-    slot, _ = METRIC_SLOTS[kind]
-    if region not in regions:
-        raise SecAggError(f"Region '{region}' has no slot in this aggregation (slots: {', '.join(regions)}).")
-    vector = np.zeros(len(regions) * len(slot) + 1, dtype=METRIC_DTYPE)
-    start = regions.index(region) * len(slot)
-    for i, name in enumerate(slot):
+def metric_slots(regions: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(slot names, the slot of each client) for clients in `regions` (one entry per client).
+
+    A region gets its own slot only with at least two clients; the others share one slot. A lone client
+    outside every slot would be revealed by subtracting the slots from the total, so the smallest region
+    joins the shared slot until it holds none or at least two. Every node computes this itself from the
+    regions its roster gives its peers; the coordinator cannot choose a slot that isolates one client.
+    """
+    counts: dict[str, int] = {}
+    for region in regions:
+        counts[region] = counts.get(region, 0) + 1
+    own = sorted(r for r, c in counts.items() if c >= 2)
+    rest = sum(c for r, c in counts.items() if c < 2)
+    while rest == 1 and own:
+        smallest = min(own, key=lambda r: (counts[r], r))
+        own.remove(smallest)
+        rest += counts[smallest]
+    slots = own + ([OTHER_REGIONS] if rest else [])
+    return slots, [r if r in own else OTHER_REGIONS for r in regions]
+
+
+def metric_vector(kind: str, slots: Sequence[str], slot: str, values: Mapping[str, float], counter: float) -> np.ndarray:
+    names, _ = METRIC_SLOTS[kind]
+    if slot not in slots:
+        raise SecAggError(f"Slot '{slot}' is not in this aggregation (slots: {', '.join(slots)}).")
+    vector = np.zeros(len(slots) * len(names) + 1, dtype=METRIC_DTYPE)
+    start = slots.index(slot) * len(names)
+    for i, name in enumerate(names):
         vector[start + i] = encode_metric(values[name])
     vector[-1] = encode_metric(counter)
     return vector
 
 
-def read_metric_vector(kind: str, regions: Sequence[str], vector: np.ndarray) -> tuple[dict[str, dict[str, float]], float]:
-    slot, _ = METRIC_SLOTS[kind]
-    per_region = {
-        region: {name: decode_metric(vector[r * len(slot) + i]) for i, name in enumerate(slot)}
-        for r, region in enumerate(regions)
+def read_metric_vector(kind: str, slots: Sequence[str], vector: np.ndarray) -> tuple[dict[str, dict[str, float]], float]:
+    names, _ = METRIC_SLOTS[kind]
+    per_slot = {
+        slot: {name: decode_metric(vector[r * len(names) + i]) for i, name in enumerate(names)}
+        for r, slot in enumerate(slots)
     }
-    return per_region, decode_metric(vector[-1])
+    return per_slot, decode_metric(vector[-1])
 
 
-def metric_length(kind: str, regions: Sequence[str]) -> int:
-    return len(regions) * len(METRIC_SLOTS[kind][0]) + 1
+def metric_length(kind: str, slots: Sequence[str]) -> int:
+    return len(slots) * len(METRIC_SLOTS[kind][0]) + 1
