@@ -329,7 +329,7 @@ def test_non_utf8_bytes_name_the_line(tmp_path):
     (lambda d: d / "missing.jsonl", "missing.jsonl: no such file or folder"),
     (lambda d: (d / "empty_dir").mkdir() or d / "empty_dir", "empty_dir: folder holds no data files"),
     (lambda d: write_lines(d / "blank.jsonl", "", "  "), "blank.jsonl: the file holds no records"),
-    (lambda d: write_lines(d / "data.csv", "text,region"), "data.csv: unsupported file type '.csv'"),
+    (lambda d: write_lines(d / "data.csv", "text,region"), "data.csv: CSV cells carry no types"),
     (lambda d: write_lines(d / "broken.parquet", "not parquet"), "broken.parquet: not a readable Parquet file"),
 ])
 def test_bad_paths_and_files_are_named(tmp_path, setup, expected):

@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Callable
 
 from common.config import DataSource, FedsovConfig
+from common.data.records import SYNTHETIC_MANIFEST
 from common.data.synthetic import write_region_dataset
 
-MANIFEST = "fedsov-data.json"
 GENERATOR_VERSION = 1
 
 
@@ -30,7 +30,7 @@ def ensure_synthetic_data(cfg: FedsovConfig, log: Callable[[str], None] = print)
             "consent_rate": cfg.data.consent_rate,
             "num_shards": cfg.data.shards,
         }
-        manifest = folder / MANIFEST
+        manifest = folder / SYNTHETIC_MANIFEST
         if manifest.is_file() and json.loads(manifest.read_text()) == recipe:
             folders[region.name] = folder
             continue
