@@ -16,7 +16,7 @@ from pathlib import Path
 from client.settings import NodeSettings
 from client.training import encode_units
 from common.data.partition import client_partition, split_heldout
-from common.data.records import Record, data_files, load_records
+from common.data.records import Record, load_records, scan_data_paths
 from common.errors import PrivacyError, ResidencyViolation
 from common.leakage.canaries import Canary, load_or_create
 from common.pii import PiiDetector
@@ -30,6 +30,8 @@ class NodeData:
     train_examples: list[list[int]]
     heldout_examples: list[list[int]]
     counts: dict[str, int]
+    # Files found in the data folders and deliberately not read, with why (also counted).
+    skipped_files: list[tuple[Path, str]]
     # For the memorisation audit, which runs here, on this node: the canaries inserted, the
     # training records as they were on disk (for verbatim PII checks), and which training
     # examples are ordinary records (membership-inference members).
@@ -41,7 +43,8 @@ class NodeData:
 def load_node_data(s: NodeSettings, policy: RegionPolicy, tokenizer) -> NodeData:
     """Every data check of a node's start; any failure raises and nothing trains."""
     roots = [os.path.realpath(r) for r in policy.residency.storage_roots]
-    files = data_files(s.data_paths)
+    scan = scan_data_paths(s.data_paths)
+    files = scan.files
     for file in files:
         real = os.path.realpath(file)
         if roots and not any(real == r or real.startswith(r.rstrip("/") + "/") for r in roots):
@@ -83,17 +86,31 @@ def load_node_data(s: NodeSettings, policy: RegionPolicy, tokenizer) -> NodeData
             f"whole unit and still meet the guarantee. Set policy.privacy.delta <= {1.0 / len(units):.3g}."
         )
     max_length = s.model.max_length
+    train_examples, truncated_units, truncated_tokens = _encode(units, tokenizer, max_length)
+    heldout_examples, truncated_heldout, _ = _encode(group_units(heldout, PrivacyUnitKind.record), tokenizer,
+                                                     max_length)
     counts.update(train_units=len(units), heldout_records=len(heldout),
-                  canary_copies=sum(c.repetitions for c in canaries))
+                  canary_copies=sum(c.repetitions for c in canaries), skipped_files=len(scan.skipped),
+                  truncated_units=truncated_units, truncated_tokens=truncated_tokens,
+                  truncated_heldout=truncated_heldout)
     return NodeData(
         train_units=units,
-        train_examples=encode_units(units, tokenizer, max_length),
-        heldout_examples=encode_units(group_units(heldout, PrivacyUnitKind.record), tokenizer, max_length),
+        train_examples=train_examples,
+        heldout_examples=heldout_examples,
         counts=counts,
+        skipped_files=scan.skipped,
         canaries=canaries,
         train_raw_texts=train_raw_texts,
         record_examples=record_examples,
     )
+
+
+def _encode(units, tokenizer, max_length: int) -> tuple[list[list[int]], int, int]:
+    """Token ids per unit cut at max_length, how many units were cut, and how many tokens that dropped."""
+    full = encode_units(units, tokenizer, None)
+    cut = sum(len(ids) > max_length for ids in full)
+    dropped = sum(max(0, len(ids) - max_length) for ids in full)
+    return [ids[:max_length] for ids in full], cut, dropped
 
 
 def apply_data_use(records: list[Record], use: DataUsePolicy, cache_dir: Path) -> tuple[list[Record], dict[str, int]]:
