@@ -119,9 +119,12 @@ def refusal_reason(code: int | None, log_text: str, log_path: Path) -> str:
 def node_config_from_args(args, state_dir: Path) -> dict[str, Any]:
     """The SuperNode's --node-config from `fedsov node start`'s (or `data check`'s) flags, paths absolute."""
     consent = None if args.plain_text_consent is None else args.plain_text_consent == "true"
+    paths = [str(Path(p).expanduser().resolve()) for p in args.data.split(":") if p.strip()]
+    if not paths:
+        raise ConfigError(f"--data {args.data!r} names no file or folder; give the node's data paths, ':'-separated.")
     node_config = {
         "region": args.region,
-        "data-path": ":".join(str(Path(p).expanduser().resolve()) for p in args.data.split(":") if p),
+        "data-path": ":".join(paths),
         "state-dir": str(state_dir),
         "name": getattr(args, "name", None),  # data check names its throwaway node itself
         "synthetic-data": bool(args.synthetic_data),

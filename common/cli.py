@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import select
 import signal
 import sys
 import tempfile
@@ -158,13 +159,17 @@ def _one_line(err: Exception) -> str:
 
 
 def _stdout_closed() -> bool:
+    """Whether the broken pipe is stdout's (its reader has gone), not some other connection's."""
     try:
-        sys.stdout.flush()
-    except BrokenPipeError:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        closed = any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError):
+        return False
+    if closed:
         # Python flushes stdout again on exit; point it at /dev/null so that cannot fail loudly.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return True
-    return False
+    return closed
 
 
 def _internal_error() -> int:

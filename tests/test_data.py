@@ -372,7 +372,8 @@ def test_gzipped_jsonl_and_json_arrays_load_like_jsonl(tmp_path):
     ("items.json", "[1]", "items.json item 1: expected a JSON object, got int"),
     ("empty.json", "  \n", "empty.json: the file holds no records"),
     ("cut.jsonl.gz", b"\x1f\x8b\x08\x00", "cut.jsonl.gz: not a complete gzip file"),
-    ("tag.jsonl", GOOD[:-1] + ', "tags": "special:health"}', "tag.jsonl line 1: field 'tags' must be a list of strings"),
+    ("tag.jsonl", GOOD[:-1] + ', "tags": "special:health"}',
+     "tag.jsonl line 1: field 'tags' must be a list of strings"),
 ])
 def test_bad_json_gzip_and_tags_name_the_problem(tmp_path, name, content, expected):
     path = tmp_path / name
@@ -397,7 +398,8 @@ def test_a_folder_lists_what_it_skips_and_refuses_what_could_hold_records(tmp_pa
     with pytest.raises(DataError) as err:
         scan_data_paths([tmp_path])
     assert "3 file(s) in the data folders are not in a format fedsov reads" in str(err.value)
-    assert "export.csv (CSV cells carry no types" in str(err.value) and "dump.json.gz (of the compressed" in str(err.value)
+    assert "export.csv (CSV cells carry no types" in str(err.value)
+    assert "dump.json.gz (of the compressed" in str(err.value)
 
 
 def test_pii_overlaps_are_resolved_as_before_longest_first(monkeypatch):
