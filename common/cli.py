@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import select
 import signal
@@ -12,42 +11,8 @@ import tempfile
 import threading
 import traceback
 from pathlib import Path
-from typing import Iterator
 
 from common.errors import ConfigError, FedsovError
-
-
-def main(argv: list[str] | None = None) -> int:
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as done:  # --help, or a usage error argparse has already explained on one line
-        return done.code if isinstance(done.code, int) else 0
-
-    # Nothing fedsov runs may fetch models or data sets.
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    if args.config_dir:
-        # Absolute, for Hydra and for the processes fedsov starts in other working folders.
-        args.config_dir = args.config_dir.expanduser().resolve()
-        os.environ["FEDSOV_CONFIG_DIR"] = str(args.config_dir)
-    with _sigterm_as_interrupt() as terminated:
-        try:
-            return _command(args)
-        except FedsovError as err:
-            print(f"fedsov: error: {_one_line(err)}", file=sys.stderr)
-            return 2
-        except KeyboardInterrupt:
-            # Every `finally` on the way has stopped the processes this command started.
-            print(f"fedsov: {'stopped by SIGTERM' if terminated else 'interrupted'}", file=sys.stderr)
-            return 143 if terminated else 130
-        except BrokenPipeError:
-            if not _stdout_closed():
-                return _internal_error()
-            return 141  # like any tool whose reader (`| head`) has gone: quietly
-        except Exception:
-            return _internal_error()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,62 +60,94 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _command(args) -> int:
-    if args.command == "simulate":
-        from server.simulation import simulate
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as done:  # --help, or a usage error argparse has already explained on one line
+        return done.code if isinstance(done.code, int) else 0
 
-        return simulate(args.overrides, args.config_dir)
-    if args.command == "policy":
-        return _policy(args)
-    if args.command == "audit" and args.action == "verify":
-        return _verify(args.files)
-    if args.command == "audit":
-        from server.compare import compare
+    # Nothing fedsov runs may fetch models or data sets.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if args.config_dir:
+        # Absolute, for Hydra and for the processes fedsov starts in other working folders.
+        args.config_dir = args.config_dir.expanduser().resolve()
+        os.environ["FEDSOV_CONFIG_DIR"] = str(args.config_dir)
+    sigterm = _SigtermAsInterrupt()
+    try:
+        if args.command == "simulate":
+            from server.simulation import simulate
 
-        return compare(args.overrides)
-    if args.command == "report":
-        return _report(args.run_dir)
-    if args.command == "generate":
-        from server.generate import generate
+            return simulate(args.overrides, args.config_dir)
+        if args.command == "policy":
+            return _policy(args)
+        if args.command == "audit" and args.action == "verify":
+            return _verify(args.files)
+        if args.command == "audit":
+            from server.compare import compare
 
-        return generate(args.run_dir, args.prompt, samples=args.samples, max_new_tokens=args.max_new_tokens)
-    if args.command == "export":
-        from server.provenance import export_adapter
+            return compare(args.overrides)
+        if args.command == "report":
+            return _report(args.run_dir)
+        if args.command == "generate":
+            from server.generate import generate
 
-        out = export_adapter(args.run_dir, args.destination, args.jurisdiction)
-        print(f"Exported {args.run_dir / 'adapter'} to {out} for deployment in {args.jurisdiction}.")
-        return 0
-    if args.command == "data" and args.action == "check":
-        from client.datacheck import check_data
+            return generate(args.run_dir, args.prompt, samples=args.samples, max_new_tokens=args.max_new_tokens)
+        if args.command == "export":
+            from server.provenance import export_adapter
 
-        return check_data(args)
-    if args.command == "data":
-        from common.config import load_config
-        from common.data.prepare import ensure_synthetic_data
+            out = export_adapter(args.run_dir, args.destination, args.jurisdiction)
+            print(f"Exported {args.run_dir / 'adapter'} to {out} for deployment in {args.jurisdiction}.")
+            return 0
+        if args.command == "data" and args.action == "check":
+            from client.datacheck import check_data
 
-        for region, folder in ensure_synthetic_data(load_config(args.overrides)).items():
-            print(f"{region}: {folder} (start its node with --data {folder} --synthetic-data)")
-        return 0
-    return _deployment(args)
+            return check_data(args)
+        if args.command == "data":
+            from common.config import load_config
+            from common.data.prepare import ensure_synthetic_data
+
+            for region, folder in ensure_synthetic_data(load_config(args.overrides)).items():
+                print(f"{region}: {folder} (start its node with --data {folder} --synthetic-data)")
+            return 0
+        if args.command in ("certs", "coordinator", "node", "run", "deploy"):
+            return _deployment(args)
+    except FedsovError as err:
+        print(f"fedsov: error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        # Every `finally` on the way has stopped the processes this command started.
+        print(f"fedsov: {'stopped by SIGTERM' if sigterm.received else 'interrupted'}", file=sys.stderr)
+        return 143 if sigterm.received else 130
+    except BrokenPipeError:
+        if not _stdout_closed():
+            return _internal_error()
+        return 141  # like any tool whose reader (`| head`) has gone: quietly
+    except Exception:
+        return _internal_error()
+    finally:
+        sigterm.restore()
+    return 1
 
 
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[list[int]]:
+class _SigtermAsInterrupt:
     """SIGTERM stops fedsov as Ctrl-C does: every `finally` runs and stops the processes it started."""
-    received: list[int] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield received  # signal handlers can only be set from the main thread
-        return
 
-    def interrupt(signum, frame):
-        received.append(signum)
+    def __init__(self):
+        self.received = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():  # only it may set signal handlers
+            self._previous = signal.signal(signal.SIGTERM, self._interrupt)
+
+    def _interrupt(self, signum, frame):
+        self.received = True
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield received
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
 
 
 def _one_line(err: Exception) -> str:
