@@ -91,8 +91,12 @@ def start_coordinator(home: Path, *, certs: Path | None, insecure: bool, host: s
 
     cache = Path(model_cache).expanduser().resolve()
     superlink.start(extra_env={RUNS_DIR_ENV: str(home / "runs"), MODEL_CACHE_ENV: str(cache)})
-    out(f"Coordinator (Flower SuperLink) listening on {host}:{superlink.port}, "
-        f"{'TLS + node authentication' if tls else 'INSECURE'}; runs in {home / 'runs'}; log {superlink.log_path}")
+    try:
+        out(f"Coordinator (Flower SuperLink) listening on {host}:{superlink.port}, "
+            f"{'TLS + node authentication' if tls else 'INSECURE'}; runs in {home / 'runs'}; log {superlink.log_path}")
+    except BaseException:  # a closed stdout or a Ctrl-C here must not leave the SuperLink running
+        superlink.stop()
+        raise
     return superlink
 
 
