@@ -23,6 +23,7 @@ def check_data(args, out: Callable[[str], None] = print) -> int:
     with tempfile.TemporaryDirectory(prefix="fedsov-data-check-") as state:
         node_config = node_config_from_args(args, Path(state))
         node_config.setdefault("name", f"{args.region}-data-check")
+        out(f"Start checks on {node_config['data-path']} (PII scrubbing reads every record: large data takes a while)")
         node = RegionNode(deployment_settings(cfg, node_config))
         for line in data_summary(node):
             out(line)

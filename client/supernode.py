@@ -162,6 +162,7 @@ def start_node(args, out=print) -> int:
     node_config = node_config_from_args(args, state_dir)
     settings = deployment_settings(load_config(args.overrides, args.config_dir), node_config)
     # Every start check runs before the node connects: wrong-region data never reaches the network.
+    out(f"Start checks on {node_config['data-path']} (PII scrubbing reads every record: large data takes a while)")
     node = RegionNode(settings)
     out(f"Node {settings.name} ({settings.region}, {node.policy.law}): start checks passed: {node.data.counts}")
     for line in data_summary(node)[1:]:
