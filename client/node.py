@@ -7,10 +7,6 @@ against it before anything is computed, and each decision goes to the node's aud
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
-import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,21 +14,16 @@ from typing import Any, Mapping, NoReturn
 
 import torch
 
-from client.training import DpSettings, encode_units, heldout_loss, train_locally
+from client.nodedata import load_node_data
+from client.training import DpSettings, heldout_loss, train_locally
 from common.audit import EvidenceKey, HashChainLog, TamperedLog
 from common.config import LoraSettings, ModelConfig, load_region_file
-from common.data.partition import client_partition, split_heldout
-from common.data.records import Record, data_files, load_records
 from common.errors import FedsovError, LedgerError, ModelError, PrivacyError
 from common.model.loading import load_base_model, load_tokenizer, model_fingerprint, pick_device, pick_dtype, resolve_model_path
 from common.model.lora import attach_lora, load_adapter_state
-from common.leakage.canaries import Canary, load_or_create
-from common.pii import PiiDetector
 from common.policy import (
     PlanTerms,
     PolicyViolation,
-    PrivacyUnitKind,
-    ResidencyViolation,
     check_plan,
     coordinator_allowed,
     effective_noise,
@@ -40,25 +31,10 @@ from common.policy import (
 )
 from common.privacy.accounting import DpSgdSteps, noise_for_target
 from common.privacy.ledger import PrivacyLedger
-from common.privacy.units import group_units
 from common.wire import RoundPlan, adapter_digest
 
 # Re-exported: settings live in a light module so light messages need not import torch.
 from client.settings import AUDIT_FILE, LEDGER_FILE, NodeSettings, PolicyGate, deployment_settings, node_audit, simulation_settings  # noqa: E402,F401
-
-@dataclass
-class NodeData:
-    train_units: list
-    train_examples: list[list[int]]
-    heldout_examples: list[list[int]]
-    counts: dict[str, int]
-    # For the memorisation audit, which runs here, on this node: the canaries inserted, the
-    # training records as they were on disk (for verbatim PII checks), and which training
-    # examples are ordinary records (membership-inference members).
-    canaries: list[Canary]
-    train_raw_texts: list[str]
-    record_examples: list[list[int]]
-
 
 @dataclass
 class TrainOutcome:
@@ -86,7 +62,7 @@ class RegionNode:
             self._model_path = resolve_model_path(settings.model)
             self._tokenizer = load_tokenizer(self._model_path)
             # Data first: a refusal found there (e.g. delta above 1/N) must not leave a new ledger behind.
-            self.data = self._load_data()
+            self.data = load_node_data(settings, self.policy, self._tokenizer)
             self._ledger = self._open_ledger()
         except FedsovError as err:
             try:
@@ -113,113 +89,6 @@ class RegionNode:
         if charges:  # a ledger replaced by a fresh one (e.g. started again by a sibling node) fails here
             ledger.check_anchor(int(charges[-1]["ledger_entries"]), str(charges[-1]["ledger_head"]))
         return ledger
-
-    def _load_data(self) -> NodeData:
-        s, policy = self.settings, self.policy
-        roots = [os.path.realpath(r) for r in policy.residency.storage_roots]
-        files = data_files(s.data_paths)
-        for file in files:
-            real = os.path.realpath(file)
-            if roots and not any(real == r or real.startswith(r.rstrip("/") + "/") for r in roots):
-                raise ResidencyViolation(
-                    f"{file}: outside the storage locations this region's policy allows "
-                    f"({', '.join(policy.residency.storage_roots)}). The node refuses to start; move the data or "
-                    "fix policy.residency.storage_roots."
-                )
-        records = load_records(
-            files, expected_region=s.region, plain_text_consent=s.plain_text_consent,
-            allowed_regions=policy.residency.allowed_region_tags,
-        )
-        raw = {id(r): r.text for r in records}
-        kept, counts = self._apply_data_use(records)
-        mine = client_partition(kept, client_index=s.client_index, num_clients=s.num_clients)
-        train, heldout = split_heldout(mine, fraction=s.heldout_fraction)
-        train_raw_texts = [raw.get(id(r), r.text) for r in train]
-        if not train:
-            raise PrivacyError(
-                f"Node {s.name} has no training records after its policy's filters and the held-out split "
-                f"({counts}). Add data or lower data.heldout_fraction."
-            )
-        canaries: list[Canary] = []
-        if s.audit.enabled and (s.synthetic_data or s.audit.canaries_in_real_data):
-            canaries = load_or_create(s.state_dir, s.audit.canary_formats, s.audit.canary_repetitions,
-                                      s.audit.one_run_canaries)
-        record_examples = encode_units(group_units(train, PrivacyUnitKind.record), self._tokenizer, s.model.max_length)
-        # Each canary copy is its own privacy unit, as a secret repeated in real data would be.
-        train = train + [
-            Record(c.text, s.region, f"canary-{i}-{copy}", True, {"canary": True})
-            for i, c in enumerate(canaries) for copy in range(c.repetitions)
-        ]
-        unit = policy.privacy.unit
-        units = group_units(train, unit)
-        if policy.privacy.delta > 1.0 / len(units):
-            raise PrivacyError(
-                f"policy.privacy.delta={policy.privacy.delta:g} is larger than 1/N = 1/{len(units)} for the "
-                f"{len(units)} privacy units ({unit.value}s) on node {s.name}: a mechanism could then publish a "
-                f"whole unit and still meet the guarantee. Set policy.privacy.delta <= {1.0 / len(units):.3g}."
-            )
-        max_length = s.model.max_length
-        counts.update(train_units=len(units), heldout_records=len(heldout),
-                      canary_copies=sum(c.repetitions for c in canaries))
-        return NodeData(
-            train_units=units,
-            train_examples=encode_units(units, self._tokenizer, max_length),
-            heldout_examples=encode_units(group_units(heldout, PrivacyUnitKind.record), self._tokenizer, max_length),
-            counts=counts,
-            canaries=canaries,
-            train_raw_texts=train_raw_texts,
-            record_examples=record_examples,
-        )
-
-    def _apply_data_use(self, records: list[Record]) -> tuple[list[Record], dict[str, int]]:
-        """Consent, special categories, excluded fields and PII scrubbing, each counted.
-
-        PII detection is most of a node's start time, and in deployment every message starts
-        the node anew: the outcome is kept in the node's own state folder, keyed by the exact
-        records and the data-use rules, so a changed record or rule recomputes it.
-        """
-        use = self.policy.data_use
-        key = hashlib.sha256(json.dumps(
-            [dataclasses.asdict(use), [(r.text, r.region, r.user_id, r.consent, dict(r.fields)) for r in records]],
-            sort_keys=True, default=str).encode()).hexdigest()
-        cache = self.settings.state_dir / "cache" / f"data-use-{key[:32]}.json"
-        if cache.exists():
-            try:
-                saved = json.loads(cache.read_text())
-                if saved["key"] == key:
-                    kept = [records[i] if text is None else Record(text, records[i].region, records[i].user_id,
-                                                                    records[i].consent, records[i].fields)
-                            for i, text in saved["kept"]]
-                    return kept, saved["counts"]
-            except (ValueError, KeyError, IndexError, TypeError):
-                pass  # a damaged cache is recomputed, never trusted
-        counts = {"records": len(records), "excluded_no_consent": 0, "excluded_special": 0, "excluded_fields": 0,
-                  "scrubbed_spans": 0}
-        special = set(use.excluded_special_categories)
-        detector = PiiDetector(use.scrub_entities) if use.scrub_pii else None
-        kept, kept_index = [], []
-        for i, r in enumerate(records):
-            if use.require_consent and not r.consent:
-                counts["excluded_no_consent"] += 1
-            elif special.intersection(r.fields.get("tags") or ()):
-                counts["excluded_special"] += 1
-            elif any(r.fields.get(f) not in (None, "", [], False) for f in use.excluded_fields):
-                counts["excluded_fields"] += 1
-            else:
-                scrubbed = None
-                if detector is not None:
-                    spans = detector.find(r.text)
-                    if spans:
-                        counts["scrubbed_spans"] += len(spans)
-                        scrubbed = detector.scrub(r.text, spans)
-                        r = Record(scrubbed, r.region, r.user_id, r.consent, r.fields)
-                kept.append(r)
-                kept_index.append((i, scrubbed))
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"key": key, "kept": kept_index, "counts": counts}))
-        os.replace(tmp, cache)
-        return kept, counts
 
     # -- protocol ---------------------------------------------------------------------------
     def check_coordinator(self, declared: str, round_number: int | None = None) -> None:

@@ -16,6 +16,7 @@ from typing import Any, Mapping
 
 from common.errors import ConfigError, FederationError
 from common.flowerproc import flower_bin, flower_environment, free_port, stop_process_group
+from common.paths import writable_folder
 
 # flower-supernode's exit code when the SuperLink refuses its key (Flower's ExitCode).
 NODE_NOT_REGISTERED = 305
@@ -115,10 +116,36 @@ def refusal_reason(code: int | None, log_text: str, log_path: Path) -> str:
     return f"flower-supernode exited with code {code}; see {log_path}."
 
 
+def node_config_from_args(args, state_dir: Path) -> dict[str, Any]:
+    """The SuperNode's --node-config from `fedsov node start`'s (or `data check`'s) flags, paths absolute."""
+    consent = None if args.plain_text_consent is None else args.plain_text_consent == "true"
+    paths = [str(Path(p).expanduser().resolve()) for p in args.data.split(":") if p.strip()]
+    if not paths:
+        raise ConfigError(f"--data {args.data!r} names no file or folder; give the node's data paths, ':'-separated.")
+    node_config = {
+        "region": args.region,
+        "data-path": ":".join(paths),
+        "state-dir": str(state_dir),
+        "name": getattr(args, "name", None),  # data check names its throwaway node itself
+        "synthetic-data": bool(args.synthetic_data),
+        "plain-text-consent": consent,
+        "model-path": str(Path(args.model_path).expanduser().resolve()) if args.model_path else None,
+        "model-cache": str(Path(args.model_cache).expanduser().resolve()),
+        "config-dir": str(args.config_dir.resolve()) if args.config_dir else None,
+        "key-dir": _absolute(getattr(args, "key_dir", None)),
+        "ledger-dir": _absolute(getattr(args, "ledger_dir", None)),
+        "ledger-key-dir": _absolute(getattr(args, "ledger_key_dir", None)),
+    }
+    return {k: v for k, v in node_config.items() if v is not None}
+
+
+def _absolute(path: str | None) -> str | None:
+    return str(Path(path).expanduser().resolve()) if path else None
+
+
 def start_node(args, out=print) -> int:
     """`fedsov node start`: start checks here, then a SuperNode until Ctrl-C or the coordinator refuses it."""
-    import signal
-
+    from client.datacheck import data_summary
     from client.node import RegionNode, deployment_settings
     from common.config import load_config
     from server.deployment import INSECURE_WARNING
@@ -142,47 +169,35 @@ def start_node(args, out=print) -> int:
     from common.coordinator_pins import jurisdiction_for_ca, local_jurisdiction
 
     config_dir = args.config_dir.resolve() if args.config_dir else default_config_dir()
+    state_dir = writable_folder(args.state_dir.expanduser().resolve(), "--state-dir <folder>")
+    node_config = node_config_from_args(args, state_dir)
     # Where the coordinator is comes from this node's pins: the CA that authenticates it, or `local`.
-    jurisdiction = (local_jurisdiction(config_dir) if args.insecure
-                    else jurisdiction_for_ca(config_dir, Path(args.ca).expanduser()))
-    state_dir = args.state_dir.expanduser().resolve()
-    node_config = {
-        "region": args.region,
-        "data-path": ":".join(str(Path(p).expanduser().resolve()) for p in args.data.split(":") if p),
-        "state-dir": str(state_dir),
-        "coordinator-jurisdiction": jurisdiction,
-        "key-dir": str(Path(args.key_dir).expanduser().resolve()) if args.key_dir else None,
-        "ledger-dir": str(Path(args.ledger_dir).expanduser().resolve()) if args.ledger_dir else None,
-        "ledger-key-dir": str(Path(args.ledger_key_dir).expanduser().resolve()) if args.ledger_key_dir else None,
-        "name": args.name,
-        "synthetic-data": bool(args.synthetic_data),
-        "model-path": str(Path(args.model_path).expanduser().resolve()) if args.model_path else None,
-        "model-cache": str(Path(args.model_cache).expanduser().resolve()),
-        "config-dir": str(args.config_dir.resolve()) if args.config_dir else None,
-    }
-    node_config = {k: v for k, v in node_config.items() if v is not None}
+    node_config["coordinator-jurisdiction"] = (local_jurisdiction(config_dir) if args.insecure
+                                               else jurisdiction_for_ca(config_dir, Path(args.ca).expanduser()))
     settings = deployment_settings(load_config(args.overrides, args.config_dir), node_config)
     # Every start check runs before the node connects: wrong-region data never reaches the network.
+    out(f"Start checks on {node_config['data-path']} (PII scrubbing reads every record: large data takes a while)")
     node = RegionNode(settings)
     out(f"Node {settings.name} ({settings.region}, {node.policy.law}): start checks passed: {node.data.counts}")
+    for line in data_summary(node)[1:]:
+        out(line)
     del node
     supernode = SuperNodeProcess(
         superlink=args.superlink, node_config=node_config, log_path=state_dir / "logs" / "supernode.log",
         ca_cert=None if args.insecure else Path(args.ca).expanduser().resolve(),
         private_key=None if args.insecure else Path(args.key).expanduser().resolve(),
     )
-    supernode.start(state_dir / "flower-home")
-    stopping: list[bool] = []
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stopping.append(True))
     try:
+        supernode.start(state_dir / "flower-home")
         supernode.wait_connected()
         out(f"Connected to the coordinator at {args.superlink}; log {supernode.log_path}. Ctrl-C stops the node.")
-        while not stopping and supernode.alive():
+        while supernode.alive():
             time.sleep(0.5)
-        if not stopping:
-            out(refusal_reason(supernode.process.returncode, supernode.log_since_start(), supernode.log_path))
-            return 1
+        out(refusal_reason(supernode.process.returncode, supernode.log_since_start(), supernode.log_path))
+        return 1
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (fedsov's main raises it for both), even while connecting
+        out("Stopping the node ...")
     finally:
         supernode.stop()
+    out("Node stopped.")
     return 0

@@ -43,8 +43,8 @@ def secret_generator(device: torch.device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(secrets.randbits(64))
 
 
-def encode_units(units: Sequence[PrivacyUnit], tokenizer, max_length: int) -> list[list[int]]:
-    """Token ids per unit: its texts joined by EOS, ending in EOS, cut at max_length."""
+def encode_units(units: Sequence[PrivacyUnit], tokenizer, max_length: int | None) -> list[list[int]]:
+    """Token ids per unit: its texts joined by EOS, ending in EOS, cut at max_length (None: uncut)."""
     eos = tokenizer.eos_token_id
     encoded = []
     for unit in units:

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import argparse
 import os
+import select
+import signal
 import sys
+import tempfile
+import threading
+import traceback
 from pathlib import Path
 
-from common.errors import FedsovError
+from common.errors import ConfigError, FedsovError
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedsov",
         description="Federated DP-LoRA fine-tuning across jurisdictions. Settings are Hydra "
@@ -49,15 +54,22 @@ def main(argv: list[str] | None = None) -> int:
     gen = sub.add_parser("generate", help="generate text with a run's adapter; flags PII; prints the privacy card")
     gen.add_argument("run_dir", type=Path)
     gen.add_argument("--prompt", default="", help="text to continue (default: unconditional)")
-    gen.add_argument("--samples", type=int, default=1)
-    gen.add_argument("--max-new-tokens", type=int, default=60)
+    gen.add_argument("--samples", type=_positive_int, default=1)
+    gen.add_argument("--max-new-tokens", type=_positive_int, default=60)
 
     export = sub.add_parser("export", help="copy a run's adapter to a destination its contributing regions allow")
     export.add_argument("run_dir", type=Path)
     export.add_argument("--to", dest="destination", type=Path, required=True)
     export.add_argument("--jurisdiction", required=True, help="where the model will be deployed, e.g. EU, US-CA")
     _deployment_parsers(sub)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as done:  # --help, or a usage error argparse has already explained on one line
+        return done.code if isinstance(done.code, int) else 0
 
     # Nothing fedsov runs may fetch models or data sets.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -65,7 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     if args.config_dir:
-        os.environ["FEDSOV_CONFIG_DIR"] = str(args.config_dir.resolve())
+        # Absolute, for Hydra and for the processes fedsov starts in other working folders.
+        args.config_dir = args.config_dir.expanduser().resolve()
+        os.environ["FEDSOV_CONFIG_DIR"] = str(args.config_dir)
+    sigterm = _SigtermAsInterrupt()
     try:
         if args.command == "simulate":
             from server.simulation import simulate
@@ -91,6 +106,10 @@ def main(argv: list[str] | None = None) -> int:
             out = export_adapter(args.run_dir, args.destination, args.jurisdiction)
             print(f"Exported {args.run_dir / 'adapter'} to {out} for deployment in {args.jurisdiction}.")
             return 0
+        if args.command == "data" and args.action == "check":
+            from client.datacheck import check_data
+
+            return check_data(args)
         if args.command == "data":
             from common.config import load_config
             from common.data.prepare import ensure_synthetic_data
@@ -101,15 +120,93 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ("certs", "coordinator", "node", "run", "deploy"):
             return _deployment(args)
     except FedsovError as err:
-        print(f"fedsov: error: {err}", file=sys.stderr)
+        print(f"fedsov: error: {_one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("fedsov: interrupted", file=sys.stderr)
-        return 130
+        # Every `finally` on the way has stopped the processes this command started.
+        print(f"fedsov: {'stopped by SIGTERM' if sigterm.received else 'interrupted'}", file=sys.stderr)
+        return 143 if sigterm.received else 130
+    except BrokenPipeError:
+        if not _stdout_closed():
+            return _internal_error()
+        return 141  # like any tool whose reader (`| head`) has gone: quietly
+    except Exception:
+        return _internal_error()
+    finally:
+        sigterm.restore()
+    return 1
+
+
+class _SigtermAsInterrupt:
+    """SIGTERM stops fedsov as Ctrl-C does: every `finally` runs and stops the processes it started."""
+
+    def __init__(self):
+        self.received = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():  # only it may set signal handlers
+            self._previous = signal.signal(signal.SIGTERM, self._interrupt)
+
+    def _interrupt(self, signum, frame):
+        self.received = True
+        raise KeyboardInterrupt
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def _one_line(err: Exception) -> str:
+    # Some messages quote multi-line text from other libraries (YAML parsers); a terminal line stays whole.
+    return " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+
+
+def _stdout_closed() -> bool:
+    """Whether the broken pipe is stdout's (its reader has gone), not some other connection's."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        closed = any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError):
+        return False
+    if closed:
+        # Python flushes stdout again on exit; point it at /dev/null so that cannot fail loudly.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return closed
+
+
+def _internal_error() -> int:
+    """A mistake fedsov has no message for: one line, and the traceback kept in a file for the report."""
+    fd, path = tempfile.mkstemp(prefix="fedsov-error-", suffix=".log")
+    with os.fdopen(fd, "w") as log:
+        traceback.print_exc(file=log)
+    err = sys.exc_info()[1]
+    print(f"fedsov: internal error: {type(err).__name__}: {_one_line(err)}. fedsov has no message for this "
+          f"failure yet: please report it with the traceback in {path}", file=sys.stderr)
     return 1
 
 
 CLI_HOME = "~/.cache/fedsov/flwr-cli"
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number; give one of 1 or more") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is too small; give 1 or more")
+    return value
+
+
+def _node_data_args(p: argparse.ArgumentParser) -> None:
+    """The flags that say where a node's data and policy are: the same for `node start` and `data check`."""
+    p.add_argument("--region", required=True)
+    p.add_argument("--data", required=True, help="data files or folders, ':'-separated")
+    p.add_argument("--synthetic-data", action="store_true", help="data are fedsov's generated demo data")
+    p.add_argument("--plain-text-consent", choices=("true", "false"),
+                   help="consent for every line of the plain-text (.txt) files, which carry none (default: refused)")
+    p.add_argument("--model-path", help="local base model folder (default: the run's model)")
+    p.add_argument("--model-cache", default="~/.cache/fedsov", help="where this node keeps the embedded model")
 
 
 def _connection_args(p: argparse.ArgumentParser) -> None:
@@ -124,6 +221,7 @@ def _deployment_parsers(sub) -> None:
     certs.add_argument("--out", type=Path, required=True)
     certs.add_argument("--host", action="append", default=None,
                        help="a name or IP the coordinator is reached by (repeat; default localhost, 127.0.0.1)")
+    certs.add_argument("--force", action="store_true", help="replace an existing CA and server certificate there")
 
     coord = sub.add_parser("coordinator", help="the coordinator (Flower SuperLink): start it, register node keys")
     csub = coord.add_subparsers(dest="action", required=True)
@@ -146,14 +244,10 @@ def _deployment_parsers(sub) -> None:
     nkey = nsub.add_parser("key", help="make the node's key pair (register the .pub with the coordinator)")
     nkey.add_argument("--out", type=Path, required=True)
     nstart = nsub.add_parser("start", help="run the node's start checks, then connect it to the coordinator")
-    nstart.add_argument("--region", required=True)
-    nstart.add_argument("--data", required=True, help="data files or folders, ':'-separated")
+    _node_data_args(nstart)
     nstart.add_argument("--state-dir", type=Path, required=True, help="ledger, audit log, canaries (keep it)")
     nstart.add_argument("--key", type=Path, help="the node's private key (required unless --insecure)")
     nstart.add_argument("--name", help="node name (default: the state folder name, with the region in front unless it has it)")
-    nstart.add_argument("--synthetic-data", action="store_true", help="data are fedsov's generated demo data")
-    nstart.add_argument("--model-path", help="local base model folder (default: the run's model)")
-    nstart.add_argument("--model-cache", default="~/.cache/fedsov", help="where this node keeps the embedded model")
     nstart.add_argument("--key-dir", help="the node's evidence-key folder, apart from its state (default <state-dir>.keys)")
     nstart.add_argument("--ledger-dir", help="the privacy ledger's folder, shared by nodes that split one data folder "
                                              "(default: the state folder)")
@@ -182,8 +276,11 @@ def _deployment_parsers(sub) -> None:
     rfetch.add_argument("--runs-dir", type=Path, default=Path("fedsov-coordinator/runs"))
     rfetch.add_argument("--to", type=Path, required=True)
 
-    data = sub.add_parser("data", help="demo data")
+    data = sub.add_parser("data", help="check a node's data files; write demo data")
     dsub_data = data.add_subparsers(dest="action", required=True)
+    dcheck = dsub_data.add_parser("check", help="run a node's start checks on its data (same flags as node start)")
+    _node_data_args(dcheck)
+    dcheck.add_argument("overrides", nargs="*", help="config overrides, as for node start (e.g. model.max_length=256)")
     dgen = dsub_data.add_parser("generate", help="write fedsov's synthetic demo data for some regions (data.root=<dir>)")
     dgen.add_argument("overrides", nargs="*", help="e.g. regions=[eu] data.root=/data/demo")
 
@@ -195,24 +292,29 @@ def _deployment_parsers(sub) -> None:
 
 
 def _deployment(args) -> int:
+    from common.paths import writable_folder
     from server import deployment as d
 
     if args.command == "certs":
         from common.credentials import make_certificates
 
-        files = make_certificates(args.out, args.host or ["localhost", "127.0.0.1"])
+        if not args.out.is_file():
+            writable_folder(args.out, "--out <folder>")
+        files = make_certificates(args.out, args.host or ["localhost", "127.0.0.1"], force=args.force)
         print(f"CA {files.ca_cert} (give it to every node and CLI user); server certificate {files.server_cert} "
               f"and key {files.server_key} (coordinator only); CA key {args.out / 'ca.key'} (keep offline).")
         return 0
     if args.command == "deploy":
         return d.local_deployment(args.overrides, insecure=args.insecure, config_dir=args.config_dir)
     if args.command == "coordinator" and args.action == "start":
+        writable_folder(args.home, "--home <folder>")
         superlink = d.start_coordinator(args.home, certs=args.certs, insecure=args.insecure, host=args.host,
                                         port=args.port, model_cache=args.model_cache)
         return d.serve_coordinator(superlink)
     if args.command == "node" and args.action == "key":
         from common.credentials import make_node_key
 
+        writable_folder(args.out.expanduser().resolve().parent, "--out <folder>/<key name>")
         private, public = make_node_key(args.out)
         print(f"Node key {private} (stays on the node); register {public} with the coordinator.")
         return 0
@@ -257,7 +359,14 @@ def _region_file(name_or_path: str) -> Path:
     from common.config import default_config_dir
 
     path = Path(name_or_path)
-    return path if path.suffix in (".yaml", ".yml") else default_config_dir() / "regions" / f"{name_or_path}.yaml"
+    if path.suffix in (".yaml", ".yml"):
+        return path
+    regions = default_config_dir() / "regions"
+    if not (regions / f"{name_or_path}.yaml").is_file():
+        known = sorted(f.stem for f in regions.glob("*.yaml") if f.stem != "template")
+        raise ConfigError(f"No region '{name_or_path}': there is no {regions / name_or_path}.yaml. Known regions: "
+                          f"{', '.join(known) or 'none'}; or give a policy file's path (ending in .yaml).")
+    return regions / f"{name_or_path}.yaml"
 
 
 def _policy(args) -> int:
@@ -267,6 +376,10 @@ def _policy(args) -> int:
     if args.action == "validate":
         failed = 0
         for file in args.files:
+            if file.is_dir():
+                failed += 1
+                print(f"INVALID {file}: a folder, not a policy file; give the files, e.g. {file}/*.yaml")
+                continue
             try:
                 region = load_region_file(file)
                 print(f"OK {file}: region {region.name} ({region.jurisdiction}), {region.policy.law}, "
@@ -307,34 +420,51 @@ def _report(run_dir: Path) -> int:
 
 def _verify(files: list[Path], key_dir: Path | None, anchor: str | None, manifest: Path | None,
             node: str | None) -> int:
-    from common.audit import EvidenceKeyError, TamperedLog, open_log
-
     if manifest is not None and not node:
         raise FedsovError("--manifest needs --node: the anchors in a manifest are per node (e.g. --node eu-1).")
     bad = 0
-    for file in files:
-        if not file.is_file():
-            print(f"{file}: no such file" if not file.exists() else f"{file}: not a file (give the .jsonl log)")
-            bad += 1
-            continue
-        try:
-            log = open_log(file, key_dir)
-        except EvidenceKeyError as err:
-            print(f"{file}: cannot verify: {err}")
-            bad += 1
-            continue
-        result = log.verify()
-        print(result.describe(file))
-        bad += not result.ok
-        expected = _anchor_for(file, anchor, manifest, node)
-        if result.ok and expected is not None:
-            try:
-                log.check_anchor(*expected)
-                print(f"{file}: contains the anchor {expected[0]}:{expected[1][:16]}...")
-            except TamperedLog as err:
-                print(f"{file}: ANCHOR MISSING: {err}")
+    for given in files:
+        if given.is_dir():
+            # A node's or a run's folder: every hash-chained log in it (the ones with a .head file).
+            logs = sorted(f for f in given.glob("*.jsonl") if f.with_name(f.name + ".head").exists())
+            if not logs:
+                print(f"{given}: a folder with no hash-chained logs (*.jsonl with a .head file beside it); give the "
+                      "log files, e.g. <workdir>/nodes/<node>/audit.jsonl")
                 bad += 1
+        else:
+            logs = [given]
+        for file in logs:
+            bad += _verify_one(file, key_dir, _anchor_for(file, anchor, manifest, node))
     return 1 if bad else 0
+
+
+def _verify_one(file: Path, key_dir: Path | None, expected: tuple[int, str] | None) -> int:
+    """Verify one log (and that it holds `expected`, an anchor); print the verdict; 1 if it is bad."""
+    from common.audit import EvidenceKeyError, TamperedLog, open_log
+
+    if not file.exists():
+        print(f"{file}: no such file")
+        return 1
+    try:
+        log = open_log(file, key_dir)
+        result = log.verify()
+    except EvidenceKeyError as err:
+        print(f"{file}: cannot verify: {err}")
+        return 1
+    except UnicodeDecodeError:
+        print(f"{file}: not a fedsov log (not UTF-8 text)")
+        return 1
+    print(result.describe(file))
+    if not result.ok:
+        return 1
+    if expected is not None:
+        try:
+            log.check_anchor(*expected)
+        except TamperedLog as err:
+            print(f"{file}: ANCHOR MISSING: {err}")
+            return 1
+        print(f"{file}: contains the anchor {expected[0]}:{expected[1][:16]}...")
+    return 0
 
 
 def _anchor_for(file: Path, anchor: str | None, manifest: Path | None, node: str | None) -> tuple[int, str] | None:

@@ -216,6 +216,7 @@ def load_config(
     overrides: Sequence[str] = (), config_dir: Path | None = None, config_name: str = "config"
 ) -> FedsovConfig:
     """Compose `configs/` with command-line overrides, then type-check and validate."""
+    import yaml
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
@@ -239,7 +240,7 @@ def load_config(
         detail = str(err).strip() or str(err.__cause__ or "").strip() or type(err).__name__
         raise ConfigError(f"Invalid configuration in {config_dir} or its overrides: {detail}") from err
     except yaml.YAMLError as err:  # Hydra reads every selected file before composing, and lets these through
-        raise ConfigError(f"A config file in {config_dir} is not valid YAML: {err}") from err
+        raise ConfigError(f"{_yaml_error_text(err)} Fix the YAML syntax in that file.") from err
     unselected = sorted(set(composed.get("regions") or {}) - set(selected))
     if unselected:
         raise ConfigError(
@@ -247,6 +248,14 @@ def load_config(
             f"a region comes only from its own file. Add them to regions=[...] or drop those overrides."
         )
     return config_from_container(composed)
+
+
+def _yaml_error_text(err: Exception) -> str:
+    """Where a YAML file is broken and how, in one line (the parser's own text spans several)."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    where = f"{mark.name} line {mark.line + 1} column {mark.column + 1}" if mark else "a config file"
+    return f"{where} is not valid YAML: {problem}."
 
 
 def _selected_regions(config_name: str, overrides: Sequence[str]) -> list[str]:
@@ -397,10 +406,8 @@ def _typed(root: type, raw: Any, where: str, file: Path | None = None) -> Any:
             ) from err
         raise ConfigError(where + _wrong_value_message(err)) from err
     except oc_errors.MissingMandatoryValue as err:
-        raise ConfigError(
-            f"{where}Config key '{err.full_key}' must be set: it has no default. Add "
-            f"{err.full_key}=<value> to the command line."
-        ) from err
+        raise ConfigError(f"{where}Config key '{err.full_key}' must be set: it has no default. "
+                          f"{_missing_value_fix(str(err.full_key), where)}") from err
     except oc_errors.InterpolationResolutionError as err:
         raise ConfigError(f"{where}Config key '{err.full_key}': {err.msg}") from err
 
@@ -463,6 +470,21 @@ def _locate(node: Any, key: str, value: Any = _ANY_VALUE, prefix: str = "") -> s
         if found:
             return found
     return None
+
+
+def _missing_value_fix(key: str, where: str) -> str:
+    """The fix that works for a value missing from a region's file, or from the composed config."""
+    parent, _, leaf = key.rpartition(".")
+    setting = f"'{leaf}: <value>'" + (f" under '{parent}:'" if parent else " at the top level")
+    if where:  # a region's own file: its nodes read nothing else
+        return f"Edit the file: set {setting} (configs/{TEMPLATE_FILE} shows every key)."
+    parts = key.split(".")
+    if parts[0] == "regions" and len(parts) > 2:
+        # A node enforces its own file, so a command-line value for it would be refused or ignored.
+        region_key = ".".join(parts[2:])
+        return (f"Set '{region_key}' in {default_config_dir() / 'regions' / parts[1]}.yaml "
+                f"(configs/{TEMPLATE_FILE} shows every key).")
+    return f"Add {key}=<value> to the command line."
 
 
 def config_from_json(text: str) -> FedsovConfig:

@@ -74,12 +74,20 @@ def _san(hosts: Iterable[str]) -> x509.SubjectAlternativeName:
     return x509.SubjectAlternativeName(names)
 
 
-def make_certificates(out: Path | str, hosts: Iterable[str] = ("localhost", "127.0.0.1")) -> TlsFiles:
-    """A new CA and a server certificate valid for `hosts` (names or IP addresses)."""
+def make_certificates(out: Path | str, hosts: Iterable[str] = ("localhost", "127.0.0.1"), *,
+                      force: bool = False) -> TlsFiles:
+    """A new CA and a server certificate valid for `hosts` (names or IP addresses); never replaces one unasked."""
     hosts = list(dict.fromkeys(hosts))
     if not hosts:
         raise ConfigError("make_certificates needs at least one host name or IP address for the server certificate.")
     files = TlsFiles.in_dir(out)
+    if Path(out).exists() and not Path(out).is_dir():
+        raise ConfigError(f"{out} is a file, not a folder: choose a folder for the certificates.")
+    existing = [p for p in (Path(out) / "ca.key", files.ca_cert, files.server_key, files.server_cert) if p.exists()]
+    if existing and not force:
+        raise ConfigError(f"{', '.join(map(str, existing))} already exist(s): a new CA would make every node's "
+                          "ca.crt and the coordinator's certificate useless. Keep them, choose another --out, or "
+                          "pass --force to replace them deliberately.")
     now = dt.datetime.now(dt.timezone.utc)
     ca_key = ec.generate_private_key(ec.SECP384R1())
     ca_cert = (

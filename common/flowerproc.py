@@ -1,16 +1,21 @@
 """Flower's processes as fedsov starts them: the executables beside this Python, a safe
-environment (offline, no telemetry, no runtime dependency installs), and stopping a whole
-process group (the SuperLink's simulation and Ray workers, a SuperNode's ClientApps).
+environment (offline, no telemetry, no runtime dependency installs), and stopping everything a
+process started (the SuperLink's simulation and Ray workers, a SuperNode's ClientApps).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Iterator
+
+import psutil
 
 
 def flower_bin(name: str) -> str:
@@ -49,17 +54,65 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM until the block ends, so a second one cannot cut a clean-up short."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def stop_process_group(process: subprocess.Popen, grace: float = 15.0) -> None:
-    """SIGTERM the process's group, then SIGKILL whatever is left in it (children included)."""
-    if process.poll() is None:
-        _signal_group(process.pid, signal.SIGTERM)
+    """Stop the process and everything it started: SIGTERM every process group in its tree, then SIGKILL.
+
+    Flower's SuperLink starts its SuperExec in a session of its own, and the SuperExec starts the
+    simulation and Ray there: stopping the SuperLink's group alone leaves them running. The tree is
+    read before anything is signalled, because a process whose parent dies loses its place in it.
+    """
+    with signals_deferred():
+        descendants = _descendants(process.pid)
+        groups = {process.pid} | {g for g in map(_group_of, descendants) if g is not None}
+        groups.discard(os.getpgrp())  # never this program's own group
+        for group in groups:
+            _signal_group(group, signal.SIGTERM)
+        deadline = time.monotonic() + grace
         try:
             process.wait(timeout=grace)
         except subprocess.TimeoutExpired:
             pass
-    _signal_group(process.pid, signal.SIGKILL)
-    if process.poll() is None:
-        process.wait(timeout=5)
+        while any(_running(p) for p in descendants) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for group in groups:
+            _signal_group(group, signal.SIGKILL)
+        for p in descendants:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+        if process.poll() is None:
+            process.wait(timeout=5)
+
+
+def _descendants(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+def _group_of(p: psutil.Process) -> int | None:
+    try:
+        return os.getpgid(p.pid)
+    except OSError:
+        return None
+
+
+def _running(p: psutil.Process) -> bool:
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def _signal_group(pid: int, sig: int) -> None:

@@ -8,6 +8,7 @@ are added as Presidio PatternRecognizers.
 
 from __future__ import annotations
 
+import bisect
 import functools
 from dataclasses import dataclass
 from typing import Sequence
@@ -99,12 +100,18 @@ class PiiDetector:
         found = []
         for entity, recognizer in _recognizers(self.entities):
             for result in recognizer.analyze(text, entities=[entity], nlp_artifacts=None):
-                found.append(PiiSpan(entity, result.start, result.end, text[result.start : result.end]))
+                if result.end > result.start:  # an empty match hides nothing
+                    found.append(PiiSpan(entity, result.start, result.end, text[result.start : result.end]))
+        # Kept spans never overlap, so sorted by start they are sorted by end too: a candidate need only be
+        # checked against its two neighbours (a scan of every kept span made large records take hours).
         spans: list[PiiSpan] = []
+        starts: list[int] = []
         for span in sorted(found, key=lambda s: (-(s.end - s.start), s.start)):
-            if all(span.end <= kept.start or span.start >= kept.end for kept in spans):
-                spans.append(span)
-        return sorted(spans, key=lambda s: s.start)
+            i = bisect.bisect_left(starts, span.start)
+            if (i == 0 or spans[i - 1].end <= span.start) and (i == len(spans) or spans[i].start >= span.end):
+                spans.insert(i, span)
+                starts.insert(i, span.start)
+        return spans
 
     def scrub(self, text: str, spans: Sequence[PiiSpan] | None = None) -> str:
         """The text with every detected span (or the given ones) replaced by its entity type in brackets."""

@@ -14,14 +14,19 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common.credentials import make_certificates, make_node_key  # noqa: E402
+from common.errors import FedsovError  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--out", type=Path, required=True)
 parser.add_argument("--host", action="append", help="a name or IP clients use to reach the coordinator (repeat)")
 parser.add_argument("--node", action="append", default=[], help="make a node key pair with this name (repeat)")
+parser.add_argument("--force", action="store_true", help="replace an existing CA and server certificate")
 args = parser.parse_args()
-files = make_certificates(args.out, args.host or ["localhost", "127.0.0.1"])
-print(f"CA certificate: {files.ca_cert}\nServer certificate and key: {files.server_cert}, {files.server_key}")
-for name in args.node:
-    private, public = make_node_key(args.out / "nodes" / name)
-    print(f"Node {name}: private key {private}, public key {public} (register it with the coordinator)")
+try:
+    files = make_certificates(args.out, args.host or ["localhost", "127.0.0.1"], force=args.force)
+    print(f"CA certificate: {files.ca_cert}\nServer certificate and key: {files.server_cert}, {files.server_key}")
+    for name in args.node:
+        private, public = make_node_key(args.out / "nodes" / name)
+        print(f"Node {name}: private key {private}, public key {public} (register it with the coordinator)")
+except FedsovError as err:
+    sys.exit(f"make_certs.py: error: {err}")

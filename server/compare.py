@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 
 from common.config import CONFIG_DIR_ENV, default_config_dir, load_config
 from common.errors import FederationError
+from common.paths import writable_folder
 from server.report import load_report
 from server.simulation import simulate
 
@@ -35,7 +36,7 @@ AUDIT_FEDERATION = (
 
 def compare(overrides: Sequence[str], out: Callable[[str], None] = print) -> int:
     base = load_config([*AUDIT_FEDERATION, *overrides])
-    root = Path(base.workdir) / "compare"
+    root = writable_folder(Path(base.workdir) / "compare", "workdir=<folder>")
     lab_configs = root / "lab-configs"
     write_lab_policies(lab_configs, why="fedsov audit compare: DP not required", require_dp=False)
     arms = {

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,8 @@ from typing import Callable, Sequence
 from common.config import FedsovConfig, config_to_yaml
 from common.credentials import TlsFiles, make_certificates, make_node_key
 from common.errors import ConfigError, FederationError
+from common.flowerproc import signals_deferred
+from common.paths import writable_folder
 from common.runconfig import write_flower_app, write_run_config
 from server.rundir import EVENT_LINE, RunDirectory
 from server.simulation import render_event, render_report_lines, render_summary, resolve_run_config
@@ -90,22 +91,25 @@ def start_coordinator(home: Path, *, certs: Path | None, insecure: bool, host: s
 
     cache = Path(model_cache).expanduser().resolve()
     superlink.start(extra_env={RUNS_DIR_ENV: str(home / "runs"), MODEL_CACHE_ENV: str(cache)})
-    out(f"Coordinator (Flower SuperLink) listening on {host}:{superlink.port}, "
-        f"{'TLS + node authentication' if tls else 'INSECURE'}; runs in {home / 'runs'}; log {superlink.log_path}")
+    try:
+        out(f"Coordinator (Flower SuperLink) listening on {host}:{superlink.port}, "
+            f"{'TLS + node authentication' if tls else 'INSECURE'}; runs in {home / 'runs'}; log {superlink.log_path}")
+    except BaseException:  # a closed stdout or a Ctrl-C here must not leave the SuperLink running
+        superlink.stop()
+        raise
     return superlink
 
 
 def serve_coordinator(superlink: LocalSuperLink, out: Callable[[str], None] = print) -> int:
     """Keep the coordinator up until Ctrl-C / SIGTERM, then stop every process it started."""
-    stopping = []
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stopping.append(True))
     try:
-        while not stopping:
+        while True:
             if not superlink.alive():
                 out(f"The SuperLink exited (code {superlink.process.returncode}); see {superlink.log_path}.")
                 return 1
             time.sleep(0.5)
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (fedsov's main raises it for both): the way to stop
+        out("Stopping the coordinator ...")
     finally:
         superlink.stop()
     out("Coordinator stopped.")
@@ -197,8 +201,7 @@ def fetch_outputs(runs_dir: Path, run_name: str, dest: Path, out: Callable[[str]
     if not run.summary_path.exists():
         raise FederationError(f"Run {run_name} has no summary yet: it is still running or it failed "
                               f"(see {run.events_path}).")
-    dest = dest.expanduser().resolve() / run_name
-    dest.mkdir(parents=True, exist_ok=True)
+    dest = writable_folder(dest.expanduser().resolve() / run_name, "--to <folder>")
     for name in ("adapter", "report"):
         if (run.path / name).exists():
             shutil.copytree(run.path / name, dest / name, dirs_exist_ok=True)
@@ -249,10 +252,11 @@ class LocalDeployment:
         from common.model.loading import resolve_model_path
 
         cfg, out = self.cfg, self.out
+        writable_folder(cfg.workdir, "workdir=<folder>")
         ensure_synthetic_data(cfg, log=lambda m: out(f"  {m}"))
         resolve_model_path(cfg.model, log=lambda m: out(f"  {m}"))
         if not self.insecure and not (self.certs / "server.crt").exists():
-            make_certificates(self.certs, ["localhost", "127.0.0.1"])
+            make_certificates(self.certs, ["localhost", "127.0.0.1"], force=True)  # this deployment's own CA
         self.superlink = start_coordinator(self.coordinator_home, certs=None if self.insecure else self.certs,
                                            insecure=self.insecure, host="127.0.0.1", port=0,
                                            model_cache=cfg.model.cache_dir, out=out)
@@ -297,10 +301,11 @@ class LocalDeployment:
         return code
 
     def stop(self) -> None:
-        for node in self.nodes.values():
-            node.stop()
-        if self.superlink is not None:
-            self.superlink.stop()
+        with signals_deferred():  # a second Ctrl-C must not leave the rest running
+            for node in self.nodes.values():
+                node.stop()
+            if self.superlink is not None:
+                self.superlink.stop()
 
 
 def local_deployment(overrides: Sequence[str], out: Callable[[str], None] = print, *, insecure: bool = False,
@@ -334,6 +339,8 @@ def local_node_config(cfg: FedsovConfig, region: str, index: int, clients: int, 
         # The coordinator runs on this machine: the node's `local` pin says where that is.
         "coordinator-jurisdiction": local_jurisdiction(default_config_dir()),
         "synthetic-data": synthetic,
+        # The region's attestation for its plain-text files, as `node start --plain-text-consent` passes it.
+        "plain-text-consent": data.plain_text_consent,
         "client-index": index,
         "num-clients": clients,
         "model-cache": cfg.model.cache_dir,

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from common.audit import AuditLog, EvidenceKey
-from common.errors import PolicyViolation
+from common.errors import ConfigError, PolicyViolation
 from common.policy import ANY
 
 MANIFEST = "fedsov-manifest.json"
@@ -32,7 +32,11 @@ def read_manifest(adapter_dir: Path) -> dict[str, Any]:
             f"{adapter_dir} has no {MANIFEST}: without provenance fedsov cannot tell which regions' rules apply, "
             "so it will not export it."
         )
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except ValueError as err:
+        raise PolicyViolation(f"{path} is not valid JSON ({err}): the provenance is damaged, so fedsov will not "
+                              "export or use the adapter. Restore it from a copy of the run directory.") from err
 
 
 def export_blockers(manifest: dict[str, Any], jurisdiction: str) -> dict[str, str]:
@@ -62,6 +66,8 @@ def export_adapter(run_dir: Path, destination: Path, jurisdiction: str) -> Path:
             f"Export to {jurisdiction} refused: {why}. Nothing was copied. Choose a destination every "
             "contributing region allows, or train without those regions."
         )
+    if destination.exists() and not destination.is_dir():
+        raise ConfigError(f"Export destination {destination} is a file; choose an empty or new folder with --to.")
     if destination.exists() and any(destination.iterdir()):
         raise PolicyViolation(f"Export destination {destination} is not empty; choose an empty or new folder.")
     shutil.copytree(adapter, destination, dirs_exist_ok=True)

@@ -18,6 +18,7 @@ from common.config import FedsovConfig, config_from_container, config_to_yaml, l
 from common.data.prepare import ensure_synthetic_data
 from common.errors import ConfigError, FederationError
 from common.model.loading import resolve_model_path
+from common.paths import writable_folder
 from common.runconfig import write_flower_app, write_run_config
 from server.rundir import RunDirectory
 from server.superlink import LocalSuperLink, RunStatus
@@ -64,6 +65,8 @@ def resolve_run_config(overrides: Sequence[str], config_dir: Path | None = None)
 def simulate(overrides: Sequence[str], config_dir: Path | None = None, out: Callable[[str], None] = print) -> int:
     """Run a simulated federation end to end; return the process exit code."""
     cfg = resolve_run_config(overrides, config_dir)
+    writable_folder(cfg.workdir, "workdir=<folder>")
+    writable_folder(Path(cfg.run_dir).parent, "run_dir=<folder>")
     run = RunDirectory(cfg.run_dir)
     run.create()
     run.config_path.write_text(config_to_yaml(cfg))
@@ -92,6 +95,10 @@ def simulate(overrides: Sequence[str], config_dir: Path | None = None, out: Call
         out(f"  Flower run {run_id} on a local SuperLink ({superlink.address}); logs in {run.logs_dir}")
         status = _watch(superlink, run_id, run, cfg, out)
         superlink.save_logs(run_id, run.logs_dir / "flower-run.log")
+    except KeyboardInterrupt:
+        out(f"\nStopping run {run.run_id} and every process it started; continue it later with: "
+            f"fedsov simulate resume={run.path}")
+        raise
     finally:
         superlink.stop()
     summary = run.read_summary()

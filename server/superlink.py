@@ -154,17 +154,22 @@ class LocalSuperLink:
 
         scheme = "https" if self.tls else "http"
         verify: Any = str(self.tls.ca_cert) if self.tls else True
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise FederationError(f"flower-superlink exited with code {self.process.returncode}; see {self.log_path}.")
-            try:
-                if httpx.get(f"{scheme}://{self.address}/health", timeout=1.0, verify=verify).is_success:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        self.stop()
-        raise FederationError(f"flower-superlink did not become healthy within {timeout:.0f}s; see {self.log_path}.")
+        try:
+            while time.monotonic() < deadline:
+                if self.process.poll() is not None:
+                    raise FederationError(f"flower-superlink exited with code {self.process.returncode}; "
+                                          f"see {self.log_path}.")
+                try:
+                    if httpx.get(f"{scheme}://{self.address}/health", timeout=1.0, verify=verify).is_success:
+                        return
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.3)
+            raise FederationError(f"flower-superlink did not become healthy within {timeout:.0f}s; "
+                                  f"see {self.log_path}.")
+        except BaseException:  # also Ctrl-C or SIGTERM while waiting: nothing started here may outlive it
+            self.stop()
+            raise
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None

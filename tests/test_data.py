@@ -329,7 +329,7 @@ def test_non_utf8_bytes_name_the_line(tmp_path):
     (lambda d: d / "missing.jsonl", "missing.jsonl: no such file or folder"),
     (lambda d: (d / "empty_dir").mkdir() or d / "empty_dir", "empty_dir: folder holds no data files"),
     (lambda d: write_lines(d / "blank.jsonl", "", "  "), "blank.jsonl: the file holds no records"),
-    (lambda d: write_lines(d / "data.csv", "text,region"), "data.csv: unsupported file type '.csv'"),
+    (lambda d: write_lines(d / "data.csv", "text,region"), "data.csv: CSV cells carry no types"),
     (lambda d: write_lines(d / "broken.parquet", "not parquet"), "broken.parquet: not a readable Parquet file"),
 ])
 def test_bad_paths_and_files_are_named(tmp_path, setup, expected):
@@ -354,6 +354,80 @@ def test_plain_text_needs_attested_consent_and_a_region(tmp_path):
         load_records([path], expected_region="eu")
     with pytest.raises(DataError, match=r"notes\.txt: plain-text files carry no region"):
         load_records([path], plain_text_consent=True)
+
+
+def test_gzipped_jsonl_and_json_arrays_load_like_jsonl(tmp_path):
+    import gzip
+
+    rows = [record_to_dict(r) for r in make_records()]
+    with gzip.open(tmp_path / "a.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.write("".join(json.dumps(row) + "\n" for row in rows))
+    (tmp_path / "b.json").write_text(json.dumps(rows), encoding="utf-8")
+    assert load_records([tmp_path / "a.jsonl.gz"]) == load_records([tmp_path / "b.json"]) == make_records()
+
+
+@pytest.mark.parametrize("name, content, expected", [
+    ("lines.json", GOOD + "\n" + GOOD + "\n", "lines.json line 2: invalid JSON (Extra data). It looks like JSON Lines"),
+    ("object.json", GOOD, "object.json: expected a JSON array of record objects, got a dict"),
+    ("items.json", "[1]", "items.json item 1: expected a JSON object, got int"),
+    ("empty.json", "  \n", "empty.json: the file holds no records"),
+    ("cut.jsonl.gz", b"\x1f\x8b\x08\x00", "cut.jsonl.gz: not a complete gzip file"),
+    ("tag.jsonl", GOOD[:-1] + ', "tags": "special:health"}',
+     "tag.jsonl line 1: field 'tags' must be a list of strings"),
+])
+def test_bad_json_gzip_and_tags_name_the_problem(tmp_path, name, content, expected):
+    path = tmp_path / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(DataError, match=re.escape(expected)):
+        load_records([path])
+
+
+def test_a_folder_lists_what_it_skips_and_refuses_what_could_hold_records(tmp_path):
+    from common.data.records import scan_data_paths
+
+    write_jsonl(make_records(1), tmp_path / "a.jsonl")
+    for name in (".partial.jsonl.tmp", "notes.md", "fedsov-data.json"):
+        (tmp_path / name).write_text("{}")
+    scan = scan_data_paths([tmp_path])
+    assert scan.files == [tmp_path / "a.jsonl"]
+    assert {p.name: why for p, why in scan.skipped} == {
+        ".partial.jsonl.tmp": "hidden file", "notes.md": "documentation, not records",
+        "fedsov-data.json": "fedsov's record of how it generated this synthetic data, not records"}
+    for name in ("export.csv", "dump.json.gz", "sheet.xlsx"):
+        (tmp_path / name).write_text("x")
+    with pytest.raises(DataError) as err:
+        scan_data_paths([tmp_path])
+    assert "3 file(s) in the data folders are not in a format fedsov reads" in str(err.value)
+    assert "export.csv (CSV cells carry no types" in str(err.value)
+    assert "dump.json.gz (of the compressed" in str(err.value)
+
+
+def test_pii_overlaps_are_resolved_as_before_longest_first(monkeypatch):
+    """The neighbour check keeps exactly the spans the all-pairs rule kept, on random overlapping spans."""
+    import random
+
+    import common.pii as pii
+
+    def all_pairs(found):
+        kept = []
+        for span in sorted(found, key=lambda s: (-(s.end - s.start), s.start)):
+            if all(span.end <= k.start or span.start >= k.end for k in kept):
+                kept.append(span)
+        return sorted(kept, key=lambda s: s.start)
+
+    class Found:
+        def __init__(self, spans):
+            self.results = [type("Result", (), {"start": a, "end": b}) for a, b in spans]
+
+        def analyze(self, text, entities, nlp_artifacts):
+            return self.results
+
+    rng = random.Random(0)
+    for _ in range(300):
+        spans = [(a, a + rng.randint(1, 15)) for a in (rng.randint(0, 100) for _ in range(rng.randint(0, 40)))]
+        monkeypatch.setattr(pii, "_recognizers", lambda entities: [("X", Found(spans))])
+        expected = all_pairs([pii.PiiSpan("X", a, b, "x" * (b - a)) for a, b in spans])
+        assert pii.PiiDetector(["EMAIL_ADDRESS"]).find("x" * 200) == expected
 
 
 def test_records_from_another_region_are_refused(tmp_path):

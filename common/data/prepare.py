@@ -7,15 +7,18 @@ from pathlib import Path
 from typing import Callable
 
 from common.config import DataSource, FedsovConfig
+from common.data.records import SYNTHETIC_MANIFEST
 from common.data.synthetic import write_region_dataset
+from common.paths import writable_folder
 
-MANIFEST = "fedsov-data.json"
 GENERATOR_VERSION = 1
 
 
 def ensure_synthetic_data(cfg: FedsovConfig, log: Callable[[str], None] = print) -> dict[str, Path]:
     """Generate each synthetic region's shards unless the same recipe is already on disk."""
     folders: dict[str, Path] = {}
+    if any(r.data.source == DataSource.synthetic for r in cfg.regions.values()):
+        writable_folder(cfg.data.root, "data.root=<folder>")
     for region in cfg.regions.values():
         if region.data.source != DataSource.synthetic:
             continue
@@ -30,7 +33,7 @@ def ensure_synthetic_data(cfg: FedsovConfig, log: Callable[[str], None] = print)
             "consent_rate": cfg.data.consent_rate,
             "num_shards": cfg.data.shards,
         }
-        manifest = folder / MANIFEST
+        manifest = folder / SYNTHETIC_MANIFEST
         if manifest.is_file() and json.loads(manifest.read_text()) == recipe:
             folders[region.name] = folder
             continue

@@ -1,9 +1,10 @@
-"""The Record type and loading a region's data files (JSONL, plain text, Parquet) into Records."""
+"""The Record type and loading a region's data files (JSONL, gzipped JSONL, JSON, plain text, Parquet)."""
 
 from __future__ import annotations
 
 import datetime
 import decimal
+import gzip
 import json
 import os
 import tempfile
@@ -14,7 +15,17 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 from common.errors import DataError, ResidencyViolation
 
 REQUIRED_FIELDS = ("text", "region", "user_id", "consent")
-SUPPORTED_SUFFIXES = (".jsonl", ".txt", ".parquet")
+SUPPORTED_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".txt", ".parquet")
+# fedsov's record of how it generated a synthetic data folder: metadata, not records.
+SYNTHETIC_MANIFEST = "fedsov-data.json"
+# Notes kept beside the data; skipped and listed. Any other unknown type is an error: it may hold records.
+DOCUMENTATION_SUFFIXES = (".md", ".rst")
+# Formats people keep records in that fedsov does not read, and the fix for each.
+_UNSUPPORTED_WHY = {
+    ".csv": "CSV cells carry no types (consent must be a boolean, tags a list); convert it to JSONL",
+    ".tsv": "TSV cells carry no types (consent must be a boolean, tags a list); convert it to JSONL",
+    ".gz": "of the compressed formats only .jsonl.gz is read; decompress it or recompress it as .jsonl.gz",
+}
 
 # Field name -> (check, expected type in words, example of a valid value).
 _FIELD_TYPES = {
@@ -81,9 +92,12 @@ def load_records(
         paths = [paths]
     records: list[Record] = []
     for file in data_files(paths):
-        if file.suffix.lower() == ".jsonl":
+        kind = _suffix(file)
+        if kind in (".jsonl", ".jsonl.gz"):
             loaded = _load_jsonl(file)
-        elif file.suffix.lower() == ".parquet":
+        elif kind == ".json":
+            loaded = _load_json(file)
+        elif kind == ".parquet":
             loaded = _load_parquet(file)
         else:
             loaded = _load_text(file, expected_region, plain_text_consent)
@@ -103,24 +117,68 @@ def load_records(
     return records
 
 
+@dataclass(frozen=True)
+class DataScan:
+    """The data files under some paths, and the files found in their folders that are not read, with why."""
+
+    files: list[Path]
+    skipped: list[tuple[Path, str]]
+
+
 def data_files(paths: Sequence[str | os.PathLike]) -> list[Path]:
     """The data files under `paths`, in the order load_records reads them."""
+    return scan_data_paths(paths).files
+
+
+def scan_data_paths(paths: Sequence[str | os.PathLike]) -> DataScan:
+    """Every file under `paths` is read, or skipped with a reason (hidden, documentation, fedsov's manifest).
+
+    A file of a type fedsov does not read is an error, never silently dropped: it may hold records.
+    """
     files: list[Path] = []
+    skipped: list[tuple[Path, str]] = []
+    unsupported: list[str] = []
     for p in map(Path, paths):
         if not p.exists():
             raise DataError(f"{p}: no such file or folder; fix the path in the region's data.paths or create it.")
-        if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in SUPPORTED_SUFFIXES)
-            if not found:
-                raise DataError(f"{p}: folder holds no data files ({', '.join('*' + s for s in SUPPORTED_SUFFIXES)}, "
-                                f"searched recursively); put the region's data there or fix data.paths.")
-            files.extend(found)
-        elif p.suffix.lower() in SUPPORTED_SUFFIXES:
+        if not p.is_dir():
+            if _suffix(p) not in SUPPORTED_SUFFIXES:
+                raise DataError(f"{p}: {_unsupported_why(p)}; fedsov reads {', '.join(SUPPORTED_SUFFIXES)}.")
             files.append(p)
-        else:
-            raise DataError(f"{p}: unsupported file type {p.suffix or '(no suffix)'!r}; supported are "
-                            f"{', '.join(SUPPORTED_SUFFIXES)}; convert the file to JSONL (one object per line).")
-    return files
+            continue
+        found = []
+        for f in sorted(f for f in p.rglob("*") if f.is_file()):
+            if f.name.startswith("."):
+                skipped.append((f, "hidden file"))
+            elif f.name == SYNTHETIC_MANIFEST:
+                skipped.append((f, "fedsov's record of how it generated this synthetic data, not records"))
+            elif f.suffix.lower() in DOCUMENTATION_SUFFIXES:
+                skipped.append((f, "documentation, not records"))
+            elif _suffix(f) in SUPPORTED_SUFFIXES:
+                found.append(f)
+            else:
+                unsupported.append(f"{f} ({_unsupported_why(f)})")
+        if not found and not unsupported:
+            raise DataError(f"{p}: folder holds no data files ({', '.join('*' + s for s in SUPPORTED_SUFFIXES)}, "
+                            f"searched recursively); put the region's data there or fix data.paths.")
+        files.extend(found)
+    if unsupported:
+        shown = "; ".join(unsupported[:5]) + (f"; and {len(unsupported) - 5} more" if len(unsupported) > 5 else "")
+        raise DataError(f"{len(unsupported)} file(s) in the data folders are not in a format fedsov reads, and could "
+                        f"hold records: {shown}. fedsov reads {', '.join(SUPPORTED_SUFFIXES)}; convert them or move "
+                        "them out of the data folders.")
+    return DataScan(files, skipped)
+
+
+def _suffix(path: Path) -> str:
+    name = path.name.lower()
+    return ".jsonl.gz" if name.endswith(".jsonl.gz") else path.suffix.lower()
+
+
+def _unsupported_why(path: Path) -> str:
+    suffix = path.suffix.lower()
+    return _UNSUPPORTED_WHY.get(suffix, f"not a data file type fedsov reads ({suffix or 'no suffix'}); "
+                                        "convert it to JSONL (one object per line)")
 
 
 def _load_jsonl(file: Path) -> list[tuple[str, Record]]:
@@ -136,6 +194,28 @@ def _load_jsonl(file: Path) -> list[tuple[str, Record]]:
             raise DataError(f"{file} line {lineno}: expected a JSON object, got {type(row).__name__}; write one "
                             f'object per line like {{"text": ..., "region": ..., "user_id": ..., "consent": ...}}.')
         loaded.append((f"line {lineno}", _to_record(row, file, f"line {lineno}")))
+    return loaded
+
+
+def _load_json(file: Path) -> list[tuple[str, Record]]:
+    text = "".join(line for _, line in _utf8_lines(file))
+    if not text.strip():
+        return []
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as e:
+        hint = (" It looks like JSON Lines (one object per line): rename it to .jsonl." if e.msg == "Extra data"
+                else " Write one JSON array of record objects, or use JSON Lines (.jsonl).")
+        raise DataError(f"{file} line {e.lineno}: invalid JSON ({e.msg}).{hint}") from e
+    if not isinstance(rows, list):
+        raise DataError(f"{file}: expected a JSON array of record objects, got a {type(rows).__name__}; write "
+                        f'[{{"text": ..., "region": ..., "user_id": ..., "consent": ...}}, ...] or use JSON Lines.')
+    loaded = []
+    for number, row in enumerate(rows, start=1):
+        if not isinstance(row, dict):
+            raise DataError(f"{file} item {number}: expected a JSON object, got {type(row).__name__}; every item "
+                            f'is a record like {{"text": ..., "region": ..., "user_id": ..., "consent": ...}}.')
+        loaded.append((f"item {number}", _to_record(row, file, f"item {number}")))
     return loaded
 
 
@@ -158,9 +238,11 @@ def _load_parquet(file: Path) -> list[tuple[str, Record]]:
 def _load_text(file: Path, expected_region: str | None, consent: bool | None) -> list[tuple[str, Record]]:
     region_key = expected_region or "<region>"
     if consent is None:
-        raise DataError(f"{file}: plain-text files carry no consent field; attest consent for the whole file by "
-                        f"setting regions.{region_key}.data.plain_text_consent=true (or false to exclude its lines "
-                        f"from training), or convert it to JSONL with a consent field per record.")
+        raise DataError(f"{file}: plain-text files carry no consent field; attest consent for all its lines with "
+                        f"--plain-text-consent true (fedsov node start, fedsov data check), "
+                        f"regions.{region_key}.data.plain_text_consent=true (fedsov simulate, fedsov deploy local) or "
+                        f"plain-text-consent=true (a SuperNode's --node-config); false excludes its lines from "
+                        f"training. Or convert it to JSONL with a consent field per record.")
     if expected_region is None:
         raise DataError(f"{file}: plain-text files carry no region field; load them with expected_region set to "
                         f"the node's region, or convert them to JSONL with a region field per record.")
@@ -171,14 +253,21 @@ def _load_text(file: Path, expected_region: str | None, consent: bool | None) ->
 
 
 def _utf8_lines(file: Path) -> Iterator[tuple[int, str]]:
-    with open(file, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{file} line {lineno}: bytes are not valid UTF-8 ({e.reason} at byte {e.start}); "
-                                f"the file must be UTF-8, so re-save it with UTF-8 encoding.") from e
-            yield lineno, (line.removeprefix("\ufeff") if lineno == 1 else line)
+    opener = gzip.open if _suffix(file) == ".jsonl.gz" else open
+    try:
+        with opener(file, "rb") as f:
+            for lineno, raw in enumerate(f, start=1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{file} line {lineno}: bytes are not valid UTF-8 ({e.reason} at byte {e.start}); "
+                                    f"the file must be UTF-8, so re-save it with UTF-8 encoding.") from e
+                yield lineno, (line.removeprefix("\ufeff") if lineno == 1 else line)
+    except (gzip.BadGzipFile, EOFError) as e:
+        raise DataError(f"{file}: not a complete gzip file ({e}); compress the JSONL again with gzip.") from e
+    except OSError as e:
+        raise DataError(f"{file}: cannot read it ({e.strerror or e}); fix its permissions or remove it from "
+                        "the data paths.") from e
 
 
 def _to_record(row: dict, file: Path, where: str) -> Record:
@@ -191,6 +280,11 @@ def _to_record(row: dict, file: Path, where: str) -> Record:
         if not valid(value):
             raise DataError(f"{file} {where}: field {name!r} must be {expected}, got {type(value).__name__} "
                             f"({value!r:.40}); write it like {example}.")
+    tags = row.get("tags")
+    if tags is not None and not (isinstance(tags, list) and all(isinstance(t, str) for t in tags)):
+        # A tag given as a bare string would be matched letter by letter and escape the special-category rule.
+        raise DataError(f"{file} {where}: field 'tags' must be a list of strings, got {type(tags).__name__} "
+                        f'({tags!r:.40}); write it like "tags": ["special:health"].')
     extra = {k: _json_value(v, file, where, k) for k, v in row.items() if k not in REQUIRED_FIELDS}
     return Record(text=row["text"], region=row["region"], user_id=row["user_id"], consent=row["consent"],
                   fields=extra)
