@@ -117,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
             for region, folder in ensure_synthetic_data(load_config(args.overrides)).items():
                 print(f"{region}: {folder} (start its node with --data {folder} --synthetic-data)")
             return 0
+        if args.command == "roster" or (args.command == "node" and args.action == "identity"):
+            return _roster(args)
         if args.command in ("certs", "coordinator", "node", "run", "deploy"):
             return _deployment(args)
     except FedsovError as err:
@@ -252,6 +254,8 @@ def _deployment_parsers(sub) -> None:
     nstart.add_argument("--ledger-dir", help="the privacy ledger's folder, shared by nodes that split one data folder "
                                              "(default: the state folder)")
     nstart.add_argument("--ledger-key-dir", help="the ledger's evidence-key folder (default: --key-dir)")
+    nidentity = nsub.add_parser("identity", help="print this node's identity key for the roster (made on first use)")
+    nidentity.add_argument("--key-dir", type=Path, required=True, help="the node's key folder")
     ntrust = nsub.add_parser("trust", help="pin a coordinator's CA to the jurisdiction it is in (this node's config)")
     ntrust.add_argument("--ca", type=Path, required=True, help="the coordinator's CA certificate")
     ntrust.add_argument("--jurisdiction", required=True, help="where that coordinator is, e.g. EU, US-CA, CN")
@@ -275,6 +279,17 @@ def _deployment_parsers(sub) -> None:
     rfetch.add_argument("run_name", help="the fedsov run name (the run directory's name)")
     rfetch.add_argument("--runs-dir", type=Path, default=Path("fedsov-coordinator/runs"))
     rfetch.add_argument("--to", type=Path, required=True)
+
+    roster = sub.add_parser("roster", help="the federation roster: the nodes whose secure-aggregation keys count")
+    rosub = roster.add_subparsers(dest="action", required=True)
+    radd = rosub.add_parser("add", help="add a node (its name, region and identity key) to a roster file")
+    radd.add_argument("--roster", type=Path, required=True, help="the roster file (installed on every node)")
+    radd.add_argument("--name", required=True, help="the node's name, e.g. eu-1")
+    radd.add_argument("--region", required=True)
+    radd.add_argument("--identity", help="the node's identity public key (hex), as `fedsov node identity` prints it")
+    radd.add_argument("--key-dir", type=Path, help="instead of --identity: the node's key folder (on the node)")
+    rshow = rosub.add_parser("show", help="list a roster's nodes and its fingerprint (compare it between regions)")
+    rshow.add_argument("--roster", type=Path, required=True)
 
     data = sub.add_parser("data", help="check a node's data files; write demo data")
     dsub_data = data.add_subparsers(dest="action", required=True)
@@ -353,6 +368,33 @@ def _deployment(args) -> int:
             return 0
         return d.run_outcome(d.watch_run(connection, run_id, cfg), None, print)
     return d.run_outcome(d.watch_run(connection, args.run_id), None, print)
+
+
+def _roster(args) -> int:
+    from common.secagg.identity import Identity, Roster, add_to_roster
+
+    if args.command == "node":
+        print(Identity.load_or_create(args.key_dir).public_key.hex())
+        return 0
+    if args.action == "show":
+        roster = Roster.load(args.roster)
+        for entry in sorted(roster.entries.values(), key=lambda e: (e.region, e.name)):
+            print(f"  {entry.name:<16} {entry.region:<8} {entry.public_key.hex()}")
+        print(f"{len(roster.entries)} node(s); roster fingerprint {roster.fingerprint()} (every region's copy must "
+              "show the same)")
+        return 0
+    if (args.identity is None) == (args.key_dir is None):
+        raise FedsovError("Give exactly one of --identity <hex key> and --key-dir <the node's key folder>.")
+    try:
+        key = bytes.fromhex(args.identity) if args.identity else Identity.load_or_create(args.key_dir).public_key
+    except ValueError:
+        key = b""
+    if len(key) != 32:
+        raise FedsovError(f"--identity {args.identity!r} is not a 32-byte key in hex (`fedsov node identity` prints it).")
+    roster = add_to_roster(args.roster, args.name, args.region, key)
+    print(f"{args.roster}: {len(roster.entries)} node(s), fingerprint {roster.fingerprint()}. Install the same file on "
+          "every node (the `roster` node-config key, or roster.json in each node's config folder).")
+    return 0
 
 
 def _region_file(name_or_path: str) -> Path:
@@ -444,6 +486,12 @@ def _verify_one(file: Path, key_dir: Path | None, expected: tuple[int, str] | No
 
     if not file.exists():
         print(f"{file}: no such file")
+        return 1
+    try:
+        with open(file, encoding="utf-8") as f:
+            f.readline()
+    except UnicodeDecodeError:
+        print(f"{file}: not a fedsov log (not UTF-8 text)")
         return 1
     try:
         log = open_log(file, key_dir)

@@ -60,8 +60,9 @@ class RunDirectory:
 
     @property
     def home(self) -> Path:
-        """The coordinator's folder above `runs/`: its evidence key and the nodes' anchors live there."""
-        return self.path.parent.parent
+        """The coordinator's folder above `runs/` (its evidence key and the nodes' anchors live there); a run
+        directory kept anywhere else is its own home."""
+        return self.path.parent.parent if self.path.parent.name == "runs" else self.path
 
     @property
     def coordinator_key_dir(self) -> Path:

@@ -73,11 +73,13 @@ def test_each_inline_command_names_a_real_command(capsys):
 
 def test_fast_readme_commands_run_as_printed(tmp_path, config_dir, tokenizer_model, monkeypatch, capsys):  # noqa: F811
     """policy, audit verify and data check, each exactly as printed (data check: on test data and a small model)."""
-    from common.audit import AuditLog, HashChainLog
+    from common.audit import AuditLog, EvidenceKey, HashChainLog
 
-    node = tmp_path / "fedsov-work" / "nodes" / "eu-1"
-    AuditLog(node / "audit.jsonl", actor="node:eu-1").record("start", "accepted", reason="README check")
-    HashChainLog(node / "privacy-ledger.jsonl").append({"event": "README check"})
+    work = tmp_path / "fedsov-work"
+    node_key = EvidenceKey.load_or_create(work / "keys" / "eu-1")
+    AuditLog(work / "nodes" / "eu-1" / "audit.jsonl", "node:eu-1", node_key).record("start", "accepted", reason="README")
+    ledger_key = EvidenceKey.load_or_create(work / "keys" / "ledger-eu")
+    HashChainLog(work / "ledgers" / "eu" / "privacy-ledger.jsonl", ledger_key).append({"event": "README check"})
     data = tmp_path / "data" / "eu"
     write_jsonl(generate_region_records("eu", REGION_LOCALES["eu"], seed=1, num_users=20), data / "part-0.jsonl")
     ran = []
