@@ -141,7 +141,9 @@ def load_tokenizer(path: Path):
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError, TypeError) as err:
+    except Exception as err:  # a damaged file fails anywhere inside transformers (KeyError, ...); kept chained
+        if isinstance(err, MemoryError):
+            raise
         raise ModelError(
             f"Cannot load a tokenizer from {path} ({err}). Copy the tokenizer files that came with the model "
             "into the folder, or save the tokenizer there with save_pretrained."
@@ -162,7 +164,7 @@ def load_base_model(path: Path, device: torch.device, dtype: torch.dtype, *, gra
 
     try:
         model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
-    except (OSError, ValueError, RuntimeError, SafetensorError) as err:
+    except (OSError, ValueError, KeyError, SafetensorError) as err:
         raise ModelError(
             f"Cannot load a causal language model from {path} ({type(err).__name__}: {err}). fedsov needs a "
             "complete model folder that AutoModelForCausalLM loads offline: copy it again, or re-save it with "
@@ -194,5 +196,9 @@ def enable_gradient_checkpointing(model) -> None:
             f"'{model_type}'. Set model.gradient_checkpointing=false (and lower federation.batch_size or "
             "model.max_length if memory is short)."
         )
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    kwargs = {"use_reentrant": True}
+    if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     model.enable_input_require_grads()
