@@ -6,6 +6,7 @@ refused before training."""
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,9 @@ from common.model.loading import load_base_model, load_tokenizer
 from common.model.lora import FALLBACK_TARGETS, adapter_state, attach_lora, linear_layer_names, save_adapter
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+from benchlib import noiseless_dp_update  # noqa: E402  (shared with scripts/device_check.py)
 
 # Lengths beyond the tiny models' 16-token sliding window (Mistral, Gemma 3), and unequal, so padding is exercised.
 LENGTHS = (41, 23, 33)
@@ -154,24 +158,6 @@ def test_per_sample_gradients_are_each_units_own_gradient(name, tiny_models):
     assert all(torch.allclose(again[n], batched[n], rtol=1e-5, atol=1e-7) for n in batched)
 
 
-def dp_sgd_update(model, ids, mask) -> torch.Tensor:
-    """One DP-SGD step with plain SGD (lr 1) and no noise: minus the mean clipped per-unit gradient."""
-    from opacus import GradSampleModule
-    from opacus.optimizers import DPOptimizer
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = DPOptimizer(torch.optim.SGD(params, lr=1.0), noise_multiplier=0.0, max_grad_norm=1.0,
-                            expected_batch_size=ids.shape[0], loss_reduction="mean")
-    before = adapter_state(model)
-    wrapped = GradSampleModule(model, batch_first=True, loss_reduction="mean")
-    model.train()
-    unit_losses(wrapped, ids, mask)[0].mean().backward()
-    optimizer.step()
-    wrapped._close()
-    after = adapter_state(model)
-    return torch.cat([(after[k] - before[k]).flatten() for k in before])
-
-
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_bfloat16_base_keeps_float32_lora_and_matches_a_float32_update(name, tiny_models):
     path = tiny_models.path(name)
@@ -183,7 +169,7 @@ def test_bfloat16_base_keeps_float32_lora_and_matches_a_float32_update(name, tin
         assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
         assert dtype in {p.dtype for p in model.parameters() if not p.requires_grad}
         randomise_b(model)
-        updates[dtype] = dp_sgd_update(model, ids, mask)
+        updates[dtype] = noiseless_dp_update(model, ids, mask)
     reference = updates[torch.float32]
     # bfloat16 keeps 8 significant bits: about 1% relative error through a tiny model; allow 5%.
     assert (updates[torch.bfloat16] - reference).norm() <= 0.05 * reference.norm()
