@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchlib import MICRO, device_name, time_training_steps, write_results  # noqa: E402  (scripts/ is on sys.path when run)
+from benchlib import MICRO, device_name, time_training_steps, write_results  # noqa: E402  (scripts/ is on sys.path)
 
 MODES = ("non-private", "hooks", "functorch", "ghost")
 

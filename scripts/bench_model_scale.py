@@ -171,8 +171,8 @@ def main() -> int:
                 results.append(json.loads(done.stdout.strip().splitlines()[-1]))
             print(f"  {shape.name} {mode}: {json.dumps(results[-1])}", file=sys.stderr)
     for r in results:
-        base = next((b for b in results if b["shape"] == r["shape"] and b["mode"] == "non-private" and "error" not in b),
-                    None)
+        base = next((b for b in results
+                     if b["shape"] == r["shape"] and b["mode"] == "non-private" and "error" not in b), None)
         if "error" not in r and base:
             r["time_ratio"] = r["s_per_step"] / base["s_per_step"]
             r["train_memory_ratio"] = r["train_mb"] / base["train_mb"] if base["train_mb"] > 0 else None
@@ -200,7 +200,8 @@ def psutil_total() -> int:
 def memory_limit(results: list[dict], sizes: dict, mode: str, total_mb: float) -> float | None:
     """Parameters at which `mode`'s peak memory reaches `total_mb`, extrapolated along the line through
     the two largest shapes measured (same batch and sequence length); None without two points."""
-    points = sorted((sizes[r["shape"]]["params"], r["peak_mb"]) for r in results if r["mode"] == mode and "error" not in r)
+    points = sorted((sizes[r["shape"]]["params"], r["peak_mb"])
+                    for r in results if r["mode"] == mode and "error" not in r)
     if len(points) < 2 or points[-1][0] == points[-2][0]:
         return None
     (p0, m0), (p1, m1) = points[-2:]
@@ -228,8 +229,9 @@ def table(record: dict) -> list[str]:
     lines += ["", "| shape | params | adapter bytes, default targets | share | adapter bytes, all linear | share |",
               "|---|---|---|---|---|---|"]
     for s in record["shapes"]:
-        lines.append(f"| {s['name']} | {s['params']:,} | {s['default']['adapter_bytes']:,} | {s['default']['share']:.2%} "
-                     f"| {s['all-linear']['adapter_bytes']:,} | {s['all-linear']['share']:.2%} |")
+        default, every = s["default"], s["all-linear"]
+        lines.append(f"| {s['name']} | {s['params']:,} | {default['adapter_bytes']:,} | {default['share']:.2%} "
+                     f"| {every['adapter_bytes']:,} | {every['share']:.2%} |")
     lines += ["", "Fastest DP mode per shape: " + ", ".join(f"{k}: {v}" for k, v in record["fastest_dp_mode"].items())]
     limits = {m: v for m, v in record["memory_runs_out_at_params"].items() if v}
     if limits:

@@ -131,7 +131,8 @@ def check_families(ctx: Context) -> dict:
         except TimeUp:
             raise
         except Exception as err:  # one family's failure must not hide the others'
-            out[name] = {"ok": False, "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()[-1500:]}
+            out[name] = {"ok": False, "error": f"{type(err).__name__}: {err}",
+                         "traceback": traceback.format_exc()[-1500:]}
         finally:
             free_memory()
     return {"passed": all(r["ok"] for r in out.values()), "families": out}
@@ -276,8 +277,9 @@ def main() -> int:
     if not args.cpu_rehearsal:
         checks.append(("scale-3.2B", lambda c: check_scale(c, "3.2B")))
     record = {"benchmark": "device-check", "device": device_name() if not args.cpu_rehearsal else "cpu (rehearsal)",
-              "versions": {"torch": torch.__version__, "cuda": torch.version.cuda, "transformers": transformers.__version__,
-                           "peft": peft.__version__, "opacus": opacus.__version__},
+              "versions": {"torch": torch.__version__, "cuda": torch.version.cuda,
+                           "transformers": transformers.__version__, "peft": peft.__version__,
+                           "opacus": opacus.__version__},
               "time_limit_s": args.time_limit, "checks": {}}
     started = time.monotonic()
 

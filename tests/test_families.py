@@ -84,7 +84,8 @@ def test_family_trains_with_dp_reloads_and_generates(name, tiny_models, tmp_path
     assert not any("lm_head" in k or "embed_out" in k for k in adapter_state(everything))  # the output layer stays
     for model in (default, everything):
         before = adapter_state(model)
-        result = train_locally(model, examples, steps=2, batch_size=6, learning_rate=1e-2, dp=dp, pad_id=tok.pad_token_id)
+        result = train_locally(model, examples, steps=2, batch_size=6, learning_rate=1e-2, dp=dp,
+                               pad_id=tok.pad_token_id)
         assert result.steps == 2 and math.isfinite(result.mean_loss)
         assert all(torch.isfinite(u).all() for u in result.update.values())
         # B starts at zero, so step 1 moves only B and step 2 moves A as well: every tensor trained.

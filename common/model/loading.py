@@ -14,7 +14,8 @@ from common.model.embedded import ensure_embedded_model
 
 
 # What a model folder must hold: weights in one of these layouts, and the files of some tokenizer.
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt", "tokenizer.tiktoken")
 # Files that decide what the model computes from a text: config, weights and tokenizer (fedsov's own excluded).
 FINGERPRINTED_SUFFIXES = {".json", ".safetensors", ".bin", ".model", ".txt", ".tiktoken", ".jinja"}
@@ -66,9 +67,10 @@ def _check_architecture(config: dict, name: str) -> None:
     if model_type not in CONFIG_MAPPING_NAMES:
         if "auto_map" in config:
             # Loading would execute Python files shipped with the weights on every node that holds personal data.
+            code = ", ".join(sorted(set(config["auto_map"].values())))
             raise ModelError(
-                f"model.name_or_path={name}: architecture '{model_type}' exists only as custom code in the model folder "
-                f"({', '.join(sorted(set(config['auto_map'].values())))}) and needs trust_remote_code=True, which "
+                f"model.name_or_path={name}: architecture '{model_type}' exists only as custom code in the model "
+                f"folder ({code}) and needs trust_remote_code=True, which "
                 f"fedsov refuses: that code would run on every node holding personal data. Use a version of the model "
                 f"that transformers implements itself (transformers {transformers.__version__} here; a newer release "
                 "may add the architecture), or convert the checkpoint to such an architecture."
@@ -96,7 +98,9 @@ def _check_weights(path: Path, name: str) -> None:
         try:
             shards = set(json.loads((path / present[0]).read_text())["weight_map"].values())
         except (UnicodeDecodeError, json.JSONDecodeError, KeyError, AttributeError) as err:
-            raise ModelError(f"{path / present[0]} is not a weight index ({err}). Re-save the model with save_pretrained.")
+            raise ModelError(
+                f"{path / present[0]} is not a weight index ({err}). Re-save the model with save_pretrained."
+            ) from err
         missing = sorted(s for s in shards if not (path / s).is_file())
         if missing:
             raise ModelError(
