@@ -43,7 +43,7 @@ class ScaleShape:
 
 
 # The CPU ladder keeps the embedded tokenizer's 2048-token vocabulary (a ~1M Llama has no room for a
-# real one); the CUDA shapes are real ones: TinyLlama 1.1B and Llama 3.2 3B.
+# real one); the CUDA shapes are real ones: TinyLlama 1.1B, and Llama 3.2 3B with untied embeddings (3.6B).
 SHAPES = {s.name: s for s in (
     ScaleShape("micro", 256, 64, 2, 4, 2, 128),
     ScaleShape("1M", 2048, 128, 2, 4, 2, 344),
@@ -52,11 +52,11 @@ SHAPES = {s.name: s for s in (
     ScaleShape("100M", 2048, 768, 14, 12, 4, 2048),
     ScaleShape("300M", 2048, 1024, 24, 16, 4, 2816),
     ScaleShape("1.1B", 32000, 2048, 22, 32, 4, 5632, cuda_only=True),
-    ScaleShape("3.2B", 128256, 3072, 28, 24, 8, 8192, cuda_only=True),
+    ScaleShape("3.6B", 128256, 3072, 28, 24, 8, 8192, cuda_only=True),
 )}
 QUICK_SHAPES = ("micro",)
 CPU_SHAPES = ("1M", "10M", "30M", "100M")
-CUDA_SHAPES = (*CPU_SHAPES, "1.1B", "3.2B")
+CUDA_SHAPES = (*CPU_SHAPES, "1.1B", "3.6B")
 LORA_RANK = 16  # configs/model/hf.yaml's default
 
 

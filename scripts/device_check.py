@@ -11,7 +11,7 @@ runs), under a total time limit (what is left when it runs out is recorded as sk
                and bfloat16 under gradient checkpointing
   scale-1.1B   DP vs non-DP on a 1.1B Llama shape (TinyLlama's): tokens/s and peak memory for
                non-private, Opacus hooks, ghost clipping, hooks with gradient checkpointing
-  scale-3.2B   the same on Llama 3.2 3B's shape, if time is left
+  scale-3.6B   the same on Llama 3.2 3B's shape (untied embeddings: 3.6B), if time is left
 The JSON is rewritten after every check, so a run cut short keeps what it measured. Without CUDA
 the script says so and exits 0, writing nothing (a GPU result at --out is never overwritten).
 
@@ -275,7 +275,7 @@ def main() -> int:
     checks = [("families", check_families), ("noise", check_noise), ("bf16", lambda c: check_bf16(c, big)),
               (f"scale-{big}", lambda c: check_scale(c, big))]
     if not args.cpu_rehearsal:
-        checks.append(("scale-3.2B", lambda c: check_scale(c, "3.2B")))
+        checks.append(("scale-3.6B", lambda c: check_scale(c, "3.6B")))
     record = {"benchmark": "device-check", "device": device_name() if not args.cpu_rehearsal else "cpu (rehearsal)",
               "versions": {"torch": torch.__version__, "cuda": torch.version.cuda,
                            "transformers": transformers.__version__, "peft": peft.__version__,
