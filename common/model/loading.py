@@ -34,7 +34,10 @@ def check_model_folder(path: Path, name: str | None = None) -> None:
     """Refuse, before anything starts, a folder that fedsov cannot load offline without running code from it."""
     name = name or str(path)
     if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
-        base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        try:
+            base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+            base = "not named"
         raise ModelError(
             f"model.name_or_path={name} is a LoRA adapter (its base: {base}), not a base model. Point "
             "model.name_or_path at the base model's folder."
@@ -48,7 +51,9 @@ def check_model_folder(path: Path, name: str | None = None) -> None:
     try:
         config = json.loads((path / "config.json").read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ModelError(f"{path / 'config.json'} is not valid JSON ({err}). Re-save the model with save_pretrained.")
+        raise ModelError(
+            f"{path / 'config.json'} is not valid JSON ({err}). Re-save the model with save_pretrained."
+        ) from err
     _check_architecture(config, name)
     _check_weights(path, name)
     if not any((path / f).is_file() for f in TOKENIZER_FILES):
@@ -146,8 +151,6 @@ def load_tokenizer(path: Path):
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except Exception as err:  # a damaged file fails anywhere inside transformers (KeyError, ...); kept chained
-        if isinstance(err, MemoryError):
-            raise
         raise ModelError(
             f"Cannot load a tokenizer from {path} ({err}). Copy the tokenizer files that came with the model "
             "into the folder, or save the tokenizer there with save_pretrained."
