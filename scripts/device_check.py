@@ -18,7 +18,8 @@ the script says so and exits 0, writing nothing (a GPU result at --out is never 
     python3 scripts/device_check.py --out $OUT/device-check.json      # on the GPU machine, ~5 min
     python3 scripts/device_check.py --cpu-rehearsal --out /tmp/dc.json # every check at micro size on a CPU
 
-Beyond torch, transformers and peft it needs opacus and omegaconf (pure Python).
+Beyond torch, transformers and peft it imports opacus, omegaconf and antlr4 (omegaconf's parser): all pure
+Python, so a machine without them can take the three folders from a .venv's site-packages on PYTHONPATH.
 """
 
 from __future__ import annotations
