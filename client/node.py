@@ -350,10 +350,10 @@ def cached_fingerprint(path: Path) -> str:
 def cached_peft_model(path: Path, model_cfg: ModelConfig, lora: LoraSettings, seed: int):
     device = pick_device(model_cfg.device)
     dtype = pick_dtype(model_cfg.dtype, device)
-    key = (str(path), str(device), str(dtype), repr(lora), seed)
+    key = (str(path), str(device), str(dtype), model_cfg.gradient_checkpointing, repr(lora), seed)
     with _CACHE_LOCK:
         if key not in _MODELS:
             _MODELS.clear()  # one prepared model per process: a different setup replaces it
-            base = load_base_model(path, device, dtype)
+            base = load_base_model(path, device, dtype, gradient_checkpointing=model_cfg.gradient_checkpointing)
             _MODELS[key] = attach_lora(base, lora, seed)
         return _MODELS[key]

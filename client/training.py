@@ -166,7 +166,8 @@ def unit_losses(model, ids: torch.Tensor, mask: torch.Tensor):
     Each unit's loss depends on its own tokens only, so a unit's clipped gradient cannot
     be scaled by what else is in the batch.
     """
-    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+    # No key/value cache: nothing is generated here, and the cache would hold every layer's keys and values.
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
     targets = ids[:, 1:]
     weight = mask[:, 1:].float()
     token_loss = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none") * weight

@@ -86,6 +86,8 @@ class ModelConfig:
     dtype: DtypeChoice = DtypeChoice.auto
     device: DeviceChoice = DeviceChoice.auto
     max_length: int = 128
+    # Recompute activations in the backward pass: less memory, more time; per-sample gradients stay exact.
+    gradient_checkpointing: bool = False
     lora: LoraSettings = field(default_factory=LoraSettings)
     embedded: EmbeddedRecipe = field(default_factory=EmbeddedRecipe)
 

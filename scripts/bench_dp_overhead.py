@@ -16,13 +16,12 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchlib import MICRO, device_name, write_results  # noqa: E402  (scripts/ is on sys.path when run)
+from benchlib import MICRO, device_name, time_training_steps, write_results  # noqa: E402  (scripts/ is on sys.path)
 
 MODES = ("non-private", "hooks", "functorch", "ghost")
 
@@ -32,7 +31,6 @@ def run_mode(mode: str, overrides: list[str], batch: int, length: int, steps: in
     import resource
 
     import torch
-    from torch import nn
 
     from common.config import load_config
     from common.model.loading import load_base_model, pick_device, pick_dtype, resolve_model_path
@@ -50,50 +48,14 @@ def run_mode(mode: str, overrides: list[str], batch: int, length: int, steps: in
         torch.cuda.reset_peak_memory_stats()
         start_mem = torch.cuda.memory_allocated()
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-3)
-    criterion = nn.CrossEntropyLoss()
-    trainer = model
-    if mode != "non-private":
-        from opacus import PrivacyEngine
-        from torch.utils.data import DataLoader, TensorDataset
-
-        loader = DataLoader(TensorDataset(ids), batch_size=batch)
-        engine = PrivacyEngine(accountant="rdp")
-        made = engine.make_private(
-            module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0,
-            criterion=criterion, grad_sample_mode=mode, poisson_sampling=False,
-        )
-        # Ghost clipping also wraps the loss; the other modes return (module, optimizer, loader).
-        trainer, optimizer = made[0], made[1]
-        if mode == "ghost":
-            criterion = made[2]
-    trainer.train()
-    times = []
-    for step in range(warmup + steps):
-        x = ids[step * batch:(step + 1) * batch].to(device)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        logits = trainer(input_ids=x).logits[:, :-1]
-        target = x[:, 1:]
-        flat_logits, flat_target = logits.reshape(-1, vocab), target.reshape(-1)
-        loss = (criterion(flat_logits, flat_target, shape=target.shape) if mode == "ghost"
-                else criterion(flat_logits, flat_target))
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if step >= warmup:
-            times.append(time.perf_counter() - t0)
+    times = time_training_steps(model, ids, mode, batch, steps, warmup, device)["wall"]
     if device.type == "cuda":
         peak_mb = (torch.cuda.max_memory_allocated() - start_mem) / 2**20
     else:
         peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024  # KiB on Linux
     times.sort()
     return {"mode": mode, "s_per_step": times[len(times) // 2], "peak_mb": peak_mb, "device": device.type,
-            "trainable_params": sum(p.numel() for p in params)}
+            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
 
 
 def main() -> int:

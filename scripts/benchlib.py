@@ -38,3 +38,80 @@ def write_results(out_dir: Path, name: str, record: dict, lines: list[str],
     (out_dir / f"{name}.json").write_text(json.dumps(record, indent=1))
     (out_dir / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def time_training_steps(model, ids, mode: str, batch: int, steps: int, warmup: int, device) -> dict[str, list[float]]:
+    """Wall and process-CPU seconds of each timed step (after `warmup`) of LoRA training on `ids` in batches of
+    `batch`: non-private, or DP-SGD in one of Opacus's per-sample gradient modes (hooks, functorch, ghost).
+    CPU seconds count only this process's work: on a shared machine they vary less than wall seconds."""
+    import time
+
+    import torch
+    from torch import nn
+
+    vocab = model.config.vocab_size
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    criterion = nn.CrossEntropyLoss()
+    trainer = model
+    if mode != "non-private":
+        from opacus import PrivacyEngine
+        from torch.utils.data import DataLoader, TensorDataset
+
+        loader = DataLoader(TensorDataset(ids), batch_size=batch)
+        engine = PrivacyEngine(accountant="rdp")
+        made = engine.make_private(
+            module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0,
+            criterion=criterion, grad_sample_mode=mode, poisson_sampling=False,
+        )
+        # Ghost clipping also wraps the loss; the other modes return (module, optimizer, loader).
+        trainer, optimizer = made[0], made[1]
+        if mode == "ghost":
+            criterion = made[2]
+    trainer.train()
+    times: dict[str, list[float]] = {"wall": [], "cpu": []}
+    for step in range(warmup + steps):
+        x = ids[step * batch:(step + 1) * batch].to(device)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0, c0 = time.perf_counter(), time.process_time()
+        logits = trainer(input_ids=x, use_cache=False).logits[:, :-1].float()
+        target = x[:, 1:]
+        flat_logits, flat_target = logits.reshape(-1, vocab), target.reshape(-1)
+        loss = (criterion(flat_logits, flat_target, shape=target.shape) if mode == "ghost"
+                else criterion(flat_logits, flat_target))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if step >= warmup:
+            times["wall"].append(time.perf_counter() - t0)
+            times["cpu"].append(time.process_time() - c0)
+    return times
+
+
+def noiseless_dp_update(model, ids, mask, max_grad_norm: float = 1.0):
+    """The adapter change of one DP-SGD step on a fixed batch with noise off and plain SGD (lr 1): minus
+    the mean of the clipped per-unit gradients, flattened. Same batch and model in, same update out."""
+    import torch
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+
+    from client.training import unit_losses
+    from common.model.lora import adapter_state
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = DPOptimizer(torch.optim.SGD(params, lr=1.0), noise_multiplier=0.0, max_grad_norm=max_grad_norm,
+                            expected_batch_size=ids.shape[0], loss_reduction="mean")
+    before = adapter_state(model)
+    wrapped = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+    model.train()
+    try:
+        unit_losses(wrapped, ids, mask)[0].mean().backward()
+        optimizer.step()
+    finally:
+        wrapped._close()
+        model.eval()
+    after = adapter_state(model)
+    return torch.cat([(after[k] - before[k]).flatten() for k in before])

@@ -5,6 +5,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 from server.compare import AUDIT_FEDERATION
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
@@ -113,3 +116,33 @@ def test_privacy_utility_quick_runs_both_lora_kinds_on_the_same_canaries(model_c
     assert json.loads((tmp_path / "privacy-utility.json").read_text())["arms"] == record["arms"]
     table = (tmp_path / "privacy-utility.md").read_text()
     assert "| FFA-LoRA | 8 |" in table and "| LoRA | no DP |" in table and (tmp_path / "privacy-utility.png").stat().st_size > 0
+
+
+def test_model_scale_quick_measures_every_mode(tmp_path):
+    done = subprocess.run([sys.executable, str(SCRIPTS / "bench_model_scale.py"), "--quick", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads((tmp_path / "model-scale.json").read_text())
+    assert record["quick"] is True and (record["device"] == "cpu" or record["device"].startswith("cuda"))
+    (shape,) = record["shapes"]
+    assert 0 < shape["default"]["adapter_bytes"] < shape["all-linear"]["adapter_bytes"] < 4 * shape["params"]
+    modes = {r["mode"]: r for r in record["results"]}
+    assert set(modes) == {"non-private", "hooks", "ghost", "hooks+checkpointing"}
+    for r in modes.values():
+        assert "error" not in r, r
+        assert r["s_per_step"] > 0 and r["tokens_per_s"] > 0 and r["time_ratio"] > 0 and r["peak_mb"] > 0
+    assert modes["non-private"]["time_ratio"] == 1.0
+    assert record["fastest_dp_mode"][shape["name"]] in ("hooks", "ghost")
+    table = (tmp_path / "model-scale.md").read_text()
+    assert table.count("| micro |") == 5 and "Fastest DP mode per shape" in table
+    assert (tmp_path / "model-scale.png").stat().st_size > 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine-without-CUDA path")
+def test_device_check_without_cuda_says_so_exits_0_and_writes_nothing(tmp_path):
+    out = tmp_path / "device-check.json"
+    done = subprocess.run([sys.executable, str(SCRIPTS / "device_check.py"), "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "needs a CUDA device" in done.stdout and "nothing was checked" in done.stdout
+    assert not out.exists()

@@ -76,7 +76,7 @@ def build_embedded_model(out_dir: Path, recipe: EmbeddedRecipe, log: Callable[[s
     documents = generate_public_corpus(seed=recipe.seed, num_documents=recipe.corpus_documents)
     n_val = max(1, len(documents) // 20)
     train_docs, val_docs = documents[n_val:], documents[:n_val]
-    tokenizer = _train_tokenizer(train_docs, recipe.vocab_size)
+    tokenizer = train_tokenizer(train_docs, recipe.vocab_size)
     train_blocks = _pack(tokenizer, train_docs, recipe.context)
     val_blocks = _pack(tokenizer, val_docs, recipe.context)
 
@@ -154,7 +154,8 @@ def build_embedded_model(out_dir: Path, recipe: EmbeddedRecipe, log: Callable[[s
     return info
 
 
-def _train_tokenizer(documents: list[str], vocab_size: int):
+def train_tokenizer(documents: list[str], vocab_size: int):
+    """The embedded model's byte-level BPE tokenizer (EOS doubles as BOS, UNK and pad), trained on `documents`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
