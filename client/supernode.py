@@ -135,6 +135,7 @@ def node_config_from_args(args, state_dir: Path) -> dict[str, Any]:
         "key-dir": _absolute(getattr(args, "key_dir", None)),
         "ledger-dir": _absolute(getattr(args, "ledger_dir", None)),
         "ledger-key-dir": _absolute(getattr(args, "ledger_key_dir", None)),
+        "roster": _absolute(getattr(args, "roster", None)),
     }
     return {k: v for k, v in node_config.items() if v is not None}
 
@@ -182,6 +183,13 @@ def start_node(args, out=print) -> int:
     for line in data_summary(node)[1:]:
         out(line)
     del node
+    from client.settings import node_identity, node_roster
+
+    out(f"Node identity key (for the federation roster): {node_identity(settings).public_key.hex()}")
+    try:
+        node_roster(settings)
+    except ConfigError as err:  # the node still starts; it refuses secure-aggregation rounds until it is listed
+        out(f"WARNING: {err}")
     supernode = SuperNodeProcess(
         superlink=args.superlink, node_config=node_config, log_path=state_dir / "logs" / "supernode.log",
         ca_cert=None if args.insecure else Path(args.ca).expanduser().resolve(),

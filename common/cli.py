@@ -254,6 +254,7 @@ def _deployment_parsers(sub) -> None:
     nstart.add_argument("--ledger-dir", help="the privacy ledger's folder, shared by nodes that split one data folder "
                                              "(default: the state folder)")
     nstart.add_argument("--ledger-key-dir", help="the ledger's evidence-key folder (default: --key-dir)")
+    nstart.add_argument("--roster", help="the federation roster (default: roster.json in the config folder)")
     nidentity = nsub.add_parser("identity", help="print this node's identity key for the roster (made on first use)")
     nidentity.add_argument("--key-dir", type=Path, required=True, help="the node's key folder")
     ntrust = nsub.add_parser("trust", help="pin a coordinator's CA to the jurisdiction it is in (this node's config)")

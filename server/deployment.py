@@ -262,12 +262,23 @@ class LocalDeployment:
                                            model_cache=cfg.model.cache_dir, out=out)
         self.connection = Connection(self.superlink.address, None if self.insecure else self.certs / "ca.crt",
                                      self.root / "cli")
+        self.write_roster()
         for region in cfg.regions.values():
             for index in range(region.clients):
                 self.start_node(region.name, index)
         for node in self.nodes.values():
             node.wait_connected()
         out(f"  {len(self.nodes)} regional SuperNodes connected; logs in {self.root / 'logs'}")
+
+    def write_roster(self) -> None:
+        """Every local node's identity key in one roster, as each region's operator would install it."""
+        from common.secagg.identity import Identity, add_to_roster
+
+        for region in self.cfg.regions.values():
+            for index in range(region.clients):
+                name = f"{region.name}-{index + 1}"
+                identity = Identity.load_or_create(self.root / "keys" / name)
+                add_to_roster(self.root / "roster.json", name, region.name, identity.public_key)
 
     def start_node(self, region: str, index: int):
         """Start (or restart, with the same key and state) one regional SuperNode."""
@@ -333,6 +344,7 @@ def local_node_config(cfg: FedsovConfig, region: str, index: int, clients: int, 
         "data-path": ":".join(paths),
         "state-dir": str(root / "nodes" / name / "state"),
         "key-dir": str(root / "keys" / name),
+        "roster": str(root / "roster.json"),
         # The nodes of a region split one data folder here: they share its ledger.
         "ledger-dir": str(root / "ledgers" / region),
         "ledger-key-dir": str(root / "keys" / f"ledger-{region}"),
