@@ -132,6 +132,8 @@ class GuardedClientApp(ClientApp):
                 node_audit(node_settings(context)).record("message", "refused", reason=reason, message_type=kind)
                 return refusal(message, reason)
             return super().__call__(message, context)
+        except FedsovError as err:  # e.g. the node's own settings or roster are broken: its words, no data
+            return refusal(message, f"{type(err).__name__}: {err}")
         except Exception as err:  # noqa: BLE001 - the last line of defence: nothing of it may leave the node
             return refusal(message, f"node error ({type(err).__name__}); nothing is sent in reply")
 
