@@ -66,7 +66,7 @@ def remove_delta(eps, sigma, q):
     """Exact delta(eps) of one Poisson-subsampled Gaussian step, removal direction: P = (1-q)N(0,s^2) + qN(1,s^2)
     against Q = N(0,s^2). P > e^eps Q exactly above x*, so the hockey stick is two Gaussian tails."""
     x = sigma**2 * math.log((math.expm1(eps) + q) / q) + 0.5
-    return (1 - q) * stats.norm.sf(x / sigma) + q * stats.norm.sf((x - 1) / sigma) - math.exp(eps) * stats.norm.sf(x / sigma)
+    return (1 - q - math.exp(eps)) * stats.norm.sf(x / sigma) + q * stats.norm.sf((x - 1) / sigma)
 
 
 def add_delta(eps, sigma, q):

@@ -16,7 +16,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Sequence
 
-from dp_accounting.pld import privacy_loss_distribution
+from dp_accounting.pld import privacy_loss_distribution, privacy_loss_mechanism
 from dp_accounting.pld.privacy_loss_distribution import PrivacyLossDistribution
 from opacus.accountants import RDPAccountant
 
@@ -33,16 +33,21 @@ Segments = tuple[tuple[float, float, int], ...]
 # the interval: once two successive estimates agree within _AGREE, the finer one is within about _AGREE / 15
 # (0.13%) of the true epsilon, well inside the 1% the tests hold it to against dp-accounting at intervals 10x
 # finer. _MAX_REFINEMENTS bounds the work; should it run out, the estimate is still an upper bound, only looser.
-_COARSE_POINTS = 64
+_COARSE_POINTS = 256
 _REFINE = 4
 _AGREE = 0.02
 _MAX_REFINEMENTS = 5
+# dp-accounting builds one step's distribution point by point in Python (about 20 us a point), so the interval
+# never goes below the width of one step's loss range over _MAX_POINTS. Only epsilons under ~0.01 at small q
+# meet that floor; their epsilon is then a looser upper bound.
+_MAX_POINTS = 2**15
 _SCALE_ORDERS = tuple(range(2, 17)) + (20, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 # Beyond this RDP bound no budget applies and the PLD's intervals would grow until exp() overflows: Opacus's
 # RDP epsilon, also an upper bound, is the answer there.
 _PLD_CEILING = 1000.0
-# Self-compose this many steps first: see _segment_pld.
-_DENSE_AFTER = 16
+# Segments longer than this self-compose in two stages: see _segment_pld.
+_TWO_STAGES_ABOVE = 10**4
+_FIRST_STAGE = 16
 
 # Below 0.01 a single step costs epsilon in the thousands: no DP claim means that, so the value is refused as
 # hostile or corrupt. Zero stays legal: it records training without DP (infinite epsilon).
@@ -189,12 +194,13 @@ def _pld_epsilon(segments: Segments, delta: float) -> float:
         return _rdp_epsilon(segments, delta)
     if bound == 0:
         return 0.0
-    interval = _power_of_two_below(bound / _COARSE_POINTS)
+    finest = 2.0 ** math.ceil(math.log2(max(_loss_width(sigma, q) for sigma, q, _ in segments) / _MAX_POINTS))
+    interval = max(finest, _power_of_two_below(bound / _COARSE_POINTS))
     coarse = _pld_epsilon_at(segments, delta, interval)
     for _ in range(_MAX_REFINEMENTS):
-        if coarse == 0:
-            return 0.0  # a pessimistic 0 leaves nothing to refine
-        interval = _power_of_two_below(min(interval / _REFINE, coarse / _COARSE_POINTS))
+        if coarse == 0 or interval == finest:
+            return coarse  # a pessimistic 0 leaves nothing to refine
+        interval = max(finest, _power_of_two_below(min(interval / _REFINE, coarse / _COARSE_POINTS)))
         fine = _pld_epsilon_at(segments, delta, interval)
         if coarse - fine <= _AGREE * fine:
             return fine
@@ -206,6 +212,17 @@ def _power_of_two_below(x: float) -> float:
     return 2.0 ** math.floor(math.log2(x))
 
 
+@functools.lru_cache(maxsize=4096)
+def _loss_width(sigma: float, q: float) -> float:
+    """Width of the privacy loss range dp-accounting discretises for one step (the wider adjacency)."""
+    widths = []
+    for adjacency in (privacy_loss_mechanism.AdjacencyType.ADD, privacy_loss_mechanism.AdjacencyType.REMOVE):
+        loss = privacy_loss_mechanism.GaussianPrivacyLoss(sigma, sampling_prob=q, adjacency_type=adjacency)
+        tail = loss.privacy_loss_tail()
+        widths.append(abs(loss.privacy_loss(tail.lower_x_truncation) - loss.privacy_loss(tail.upper_x_truncation)))
+    return max(widths)
+
+
 def _pld_epsilon_at(segments: Segments, delta: float, interval: float) -> float:
     composed = _segment_pld(*segments[0], interval)
     for segment in segments[1:]:
@@ -213,7 +230,7 @@ def _pld_epsilon_at(segments: Segments, delta: float, interval: float) -> float:
     return float(composed.get_epsilon_for_delta(delta))
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=256)
 def _segment_pld(sigma: float, q: float, steps: int, interval: float) -> PrivacyLossDistribution:
     """`steps` Poisson-subsampled Gaussian steps, rounded pessimistically (never below the true loss)."""
     single = privacy_loss_distribution.from_gaussian_mechanism(
@@ -222,13 +239,13 @@ def _segment_pld(sigma: float, q: float, steps: int, interval: float) -> Privacy
         pessimistic_estimate=True,
         value_discretization_interval=interval,
     )
-    if steps <= _DENSE_AFTER:
+    if steps <= _TWO_STAGES_ABOVE:
         return single.self_compose(steps)
     # dp-accounting sizes a sparse self-composition as size**steps, a Python integer that alone takes seconds at
-    # 1e6 steps. _DENSE_AFTER steps make any distribution of 2 or more points dense (over its 1000-point sparse
+    # 1e6 steps. _FIRST_STAGE steps make any distribution of 2 or more points dense (over its 1000-point sparse
     # limit), and a dense one self-composes by one FFT.
-    composed = single.self_compose(_DENSE_AFTER).self_compose(steps // _DENSE_AFTER)
-    rest = steps % _DENSE_AFTER
+    composed = single.self_compose(_FIRST_STAGE).self_compose(steps // _FIRST_STAGE)
+    rest = steps % _FIRST_STAGE
     return composed.compose(single.self_compose(rest)) if rest else composed
 
 
