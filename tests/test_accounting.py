@@ -57,8 +57,8 @@ def dp_accounting_rdp(history, delta):
 @pytest.mark.parametrize("history, delta", SETTINGS)
 def test_epsilon_is_within_one_percent_above_dp_accounting_at_a_much_finer_interval(history, delta):
     ours = epsilon_spent(history, delta)
-    # 1e-4 of epsilon: at least 10x finer than any interval our accountant settles on.
-    reference = dp_accounting_pld(history, delta, interval=ours * 1e-4)
+    # Ours stops at an interval of epsilon / 2048 or coarser: this is at least 12x finer.
+    reference = dp_accounting_pld(history, delta, interval=ours * 4e-5)
     assert reference <= ours <= 1.01 * reference, (ours, reference)
 
 
@@ -158,6 +158,7 @@ BAD_STEPS = [
     (DpSgdSteps(1.0, -0.1, 10), "sample_rate=-0.1"),
     (DpSgdSteps(1.0, NAN, 10), "sample_rate=nan"),
     (DpSgdSteps(1.0, INF, 10), "sample_rate=inf"),
+    (DpSgdSteps(1.0, 5e-324, 10), "sample_rate=5e-324"),
     (DpSgdSteps(1.0, 0.1, -1), "steps=-1"),
     (DpSgdSteps(1.0, 0.1, 10.0), "steps=10.0"),
     (DpSgdSteps(1.0, 0.1, 2.5), "steps=2.5"),
@@ -178,6 +179,21 @@ def test_hostile_history_is_refused_naming_the_value(accountant, bad, named):
 def test_hostile_delta_is_refused_even_for_an_empty_history(accountant, delta):
     with pytest.raises(PrivacyError, match=f"delta={delta!r}"):
         accountant([], delta)
+
+
+@pytest.mark.parametrize(
+    "history, delta, limit, fix",
+    [
+        ([DpSgdSteps(NAN, 0.1, 10)], 1e-5, "from 0.01 to 10000", "Refuse a plan"),
+        ([DpSgdSteps(1.0, 2.0, 10)], 1e-5, "from 1e-12 to 1", "federation.batch_size"),
+        ([DpSgdSteps(1.0, 0.1, -1)], 1e-5, f"from 0 to {MAX_STEPS}", "federation.local_steps"),
+        ([], 1.0, "at least 1e-10", "privacy.delta"),
+    ],
+)
+def test_refusals_name_the_limit_and_the_fix(history, delta, limit, fix):
+    with pytest.raises(PrivacyError) as err:
+        epsilon_spent(history, delta)
+    assert limit in str(err.value) and fix in str(err.value)
 
 
 def test_a_history_longer_than_the_limit_is_refused():

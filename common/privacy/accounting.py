@@ -57,6 +57,8 @@ MAX_NOISE_MULTIPLIER = 1e4
 # More DP-SGD steps than a fine-tuning run takes (a thousand rounds of a thousand local steps); the bound keeps a
 # hostile plan from holding a node for minutes.
 MAX_STEPS = 10**6
+# A batch of one from a trillion units; below, dp-accounting's loss arithmetic underflows (at 1e-310).
+MIN_SAMPLE_RATE = 1e-12
 # The PLD counts the tails it truncates (about 1e-15 of mass per composition) as infinite loss, so a delta near
 # that would read as infinite epsilon; no policy needs a delta that small.
 MIN_DELTA = 1e-10
@@ -94,7 +96,7 @@ def epsilon_rdp(history: Sequence[DpSgdSteps], delta: float) -> float:
 
 
 def noise_for_target(target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
-    """Smallest sigma (to 1%) whose `steps` steps at `sample_rate` spend at most `target_epsilon` (PLD)."""
+    """Smallest sigma (to 0.5%) whose `steps` steps at `sample_rate` spend at most `target_epsilon` (PLD)."""
     _check_delta(delta)
     if not _is_real(target_epsilon) or not math.isfinite(target_epsilon) or target_epsilon <= 0:
         raise PrivacyError(
@@ -126,9 +128,9 @@ def _check_delta(delta: object) -> None:
 
 
 def _check_sample_rate(rate: object, where: str) -> None:
-    if not _is_real(rate) or not 0 < rate <= 1:
+    if not _is_real(rate) or not MIN_SAMPLE_RATE <= rate <= 1:
         raise PrivacyError(
-            f"sample_rate={rate!r} in {where} is not a Poisson sampling rate in (0, 1]. "
+            f"sample_rate={rate!r} in {where} is not a Poisson sampling rate from {MIN_SAMPLE_RATE:g} to 1. "
             "The rate is federation.batch_size / privacy units on the node; refuse a plan that implies another."
         )
 
@@ -194,7 +196,8 @@ def _pld_epsilon(segments: Segments, delta: float) -> float:
         return _rdp_epsilon(segments, delta)
     if bound == 0:
         return 0.0
-    finest = 2.0 ** math.ceil(math.log2(max(_loss_width(sigma, q) for sigma, q, _ in segments) / _MAX_POINTS))
+    width = max(_loss_width(sigma, q) for sigma, q, _ in segments)
+    finest = 2.0 ** math.ceil(math.log2(width / _MAX_POINTS)) if width > 0 else 0.0
     interval = max(finest, _power_of_two_below(bound / _COARSE_POINTS))
     coarse = _pld_epsilon_at(segments, delta, interval)
     for _ in range(_MAX_REFINEMENTS):
@@ -230,7 +233,7 @@ def _pld_epsilon_at(segments: Segments, delta: float, interval: float) -> float:
     return float(composed.get_epsilon_for_delta(delta))
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=128)
 def _segment_pld(sigma: float, q: float, steps: int, interval: float) -> PrivacyLossDistribution:
     """`steps` Poisson-subsampled Gaussian steps, rounded pessimistically (never below the true loss)."""
     single = privacy_loss_distribution.from_gaussian_mechanism(
