@@ -12,6 +12,7 @@ from common.errors import PrivacyError
 from common.privacy.accounting import (
     MAX_NOISE_MULTIPLIER,
     MAX_STEPS,
+    MONOTONE_SLACK,
     DpSgdSteps,
     epsilon_rdp,
     epsilon_spent,
@@ -129,6 +130,13 @@ def test_order_and_splitting_of_the_history_do_not_change_epsilon():
     assert epsilon_spent([a, b, a], 1e-5) == whole
     assert epsilon_spent([b, a, DpSgdSteps(1.0, 0.06, 0), a], 1e-5) == whole
     assert epsilon_spent([a, b], 1e-5) < whole  # and more steps do cost more
+
+
+@pytest.mark.parametrize("past", [[DpSgdSteps(1.0, 0.1, 17)], [DEFAULT_ROUND] * 3, SETTINGS[4][0]])
+@pytest.mark.parametrize("added", [DpSgdSteps(1e4, 1e-6, 1), DpSgdSteps(50.0, 0.01, 1), DpSgdSteps(1.7, 0.14, 1)])
+def test_adding_steps_lowers_epsilon_by_at_most_the_slack(past, added):
+    before, after = epsilon_spent(past, 1e-5), epsilon_spent(past + [added], 1e-5)
+    assert after >= before * (1 - MONOTONE_SLACK), (before, after)
 
 
 @pytest.mark.parametrize("target, delta, q, steps", [(3.0, 1e-5, 32 / 230, 50), (1.0, 1e-5, 0.08, 50),

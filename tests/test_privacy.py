@@ -37,6 +37,19 @@ def test_ledger_persists_across_instances_and_continues(tmp_path):
     assert [c.run_id for c in again.history(fp)] == ["r1", "r2"]
 
 
+def test_a_round_that_adds_almost_nothing_is_charged_and_epsilon_does_not_fall(tmp_path):
+    # Composing with a near no-op step moves the PLD's estimate by FFT noise, here about 2e-12 downwards.
+    ledger = PrivacyLedger(tmp_path / "ledger.jsonl", delta=1e-5, unit=PrivacyUnitKind.record, key=KEY)
+    fp = ledger.register(group_units(records(50), PrivacyUnitKind.record))
+    first = ledger.charge(fp, DpSgdSteps(1.0, 0.1, 17), budget=10, run_id="r", round_number=1, max_grad_norm=1.0,
+                          node="n1").epsilon_after
+    almost_nothing = DpSgdSteps(1e4, 1e-6, 1)
+    assert epsilon_spent([DpSgdSteps(1.0, 0.1, 17), almost_nothing], 1e-5) < first
+    second = ledger.charge(fp, almost_nothing, budget=10, run_id="r", round_number=2, max_grad_norm=1.0,
+                           node="n1").epsilon_after
+    assert second == first
+
+
 def test_over_budget_round_is_refused_before_anything_is_recorded(tmp_path):
     path = tmp_path / "ledger.jsonl"
     ledger = PrivacyLedger(path, delta=1e-5, unit=PrivacyUnitKind.record, key=KEY)

@@ -62,6 +62,10 @@ MIN_SAMPLE_RATE = 1e-12
 # The PLD counts the tails it truncates (about 1e-15 of mass per composition) as infinite loss, so a delta near
 # that would read as infinite epsilon; no policy needs a delta that small.
 MIN_DELTA = 1e-10
+# Adding steps never lowers the true epsilon, but the PLD's estimate can dip: by floating-point noise of the FFT
+# (about 1e-12 when the added step is almost no-op) or by a change of interval (within the estimate's 1%). A fall
+# larger than this fraction means a broken accountant.
+MONOTONE_SLACK = 0.01
 # The noise search stops when its bracket is this narrow: the returned sigma is within 0.5% of the smallest.
 _NOISE_TOLERANCE = 1.005
 _MAX_SEARCH_STEPS = 64
