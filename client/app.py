@@ -132,6 +132,8 @@ class GuardedClientApp(ClientApp):
                 node_audit(node_settings(context)).record("message", "refused", reason=reason, message_type=kind)
                 return refusal(message, reason)
             return super().__call__(message, context)
+        except FedsovError as err:  # e.g. the node's own settings or roster are broken: its words, no data
+            return refusal(message, f"{type(err).__name__}: {err}")
         except Exception as err:  # noqa: BLE001 - the last line of defence: nothing of it may leave the node
             return refusal(message, f"node error ({type(err).__name__}); nothing is sent in reply")
 
@@ -151,7 +153,7 @@ def handled(step: Callable[[Message, Context], RecordDict]) -> Callable[[Message
             return Message(step(msg, context), reply_to=msg)
         except FedsovError as err:
             secure.clear(context.state)
-            return refusal(msg, f"{type(err).__name__}: {err}")
+            return refusal(msg, f"{_who(context)}{type(err).__name__}: {err}")
         except Exception as err:  # noqa: BLE001 - an unexpected error must still be a logged refusal
             secure.clear(context.state)
             node_audit(node_settings(context)).record(
@@ -161,6 +163,15 @@ def handled(step: Callable[[Message, Context], RecordDict]) -> Callable[[Message
 
     handler.__name__ = step.__name__
     return handler
+
+
+def _who(context: Context) -> str:
+    """'node eu-2 (region eu): ' for a refusal's first words, so the coordinator can say who refused."""
+    try:
+        settings = node_settings(context)
+    except FedsovError:
+        return ""
+    return f"node {settings.name} (region {settings.region}): "
 
 
 def records(msg: Message, required: dict[str, type], optional: dict[str, type] | None = None) -> RecordDict:

@@ -50,7 +50,8 @@ AUDIT_METRIC = re.compile(
 REDACTED_EXAMPLE = re.compile(r"[^@]{1,300}")
 MAX_EXAMPLES = 32
 DESCRIBE_METRICS = ("num-units", "people", "records", "excluded-no-consent", "excluded-special", "heldout-records",
-                    "delta", "epsilon-budget", "epsilon")
+                    "skipped-files", "truncated-units", "truncated-tokens", "truncated-heldout", "delta",
+                    "epsilon-budget", "epsilon")
 KEY_BYTES = 32
 MAX_TEXT = 64
 MAX_REASON = 4096

@@ -192,6 +192,10 @@ class RegionNode:
                 "excluded-no-consent": c["excluded_no_consent"],
                 "excluded-special": c["excluded_special"] + c["excluded_fields"],
                 "heldout-records": c["heldout_records"],
+                "skipped-files": c["skipped_files"],
+                "truncated-units": c["truncated_units"],
+                "truncated-tokens": c["truncated_tokens"],
+                "truncated-heldout": c["truncated_heldout"],
                 "delta": p.privacy.delta,
                 "epsilon-budget": p.privacy.epsilon_budget,
                 "epsilon": self._ledger.spent(fingerprint),
@@ -249,15 +253,15 @@ class RegionNode:
         if not plan.dp_enabled:
             return None, DpSgdSteps(0.0, sample_rate, plan.local_steps), float("inf"), adjustments
         privacy = self.policy.privacy
-        sigma = plan.noise_multiplier
-        if sigma is None:
-            sigma = noise_for_target(plan.target_epsilon, privacy.delta, sample_rate,
-                                     plan.local_steps * plan.total_rounds)
-        sigma, raised = effective_noise(self.policy, sigma)
-        if raised:
-            adjustments.append(raised)
-        planned = DpSgdSteps(sigma, sample_rate, plan.local_steps)
         try:
+            sigma = plan.noise_multiplier
+            if sigma is None:
+                sigma = noise_for_target(plan.target_epsilon, privacy.delta, sample_rate,
+                                         plan.local_steps * plan.total_rounds)
+            sigma, raised = effective_noise(self.policy, sigma)
+            if raised:
+                adjustments.append(raised)
+            planned = DpSgdSteps(sigma, sample_rate, plan.local_steps)
             projected = self._ledger.check_budget(fingerprint, planned, privacy.epsilon_budget)
         except PrivacyError as err:
             self.audit.record("plan", "refused", reason=str(err), round=plan.round, run_id=plan.run_id,

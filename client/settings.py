@@ -51,19 +51,29 @@ class NodeSettings:
 
 
 def simulation_roster(cfg: FedsovConfig) -> Path:
-    """The roster of a simulated federation: every simulated node's identity key, made on first use.
+    """The roster of a simulated federation, written from every simulated node's identity key.
 
-    A simulation runs every node on this machine, so it installs the roster the way each region's
-    operator would in a deployment (`fedsov roster add`), in the work folder.
+    A simulation runs every node on this machine under one operator, so it installs the roster the way
+    each region's operator would in a deployment (`fedsov roster add`), in the work folder, rewritten from
+    the keys as they are (a node whose key folder was deleted gets a new identity, as a reinstalled node would).
     """
-    from common.secagg.identity import Identity, add_to_roster
+    import fcntl
+
+    from common.secagg.identity import Identity, Roster, RosterEntry
 
     path = Path(cfg.workdir) / "roster.json"
-    for region in cfg.regions.values():
-        for index in range(region.clients):
-            name = f"{region.name}-{index + 1}"
-            identity = Identity.load_or_create(Path(cfg.workdir) / "keys" / name)
-            add_to_roster(path, name, region.name, identity.public_key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        entries = []
+        for region in cfg.regions.values():
+            for index in range(region.clients):
+                name = f"{region.name}-{index + 1}"
+                identity = Identity.load_or_create(Path(cfg.workdir) / "keys" / name)
+                entries.append(RosterEntry(name, region.name, identity.public_key))
+        roster = Roster(entries)
+        if not path.exists() or Roster.load(path).fingerprint() != roster.fingerprint():
+            roster.save(path)
     return path
 
 

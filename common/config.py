@@ -154,6 +154,9 @@ class FederationConfig:
     round_timeout_s: float = 900.0
     node_wait_timeout_s: float = 120.0
     keep_checkpoints: int = 3
+    # A run in which a planned region or node contributed nothing is "partial": its launcher exits non-zero
+    # unless this is set (the summary and report name who did not contribute and why either way).
+    allow_partial: bool = False
     seed: int = 0
 
 

@@ -215,8 +215,8 @@ def validate_policy(policy: RegionPolicy, where: str) -> None:
     p = policy.privacy
     if not p.epsilon_budget > 0 or math.isinf(p.epsilon_budget):
         fail("privacy.epsilon_budget", p.epsilon_budget, "must be a finite number above 0", "Use e.g. 10.")
-    if not 0 < p.delta < 1:
-        fail("privacy.delta", p.delta, "must be in (0, 1)", "Use e.g. 1e-5 (and at most 1/N).")
+    if not 1e-10 <= p.delta < 1:  # below 1e-10 the PLD accountant's truncated tails dominate (MIN_DELTA)
+        fail("privacy.delta", p.delta, "must be in [1e-10, 1)", "Use e.g. 1e-5 (and at most 1/N).")
     if p.min_noise_multiplier < 0:
         fail("privacy.min_noise_multiplier", p.min_noise_multiplier, "must be >= 0", "Use e.g. 0.5.")
     if not p.max_grad_norm > 0:

@@ -57,6 +57,10 @@ from common.wire import (
     state_to_record,
 )
 from server.aggregation import apply_update, check_update, weighted_mean
+
+# The counts from a node's start checks that describe carries (so the report shows what was excluded or cut).
+DATA_COUNTS = ("records", "excluded-no-consent", "excluded-special", "heldout-records", "skipped-files",
+               "truncated-units", "truncated-tokens", "truncated-heldout")
 from server.anchors import AnchorStore
 from server.planning import plan_regions
 from server.provenance import write_manifest
@@ -80,6 +84,7 @@ class NodeInfo:
     epsilon_budget: float
     refusals: list[str] = field(default_factory=list)
     rounds_contributed: int = 0
+    data_counts: dict[str, int] = field(default_factory=dict)  # what its start checks found (describe metrics)
 
 
 @dataclass
@@ -155,6 +160,11 @@ class Coordinator:
             raise FederationError(
                 f"{run.path} already has checkpoints up to round {checkpoint.round}; a new run would mix with "
                 f"them. Resume it with resume={run.path}, or use a new run_dir."
+            )
+        if checkpoint is not None and checkpoint.round >= cfg.federation.rounds:
+            raise FederationError(
+                f"{run.path} already finished round {checkpoint.round} of {cfg.federation.rounds}: nothing is left to "
+                f"run. To train on, resume with federation.rounds greater than {checkpoint.round}."
             )
         if checkpoint is not None:
             from safetensors.torch import load_file
@@ -262,6 +272,7 @@ class Coordinator:
                 delta=float(metrics["delta"]), unit=str(info["unit"]),
                 allowed_deployment=[str(j) for j in info["allowed-deployment"]],
                 epsilon_budget=float(metrics["epsilon-budget"]),
+                data_counts={k: int(metrics[k]) for k in DATA_COUNTS},
             )
             if node.region in self.regions.excluded or node.region not in self.regions.included:
                 why = self.regions.excluded.get(node.region, f"region '{node.region}' is not in this run's config")
@@ -654,6 +665,24 @@ class Coordinator:
             "evidence_anchors": self.anchors.snapshot([n.name for n in self.nodes.values()]),
         }
 
+    def _not_contributing_regions(self, regions: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
+        """Every way this run fell short of its plan, one line each naming who and why (with the node's reason)."""
+        lines = []
+        for name, region in regions.items():
+            if not region["nodes"]:
+                lines.append(f"region {name}: no node of it took part"
+                             + "".join(f"; {why}" for why in self.unavailable if f"(region {name})" in why))
+                continue
+            for node, count in region["rounds_contributed"].items():
+                if count == 0:
+                    reasons = [r for r in region["refusals"] if r.startswith(f"{node}: ")]
+                    lines.append(f"node {node} (region {name}) contributed to no round"
+                                 + (f": {reasons[-1].split(': ', 1)[1]}" if reasons else ""))
+        lines += [f"a node did not take part: {why}" for why in self.unavailable
+                  if not any(f"(region {r})" in why for r in regions)]
+        lines += [f"round {r['round']} was not aggregated" for r in rows if r["round"] > 0 and not r.get("aggregated")]
+        return lines
+
     def _summary(self, started: float, model: ServerModel) -> dict[str, Any]:
         rows = self.run.read_metrics()
         before = next((r["perplexity"] for r in rows if r["round"] == 0), {})
@@ -663,7 +692,11 @@ class Coordinator:
         for name in self.regions.included:
             members = [n for n in self.nodes.values() if n.region == name]
             first = members[0] if members else None
+            contributed = sum(n.rounds_contributed for n in members)
             regions[name] = {
+                "contributed": contributed > 0,
+                "rounds_contributed": {n.name: n.rounds_contributed for n in members},
+                "data": {n.name: n.data_counts for n in members},
                 "law": first.law if first else None,
                 "policy_hash": first.policy_hash if first else None,
                 "delta": first.delta if first else None,
@@ -675,9 +708,14 @@ class Coordinator:
                 "epsilon": epsilon.get(name),
                 "refusals": [f"{n.name}: {r}" for n in members for r in n.refusals],
             }
+        missing = self._not_contributing_regions(regions, rows)
         return {
             "run_id": self.run.run_id,
-            "status": "completed",
+            # partial: some planned region, node or round contributed nothing (launchers exit non-zero unless
+            # federation.allow_partial); `not_contributing` says who and why.
+            "status": "partial" if missing else "completed",
+            "not_contributing": missing,
+            "allow_partial": self.cfg.federation.allow_partial,
             "rounds_completed": rows[-1]["round"] if rows else 0,
             "seconds_this_session": round(time.time() - started, 1),
             "model": {"path": str(model.path), "fingerprint": model.fingerprint},

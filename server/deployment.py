@@ -24,7 +24,7 @@ from common.flowerproc import signals_deferred
 from common.paths import writable_folder
 from common.runconfig import write_flower_app, write_run_config
 from server.rundir import EVENT_LINE, RunDirectory
-from server.simulation import render_event, render_report_lines, render_summary, resolve_run_config
+from server.simulation import partial_verdict, render_event, render_report_lines, render_summary, resolve_run_config
 from server.superlink import FlowerControl, LocalSuperLink, RunStatus
 
 DEFAULT_PORT = 9093
@@ -179,7 +179,11 @@ def run_outcome(status: RunStatus, run_dir: Path | None, out: Callable[[str], No
         if run_dir is not None and (run_dir / "report" / "privacy-report.json").exists():
             report = json.loads((run_dir / "report" / "privacy-report.json").read_text())
             out(render_report_lines(report, RunDirectory(run_dir)))
-        return 0
+        summary = RunDirectory(run_dir).read_summary() if run_dir is not None else None
+        code, lines = partial_verdict(summary or {})
+        for line in lines:
+            out(line)
+        return code
     reason = status.details
     if run_dir is not None and (run_dir / "events.jsonl").exists():
         failure = next((e for e in reversed(RunDirectory(run_dir).read_events()) if e["event"] == "run_failed"), None)

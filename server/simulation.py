@@ -59,6 +59,13 @@ def resolve_run_config(overrides: Sequence[str], config_dir: Path | None = None)
     merged = OmegaConf.merge(saved, OmegaConf.from_dotlist(changes))
     resumed = config_from_container(merged)
     resumed.run_dir, resumed.resume = str(run.path), str(run.path)
+    checkpoint = run.latest_checkpoint()
+    if checkpoint is not None and checkpoint.round >= resumed.federation.rounds:
+        raise ConfigError(
+            f"resume={run.path}: that run already finished round {checkpoint.round} and federation.rounds is "
+            f"{resumed.federation.rounds}, so nothing is left to run. To train on, add "
+            f"federation.rounds={checkpoint.round + 1} (or more)."
+        )
     return resumed
 
 
@@ -112,7 +119,25 @@ def simulate(overrides: Sequence[str], config_dir: Path | None = None, out: Call
     report = run.report_dir / "privacy-report.json"
     if report.exists():
         out(render_report_lines(json.loads(report.read_text()), run))
-    return 0
+    code, lines = partial_verdict(summary)
+    for line in lines:
+        out(line)
+    return code
+
+
+PARTIAL_EXIT = 3
+
+
+def partial_verdict(summary: dict) -> tuple[int, list[str]]:
+    """A run where a planned region, node or round contributed nothing is not a success unless allowed."""
+    if summary.get("status") != "partial":
+        return 0, []
+    lines = ["", "PARTIAL RUN: not everything planned contributed:"]
+    lines += [f"  - {line}" for line in summary.get("not_contributing", [])]
+    if summary.get("allow_partial"):
+        return 0, lines + ["  federation.allow_partial=true: this counts as success."]
+    return PARTIAL_EXIT, lines + [f"  Exit code {PARTIAL_EXIT}: fix the reasons above, or accept partial runs with "
+                                  "federation.allow_partial=true."]
 
 
 def render_report_lines(report: dict, run: RunDirectory) -> str:

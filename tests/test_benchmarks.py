@@ -146,3 +146,16 @@ def test_device_check_without_cuda_says_so_exits_0_and_writes_nothing(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "needs a CUDA device" in done.stdout and "nothing was checked" in done.stdout
     assert not out.exists()
+
+
+def test_accounting_bench_compares_pld_with_rdp_and_times_each_call(tmp_path):
+    # No --quick: the whole script takes seconds.
+    done = subprocess.run([sys.executable, str(SCRIPTS / "bench_accounting.py"), "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads((tmp_path / "accounting.json").read_text())
+    for row in record["accountants"]:
+        assert row["sigma_pld"] < row["sigma_rdp"]
+        assert row["epsilon_pld_at_sigma_rdp"] < row["epsilon_pld"] <= row["target"] < row["epsilon_rdp"]
+    assert len(record["timings"]) == 5 and all(t["fresh_s"] > 0 and t.get("cached_s", 1) > 0 for t in record["timings"])
+    assert (tmp_path / "accounting.md").read_text().count("\n| ") == 11

@@ -253,13 +253,14 @@ def test_resharding_keeps_histories_and_a_deleted_node_state_is_caught_by_its_an
     from tests.inprocess import run_federation
 
     one_round = small_overrides + ["federation.rounds=1", "federation.local_steps=2", "audit.enabled=false"]
-    cfg, first, _, _ = run_federation(one_round + ["regions.eu.clients=3"], run_name="first")
+    cfg, first, _, _ = run_federation(one_round + ["regions.eu.clients=2", "regions.us.clients=2"], run_name="first")
     trained = {e["node"]: e["epsilon"] for e in first.read_events() if e["event"] == "node_trained"}
-    assert set(trained) == {"eu-1", "eu-2", "eu-3", "us-1", "us-2"}
-    # Re-shard eu from 3 clients to 2: every person lands on a node whose ledger knows their history.
-    _, second, _, _ = run_federation(one_round + ["regions.eu.clients=2"], run_name="second")
+    assert set(trained) == {"eu-1", "eu-2", "us-1", "us-2"}
+    # Re-shard eu from 2 clients to 3: eu-3 is a new node, yet every person it gets was trained before and
+    # keeps that history (the region's ledger follows the data, not the node folder).
+    _, second, _, _ = run_federation(one_round + ["regions.eu.clients=3"], run_name="second")
     joined = {e["node"]: e["epsilon"] for e in second.read_events() if e["event"] == "node_joined"}
-    assert joined["eu-1"] > 0 and joined["eu-2"] > 0
+    assert min(joined["eu-1"], joined["eu-2"], joined["eu-3"]) >= min(trained["eu-1"], trained["eu-2"]) > 0
     # Delete all of us-1's state (audit log, its region's ledger, its evidence keys) between runs, as on a machine
     # whose node processes restart: us-1 starts afresh and a new us ledger appears. The coordinator still holds
     # both us nodes' anchors, so the next run excludes them and says why.
@@ -270,7 +271,7 @@ def test_resharding_keeps_histories_and_a_deleted_node_state_is_caught_by_its_an
         shutil.rmtree(folder)
     for cache in (client_app._NODES, client_app._GATES, client_app._SETTINGS):
         cache.clear()  # new node processes, as after a restart
-    _, third, summary, _ = run_federation(one_round + ["regions.eu.clients=2"], run_name="third")
+    _, third, summary, _ = run_federation(one_round + ["regions.eu.clients=3"], run_name="third")
     failed = {e["node"]: e["reason"] for e in third.read_events() if e["event"] == "node_evidence_failed"}
     assert "us-1" in failed and "deleted or replaced" in failed["us-1"]
     # us-2 kept its own audit log, which records the ledger head it last charged: the fresh ledger fails that check.

@@ -22,7 +22,7 @@ from typing import Any, Sequence
 from common.audit import ChainHead, EvidenceKey, HashChainLog, TamperedLog
 from common.errors import BudgetExhausted, LedgerError, PrivacyError
 from common.policy import PrivacyUnitKind
-from common.privacy.accounting import DpSgdSteps, epsilon_spent
+from common.privacy.accounting import MONOTONE_SLACK, DpSgdSteps, epsilon_spent
 from common.privacy.units import PrivacyUnit, dataset_fingerprint, person_digest
 
 LEDGER_FORMAT = "fedsov-privacy-ledger/2"
@@ -167,13 +167,15 @@ class PrivacyLedger:
                 )
             before = self._epsilon(state, fingerprint, None)
             epsilon = self._epsilon(state, fingerprint, ran)
+            if epsilon < before * (1 - MONOTONE_SLACK):  # composition only adds: a larger fall is a broken accountant
+                raise LedgerError(f"Accounting error: epsilon would fall from {before} to {epsilon}; refusing.")
+            # Both are upper bounds on this history's epsilon; the larger keeps the recorded epsilons from falling.
+            epsilon = max(epsilon, before)
             if budget is not None and epsilon > budget:
                 raise BudgetExhausted(
                     f"Privacy budget exhausted for dataset {fingerprint[:12]}: epsilon would reach "
                     f"{epsilon:.3f} > budget {budget:g} at delta={self.delta:g} (ledger {self.path})."
                 )
-            if epsilon < before:  # composition only adds: anything else is a broken accountant
-                raise LedgerError(f"Accounting error: epsilon would fall from {before} to {epsilon}; refusing.")
             made.append(RoundCharge(
                 dataset=fingerprint,
                 run_id=run_id,
