@@ -157,15 +157,18 @@ class ErasureReport:
                 f"Erasure of person {self.person[:12]} was already recorded")
         out = [f"{head}: their records are left out of everything this region's nodes train on from now on."]
         if self.caches_deleted:
-            out.append(f"  deleted {self.caches_deleted} cached cop(ies) of this node's filtered records")
+            out.append(f"  deleted {self.caches_deleted} cached file(s) holding this node's filtered records")
         if not self.runs and not self.undetermined_runs:
             out.append("  no run trained on their data (the ledger holds no charge on a dataset with them)")
         unit = "each of their records" if self.unit == "record" else "them as a whole"
         for r in self.runs:
+            first = min(r.rounds)
+            before = (f"its checkpoints up to round {first - 1} predate them" if first > 1
+                      else "none of its checkpoints predates them")
             out.append(f"  run {r.run}: trained on their data in round(s) {_ranges(r.rounds)} on {', '.join(r.nodes)} "
                        f"({r.first_recorded[:10]} to {r.last_recorded[:10]}); its adapters and checkpoints from round "
-                       f"{min(r.rounds)} on include them, protected at epsilon {r.epsilon:.3g}, delta {self.delta:g} "
-                       f"for {unit}; checkpoints before round {min(r.rounds)} predate them")
+                       f"{first} on include them, protected at epsilon {r.epsilon:.3g}, delta {self.delta:g} for "
+                       f"{unit}; {before}")
         if self.runs:
             out.append(f"  all runs together: epsilon {self.lifetime_epsilon:.3g} at delta {self.delta:g} for {unit}"
                        + (" (a person with k records: up to k times that, by group privacy)"

@@ -222,13 +222,17 @@ def test_the_erasure_report_names_every_run_with_the_guarantee_that_covered_the_
     assert bo.lifetime_epsilon == pytest.approx(epsilon_spent(steps, 1e-5))
     assert bo.lifetime_epsilon > bo.runs[0].epsilon
     lines = "\n".join(bo.lines())
-    assert "run run-a: trained on their data in round(s) 1-3" in lines and "checkpoints before round 1" in lines
+    assert "run run-a: trained on their data in round(s) 1-3" in lines and "none of its checkpoints predates" in lines
     assert [r.run for r in request_erasure(folders, "dee", "DSR-2").runs] == ["run-b"]
     nobody = request_erasure(folders, "zed", "DSR-3")
     assert not nobody.runs and "no run trained on their data" in nobody.lines()[1]
+    charge(ledger, ledger.register(units(PrivacyUnitKind.user, "ana", "eve")), "run-a#1", [4])  # eve joined later
+    eve = request_erasure(folders, "eve", "DSR-5")
+    assert [(r.run, r.rounds) for r in eve.runs] == [("run-a", [4])]
+    assert "its checkpoints up to round 3 predate them" in "\n".join(eve.lines())
     audit = AuditLog(folders.state_dir / "audit.jsonl", "test", EvidenceKey.load(folders.key_dir)).entries()
     assert [e["report"]["runs"][0]["run"] for e in audit if e["action"] == "erasure" and e["report"]["runs"]] == [
-        "run-a", "run-b"]
+        "run-a", "run-b", "run-a"]
 
     # Record units: the ledger keeps salted people beside the record digests; a dataset registered before it did
     # cannot tell, so its runs are reported as possibly including the person.
