@@ -147,8 +147,9 @@ def check_scope(scope: TransferScope, audit_entries: list[dict[str, Any]]) -> No
     if not scope.exists():
         raise LedgerError(
             f"The transfer-scope register {scope.path} is missing, but this node's audit log records {len(anchored)} "
-            "release(s) abroad counted in it. Transfers are refused: restore it (and its .head file) from a ledger "
-            "backup (`fedsov ledger backup`)."
+            "release(s) abroad counted in it. The node refuses to start, as it could no longer count the people "
+            "already sent abroad: restore the register (and its .head file) from a ledger backup (`fedsov ledger "
+            "backup`)."
         )
     scope.check_anchor(int(anchored[-1]["scope_entries"]), str(anchored[-1]["scope_head"]))
 
