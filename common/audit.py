@@ -51,6 +51,17 @@ class EvidenceKey:
         """A public name for the key (a hash of it), recorded in every entry to tell 'wrong key' from 'edited'."""
         return hashlib.sha256(b"fedsov-evidence-key-id|" + self.secret).hexdigest()[:16]
 
+    def pseudonymiser(self, purpose: str) -> Callable[[str], str]:
+        """A keyed pseudonym for identifiers (e.g. user ids) under this key, separate per purpose.
+
+        User ids are often guessable (an e-mail address, a customer number): a plain or salted hash
+        stored beside its salt is reversed by hashing candidates. Keyed with this secret, which lives
+        apart from the logs, only the holder of the key (the node, which holds the data anyway) can
+        match an id to its pseudonym.
+        """
+        derived = hmac.new(self.secret, b"fedsov-pseudonym|" + purpose.encode(), hashlib.sha256).digest()
+        return lambda identifier: hmac.new(derived, identifier.encode(), hashlib.sha256).hexdigest()[:32]
+
     @classmethod
     def load(cls, folder: Path | str) -> "EvidenceKey":
         folder = Path(folder).expanduser()

@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--to", dest="destination", type=Path, required=True)
     export.add_argument("--jurisdiction", required=True, help="where the model will be deployed, e.g. EU, US-CA")
     _deployment_parsers(sub)
+    _lifecycle_parsers(sub)
     return parser
 
 
@@ -117,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
             for region, folder in ensure_synthetic_data(load_config(args.overrides)).items():
                 print(f"{region}: {folder} (start its node with --data {folder} --synthetic-data)")
             return 0
+        if args.command in ("retention", "ledger", "dpo-record") or (
+                (args.command, getattr(args, "action", None)) in (("node", "erase"), ("run", "branch"))):
+            return _lifecycle(args)
         if args.command == "roster" or (args.command == "node" and args.action == "identity"):
             return _roster(args)
         if args.command in ("certs", "coordinator", "node", "run", "deploy"):
@@ -261,6 +265,7 @@ def _deployment_parsers(sub) -> None:
     ntrust.add_argument("--ca", type=Path, required=True, help="the coordinator's CA certificate")
     ntrust.add_argument("--jurisdiction", required=True, help="where that coordinator is, e.g. EU, US-CA, CN")
     ntrust.add_argument("--name", required=True, help="a label for this coordinator")
+    _erase_parser(nsub)
     _connection_args(nstart)
     nstart.add_argument("overrides", nargs="*", help="config overrides for the start checks (e.g. model settings)")
 
@@ -280,6 +285,7 @@ def _deployment_parsers(sub) -> None:
     rfetch.add_argument("run_name", help="the fedsov run name (the run directory's name)")
     rfetch.add_argument("--runs-dir", type=Path, default=Path("fedsov-coordinator/runs"))
     rfetch.add_argument("--to", type=Path, required=True)
+    _branch_parser(rsub)
 
     roster = sub.add_parser("roster", help="the federation roster: the nodes whose secure-aggregation keys count")
     rosub = roster.add_subparsers(dest="action", required=True)
@@ -369,6 +375,122 @@ def _deployment(args) -> int:
             return 0
         return d.run_outcome(d.watch_run(connection, run_id, cfg), None, print)
     return d.run_outcome(d.watch_run(connection, args.run_id), None, print)
+
+
+def _node_state_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    """Where a stopped node's state is: the same values as its `fedsov node start` flags."""
+    p.add_argument("--region", required=required)
+    p.add_argument("--state-dir", type=Path, required=required, help="the node's state folder (as for node start)")
+    p.add_argument("--name", help="node name (default: as node start derives it from the state folder)")
+    p.add_argument("--key-dir", help="the node's evidence-key folder (default <state-dir>.keys)")
+    p.add_argument("--ledger-dir", help="the privacy ledger's folder (default: the state folder)")
+    p.add_argument("--ledger-key-dir", help="the ledger's evidence-key folder (default: --key-dir)")
+
+
+def _erase_parser(nsub) -> None:
+    erase = nsub.add_parser("erase", help="record a person's erasure request: their records leave all later training; "
+                                          "reports the runs trained on them")
+    erase.add_argument("--user", required=True, help="the user_id the person's records carry")
+    erase.add_argument("--reference", required=True, help="the request's reference (e.g. a ticket number), for the log")
+    _node_state_args(erase)
+
+
+def _branch_parser(rsub) -> None:
+    branch = rsub.add_parser("branch", help="a new run continuing a run from one of its checkpoints (e.g. one that "
+                                            "predates an erased person); resume it like any run")
+    branch.add_argument("run_dir", type=Path)
+    branch.add_argument("--round", type=_positive_int, required=True, help="the checkpoint's round")
+    branch.add_argument("--to", type=Path, help="the new run folder (default: beside the run, named after it)")
+
+
+def _lifecycle_parsers(sub) -> None:
+    retention = sub.add_parser("retention", help="delete what the regions' retention rules say must go")
+    rsub = retention.add_subparsers(dest="action", required=True)
+    enforce = rsub.add_parser("enforce", help="on a coordinator: --runs-dir (checkpoints); on a node: --region and "
+                                              "--state-dir (ledger backups); each deletion is logged")
+    enforce.add_argument("--runs-dir", type=Path, help="the coordinator's runs folder")
+    enforce.add_argument("--dry-run", action="store_true", help="list what is due, delete nothing")
+    _node_state_args(enforce, required=False)
+    ledger = sub.add_parser("ledger", help="the privacy ledger's backups")
+    lsub = ledger.add_subparsers(dest="action", required=True)
+    backup = lsub.add_parser("backup", help="a verified copy of the ledger folder's keyed logs in <ledger-dir>/backups")
+    _node_state_args(backup)
+    dpo = sub.add_parser("dpo-record", help="a run's record of processing and DPIA inputs for the DPO (JSON, Markdown)")
+    dpo.add_argument("run_dir", type=Path)
+    dpo.add_argument("--out", type=Path, help="folder to write to (default: the run's report folder)")
+
+
+def _node_folders(args):
+    from client.settings import NodeFolders
+
+    if not args.region or not args.state_dir:
+        raise ConfigError("Give the node's --region and --state-dir (as for `fedsov node start`), or --runs-dir on a "
+                          "coordinator.")
+    if not args.state_dir.expanduser().is_dir():
+        raise ConfigError(f"--state-dir {args.state_dir}: no such folder. Give the node's state folder, as for "
+                          "`fedsov node start`.")
+    values = {"region": args.region, "state-dir": str(args.state_dir.expanduser().resolve()), "name": args.name,
+              "key-dir": args.key_dir, "ledger-dir": args.ledger_dir, "ledger-key-dir": args.ledger_key_dir,
+              "config-dir": str(args.config_dir) if args.config_dir else None}
+    return NodeFolders.of({k: v for k, v in values.items() if v})
+
+
+def _lifecycle(args) -> int:
+    """Retention, ledger backups, erasure requests, run branches and the DPO record."""
+    from server.rundir import RunDirectory
+
+    if args.command == "dpo-record":
+        from server.dpo import write_dpo_record
+
+        json_path, md_path = write_dpo_record(RunDirectory(args.run_dir), args.out)
+        print(f"DPO record: {md_path} (and {json_path.name}); the fields marked TO FILL are for the DPO.")
+        return 0
+    if args.command == "run":
+        from server.rundir import branch_run
+
+        branch = branch_run(RunDirectory(args.run_dir), args.round, args.to)
+        print(f"{branch.path} continues {args.run_dir} from its round-{args.round} checkpoint. Train it with "
+              f"`fedsov simulate resume={branch.path}` (on a coordinator: `fedsov run submit ... "
+              f"resume={branch.path}`).")
+        return 0
+    if args.command == "retention" and args.runs_dir:
+        from server.retention import enforce_runs_retention, expired_checkpoints
+
+        if args.region or args.state_dir:
+            raise ConfigError("Give either --runs-dir (a coordinator) or --region and --state-dir (a node), not both.")
+        if args.dry_run:
+            due = [item for _, items in expired_checkpoints(args.runs_dir, args.config_dir) for item in items]
+        else:
+            due = enforce_runs_retention(args.runs_dir, args.config_dir)
+        return _print_retention(due, args.dry_run, f"checkpoints under {args.runs_dir}")
+    folders = _node_folders(args)
+    if args.command == "node":
+        from client.erasure import request_erasure
+
+        for line in request_erasure(folders, args.user, args.reference).lines():
+            print(line)
+        return 0
+    if args.command == "ledger":
+        from client.retention import backup_ledger
+
+        print(f"Ledger backup {backup_ledger(folders)} (verified); copy the backups folder off this machine as well.")
+        return 0
+    from client.retention import enforce_node_retention, expired_backups
+    from client.settings import node_audit
+    from common.config import load_region_file
+
+    policy = load_region_file(folders.policy_file).policy
+    due = (expired_backups(folders, policy) if args.dry_run
+           else enforce_node_retention(folders, policy, node_audit(folders)))
+    return _print_retention(due, args.dry_run, f"ledger backups of node {folders.name}")
+
+
+def _print_retention(due, dry_run: bool, what: str) -> int:
+    for item in due:
+        print(f"{'due' if dry_run else 'deleted'}: {item.describe()}")
+    if not due:
+        print(f"Nothing is due: every one of the {what} is within its region's retention period.")
+    return 0
 
 
 def _roster(args) -> int:

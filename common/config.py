@@ -197,6 +197,9 @@ class SimulationConfig:
 
 @dataclass
 class FedsovConfig:
+    # Why the model is trained, in the controller's words: the purpose a record of processing names (GDPR
+    # Art. 30(1)(b)). fedsov cannot know it; `fedsov dpo-record` marks it for the DPO to fill while it is null.
+    purpose: Optional[str] = None
     workdir: str = "fedsov-work"
     run_dir: Optional[str] = None
     resume: Optional[str] = None

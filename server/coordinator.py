@@ -289,7 +289,8 @@ class Coordinator:
                               policy_hash=node.policy_hash, epsilon=node.epsilon)
             self.run.event(
                 "node_joined", node=node.name, region=node.region, units=node.units,
-                epsilon=json_number(node.epsilon), excluded_no_consent=int(metrics["excluded-no-consent"]),
+                epsilon=json_number(node.epsilon), people=int(metrics["people"]),
+                excluded_no_consent=int(metrics["excluded-no-consent"]),
                 excluded_special=int(metrics["excluded-special"]), law=node.law,
             )
         if not self.nodes:

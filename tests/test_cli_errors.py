@@ -320,7 +320,8 @@ def test_an_unexpected_failure_is_one_line_and_a_log_file(monkeypatch, capsys):
                                      "audit verify", "audit compare", "report", "generate", "export", "certs",
                                      "coordinator start", "coordinator register", "coordinator nodes", "node key",
                                      "node start", "node trust", "node identity", "roster add", "roster show", "run submit", "run watch", "run status", "run fetch",
-                                     "data check", "data generate", "deploy local"])
+                                     "data check", "data generate", "deploy local",
+                                     "retention enforce", "ledger backup", "node erase", "run branch", "dpo-record"])
 def test_help_of_each_command(command, capsys):
     assert main([*(command.split() if command else []), "--help"]) == 0
     assert "usage: fedsov" in capsys.readouterr().out

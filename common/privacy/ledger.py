@@ -23,7 +23,7 @@ from common.audit import ChainHead, EvidenceKey, HashChainLog, TamperedLog
 from common.errors import BudgetExhausted, LedgerError, PrivacyError
 from common.policy import PrivacyUnitKind
 from common.privacy.accounting import MONOTONE_SLACK, DpSgdSteps, epsilon_spent
-from common.privacy.units import PrivacyUnit, dataset_fingerprint
+from common.privacy.units import PrivacyUnit, dataset_fingerprint, person_digest
 
 LEDGER_FORMAT = "fedsov-privacy-ledger/2"
 
@@ -95,9 +95,27 @@ class PrivacyLedger:
         state = self._state()
         if fingerprint not in state["datasets"]:
             salt = bytes.fromhex(state["salt"])
-            self._log.append({"kind": "dataset", "fingerprint": fingerprint, "units": len(units),
-                              "unit_digests": sorted({u.digest(salt) for u in units})})
+            entry = {"kind": "dataset", "fingerprint": fingerprint, "units": len(units),
+                     "unit_digests": sorted({u.digest(salt) for u in units})}
+            if self.unit != PrivacyUnitKind.user:
+                # Record digests cannot tell whose records they are once the text changed: keep who, for erasures.
+                entry["people"] = sorted({person_digest(u.user_id, salt) for u in units})
+            self._log.append(entry)
         return fingerprint
+
+    def person_history(self, user_id: str) -> tuple[list[RoundCharge], list[str]]:
+        """The charges on datasets that held this person's data, oldest first; and the datasets that cannot tell
+        (record-unit datasets registered before the ledger kept people), whose charges may include them."""
+        state = self._state()
+        digest = person_digest(user_id, bytes.fromhex(state["salt"]))
+        holding, unknown = set(), []
+        for fingerprint, dataset in state["datasets"].items():
+            people = dataset["unit_digests"] if state["unit"] == PrivacyUnitKind.user.value else dataset["people"]
+            if people is None:
+                unknown.append(fingerprint)
+            elif digest in people:
+                holding.add(fingerprint)
+        return [c for c in state["charges"] if c.dataset in holding], unknown
 
     def history(self, fingerprint: str) -> list[RoundCharge]:
         """Every charge that touched a unit of this dataset, oldest first."""
@@ -203,7 +221,8 @@ class PrivacyLedger:
                                  "datasets": {}, "charges": []}
         for e in entries[1:]:
             if e.get("kind") == "dataset":
-                state["datasets"][e["fingerprint"]] = {"units": e["units"], "unit_digests": e["unit_digests"]}
+                state["datasets"][e["fingerprint"]] = {"units": e["units"], "unit_digests": e["unit_digests"],
+                                                       "people": e.get("people")}
             elif e.get("kind") == "charge":
                 try:
                     state["charges"].append(RoundCharge(**{k: e[k] for k in RoundCharge.__dataclass_fields__}))
