@@ -29,10 +29,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def tokenizer_model(tmp_path_factory) -> Path:
-    """A model folder with a small tokenizer trained on records like the tests' and a config: all that a
-    node's start checks load (no weights), so ordinary records fit model.max_length and long ones do not."""
+    """A model folder with a small tokenizer trained on records like the tests', a config and tiny random
+    weights: what a node's start checks load, so ordinary records fit model.max_length and long ones do not."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import GPT2Config, PreTrainedTokenizerFast
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
     folder = tmp_path_factory.mktemp("tokenizer-model")
     tok = Tokenizer(models.BPE())
@@ -44,7 +44,9 @@ def tokenizer_model(tmp_path_factory) -> Path:
                             trainer=trainer)
     PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
                             unk_token="<|endoftext|>").save_pretrained(folder)
-    GPT2Config(vocab_size=2000, n_positions=128, n_embd=16, n_layer=1, n_head=1).save_pretrained(folder)
+    config = GPT2Config(vocab_size=2000, n_positions=128, n_embd=16, n_layer=1, n_head=1)
+    # Random tiny weights: the start checks refuse a model folder without any (50k values, a few ms to write).
+    GPT2LMHeadModel(config).save_pretrained(folder)
     return folder
 
 
