@@ -255,12 +255,18 @@ def _stage(msg: Message) -> ConfigRecord:
     return records(msg, {SECAGG: ConfigRecord})[SECAGG]
 
 
-@handled
-def secagg_shares(msg: Message, context: Context) -> RecordDict:
+def _cohort_checked(msg: Message, context: Context, nodes_field: str, stage: str) -> tuple[ConfigRecord, PolicyGate]:
+    """The stage's record, once the distinct nodes it names meet this node's minimum cohort (repeats never count)."""
     content = _stage(msg)
     gate = policy_gate(context)
-    ids = content.get("node-ids")
-    gate.check_cohort(len(set(ids)) if isinstance(ids, list) else 0, "key exchange", _round(msg))
+    nodes = content.get(nodes_field)
+    gate.check_cohort(len(set(nodes)) if isinstance(nodes, list) else 0, stage, _round(msg))
+    return content, gate
+
+
+@handled
+def secagg_shares(msg: Message, context: Context) -> RecordDict:
+    content, gate = _cohort_checked(msg, context, "node-ids", "key exchange")
     shares = secure.share(context.state, content, node_roster(gate.settings), gate.policy.transfers.min_cohort)
     return RecordDict({SECAGG: ConfigRecord(shares)})
 
@@ -272,10 +278,7 @@ def secagg_mask(msg: Message, context: Context) -> RecordDict:
 
 @handled
 def secagg_confirm(msg: Message, context: Context) -> RecordDict:
-    content = _stage(msg)
-    gate = policy_gate(context)
-    survivors = content.get("survivors")
-    gate.check_cohort(len(set(survivors)) if isinstance(survivors, list) else 0, "unmasking", _round(msg))
+    content, gate = _cohort_checked(msg, context, "survivors", "unmasking")
     return RecordDict({SECAGG: ConfigRecord(secure.confirm(context.state, content, node_identity(gate.settings)))})
 
 
