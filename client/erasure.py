@@ -31,7 +31,7 @@ from typing import Any, Callable
 
 from client.settings import LEDGER_FILE, NodeFolders, NodeSettings, node_audit
 from client.transfers import PERSON
-from common.audit import ChainHead, EvidenceKey, HashChainLog, TamperedLog
+from common.audit import ChainHead, EvidenceKey, HashChainLog, KeyedRegister, TamperedLog
 from common.config import load_region_file
 from common.errors import ConfigError, LedgerError
 from common.privacy.accounting import epsilon_spent
@@ -41,33 +41,27 @@ ERASURES_FILE = "erasures.jsonl"
 ERASURES_FORMAT = "fedsov-erasures/1"
 
 
-class ErasureRegister:
+class ErasureRegister(KeyedRegister):
     """The pseudonyms of the people whose erasure was requested, in the ledger folder."""
 
+    kind = "erasures"
+    format = ERASURES_FORMAT
+
     def __init__(self, folder: Path, key_dir: Path):
-        self.path = Path(folder) / ERASURES_FILE
+        super().__init__(Path(folder) / ERASURES_FILE)
         self.key_dir = Path(key_dir)
 
-    def exists(self) -> bool:
-        return HashChainLog.files_exist(self.path)
+    def _key(self) -> EvidenceKey:
+        return EvidenceKey.load(self.key_dir)  # only once there is a register: nobody erased needs no key
 
-    def _log(self) -> HashChainLog:
-        return HashChainLog(self.path, EvidenceKey.load(self.key_dir))
-
-    def head(self) -> ChainHead | None:
-        return self._log().chain_head() if self.exists() else None
-
-    def check_anchor(self, entries: int, head: str) -> None:
-        try:
-            self._log().check_anchor(entries, head)
-        except TamperedLog as err:
-            raise self._damaged(err) from err
+    def current_head(self) -> ChainHead | None:
+        return self.head if self.exists() else None
 
     def erased(self) -> set[str]:
         """Pseudonyms of every person whose erasure was requested."""
         if not self.exists():
             return set()
-        return {e["person"] for e in self._entries() if e.get("kind") == "erasure"}
+        return {e["person"] for e in self.entries() if e.get("kind") == "erasure"}
 
     def matcher(self) -> Callable[[str], bool] | None:
         """A test for 'was this user_id erased?', or None when nobody was (no key needed then)."""
@@ -79,28 +73,12 @@ class ErasureRegister:
 
     def add(self, person: str, reference: str, node: str) -> tuple[bool, ChainHead]:
         """Record a request (once per person); return whether it is new, and the register's head."""
-        log = self._log()
-        try:
-            if not log.exists():
-                log.append({"kind": "erasures", "format": ERASURES_FORMAT})
-            new = person not in self.erased()
-            if new:
-                log.append({"kind": "erasure", "person": person, "reference": reference, "node": node})
-            return new, log.chain_head()
-        except TamperedLog as err:
-            raise self._damaged(err) from err
+        new = person not in self.erased()
+        if new:
+            self.append({"kind": "erasure", "person": person, "reference": reference, "node": node})
+        return new, self.head
 
-    def _entries(self) -> list[dict[str, Any]]:
-        try:
-            entries = self._log().entries()
-        except TamperedLog as err:
-            raise self._damaged(err) from err
-        if entries and (entries[0].get("kind") != "erasures" or entries[0].get("format") != ERASURES_FORMAT):
-            raise LedgerError(f"{self.path} is not a fedsov erasure register ({ERASURES_FORMAT}); restore the right "
-                              "file from a ledger backup.")
-        return entries
-
-    def _damaged(self, err: TamperedLog) -> LedgerError:
+    def damaged(self, err: TamperedLog) -> LedgerError:
         return LedgerError(
             f"The erasure register {self.path} failed its integrity check ({err}). Training is refused: people whose "
             "erasure was requested could otherwise be trained on again. Restore it (and its .head file) from a ledger "

@@ -102,13 +102,13 @@ class RegionNode:
 
     def _load_data(self) -> NodeData:
         """The node's data without the people whose erasure was requested (as of the register's current head)."""
-        self._erasures_seen = self._erasures.head()
+        self._erasures_seen = self._erasures.current_head()
         return load_node_data(self.settings, self.policy, self._tokenizer, erased=self._erasures.matcher())
 
     def _refresh_data(self) -> None:
         """A node kept running reloads its data when an erasure was recorded since: the person leaves at once."""
         check_register(self._erasures, self.audit.entries())
-        if self._erasures.head() != self._erasures_seen:
+        if self._erasures.current_head() != self._erasures_seen:
             self.data = self._load_data()
             self.audit.record("data", "reloaded", reason=f"the erasure register changed: {self.data.counts}",
                               policy_hash=self.policy_hash)

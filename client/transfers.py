@@ -22,7 +22,7 @@ import datetime
 from pathlib import Path
 from typing import Any, Iterable
 
-from common.audit import ChainHead, EvidenceKey, HashChainLog, TamperedLog
+from common.audit import EvidenceKey, KeyedRegister, TamperedLog
 from common.errors import LedgerError
 from common.policy import CountingPeriod, RegionPolicy, SafeguardDecision, VolumeRules, transfer_safeguard
 
@@ -31,30 +31,23 @@ SCOPE_FORMAT = "fedsov-transfer-scope/1"
 PERSON = "person"  # the pseudonym purpose shared by the ledger folder's registers (this one and erasures)
 
 
-class TransferScope:
+class TransferScope(KeyedRegister):
     """The people earlier releases to cross-border coordinators covered, by date."""
 
+    kind = "transfer-scope"
+    format = SCOPE_FORMAT
+
     def __init__(self, folder: Path, key: EvidenceKey):
-        self.path = Path(folder) / SCOPE_FILE
-        self._log = HashChainLog(self.path, key)
+        super().__init__(Path(folder) / SCOPE_FILE)
+        self._evidence_key = key
         self.pseudonym = key.pseudonymiser(PERSON)
 
-    def exists(self) -> bool:
-        return self._log.exists()
-
-    @property
-    def head(self) -> ChainHead:
-        return self._log.chain_head()
-
-    def check_anchor(self, entries: int, head: str) -> None:
-        try:
-            self._log.check_anchor(entries, head)
-        except TamperedLog as err:
-            raise self._damaged(err) from err
+    def _key(self) -> EvidenceKey:
+        return self._evidence_key
 
     def in_period(self, rules: VolumeRules, on: datetime.date) -> tuple[set[str], set[str]]:
         """Pseudonyms of the people, and of the people with sensitive data, recorded in the period ending `on`."""
-        return _covered(self._entries(), rules, on)
+        return _covered(self.entries() if self.exists() else [], rules, on)
 
     def record(self, people: Iterable[str], sensitive: Iterable[str], *, rules: VolumeRules, on: datetime.date,
                details: dict[str, Any]) -> tuple[int, int]:
@@ -71,25 +64,10 @@ class TransferScope:
             counted.append((len(new), len(new_sensitive)))
             return {"kind": "transfer", "date": on.isoformat(), **details, "people": new, "sensitive": new_sensitive}
 
-        try:
-            if not self._log.exists():
-                self._log.append({"kind": "transfer-scope", "format": SCOPE_FORMAT})
-            self._log.append(entry)
-        except TamperedLog as err:
-            raise self._damaged(err) from err
+        self.append(entry)
         return counted[0]
 
-    def _entries(self) -> list[dict[str, Any]]:
-        try:
-            entries = self._log.entries()
-        except TamperedLog as err:
-            raise self._damaged(err) from err
-        if entries and (entries[0].get("kind") != "transfer-scope" or entries[0].get("format") != SCOPE_FORMAT):
-            raise LedgerError(f"{self.path} is not a fedsov transfer-scope register ({SCOPE_FORMAT}); restore the "
-                              "right file from a ledger backup.")
-        return entries
-
-    def _damaged(self, err: TamperedLog) -> LedgerError:
+    def damaged(self, err: TamperedLog) -> LedgerError:
         return LedgerError(
             f"The transfer-scope register {self.path} failed its integrity check ({err}). Transfers abroad are "
             "refused: without it the people already sent abroad this period cannot be counted. Restore it (and its "

@@ -240,7 +240,7 @@ def test_the_erasure_report_names_every_run_with_the_guarantee_that_covered_the_
     key = EvidenceKey.load_or_create(eu.ledger_key_dir)
     records = PrivacyLedger(eu.ledger_dir / LEDGER_FILE, delta=1e-5, unit=PrivacyUnitKind.record, key=key)
     charge(records, records.register(units(PrivacyUnitKind.record, "ana", "bo")), "run-c#1", [1])
-    records._log.append({"kind": "dataset", "fingerprint": "f" * 64, "units": 1, "unit_digests": ["0" * 32]})
+    records.append({"kind": "dataset", "fingerprint": "f" * 64, "units": 1, "unit_digests": ["0" * 32]})
     charge(records, "f" * 64, "run-old#1", [1])
     report = request_erasure(eu, "bo", "DSR-4")
     assert [r.run for r in report.runs] == ["run-c"] and report.undetermined_runs == ["run-old"]
