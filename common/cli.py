@@ -25,6 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     sim = sub.add_parser("simulate", help="run a simulated federation on this machine (Flower + Ray)")
+    sim.add_argument("-m", "--multirun", action="store_true",
+                     help="sweep: one run per combination of comma-separated values, e.g. privacy.target_epsilon=3,8")
+    _hydra_flags(sim)
     sim.add_argument("overrides", nargs="*", help="config overrides key=value; resume=<run_dir> continues a run")
 
     policy = sub.add_parser("policy", help="region policies: validate, explain, dry-run a round plan")
@@ -66,6 +69,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _hydra_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cfg", choices=("job",), help="print the composed, validated config and exit (as Hydra's --cfg job)")
+    p.add_argument("--info", action="store_true", help="print where the config comes from and exit (as Hydra's --info)")
+
+
+def _hydra_habits(args) -> int | None:
+    """--cfg job and --info answer without running anything; None when neither was asked."""
+    from server.sweep import expand, show_config, show_info
+
+    if args.info:
+        return show_info(args.overrides, args.config_dir)
+    if args.cfg:
+        return show_config(expand(args.overrides) if getattr(args, "multirun", False) else [args.overrides],
+                           args.config_dir)
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
@@ -86,6 +106,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "simulate":
             from server.simulation import simulate
 
+            answered = _hydra_habits(args)
+            if answered is not None:
+                return answered
+            if args.multirun:
+                from server.sweep import sweep
+
+                return sweep(args.overrides, args.config_dir, lambda job: simulate(job, args.config_dir))
             return simulate(args.overrides, args.config_dir)
         if args.command == "policy":
             return _policy(args)
@@ -274,6 +301,7 @@ def _deployment_parsers(sub) -> None:
     rsubmit = rsub.add_parser("submit", help="submit a run; --watch follows it to the end")
     _connection_args(rsubmit)
     rsubmit.add_argument("--watch", action="store_true")
+    _hydra_flags(rsubmit)
     rsubmit.add_argument("overrides", nargs="*")
     rwatch = rsub.add_parser("watch", help="follow a run (rounds, epsilon per region); exit 1 if it fails")
     rwatch.add_argument("run_id", type=int)
@@ -310,6 +338,7 @@ def _deployment_parsers(sub) -> None:
     dsub = deploy.add_subparsers(dest="action", required=True)
     dlocal = dsub.add_parser("local", help="coordinator + one SuperNode per configured client, TLS and node auth on")
     dlocal.add_argument("--insecure", action="store_true", help="no TLS, no node authentication (tests only)")
+    _hydra_flags(dlocal)
     dlocal.add_argument("overrides", nargs="*")
 
 
@@ -326,6 +355,10 @@ def _deployment(args) -> int:
         print(f"CA {files.ca_cert} (give it to every node and CLI user); server certificate {files.server_cert} "
               f"and key {files.server_key} (coordinator only); CA key {args.out / 'ca.key'} (keep offline).")
         return 0
+    if args.command == "deploy" or (args.command == "run" and args.action == "submit"):
+        answered = _hydra_habits(args)
+        if answered is not None:
+            return answered
     if args.command == "deploy":
         return d.local_deployment(args.overrides, insecure=args.insecure, config_dir=args.config_dir)
     if args.command == "coordinator" and args.action == "start":
