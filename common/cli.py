@@ -54,8 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="(re)write a run's privacy report")
     report.add_argument("run_dir", type=Path)
 
-    gen = sub.add_parser("generate", help="generate text with a run's adapter; flags PII; prints the privacy card")
-    gen.add_argument("run_dir", type=Path)
+    gen = sub.add_parser("generate", help="generate text with an adapter; flags PII; prints the privacy card")
+    gen.add_argument("adapter", type=Path, help="a run directory, its adapter/ folder, or a `fedsov export` folder")
+    gen.add_argument("--base", type=Path, help="the base model folder (default: the run's own, where it is on this "
+                                               "machine); its fingerprint must match")
     gen.add_argument("--prompt", default="", help="text to continue (default: unconditional)")
     gen.add_argument("--samples", type=_positive_int, default=1)
     gen.add_argument("--max-new-tokens", type=_positive_int, default=60)
@@ -127,12 +129,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "generate":
             from server.generate import generate
 
-            return generate(args.run_dir, args.prompt, samples=args.samples, max_new_tokens=args.max_new_tokens)
+            return generate(args.adapter, args.prompt, samples=args.samples, max_new_tokens=args.max_new_tokens,
+                            base=args.base)
         if args.command == "export":
             from server.provenance import export_adapter
 
             out = export_adapter(args.run_dir, args.destination, args.jurisdiction)
-            print(f"Exported {args.run_dir / 'adapter'} to {out} for deployment in {args.jurisdiction}.")
+            print(f"Exported {args.run_dir / 'adapter'} to {out} for deployment in {args.jurisdiction}: adapter, "
+                  f"tokenizer, model card (README.md), manifest and base-model-reference/. Load it with "
+                  f"PeftModel.from_pretrained(<base>, '{out}'), or `fedsov generate {out} --base <base folder>`.")
             return 0
         if args.command == "data" and args.action == "check":
             from client.datacheck import check_data
