@@ -314,6 +314,19 @@ def _deployment_parsers(sub) -> None:
     rstatus = rsub.add_parser("status", help="a run's status as the SuperLink reports it")
     rstatus.add_argument("run_id", type=int)
     _connection_args(rstatus)
+    rstop = rsub.add_parser("stop", help="stop a running run (flwr stop); its checkpoints stay for resume=")
+    rstop.add_argument("run_id", type=int)
+    _connection_args(rstop)
+    rlogs = rsub.add_parser("logs", help="a run's log from the coordinator (flwr log), progress rendered")
+    rlogs.add_argument("run_id", type=int)
+    rlogs.add_argument("--follow", "-f", action="store_true", help="keep printing until the run finishes")
+    rlogs.add_argument("--raw", action="store_true", help="the log exactly as Flower keeps it")
+    _connection_args(rlogs)
+    rpull = rsub.add_parser("pull", help="copy a finished run's outputs from the coordinator, from any machine "
+                                         "holding the CA (flwr pull)")
+    rpull.add_argument("run_id", type=int)
+    rpull.add_argument("--to", type=Path, required=True, help="folder to write <run name>/ into")
+    _connection_args(rpull)
     rfetch = rsub.add_parser("fetch", help="copy a finished run's outputs (on the coordinator machine)")
     rfetch.add_argument("run_name", help="the fedsov run name (the run directory's name)")
     rfetch.add_argument("--runs-dir", type=Path, default=Path("fedsov-coordinator/runs"))
@@ -406,6 +419,15 @@ def _deployment(args) -> int:
         status = connection.control().status(args.run_id)
         print(f"run {args.run_id}: {status.status} {status.details}".rstrip())
         return 0 if not status.finished or status.completed else 1
+    if args.action in ("stop", "logs", "pull"):
+        from server import runcontrol
+
+        if args.action == "stop":
+            return runcontrol.stop_run(connection.control(), args.run_id)
+        if args.action == "logs":
+            return runcontrol.show_logs(connection.control(), args.run_id, follow=args.follow, raw=args.raw)
+        runcontrol.pull_outputs(connection.control(), args.run_id, args.to)
+        return 0
     if args.action == "submit":
         run_id, cfg = d.submit_run(connection, args.overrides, config_dir=args.config_dir)
         if not args.watch:

@@ -13,6 +13,7 @@ from common.config import config_from_json, config_to_dict, config_to_yaml
 from common.runconfig import CONFIG_KEY
 from server.coordinator import Coordinator
 from server.rundir import RunDirectory
+from server.runcontrol import publish_outputs
 from server.tracking import Trackers
 
 app = ServerApp()
@@ -54,3 +55,6 @@ def main(grid: Grid, context: Context) -> None:
     finally:
         if run.trackers is not None:
             run.trackers.close()
+        # Deployed, the run's outputs also go into its Flower log, for `fedsov run pull` from any CA holder.
+        if os.environ.get(RUNS_DIR_ENV) and run.summary_path.exists():
+            publish_outputs(run)

@@ -40,6 +40,8 @@ class Checkpoint:
 
 
 EVENT_LINE = "FEDSOV-EVENT "
+# A deployed coordinator publishes a finished run's outputs into its Flower log (server.runcontrol).
+OUTPUT_LINE = "FEDSOV-OUTPUT "
 
 
 class RunDirectory:
