@@ -171,3 +171,120 @@ def test_sweep_expansion_and_cfg_job(config_dir, capsys):
     # A bad value in any job stops the sweep before anything starts.
     assert main(["simulate", "-m", "regions=[eu]", "federation.rounds=1,0"]) == 2
     assert "Sweep job 1" in capsys.readouterr().err
+
+
+def federated_fake_run(tmp_path):
+    """The records of a secure two-round run: eu (2 nodes) and us (1 node, merged into the shared slot with sg's)
+    contributed; sg's second node refused every round, and region br was planned but all its nodes refused."""
+    from common.audit import AuditLog, EvidenceKey
+    from common.config import load_config
+    from server.rundir import RunDirectory
+
+    run = RunDirectory(tmp_path / "work" / "runs" / "run")
+    run.create()
+    key = EvidenceKey.load_or_create(run.coordinator_key_dir)
+    AuditLog(run.path / "audit.jsonl", "coordinator", key).record("run", "started", reason="test")
+    nodes = {"eu-1": "eu", "eu-2": "eu", "us-1": "us", "sg-1": "sg", "br-1": "br"}
+    for name, region in nodes.items():
+        run.event("node_joined", node=name, region=region, units=100 + len(name), epsilon=0.0, law="x",
+                  excluded_no_consent=3 if region == "eu" else 1, excluded_special=2,
+                  **({"skipped_files": 1, "truncated_units": 4} if name == "eu-1" else {}))
+    run.metrics({"round": 0, "perplexity": {"eu": 400.0, "other-regions": 300.0, "overall": 350.0}})
+    for number in (1, 2):
+        for name in ("eu-1", "eu-2", "us-1", "sg-1"):
+            run.event("node_trained", round=number, node=name, region=nodes[name], loss=None, epsilon=0.5 * number,
+                      seconds=1.0, units=100)
+        # Round 2: sg-1 dropped after the key exchange, leaving us-1 alone in the shared slot: it stays masked.
+        dropped = ["sg-1"] if number == 2 else []
+        run.metrics({"round": number, "secure_aggregation": True, "aggregated": True, "clients_dropped": dropped,
+                     "train_loss": {"eu": 5.0, **({} if dropped else {"other-regions": 5.5})},
+                     "perplexity": {"eu": 200.0, "overall": 220.0, **({} if dropped else {"other-regions": 240.0})},
+                     "epsilon": {"eu": 0.5 * number, "us": 0.5 * number, "sg": 0.5 * number}})
+    (run.home / "evidence-anchors.json").write_text(json.dumps({
+        "eu-1": {"ledger-genesis": "a" * 64, "ledger-entries": 3, "ledger-head": "b" * 64, "audit-genesis": "c" * 64,
+                 "audit-entries": 9, "audit-head": "d" * 64, "region": "eu", "run": "run#1"}}))
+    region = {"law": "GDPR", "policy_hash": "ab" * 32, "delta": 1e-5, "unit": "record", "epsilon": 1.0,
+              "epsilon_budget": 10.0, "perplexity_before": 400.0, "perplexity_after": 200.0, "refusals": []}
+    run.write_summary({"rounds_completed": 2, "excluded_regions": {"cn": "PIPL policy forbids a coordinator in EU"},
+                       "regions": {"eu": {**region, "rounds_contributed": 2, "truncated_tokens": 77},
+                                   "us": {**region, "law": "CCPA/CPRA", "rounds_contributed": 2},
+                                   "sg": {**region, "law": "PDPA", "rounds_contributed": 1},
+                                   "br": {**region, "law": "LGPD", "epsilon": None, "rounds_contributed": 0,
+                                          "refusals": ["br-1: round 1: budget exhausted"]}}})
+    audit = {"exposure-rep16-mean": 3.0, "exposure-rep16-max": 4.0, "extracted-greedy-rep16": 0.0,
+             "extracted-beam-rep16": 0.0, "canaries-rep16": 2.0, "mia-loss-auc": 0.52,
+             "mia-loss-tpr-at-1pct-fpr": 0.01, "mia-calibrated-auc": 0.51, "mia-calibrated-tpr-at-1pct-fpr": 0.02,
+             "mia-members": 200.0, "mia-nonmembers": 50.0, "one-run-canaries": 64.0, "one-run-guesses": 32.0,
+             "one-run-correct": 17.0, "generations": 16.0, "pii-spans": 3.0, "epsilon": 1.0, "delta": 1e-5}
+    memorised = {**audit, "exposure-rep16-max": 15.0}
+    run.write_audit_results({"eu-1": {"region": "eu", "metrics": audit, "examples": ["The code is \u2588\u2588"]},
+                             "us-1": {"region": "us", "metrics": memorised, "examples": []}})
+    return run, load_config(["regions=[eu,us,sg,br]"])
+
+
+def test_report_says_what_left_each_node_and_never_calls_a_silent_region_a_contributor(tmp_path):
+    from server.report import write_privacy_report
+
+    run, cfg = federated_fake_run(tmp_path)
+    report = write_privacy_report(run, cfg)
+    regions = report["regions"]
+    assert regions["br"]["contribution"]["contributed"] is False
+    assert regions["eu"]["contribution"]["status"] == "contributed (2 round(s))"
+    assert any("Region br was planned but did not contribute: br-1: round 1: budget exhausted" in line
+               for line in report["plain_summary"])
+    md = (run.report_dir / "privacy-report.md").read_text()
+    assert "| br | planned, did NOT contribute: br-1: round 1: budget exhausted |" in md
+    assert "| br | contributed" not in md
+    # delta in scientific notation, not 0.00
+    assert "| eu | GDPR | abababababababab | 1.0e-05 | record | 10.00 |" in md
+    # Each node's own counts, and the region's where only the summary has them.
+    assert "| eu-1 | eu | 104 | 3 | 2 | 1 | 4 | n/a |" in md and "| eu (region) | eu |  |  |  | n/a | n/a | 77 |" in md
+    egress = {(row[0], row[1]): row for row in _rows(md, "What left each node")}
+    assert egress[("eu-1", "1")][2] == "100 units, cumulative epsilon 0.50"
+    assert egress[("eu-1", "1")][3] == "update + train loss in slot eu (2 clients); loss revealed as the slot's sum"
+    # us-1 is its region's only client: merged with sg-1 into the shared slot; alone there in round 2, masked.
+    assert egress[("us-1", "1")][3].startswith("update + train loss in slot other-regions (2 clients)")
+    assert egress[("us-1", "2")][3].endswith("loss stayed masked")
+    assert egress[("us-1", "2")][4] == "slot other-regions (2 clients): stayed masked"
+    assert egress[("sg-1", "2")][3].startswith("dropped after the key exchange")
+    assert egress[("eu-1", "0")][4] == "slot eu (2 clients): released as the sum"
+    assert egress[("eu-1", "end of run")][2].startswith("18 audit numbers and 1 redacted canary prompts, once")
+    assert "evidence: ledger 3 entries, head bbbbbbbbbbbbbbbb, audit log 9 entries" in egress[("eu-1", "end of run")][2]
+    assert egress[("br-1", "end of run")][2].startswith("no audit numbers")
+
+
+def _rows(md: str, title: str) -> list[list[str]]:
+    section = md.split(f"## {title}")[1].split("\n## ")[0]
+    return [[c.strip() for c in line.strip("|").split("|")] for line in section.splitlines()
+            if line.startswith("| ") and not line.startswith("| node |")]
+
+
+def test_report_renders_in_a_real_browser_with_verdicts_in_colour(tmp_path):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("headless check of the HTML report needs Chromium: apt-get install -y chromium")
+    from PIL import Image
+
+    from server.report import write_privacy_report
+
+    run, cfg = federated_fake_run(tmp_path)
+    write_privacy_report(run, cfg)
+    page = (run.report_dir / "privacy-report.html").resolve().as_uri()
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--user-data-dir={tmp_path / 'ud'}"]
+    dom = subprocess.run([chromium, *flags, "--dump-dom", page], capture_output=True, text=True, timeout=120)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    for section in ("summary", "regions", "nodes", "egress", "audit", "plots", "audit-log"):
+        assert f'id="{section}"' in dom.stdout
+    assert 'class="verdict-bad">memorisation detected' in dom.stdout
+    assert 'class="verdict-ok">no memorisation detected' in dom.stdout
+    assert 'class="warn">planned, did NOT contribute' in dom.stdout
+    shot = tmp_path / "report.png"
+    done = subprocess.run([chromium, *flags, f"--screenshot={shot}", "--window-size=1280,5200", page],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and shot.is_file(), done.stderr[-2000:]
+    colours = Image.open(shot).convert("RGB").getcolors(maxcolors=1 << 20)
+    painted = {rgb: n for n, rgb in colours}
+    # The verdict backgrounds as the browser painted them: red for memorisation, green for none, amber for a
+    # region that did not contribute (each cell is thousands of pixels).
+    for rgb in ((0xFD, 0xE2, 0xE2), (0xE2, 0xF5, 0xE4), (0xFF, 0xF1, 0xC2)):
+        assert painted.get(rgb, 0) > 500, rgb
