@@ -25,8 +25,11 @@ from server.rundir import RunDirectory
 EXPOSURE_ALARM_BITS = 10.0
 MIA_ALARM_AUC = 0.6
 CONFIDENCE = 0.95
-# A node's data counts (`fedsov data check` prints them too), shown where the run recorded them.
-DATA_COUNTS = ("skipped_files", "truncated_units", "truncated_tokens", "truncated_heldout")
+# A node's own data counts as its describe reply carries them (summary.json: regions.<r>.data.<node>), in order.
+DATA_COUNTS = (("records", "records"), ("excluded-no-consent", "excluded: no consent"),
+               ("excluded-special", "excluded: special category or field"), ("heldout-records", "held-out records"),
+               ("skipped-files", "skipped files"), ("truncated-units", "truncated units"),
+               ("truncated-tokens", "truncated tokens"), ("truncated-heldout", "truncated held-out records"))
 
 
 def build_report(run: RunDirectory, cfg: FedsovConfig) -> dict[str, Any]:
@@ -45,8 +48,8 @@ def build_report(run: RunDirectory, cfg: FedsovConfig) -> dict[str, Any]:
             if accounted not in (None, "inf") and bound > float(accounted) + 1e-9:
                 violations.append(f"{name}: lower bound {bound:.3f} > accounted epsilon {float(accounted):.3f}")
         regions[name] = {
-            "contribution": _contribution(name, info, manifest),
-            "data": {k: info[k] for k in DATA_COUNTS if info.get(k) is not None},
+            "contribution": _contribution(name, info, manifest, summary.get("not_contributing") or []),
+            "data": info.get("data") or {},
             "law": info.get("law"),
             "policy_hash": info.get("policy_hash"),
             "delta": info.get("delta"),
@@ -82,17 +85,22 @@ def build_report(run: RunDirectory, cfg: FedsovConfig) -> dict[str, Any]:
     return report
 
 
-def _contribution(region: str, info: dict[str, Any], manifest: dict[str, Any] | None) -> dict[str, Any]:
-    """Whether a planned region's nodes contributed: the summary's count, else the manifest's; never the config."""
+def _contribution(region: str, info: dict[str, Any], manifest: dict[str, Any] | None,
+                  shortfalls: list[str]) -> dict[str, Any]:
+    """Whether a planned region's nodes contributed: the summary's record, else the manifest's; never the config."""
     rounds = info.get("rounds_contributed")
+    if isinstance(rounds, dict):  # per node
+        rounds = max(rounds.values(), default=0)
     if rounds is None and manifest is not None:
         rounds = (manifest["contributing_regions"].get(region) or {}).get("rounds_contributed", 0)
-    if rounds is None:
+    contributed = info.get("contributed", None if rounds is None else rounds > 0)
+    if contributed is None:
         return {"contributed": None, "rounds": None, "status": "planned; whether it contributed was not recorded"}
-    if rounds:
+    if contributed:
         return {"contributed": True, "rounds": rounds, "status": f"contributed ({rounds} round(s))"}
-    why = "; ".join(info.get("refusals") or []) or "no update of its nodes was aggregated"
-    return {"contributed": False, "rounds": 0, "status": f"planned, did NOT contribute: {why}"}
+    why = [line for line in shortfalls if f"region {region}" in line] or info.get("refusals") or []
+    return {"contributed": False, "rounds": 0,
+            "status": f"planned, did NOT contribute: {'; '.join(why) or 'no update of its nodes was aggregated'}"}
 
 
 def _anchors(run: RunDirectory) -> dict[str, Any]:
@@ -113,7 +121,7 @@ def node_egress(events: list[dict[str, Any]], rows: list[dict[str, Any]], result
             nodes[e["node"]] = {
                 "region": e["region"], "units": e["units"], "epsilon_at_join": e.get("epsilon"),
                 "excluded_no_consent": e.get("excluded_no_consent"), "excluded_special": e.get("excluded_special"),
-                "data": {k: e[k] for k in DATA_COUNTS if e.get(k) is not None}, "rounds": [], "evaluations": [],
+                "rounds": [], "evaluations": [],
             }
     trained: dict[int, list[dict[str, Any]]] = {}
     for e in events:
@@ -379,18 +387,18 @@ def _tables(report: dict[str, Any]) -> list[tuple[str, str, list[str], list[list
         ])
     excluded = [[r, f"excluded: {w}"] for r, w in report["excluded_regions"].items()]
     nodes = report.get("nodes") or {}
-    counted = [k for k in DATA_COUNTS if any(k in n["data"] for n in nodes.values())
-               or any(k in v["data"] for v in regions.values())]
-    node_rows = [[n, v["region"], _fmt(v["units"]), _fmt(v["excluded_no_consent"]), _fmt(v["excluded_special"])]
-                 + [_fmt(v["data"].get(k)) for k in counted] for n, v in nodes.items()]
-    node_rows += [[f"{r} (region)", r, "", "", ""] + [_fmt(v["data"].get(k)) for k in counted]
-                  for r, v in regions.items() if v["data"]]
+    counts = {node: (r, c) for r, v in regions.items() for node, c in v["data"].items()}
+    if not counts:  # a run from before describe carried them: what the join events say
+        counts = {n: (v["region"], {"excluded-no-consent": v["excluded_no_consent"],
+                                    "excluded-special": v["excluded_special"]}) for n, v in nodes.items()}
+    shown = [(k, title) for k, title in DATA_COUNTS if any(k in c for _, c in counts.values())]
+    node_rows = [[n, r, _fmt((nodes.get(n) or {}).get("units"))] + [_fmt(c.get(k)) for k, _ in shown]
+                 for n, (r, c) in counts.items()]
     return [
         ("regions", "Contributing and excluded regions", ["region", "status"],
          [[r, v["contribution"]["status"]] for r, v in regions.items()] + excluded),
         ("nodes", "Data on each node (its own share of the region's data)",
-         ["node", "region", "training units", "excluded: no consent", "excluded: special category or field"]
-         + [k.replace("_", " ") for k in counted], node_rows),
+         ["node", "region", "training units"] + [title for _, title in shown], node_rows),
         ("egress", "What left each node, and under which guarantee",
          ["node", "round", "in the clear", "only inside secure aggregation", "held-out loss (outside epsilon)"],
          _egress_rows(report)),

@@ -97,7 +97,10 @@ def render_sweep(results: list[dict], keys: list[str], stamp: str, record: Path)
         if summary is None:
             status, rounds, eps, ppl = f"FAILED (exit {r['exit_code']})", "-", "-", "-"
         else:
-            status = "completed" if r["exit_code"] == 0 else f"FAILED (exit {r['exit_code']})"
+            # "partial" (a planned region or node contributed nothing) says more than its exit code alone.
+            recorded = summary.get("status", "completed")
+            status = recorded if r["exit_code"] == 0 else (
+                f"{recorded} (exit {r['exit_code']})" if recorded != "completed" else f"FAILED (exit {r['exit_code']})")
             rounds = str(summary.get("rounds_completed", "-"))
             eps = " ".join(f"{n} {_eps(v.get('epsilon'))}" for n, v in summary["regions"].items()) or "-"
             o = summary.get("overall") or {}
@@ -105,7 +108,7 @@ def render_sweep(results: list[dict], keys: list[str], stamp: str, record: Path)
             ppl = f"{before:.2f} -> {after:.2f}" if before and after else "n/a"
         rows.append([str(r["job"]), *(values.get(k, "") for k in keys), status, rounds, eps, ppl, r["run_dir"]])
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
-    lines = [f"Sweep {stamp}: {sum(r['exit_code'] == 0 for r in results)}/{len(results)} runs completed "
+    lines = [f"Sweep {stamp}: {sum(r['exit_code'] == 0 for r in results)}/{len(results)} runs succeeded "
              f"(record: {record / 'sweep.json'})"]
     for row in rows:
         lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1])

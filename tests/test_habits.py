@@ -187,8 +187,7 @@ def federated_fake_run(tmp_path):
     nodes = {"eu-1": "eu", "eu-2": "eu", "us-1": "us", "sg-1": "sg", "br-1": "br"}
     for name, region in nodes.items():
         run.event("node_joined", node=name, region=region, units=100 + len(name), epsilon=0.0, law="x",
-                  excluded_no_consent=3 if region == "eu" else 1, excluded_special=2,
-                  **({"skipped_files": 1, "truncated_units": 4} if name == "eu-1" else {}))
+                  excluded_no_consent=3 if region == "eu" else 1, excluded_special=2)
     run.metrics({"round": 0, "perplexity": {"eu": 400.0, "other-regions": 300.0, "overall": 350.0}})
     for number in (1, 2):
         for name in ("eu-1", "eu-2", "us-1", "sg-1"):
@@ -205,12 +204,23 @@ def federated_fake_run(tmp_path):
                  "audit-entries": 9, "audit-head": "d" * 64, "region": "eu", "run": "run#1"}}))
     region = {"law": "GDPR", "policy_hash": "ab" * 32, "delta": 1e-5, "unit": "record", "epsilon": 1.0,
               "epsilon_budget": 10.0, "perplexity_before": 400.0, "perplexity_after": 200.0, "refusals": []}
-    run.write_summary({"rounds_completed": 2, "excluded_regions": {"cn": "PIPL policy forbids a coordinator in EU"},
-                       "regions": {"eu": {**region, "rounds_contributed": 2, "truncated_tokens": 77},
-                                   "us": {**region, "law": "CCPA/CPRA", "rounds_contributed": 2},
-                                   "sg": {**region, "law": "PDPA", "rounds_contributed": 1},
-                                   "br": {**region, "law": "LGPD", "epsilon": None, "rounds_contributed": 0,
-                                          "refusals": ["br-1: round 1: budget exhausted"]}}})
+
+    def data(node: str) -> dict:  # a node's describe counts, as the summary keeps them
+        return {"records": 200, "excluded-no-consent": 3, "excluded-special": 2, "heldout-records": 40,
+                "skipped-files": int(node == "eu-1"), "truncated-units": 4 if node == "eu-1" else 0,
+                "truncated-tokens": 77 if node == "eu-1" else 0, "truncated-heldout": 0}
+
+    def entry(law: str, nodes: dict[str, int], **extra) -> dict:
+        return {**region, "law": law, "contributed": any(nodes.values()), "rounds_contributed": nodes,
+                "data": {n: data(n) for n in nodes}, **extra}
+
+    run.write_summary({"rounds_completed": 2, "status": "partial",
+                       "not_contributing": ["node br-1 (region br) contributed to no round: budget exhausted"],
+                       "excluded_regions": {"cn": "PIPL policy forbids a coordinator in EU"},
+                       "regions": {"eu": entry("GDPR", {"eu-1": 2, "eu-2": 2}), "us": entry("CCPA/CPRA", {"us-1": 2}),
+                                   "sg": entry("PDPA", {"sg-1": 1}),
+                                   "br": entry("LGPD", {"br-1": 0}, epsilon=None,
+                                               refusals=["br-1: round 1: budget exhausted"])}})
     audit = {"exposure-rep16-mean": 3.0, "exposure-rep16-max": 4.0, "extracted-greedy-rep16": 0.0,
              "extracted-beam-rep16": 0.0, "canaries-rep16": 2.0, "mia-loss-auc": 0.52,
              "mia-loss-tpr-at-1pct-fpr": 0.01, "mia-calibrated-auc": 0.51, "mia-calibrated-tpr-at-1pct-fpr": 0.02,
@@ -230,15 +240,17 @@ def test_report_says_what_left_each_node_and_never_calls_a_silent_region_a_contr
     regions = report["regions"]
     assert regions["br"]["contribution"]["contributed"] is False
     assert regions["eu"]["contribution"]["status"] == "contributed (2 round(s))"
-    assert any("Region br was planned but did not contribute: br-1: round 1: budget exhausted" in line
-               for line in report["plain_summary"])
+    why = "node br-1 (region br) contributed to no round: budget exhausted"
+    assert any(f"Region br was planned but did not contribute: {why}" in line for line in report["plain_summary"])
     md = (run.report_dir / "privacy-report.md").read_text()
-    assert "| br | planned, did NOT contribute: br-1: round 1: budget exhausted |" in md
+    assert f"| br | planned, did NOT contribute: {why} |" in md
     assert "| br | contributed" not in md
     # delta in scientific notation, not 0.00
     assert "| eu | GDPR | abababababababab | 1.0e-05 | record | 10.00 |" in md
-    # Each node's own counts, and the region's where only the summary has them.
-    assert "| eu-1 | eu | 104 | 3 | 2 | 1 | 4 | n/a |" in md and "| eu (region) | eu |  |  |  | n/a | n/a | 77 |" in md
+    # Each node's own counts, as its describe reply carried them.
+    assert "| node | region | training units | records | excluded: no consent | excluded: special category or field | " \
+           "held-out records | skipped files | truncated units | truncated tokens | truncated held-out records |" in md
+    assert "| eu-1 | eu | 104 | 200 | 3 | 2 | 40 | 1 | 4 | 77 | 0 |" in md and "| eu-2 | eu | 104 | 200 | 3 | 2 | 40 | 0 |" in md
     egress = {(row[0], row[1]): row for row in _rows(md, "What left each node")}
     assert egress[("eu-1", "1")][2] == "100 units, cumulative epsilon 0.50"
     assert egress[("eu-1", "1")][3] == "update + train loss in slot eu (2 clients); loss revealed as the slot's sum"
