@@ -300,3 +300,29 @@ def test_report_renders_in_a_real_browser_with_verdicts_in_colour(tmp_path):
     # region that did not contribute (each cell is thousands of pixels).
     for rgb in ((0xFD, 0xE2, 0xE2), (0xE2, 0xF5, 0xE4), (0xFF, 0xF1, 0xC2)):
         assert painted.get(rgb, 0) > 500, rgb
+
+
+def test_mlflow_gets_the_same_metrics_when_it_is_installed(tmp_path, monkeypatch):
+    """MLflow is optional (not installed here): a stand-in records what fedsov asks of its tracking API."""
+    import importlib.machinery
+    import types
+
+    from common.config import load_config
+    from server.tracking import Trackers
+
+    calls: list[tuple] = []
+    fake = types.ModuleType("mlflow")
+    fake.__spec__ = importlib.machinery.ModuleSpec("mlflow", None)
+    for name in ("set_tracking_uri", "set_experiment", "start_run", "log_params", "log_metrics", "end_run"):
+        setattr(fake, name, lambda *a, _name=name, **k: calls.append((_name, a, k)))
+    monkeypatch.setitem(sys.modules, "mlflow", fake)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = load_config([f"workdir={tmp_path / 'work'}", "regions=[eu]", "tracking.tensorboard=false"])
+    trackers = Trackers(cfg, tmp_path / "work" / "runs" / "r1")
+    trackers.log({"round": 1, "perplexity": {"eu": 20.0}, "epsilon": {"eu": 1.0}})
+    trackers.close()
+    by_name = {name: (args, kwargs) for name, args, kwargs in calls}
+    assert by_name["set_tracking_uri"][0] == ((tmp_path / "work" / "mlruns").resolve().as_uri(),)
+    assert by_name["start_run"][1] == {"run_name": "r1"} and by_name["log_params"][0][0]["regions"] == "eu"
+    assert by_name["log_metrics"] == (({"perplexity/eu": 20.0, "epsilon/eu": 1.0},), {"step": 1})
+    assert calls[-1][0] == "end_run"
