@@ -708,8 +708,6 @@ class Coordinator:
                 "perplexity_after": after.get(name),
                 "epsilon": epsilon.get(name),
                 "refusals": [f"{n.name}: {r}" for n in members for r in n.refusals],
-                # A planned region whose nodes all refused or failed contributed nothing: the report says so.
-                "rounds_contributed": max((n.rounds_contributed for n in members), default=0),
             }
         missing = self._not_contributing_regions(regions, rows)
         return {
