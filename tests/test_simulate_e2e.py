@@ -97,4 +97,20 @@ def test_simulate_multirun_sweeps_one_run_per_value_and_prints_a_table(small_ove
     assert 0 < epsilon[0] <= 3.0 + 1e-6 < epsilon[1]  # the second run spends on top of the first: cumulative
     record = json.loads(next((tmp_path / "work" / "sweeps").glob("*/sweep.json")).read_text())
     assert [j["exit_code"] for j in record["jobs"]] == [0, 0]
-    assert not flower_processes()
+    assert not processes_of(tmp_path), "the sweep left Flower or Ray processes behind"
+
+
+def processes_of(root: Path) -> list[str]:
+    """Flower and Ray processes started for this test (by their folder), not those of others sharing the machine."""
+    names = ("flower-superlink", "flwr-simulation", "flower-superexec", "raylet", "gcs_server")
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if any(n in cmd for n in names):
+            try:
+                home = p.environ().get("FLWR_HOME", "")
+            except (psutil.AccessDenied, psutil.NoSuchProcess):
+                home = ""
+            if str(root) in cmd or str(root) in home:
+                found.append(cmd)
+    return found
