@@ -72,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _hydra_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--cfg", choices=("job",), help="print the composed, validated config and exit (as Hydra's --cfg job)")
+    p.add_argument("--cfg", choices=("job",),
+                   help="print the composed, validated config and exit (as Hydra's --cfg job)")
     p.add_argument("--info", action="store_true", help="print where the config comes from and exit (as Hydra's --info)")
 
 

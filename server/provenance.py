@@ -124,7 +124,8 @@ def model_card(manifest: dict[str, Any], adapter_config: dict[str, Any] | None =
         lines.append(f"| {region} | {info['law']} | {eps} | {float(info['delta']):.1e} | {info['unit']} | "
                      f"{info['rounds_contributed']} | {status} | {_places(info['allowed_deployment'])} |")
     lines.append("")
-    excluded = [f"- {region} did not contribute: {why}" for region, why in (manifest.get("excluded_regions") or {}).items()]
+    excluded = [f"- {region} did not contribute: {why}"
+                for region, why in (manifest.get("excluded_regions") or {}).items()]
     lines += excluded + ([""] if excluded else [])
     where = "any jurisdiction" if allowed == [ANY] else ", ".join(allowed) or "nowhere (no region allows a common one)"
     lines += [
@@ -136,7 +137,8 @@ def model_card(manifest: dict[str, Any], adapter_config: dict[str, Any] | None =
     lines += ["", "## How it was trained", ""]
     lines += [
         f"- {manifest['rounds_completed']} federated round(s), coordinator in {manifest['coordinator_jurisdiction']}, "
-        f"DP {'on' if manifest['dp'] else 'OFF'}, secure aggregation {'on' if manifest['secure_aggregation'] else 'OFF'}.",
+        f"DP {'on' if manifest['dp'] else 'OFF'}, "
+        f"secure aggregation {'on' if manifest['secure_aggregation'] else 'OFF'}.",
         f"- LoRA rank {lora.get('r', '?')}, alpha {lora.get('lora_alpha', '?')}, on "
         f"{', '.join(sorted(lora.get('target_modules') or [])) or '?'}; the base model stayed frozen.",
         "- Each region's own nodes enforced its policy (policy hashes in the manifest) and kept a hash-chained audit "

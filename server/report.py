@@ -250,7 +250,8 @@ def plain_summary(report: dict[str, Any]) -> list[str]:
             lines.append(f"Region {r} did not take part: {why}. None of its data was used.")
     for name, r in regions.items():
         if r["contribution"]["contributed"] is False:
-            lines.append(f"Region {name} was planned but did not contribute: {r['contribution']['status'].split(': ', 1)[1]}. "
+            why = r["contribution"]["status"].split(": ", 1)[1]
+            lines.append(f"Region {name} was planned but did not contribute: {why}. "
                          "Nothing of its data is in the model.")
         eps = r["epsilon"]
         unit = "person" if r.get("unit") == "user" else "record"
@@ -428,8 +429,8 @@ def _egress_rows(report: dict[str, Any]) -> list[list[str]]:
     secure = report["secure_aggregation"]
     rows = []
     for name, n in (report.get("nodes") or {}).items():
-        rows.append([name, "join", f"region {n['region']}, {n['units']} units, epsilon spent {_fmt(n['epsilon_at_join'])}",
-                     "-", "-"])
+        joined = f"region {n['region']}, {n['units']} units, epsilon spent {_fmt(n['epsilon_at_join'])}"
+        rows.append([name, "join", joined, "-", "-"])
         evaluations = {e["round"]: e for e in n["evaluations"]}
         trained = {t["round"]: t for t in n["rounds"]}
         for number in sorted(set(evaluations) | set(trained)):

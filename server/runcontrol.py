@@ -1,4 +1,4 @@
-"""Flower's run verbs for a fedsov coordinator: `run stop`, `run logs`, `run pull` (`flwr stop`, `flwr log`, `flwr pull`).
+"""Flower's run verbs for a fedsov coordinator: `run stop`, `run logs`, `run pull` (`flwr stop`, `log`, `pull`).
 
 All three go through the SuperLink's Control API, so they work from any machine holding the CA that can
 reach it. Flower's own `flwr pull` needs an artifact provider, which the open-source SuperLink of 1.42

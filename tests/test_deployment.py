@@ -314,7 +314,8 @@ def check_stop_logs_and_pull(deployment, run_id: int, tmp_path: Path) -> None:
     shown: list[str] = []
     assert runcontrol.show_logs(control, run_id, shown.append) == 0
     assert any("round 3/3 done" in line for line in shown) and any("outputs were published" in line for line in shown)
-    assert not any("FEDSOV-OUTPUT" in line for line in shown) and shown[-1].startswith(f"run {run_id}: finished:completed")
+    assert not any("FEDSOV-OUTPUT" in line for line in shown)
+    assert shown[-1].startswith(f"run {run_id}: finished:completed")
 
     pulled = runcontrol.pull_outputs(control, run_id, tmp_path / "pulled", out=shown.append)
     assert pulled.name == deployment.run_dir.name
@@ -323,7 +324,8 @@ def check_stop_logs_and_pull(deployment, run_id: int, tmp_path: Path) -> None:
         assert (pulled / name).read_bytes() == (deployment.run_dir / name).read_bytes(), name
     assert list((pulled / "tensorboard").glob("events.out.tfevents.*"))
 
-    connection = ["--superlink", deployment.connection.superlink, "--insecure", "--home", str(deployment.connection.home)]
+    connection = ["--superlink", deployment.connection.superlink, "--insecure",
+                  "--home", str(deployment.connection.home)]
     overrides = [o for o in deployment.overrides if not o.startswith("run_dir=")]
     stopped_id, _ = submit_run(deployment.connection, [*overrides, f"run_dir={tmp_path / 'stopped-run'}"], shown.append)
     assert main(["run", "stop", str(stopped_id), *connection]) == 0

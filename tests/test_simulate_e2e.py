@@ -82,7 +82,8 @@ def test_simulate_multirun_sweeps_one_run_per_value_and_prints_a_table(small_ove
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = result.stdout
     assert "2 runs over privacy.target_epsilon; every job's config is valid" in out
-    assert "=== sweep job 1/2: privacy.target_epsilon=3 ===" in out and "=== sweep job 2/2: privacy.target_epsilon=8 ===" in out
+    assert "=== sweep job 1/2: privacy.target_epsilon=3 ===" in out
+    assert "=== sweep job 2/2: privacy.target_epsilon=8 ===" in out
     table = out.split("runs succeeded")[1].splitlines()
     assert "2/2 runs succeeded" in out and re.match(r"\s+job\s+privacy.target_epsilon\s+status", table[1])
     runs = sorted((tmp_path / "work" / "runs").glob("*-job*"))
