@@ -149,5 +149,6 @@ def show_info(overrides: Sequence[str], config_dir: Path | None, out: Out = prin
     out(f"Overrides: {' '.join(overrides) or '(none)'}")
     if len(jobs) > 1:
         out(f"Sweep (-m): {len(jobs)} jobs over {', '.join(swept_keys(overrides))}")
-    out("Each run directory keeps config.yaml (resolved) and .hydra/overrides.yaml (these overrides).")
+    out("A run directory keeps config.yaml (resolved); `fedsov simulate` also writes these overrides to its "
+        ".hydra/overrides.yaml.")
     return 0
