@@ -67,14 +67,16 @@ def load_node_data(s: NodeSettings, policy: RegionPolicy, tokenizer,
         files, expected_region=s.region, plain_text_consent=s.plain_text_consent,
         allowed_regions=policy.residency.allowed_region_tags,
     )
+    # This node's users first (partitioning users and filtering records commute): every count the node reports,
+    # records and exclusions alike, is then its own, not the total of the folder its region's nodes split.
+    records = client_partition(records, client_index=s.client_index, num_clients=s.num_clients)
     read = len(records)
     if erased is not None:
         records = [r for r in records if not erased(r.user_id)]
     raw = {id(r): r.text for r in records}
     kept, counts = apply_data_use(records, policy.data_use, s.state_dir / "cache")
     counts.update(records=read, excluded_erased=read - len(records))
-    mine = client_partition(kept, client_index=s.client_index, num_clients=s.num_clients)
-    train, heldout = split_heldout(mine, fraction=s.heldout_fraction)
+    train, heldout = split_heldout(kept, fraction=s.heldout_fraction)
     train_raw_texts = [raw.get(id(r), r.text) for r in train]
     people = frozenset(r.user_id for r in train + heldout)
     # Special-category records are excluded from training, but the person's other records may still speak of it:

@@ -46,6 +46,9 @@ class SuperNodeProcess:
     private_key: Path | None = None
     port: int = 0
     extra_env: dict[str, str] = field(default_factory=dict)
+    # Flower retries forever by default; a node started next to its coordinator should say when it cannot reach
+    # it. None: retry forever, as a plain SuperNode does (`node start`, which may start before its coordinator).
+    max_wait_s: float | None = 600.0
     process: subprocess.Popen | None = None
     _log_offset: int = field(default=0, repr=False)  # where this start's lines begin in the shared log
 
@@ -62,8 +65,7 @@ class SuperNodeProcess:
             "--host", "127.0.0.1",
             "--port", str(self.port or free_port()),
             "--node-config", node_config_string(self.node_config),
-            # Flower retries forever by default; a node that cannot reach its coordinator should say so.
-            "--max-wait-time", "600",
+            *(["--max-wait-time", f"{self.max_wait_s:g}"] if self.max_wait_s is not None else []),
         ]
 
     def start(self, flwr_home: Path) -> None:
@@ -106,6 +108,23 @@ class SuperNodeProcess:
     def stop(self, grace: float = 10.0) -> None:
         if self.process is not None:
             stop_process_group(self.process, grace)
+
+
+def wait_for_coordinator(supernode: SuperNodeProcess, address: str, out=print, first_s: float = 5.0,
+                         every_s: float = 60.0) -> None:
+    """Until the SuperLink accepts the node; a coordinator not up yet is waited for (Ctrl-C stops), a refusal raises."""
+    started = time.monotonic()
+    timeout = first_s
+    while True:
+        try:
+            supernode.wait_connected(timeout=timeout)
+            return
+        except FederationError:
+            if not supernode.alive():  # refused, or flower-supernode gave up: the reason is in the error
+                raise
+        out(f"Waiting for the coordinator at {address} ({(time.monotonic() - started) / 60:.0f} min so far): it is "
+            "not reachable yet and the node keeps trying. Ctrl-C stops the node.")
+        timeout = every_s
 
 
 def refusal_reason(code: int | None, log_text: str, log_path: Path) -> str:
@@ -193,11 +212,11 @@ def start_node(args, out=print) -> int:
     supernode = SuperNodeProcess(
         superlink=args.superlink, node_config=node_config, log_path=state_dir / "logs" / "supernode.log",
         ca_cert=None if args.insecure else Path(args.ca).expanduser().resolve(),
-        private_key=None if args.insecure else Path(args.key).expanduser().resolve(),
+        private_key=None if args.insecure else Path(args.key).expanduser().resolve(), max_wait_s=None,
     )
     try:
         supernode.start(state_dir / "flower-home")
-        supernode.wait_connected()
+        wait_for_coordinator(supernode, args.superlink, out)
         out(f"Connected to the coordinator at {args.superlink}; log {supernode.log_path}. Ctrl-C stops the node.")
         while supernode.alive():
             time.sleep(0.5)

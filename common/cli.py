@@ -25,6 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     sim = sub.add_parser("simulate", help="run a simulated federation on this machine (Flower + Ray)")
+    sim.add_argument("-m", "--multirun", action="store_true",
+                     help="sweep: one run per combination of comma-separated values, e.g. privacy.target_epsilon=3,8")
+    _hydra_flags(sim)
     sim.add_argument("overrides", nargs="*", help="config overrides key=value; resume=<run_dir> continues a run")
 
     policy = sub.add_parser("policy", help="region policies: validate, explain, dry-run a round plan")
@@ -51,8 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="(re)write a run's privacy report")
     report.add_argument("run_dir", type=Path)
 
-    gen = sub.add_parser("generate", help="generate text with a run's adapter; flags PII; prints the privacy card")
-    gen.add_argument("run_dir", type=Path)
+    gen = sub.add_parser("generate", help="generate text with an adapter; flags PII; prints the privacy card")
+    gen.add_argument("adapter", type=Path, help="a run directory, its adapter/ folder, or a `fedsov export` folder")
+    gen.add_argument("--base", type=Path, help="the base model folder (default: the run's own, where it is on this "
+                                               "machine); its fingerprint must match")
     gen.add_argument("--prompt", default="", help="text to continue (default: unconditional)")
     gen.add_argument("--samples", type=_positive_int, default=1)
     gen.add_argument("--max-new-tokens", type=_positive_int, default=60)
@@ -64,6 +69,24 @@ def build_parser() -> argparse.ArgumentParser:
     _deployment_parsers(sub)
     _lifecycle_parsers(sub)
     return parser
+
+
+def _hydra_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cfg", choices=("job",),
+                   help="print the composed, validated config and exit (as Hydra's --cfg job)")
+    p.add_argument("--info", action="store_true", help="print where the config comes from and exit (as Hydra's --info)")
+
+
+def _hydra_habits(args) -> int | None:
+    """--cfg job and --info answer without running anything; None when neither was asked."""
+    from server.sweep import expand, show_config, show_info
+
+    if args.info:
+        return show_info(args.overrides, args.config_dir)
+    if args.cfg:
+        return show_config(expand(args.overrides) if getattr(args, "multirun", False) else [args.overrides],
+                           args.config_dir)
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,6 +109,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "simulate":
             from server.simulation import simulate
 
+            answered = _hydra_habits(args)
+            if answered is not None:
+                return answered
+            if args.multirun:
+                from server.sweep import sweep
+
+                return sweep(args.overrides, args.config_dir, lambda job: simulate(job, args.config_dir))
             return simulate(args.overrides, args.config_dir)
         if args.command == "policy":
             return _policy(args)
@@ -100,12 +130,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "generate":
             from server.generate import generate
 
-            return generate(args.run_dir, args.prompt, samples=args.samples, max_new_tokens=args.max_new_tokens)
+            return generate(args.adapter, args.prompt, samples=args.samples, max_new_tokens=args.max_new_tokens,
+                            base=args.base)
         if args.command == "export":
             from server.provenance import export_adapter
 
             out = export_adapter(args.run_dir, args.destination, args.jurisdiction)
-            print(f"Exported {args.run_dir / 'adapter'} to {out} for deployment in {args.jurisdiction}.")
+            print(f"Exported {args.run_dir / 'adapter'} to {out} for deployment in {args.jurisdiction}: adapter, "
+                  f"tokenizer, model card (README.md), manifest and base-model-reference/. Load it with "
+                  f"PeftModel.from_pretrained(<base>, '{out}'), or `fedsov generate {out} --base <base folder>`.")
             return 0
         if args.command == "data" and args.action == "check":
             from client.datacheck import check_data
@@ -274,6 +307,7 @@ def _deployment_parsers(sub) -> None:
     rsubmit = rsub.add_parser("submit", help="submit a run; --watch follows it to the end")
     _connection_args(rsubmit)
     rsubmit.add_argument("--watch", action="store_true")
+    _hydra_flags(rsubmit)
     rsubmit.add_argument("overrides", nargs="*")
     rwatch = rsub.add_parser("watch", help="follow a run (rounds, epsilon per region); exit 1 if it fails")
     rwatch.add_argument("run_id", type=int)
@@ -281,6 +315,19 @@ def _deployment_parsers(sub) -> None:
     rstatus = rsub.add_parser("status", help="a run's status as the SuperLink reports it")
     rstatus.add_argument("run_id", type=int)
     _connection_args(rstatus)
+    rstop = rsub.add_parser("stop", help="stop a running run (flwr stop); its checkpoints stay for resume=")
+    rstop.add_argument("run_id", type=int)
+    _connection_args(rstop)
+    rlogs = rsub.add_parser("logs", help="a run's log from the coordinator (flwr log), progress rendered")
+    rlogs.add_argument("run_id", type=int)
+    rlogs.add_argument("--follow", "-f", action="store_true", help="keep printing until the run finishes")
+    rlogs.add_argument("--raw", action="store_true", help="the log exactly as Flower keeps it")
+    _connection_args(rlogs)
+    rpull = rsub.add_parser("pull", help="copy a finished run's outputs from the coordinator, from any machine "
+                                         "holding the CA (flwr pull)")
+    rpull.add_argument("run_id", type=int)
+    rpull.add_argument("--to", type=Path, required=True, help="folder to write <run name>/ into")
+    _connection_args(rpull)
     rfetch = rsub.add_parser("fetch", help="copy a finished run's outputs (on the coordinator machine)")
     rfetch.add_argument("run_name", help="the fedsov run name (the run directory's name)")
     rfetch.add_argument("--runs-dir", type=Path, default=Path("fedsov-coordinator/runs"))
@@ -310,6 +357,7 @@ def _deployment_parsers(sub) -> None:
     dsub = deploy.add_subparsers(dest="action", required=True)
     dlocal = dsub.add_parser("local", help="coordinator + one SuperNode per configured client, TLS and node auth on")
     dlocal.add_argument("--insecure", action="store_true", help="no TLS, no node authentication (tests only)")
+    _hydra_flags(dlocal)
     dlocal.add_argument("overrides", nargs="*")
 
 
@@ -326,6 +374,10 @@ def _deployment(args) -> int:
         print(f"CA {files.ca_cert} (give it to every node and CLI user); server certificate {files.server_cert} "
               f"and key {files.server_key} (coordinator only); CA key {args.out / 'ca.key'} (keep offline).")
         return 0
+    if args.command == "deploy" or (args.command == "run" and args.action == "submit"):
+        answered = _hydra_habits(args)
+        if answered is not None:
+            return answered
     if args.command == "deploy":
         return d.local_deployment(args.overrides, insecure=args.insecure, config_dir=args.config_dir)
     if args.command == "coordinator" and args.action == "start":
@@ -368,6 +420,15 @@ def _deployment(args) -> int:
         status = connection.control().status(args.run_id)
         print(f"run {args.run_id}: {status.status} {status.details}".rstrip())
         return 0 if not status.finished or status.completed else 1
+    if args.action in ("stop", "logs", "pull"):
+        from server import runcontrol
+
+        if args.action == "stop":
+            return runcontrol.stop_run(connection.control(), args.run_id)
+        if args.action == "logs":
+            return runcontrol.show_logs(connection.control(), args.run_id, follow=args.follow, raw=args.raw)
+        runcontrol.pull_outputs(connection.control(), args.run_id, args.to)
+        return 0
     if args.action == "submit":
         run_id, cfg = d.submit_run(connection, args.overrides, config_dir=args.config_dir)
         if not args.watch:

@@ -13,6 +13,8 @@ from common.config import config_from_json, config_to_dict, config_to_yaml
 from common.runconfig import CONFIG_KEY
 from server.coordinator import Coordinator
 from server.rundir import RunDirectory
+from server.runcontrol import publish_outputs
+from server.tracking import Trackers
 
 app = ServerApp()
 
@@ -44,8 +46,15 @@ def main(grid: Grid, context: Context) -> None:
     # A watcher on another machine renders progress from this (the config holds no secrets).
     run.event("run_config", run_dir=str(run.path), config=config_to_dict(cfg))
     try:
+        run.trackers = Trackers(cfg, run.path)
         Coordinator(cfg, grid, run).execute()
     except Exception as err:
         # The launcher watches events.jsonl: say why, then let Flower mark the run failed.
         run.event("run_failed", error=f"{type(err).__name__}: {err}", traceback=traceback.format_exc())
         raise
+    finally:
+        if run.trackers is not None:
+            run.trackers.close()
+        # Deployed, the run's outputs also go into its Flower log, for `fedsov run pull` from any CA holder.
+        if os.environ.get(RUNS_DIR_ENV) and run.summary_path.exists():
+            publish_outputs(run)

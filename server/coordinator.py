@@ -413,7 +413,7 @@ class Coordinator:
             self.run.event(
                 "node_trained", round=plan.round, node=node.name, region=node.region,
                 loss=round(float(metrics["train-loss"]), 4), epsilon=json_number(node.epsilon),
-                seconds=round(reply.seconds, 2),
+                seconds=round(reply.seconds, 2), units=units,
             )
 
         self._exchange(list(self.nodes), TRAIN, request, plan.round, on_reply=on_reply)
@@ -505,7 +505,8 @@ class Coordinator:
                 units[reply.node_id] = int(metrics["num-units"])
                 node.epsilon = float(metrics["epsilon"])
                 self.run.event("node_trained", round=round_number, node=node.name, region=node.region, loss=None,
-                               epsilon=json_number(node.epsilon), seconds=round(reply.seconds, 2))
+                               epsilon=json_number(node.epsilon), seconds=round(reply.seconds, 2),
+                               units=units[reply.node_id])
 
         self._exchange(list(self.nodes), message_type, request, round_number, on_reply=on_reply)
         return adverts, units, missing

@@ -10,6 +10,8 @@ Layout:
   audit-results.json   each node's memorisation-audit numbers
   report/              the privacy report (HTML, Markdown, JSON, plots)
   audit.jsonl          the coordinator's hash-chained audit log
+  tensorboard/         TensorBoard event files of the same metrics (tracking.tensorboard)
+  .hydra/overrides.yaml  the command-line overrides the run was started with
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ class Checkpoint:
 
 
 EVENT_LINE = "FEDSOV-EVENT "
+# A deployed coordinator publishes a finished run's outputs into its Flower log (server.runcontrol).
+OUTPUT_LINE = "FEDSOV-OUTPUT "
 
 
 class RunDirectory:
@@ -54,6 +58,9 @@ class RunDirectory:
         self.audit_results_path = self.path / "audit-results.json"
         self.report_dir = self.path / "report"
         self.logs_dir = self.path / "logs"
+        self.hydra_dir = self.path / ".hydra"
+        # Set by the ServerApp: TensorBoard / MLflow writers that see each metrics row too (server.tracking).
+        self.trackers = None
 
     @property
     def run_id(self) -> str:
@@ -85,6 +92,15 @@ class RunDirectory:
 
     def metrics(self, row: dict[str, Any]) -> None:
         _append_json(self.metrics_path, row)
+        if self.trackers is not None:
+            self.trackers.log(row)
+
+    def write_overrides(self, overrides: list[str]) -> None:
+        """The command-line overrides of this run, where Hydra users look for them (.hydra/overrides.yaml)."""
+        import yaml
+
+        self.hydra_dir.mkdir(parents=True, exist_ok=True)
+        (self.hydra_dir / "overrides.yaml").write_text(yaml.safe_dump(list(overrides), default_flow_style=False))
 
     def read_metrics(self) -> list[dict[str, Any]]:
         return _read_jsonl(self.metrics_path)

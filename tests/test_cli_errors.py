@@ -227,7 +227,9 @@ CASES = [
          ("--max-new-tokens: 0 is too small; give 1 or more",)),
     Case("generate-samples-not-a-number", lambda c: ["generate", str(c.tmp), "--samples", "three"], 2,
          ("--samples: 'three' is not a whole number",)),
-    Case("generate-no-manifest", lambda c: ["generate", str(c.tmp)], 2, ("has no fedsov-manifest.json",)),
+    Case("generate-no-adapter", lambda c: ["generate", str(c.tmp)], 2, ("holds no adapter",)),
+    Case("generate-no-manifest", after(lambda c: (c.tmp / "adapter_config.json").write_text("{}"),
+                                       lambda c: ["generate", str(c.tmp)]), 2, ("has no fedsov-manifest.json",)),
     # Certificates and keys
     Case("certs-twice", twice(lambda c: ["certs", "--out", str(c.tmp / "certs")]), 2,
          ("already exist", "pass --force to replace them")),
@@ -322,6 +324,7 @@ def test_an_unexpected_failure_is_one_line_and_a_log_file(monkeypatch, capsys):
                                      "audit verify", "audit compare", "report", "generate", "export", "certs",
                                      "coordinator start", "coordinator register", "coordinator nodes", "node key",
                                      "node start", "node trust", "node identity", "roster add", "roster show", "run submit", "run watch", "run status", "run fetch",
+                                     "run stop", "run logs", "run pull",
                                      "data check", "data generate", "deploy local",
                                      "retention enforce", "ledger backup", "node erase", "run branch", "dpo-record"])
 def test_help_of_each_command(command, capsys):
