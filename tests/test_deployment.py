@@ -17,11 +17,12 @@ from pathlib import Path
 import psutil
 import pytest
 
-FLOWER_PROCESSES = ("flower-superlink", "flower-supernode", "flwr-serverapp", "flwr-clientapp", "flower-superexec")
+FLOWER_PROCESSES = ("flower-superlink", "flower-supernode", "flwr-serverapp", "flwr-clientapp", "flower-superexec",
+                    "client.worker", "client.supernode_loop")
 
 
 def flower_processes(root: Path) -> list[str]:
-    """Flower processes belonging to this test (their command line or environment names its folder)."""
+    """Flower processes and warm workers belonging to this test (their command line or environment names its folder)."""
     found = []
     for p in psutil.process_iter(["cmdline"]):
         cmd = " ".join(p.info["cmdline"] or [])
