@@ -215,6 +215,7 @@ class Worker:
         from flwr.common.serde import message_to_proto
 
         header = message_to_proto(remove_content_from_message(message)).SerializeToString()
+        self.task_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.task_file.with_name(self.task_file.name + ".tmp")
         tmp.unlink(missing_ok=True)
         with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
