@@ -5,9 +5,10 @@ Flower 1.42's SuperNode asks its SuperLink for a message and, when there is none
 secure aggregation is ten messages per node, one stage after another, so those waits add seconds
 to every round. Here the node asks every 0.2 s for a minute after its last message (the run's
 next stage is on its way) and at Flower's 3 s otherwise, so an idle node costs its coordinator no
-more than before, and it checks for its warm worker's reply every 50 ms. Everything else is
-Flower's own `flower-supernode`. The two waits are internal to Flower: fedsov pins
-`flwr==1.42.*`, and tests/test_warm_worker.py checks the lines this replaces.
+more than before, and it checks for its warm worker's reply every 50 ms; a message whose content
+the SuperLink does not have yet is asked for again within milliseconds, not after 1-2-4 s.
+Everything else is Flower's own `flower-supernode`. These waits are internal to Flower: fedsov
+pins `flwr==1.42.*`, and tests/test_warm_worker.py checks the lines this replaces.
 
     python -m client.supernode_loop <flower-supernode arguments>
 """
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import time
 
-from client.worker import ActivityPoll
+from common.flowerproc import ActivityPoll, retry_objects_sooner
 
 IDLE_SLEEP_S, REPLY_WAIT_S = 3, 0.5  # Flower's waits in start_client_internal
 ACTIVE_POLL_S, ACTIVE_WINDOW_S, REPLY_POLL_S = 0.2, 60.0, 0.05
@@ -54,13 +55,16 @@ def patch_supernode_loop() -> ActivityPoll:
 
     loop._pull_and_store_message = pull_and_note
     loop.time = LoopClock(poll)
+    retry_objects_sooner(loop)
     return poll
 
 
 def main() -> None:
+    from flwr.supercore.logger import update_console_handler
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
     patch_supernode_loop()
+    update_console_handler(timestamps=True, colored=False)  # the log is a file: when, not colours
     flower_supernode()
 
 

@@ -32,8 +32,11 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Callable
+
+from common.flowerproc import ActivityPoll, retry_objects_sooner
 
 ACQUIRE_TASK = "/flwr.proto.Runtime/AcquireTask"
 TASK_FILE = "worker-task.json"  # the task in flight: token and message header (no content), 0600
@@ -46,20 +49,6 @@ CRASH_LOOP_S = 10.0
 
 class WorkerStopping(BaseException):
     """SIGTERM or SIGINT: answer the message in flight with an error, then exit."""
-
-
-class ActivityPoll:
-    """How long to wait before the next poll: short while a run is active, Flower's pace otherwise."""
-
-    def __init__(self, fast: float, idle: float, window: float):
-        self.fast, self.idle, self.window = fast, idle, window
-        self._last = -window
-
-    def active(self) -> None:
-        self._last = time.monotonic()
-
-    def interval(self) -> float:
-        return self.fast if time.monotonic() - self._last < self.window else self.idle
 
 
 def runtime_client(address: str, *interceptors):
@@ -269,6 +258,10 @@ def _heartbeat(client) -> Callable[[], bool]:
     return beat
 
 
+def _now() -> str:
+    return datetime.now().isoformat(sep=" ", timespec="milliseconds")
+
+
 def _stop(signum, frame) -> None:
     raise WorkerStopping()
 
@@ -288,13 +281,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
+    from flwr.supernode.runtime import run_clientapp
+
+    retry_objects_sooner(run_clientapp)
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
     # Imported before the first task so that no message waits for torch.
     import client.app  # noqa: F401
     import client.node  # noqa: F401
 
     worker = Worker(args.runtime, args.secret_file.read_bytes(), args.state_dir,
-                    log=lambda line: print(f"{time.strftime('%H:%M:%S')} {line}", flush=True))
+                    log=lambda line: print(f"{_now()} {line}", flush=True))
     worker.log(f"warm worker {os.getpid()} serving the SuperNode at {args.runtime}")
     try:
         worker.serve()
@@ -341,7 +337,7 @@ class WorkerProcess:
             quick_exits = quick_exits + 1 if lived < CRASH_LOOP_S else 0
             pause = min(30.0, 2.0 ** quick_exits) if quick_exits > 1 else 0.0
             with open(self.log_path, "a") as log:
-                log.write(f"{time.strftime('%H:%M:%S')} warm worker exited with code {code} after {lived:.0f} s; "
+                log.write(f"{_now()} warm worker exited with code {code} after {lived:.0f} s; "
                           f"restarting{f' in {pause:.0f} s' if pause else ''}\n")
             if self._stopping.wait(pause):
                 return
