@@ -228,7 +228,8 @@ def start_node(args, out=print) -> int:
     try:
         supernode.start(state_dir / "flower-home")
         supernode.wait_connected()
-        out(f"Connected to the coordinator at {args.superlink}; log {supernode.log_path}. Ctrl-C stops the node.")
+        out(f"Connected to the coordinator at {args.superlink}; logs {supernode.log_path} and (the node's warm "
+            f"worker) {supernode.worker.log_path}. Ctrl-C stops the node.")
         while supernode.alive():
             time.sleep(0.5)
         out(refusal_reason(supernode.process.returncode, supernode.log_since_start(), supernode.log_path))

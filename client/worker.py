@@ -80,7 +80,6 @@ class Worker:
         from flwr.proto.runtime_pb2 import AcquireTaskRequest
         from flwr.supercore.constant import TaskType
 
-        self.answer_abandoned_task()
         request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP])
         while True:
             try:
@@ -235,8 +234,9 @@ class Worker:
                                  run_config={}))
             push_task_output(client, None, SubStatus.FAILED, reason)
             self.log(f"answered the unfinished {meta.message_type} (round {meta.group_id}) with an error")
-        except httpx.HTTPError as err:  # the token expired: the SuperNode already answered "stopped responding"
-            self.log(f"the unfinished {meta.message_type} (round {meta.group_id}) was already answered ({err})")
+        except httpx.HTTPError as err:  # its token expired (Flower answered "stopped responding"), or a new SuperNode
+            self.log(f"left the unfinished {meta.message_type} (round {meta.group_id}) to Flower's heartbeat timeout "
+                     f"({type(err).__name__})")
         finally:
             client.close()
 
@@ -285,14 +285,15 @@ def main(argv: list[str] | None = None) -> int:
 
     retry_objects_sooner(run_clientapp)
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
-    # Imported before the first task so that no message waits for torch.
-    import client.app  # noqa: F401
-    import client.node  # noqa: F401
-
     worker = Worker(args.runtime, args.secret_file.read_bytes(), args.state_dir,
                     log=lambda line: print(f"{_now()} {line}", flush=True))
-    worker.log(f"warm worker {os.getpid()} serving the SuperNode at {args.runtime}")
     try:
+        worker.answer_abandoned_task()  # first: the coordinator is waiting for it
+        # Imported before the first task so that no message waits for torch.
+        import client.app  # noqa: F401
+        import client.node  # noqa: F401
+
+        worker.log(f"warm worker {os.getpid()} serving the SuperNode at {args.runtime}")
         worker.serve()
     except WorkerStopping:
         worker.log("warm worker stopped")

@@ -41,6 +41,37 @@ def test_the_flower_internals_the_worker_uses_are_there():
     assert "if isolation == ISOLATION_MODE_SUBPROCESS:" in source and "superexec_auth_secret = None" in source
 
 
+def test_the_waits_fedsov_shortens_are_flowers(monkeypatch):
+    """client.supernode_loop and common.flowerproc replace these Flower waits by name: check they are still there."""
+    from flwr.superlink.grid import http_grid
+    from flwr.supercore.inflatable import inflatable_utils
+    from flwr.supernode import start_client_internal as loop
+    from flwr.supernode.runtime import run_clientapp
+
+    from client.supernode_loop import LoopClock
+    from common.flowerproc import ActivityPoll
+
+    main_loop = inspect.getsource(loop.start_client_internal)
+    assert "time.sleep(3)" in main_loop and "run_id = _pull_and_store_message(" in main_loop
+    assert "time.sleep(0.5)" in inspect.getsource(loop._push_messages)
+    assert "pull_objects(" in inspect.getsource(loop._pull_and_store_message)
+    assert "pull_and_inflate_object_from_tree(" in inspect.getsource(run_clientapp.pull_task_input)
+    assert "pull_objects(" in inspect.getsource(http_grid.HttpGrid.pull_messages)
+    for pull in (inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object_from_tree):
+        assert {"initial_backoff", "backoff_cap"} <= set(inspect.signature(pull).parameters)
+
+    slept: list[float] = []
+    monkeypatch.setattr(time, "sleep", slept.append)
+    poll = ActivityPoll(fast=0.2, idle=3, window=60)
+    clock = LoopClock(poll)
+    clock.sleep(3)  # idle: Flower's pace
+    poll.active()
+    clock.sleep(3)  # a message came: look again soon
+    clock.sleep(0.5)  # waiting for the worker's reply
+    clock.sleep(1)  # any other wait is Flower's own
+    assert slept == [3, 0.2, 0.05, 1] and clock.monotonic is time.monotonic
+
+
 def test_only_fedsovs_own_clientapp_runs(tmp_path):
     """A run whose app bundle names another ClientApp gets a refusal; nothing of the bundle is loaded."""
     import io
@@ -237,8 +268,8 @@ def test_a_worker_killed_mid_round_is_restarted_and_the_ledger_stays_exact(small
     assert rows[2]["aggregated"] and rows[2]["clients_trained"] == 3
     worker_logs = {name: (root / "logs" / f"supernode-{name}.worker.log").read_text()
                    for name in ("eu-1", "us-1", "sg-1")}
-    assert "the unfinished train (round 1) was" in worker_logs["eu-1"] or \
-        "answered the unfinished train (round 1) with an error" in worker_logs["eu-1"]
+    assert "answered the unfinished train (round 1) with an error" in worker_logs["eu-1"] or \
+        "left the unfinished train (round 1) to Flower's heartbeat timeout" in worker_logs["eu-1"]
 
     # eu's ledger: round 2 charged once, round 1 never (the worker died before charging); the epsilon the run
     # reports for eu is exactly what its ledger holds.
