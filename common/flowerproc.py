@@ -62,9 +62,9 @@ def retry_objects_sooner(module) -> None:
     a process, would be most of a warm message's time. (Internal to flwr 1.42; tests/test_warm_worker.py.)
     """
     for name in ("pull_objects", "pull_and_inflate_object_from_tree"):
-        if hasattr(module, name):
-            setattr(module, name, functools.partial(getattr(module, name), initial_backoff=OBJECT_RETRY_S,
-                                                    backoff_cap=OBJECT_RETRY_CAP_S))
+        pull = getattr(module, name, None)
+        if pull is not None and not isinstance(pull, functools.partial):  # once per process
+            setattr(module, name, functools.partial(pull, initial_backoff=OBJECT_RETRY_S, backoff_cap=OBJECT_RETRY_CAP_S))
 
 
 class ActivityPoll:
