@@ -64,7 +64,8 @@ def retry_objects_sooner(module) -> None:
     for name in ("pull_objects", "pull_and_inflate_object_from_tree"):
         pull = getattr(module, name, None)
         if pull is not None and not isinstance(pull, functools.partial):  # once per process
-            setattr(module, name, functools.partial(pull, initial_backoff=OBJECT_RETRY_S, backoff_cap=OBJECT_RETRY_CAP_S))
+            sooner = functools.partial(pull, initial_backoff=OBJECT_RETRY_S, backoff_cap=OBJECT_RETRY_CAP_S)
+            setattr(module, name, sooner)
 
 
 class ActivityPoll:
