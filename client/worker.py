@@ -6,8 +6,10 @@ Here the SuperNode runs with `--isolation process`: it starts no process of its 
 worker claims its tasks from the SuperNode's Runtime API (loopback; `AcquireTask` signed with the
 SuperExec secret, which only this mode enforces) and runs fedsov's ClientApp in-process with the
 helpers Flower's own `flwr-clientapp` uses (`pull_task_input`, `push_message`, `push_task_output`).
-The node's caches (`client.app`, `client.node`) then live as long as the worker: the node starts
-once per run and policy version, the model loads once.
+As there, each task's context comes from the SuperNode and goes back with the reply, so what a node
+keeps between the messages of a run (its secure-aggregation session) lives where Flower keeps it.
+The node's caches (`client.app`, `client.node`) live as long as the worker: the node starts once
+per run and policy version, the model loads once.
 
 Why not a thin ClientApp talking to a node-local trainer service over a socket (public API only):
 it would still start a Flower process per message (the imports alone cost about a second each),
