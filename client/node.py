@@ -8,6 +8,7 @@ against it before anything is computed, and each decision goes to the node's aud
 from __future__ import annotations
 
 import threading
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, NoReturn
@@ -82,6 +83,7 @@ class RegionNode:
             raise
         self.audit.record("start", "accepted", reason=f"{self.policy.law} policy checks passed: {self.data.counts}",
                           policy_hash=self.policy_hash)
+        STARTS["node"] += 1
 
     # -- start checks ---------------------------------------------------------------------
     def _open_ledger(self) -> PrivacyLedger:
@@ -391,6 +393,8 @@ class RegionNode:
 
 # Ray actors and deployment processes serve many messages: keep the prepared model around.
 _CACHE_LOCK = threading.Lock()
+# Nodes started and base models loaded by this process: a warm worker reports them with every message.
+STARTS: Counter[str] = Counter()
 _MODELS: dict[tuple, Any] = {}
 _FINGERPRINTS: dict[tuple, str] = {}
 
@@ -412,4 +416,5 @@ def cached_peft_model(path: Path, model_cfg: ModelConfig, lora: LoraSettings, se
             _MODELS.clear()  # one prepared model per process: a different setup replaces it
             base = load_base_model(path, device, dtype, gradient_checkpointing=model_cfg.gradient_checkpointing)
             _MODELS[key] = attach_lora(base, lora, seed)
+            STARTS["model"] += 1
         return _MODELS[key]

@@ -1,8 +1,9 @@
 """Where a regional node's data, policy and state live, from simulation or from its own
 --node-config in deployment; and the policy gate for messages that need no model or data.
 
-Light on purpose (no torch): deployment starts a ClientApp process per message, and the
-secure-aggregation stages after training need only the policy and the audit log.
+Light on purpose (no torch): the secure-aggregation stages need only the policy and the audit
+log, so a process that has not started the node (say, a warm worker just restarted) answers them
+without loading the model and the data.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from common.config import config_from_json, config_to_dict, config_to_yaml
+from common.flowerproc import retry_objects_sooner
 from common.runconfig import CONFIG_KEY
 from server.coordinator import Coordinator
 from server.rundir import RunDirectory
@@ -38,6 +39,9 @@ def coordinator_paths(cfg):
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    from flwr.superlink.grid import http_grid
+
+    retry_objects_sooner(http_grid)  # replies from warm nodes: their content follows within milliseconds
     cfg = coordinator_paths(config_from_json(str(context.run_config[CONFIG_KEY])))
     run = RunDirectory(cfg.run_dir, echo_events=True)
     run.create()
