@@ -692,8 +692,10 @@ class Coordinator:
                     reasons = [r for r in region["refusals"] if r.startswith(f"{node}: ")]
                     lines.append(f"node {node} (region {name}) contributed to no round"
                                  + (f": {reasons[-1].split(': ', 1)[1]}" if reasons else ""))
+        # A node of a region the plan already excluded (its policy refuses this run, said before round 1) is
+        # the plan, not a shortfall.
         lines += [f"a node did not take part: {why}" for why in self.unavailable
-                  if not any(f"(region {r})" in why for r in regions)]
+                  if not any(f"(region {r})" in why for r in [*regions, *self.regions.excluded])]
         lines += [f"round {r['round']} was not aggregated" for r in rows if r["round"] > 0 and not r.get("aggregated")]
         return lines
 

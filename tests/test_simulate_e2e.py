@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import psutil
+from tests import test_deployment
 
 
 def fedsov(args, tmp_path):
@@ -16,18 +16,16 @@ def fedsov(args, tmp_path):
     return subprocess.run([str(exe), "simulate", *args], env=env, capture_output=True, text=True, timeout=600)
 
 
-def flower_processes():
-    names = ("flower-superlink", "flwr-simulation", "flower-superexec", "raylet", "gcs_server")
-    found = []
-    for p in psutil.process_iter(["cmdline"]):
-        cmd = " ".join(p.info["cmdline"] or [])
-        if any(n in cmd for n in names):
-            found.append(cmd)
-    return found
+SIMULATION_PROCESSES = ("flower-superlink", "flwr-simulation", "flower-superexec", "raylet", "gcs_server")
+
+
+def flower_processes(tmp_path: Path) -> list[str]:
+    """This test's Flower and Ray processes (FLWR_HOME names its folder); other tests may run federations too."""
+    return test_deployment.flower_processes(tmp_path, SIMULATION_PROCESSES)
 
 
 def test_simulate_runs_a_dp_federation_and_a_second_run_continues_the_budget(small_overrides, tmp_path):
-    assert not flower_processes()
+    assert not flower_processes(tmp_path)
     # With the default China region, whose PIPL preset forbids the EU coordinator.
     first = fedsov([*small_overrides, "regions=[eu,us,cn]", "run_dir=" + str(tmp_path / "run1")], tmp_path)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
@@ -58,14 +56,14 @@ def test_simulate_runs_a_dp_federation_and_a_second_run_continues_the_budget(sma
 
     for log in [run / "audit.jsonl", *sorted((tmp_path / "work" / "nodes").glob("*/audit.jsonl"))]:
         assert open_log(log).verify().ok, log
-    assert not flower_processes(), "fedsov simulate left Flower or Ray processes behind"
+    assert not flower_processes(tmp_path), "fedsov simulate left Flower or Ray processes behind"
 
     second = fedsov([*small_overrides, "run_dir=" + str(tmp_path / "run2"), "federation.rounds=1"], tmp_path)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     summary2 = json.loads((tmp_path / "run2" / "summary.json").read_text())
     for region, eps in eps_first.items():
         assert summary2["regions"][region]["epsilon"] > eps  # cumulative, never from zero
-    assert not flower_processes()
+    assert not flower_processes(tmp_path)
 
 
 def test_simulate_reports_bad_config_without_starting_anything(tmp_path):
