@@ -66,19 +66,14 @@ def build(shape: ScaleShape, device, dtype, checkpointing: bool = False):
     from transformers import AutoModelForCausalLM
 
     from common.model.families import Shape, family_config
-    from common.model.loading import enable_gradient_checkpointing
+    from common.model.loading import frozen_base
 
     config = family_config("llama", shape.vocab, Shape(hidden=shape.hidden, layers=shape.layers, heads=shape.heads,
                                                        kv_heads=shape.kv_heads, intermediate=shape.intermediate,
                                                        context=4096))
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    if checkpointing:
-        enable_gradient_checkpointing(model)
-    return model
+    return frozen_base(model, gradient_checkpointing=checkpointing)
 
 
 def adapter_sizes(shape: ScaleShape) -> dict:

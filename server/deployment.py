@@ -23,7 +23,7 @@ from common.errors import ConfigError, FederationError
 from common.flowerproc import signals_deferred
 from common.paths import writable_folder
 from common.runconfig import write_flower_app, write_run_config
-from server.rundir import EVENT_LINE, RunDirectory
+from server.rundir import RunDirectory, parse_events
 from server.simulation import partial_verdict, render_event, render_report_lines, render_summary, resolve_run_config
 from server.superlink import FlowerControl, LocalSuperLink, RunStatus
 
@@ -159,18 +159,6 @@ def watch_run(connection: Connection, run_id: int, cfg: FedsovConfig | None = No
         if timeout_s is not None and time.monotonic() - started > timeout_s:
             raise FederationError(f"Run {run_id} did not finish within {timeout_s:.0f}s (status {status.status}).")
         time.sleep(poll_s)
-
-
-def parse_events(log_text: str) -> list[dict]:
-    events = []
-    for line in log_text.splitlines():
-        at = line.find(EVENT_LINE)
-        if at >= 0:
-            try:
-                events.append(json.loads(line[at + len(EVENT_LINE):]))
-            except json.JSONDecodeError:
-                continue  # a log line cut by Flower's log shipping; the run directory has it whole
-    return events
 
 
 def run_outcome(status: RunStatus, run_dir: Path | None, out: Callable[[str], None]) -> int:

@@ -20,7 +20,7 @@ from typing import Callable
 
 from common.errors import ConfigError, FederationError
 from common.paths import writable_folder
-from server.rundir import EVENT_LINE, OUTPUT_LINE, RunDirectory
+from server.rundir import EVENT_LINE, OUTPUT_LINE, RunDirectory, parse_events
 
 Out = Callable[[str], None]
 # What a run's outputs are (as `run fetch` copies them), relative to its run directory.
@@ -138,24 +138,12 @@ def stop_run(control, run_id: int, out: Out = print) -> int:
     if status.finished:
         raise FederationError(f"Run {run_id} has already finished ({status.status}): there is nothing to stop.")
     control.stop_run(run_id)
-    run_dir = next((e.get("run_dir") for e in parse_log_events(control.logs(run_id)) if e["event"] == "run_config"),
+    run_dir = next((e.get("run_dir") for e in parse_events(control.logs(run_id)) if e["event"] == "run_config"),
                    None)
     out(f"Run {run_id} stopped." + (f" Its run directory on the coordinator, {run_dir}, keeps the last checkpoint: "
                                     f"continue it with `fedsov run submit ... resume={run_dir}` on the coordinator "
                                     "machine." if run_dir else ""))
     return 0
-
-
-def parse_log_events(log_text: str) -> list[dict]:
-    events = []
-    for line in log_text.splitlines():
-        at = line.find(EVENT_LINE)
-        if at >= 0:
-            try:
-                events.append(json.loads(line[at + len(EVENT_LINE):]))
-            except json.JSONDecodeError:
-                continue
-    return events
 
 
 def readable_log(log_text: str, render: Callable[[dict], str | None] | None = None) -> list[str]:

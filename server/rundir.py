@@ -229,3 +229,16 @@ def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def parse_events(log_text: str) -> list[dict]:
+    """The run's events as a ServerApp's log carries them (one JSON object after EVENT_LINE per line)."""
+    events = []
+    for line in log_text.splitlines():
+        at = line.find(EVENT_LINE)
+        if at >= 0:
+            try:
+                events.append(json.loads(line[at + len(EVENT_LINE):]))
+            except json.JSONDecodeError:
+                continue  # a log line cut by Flower's log shipping; the run directory has it whole
+    return events

@@ -180,6 +180,11 @@ def load_base_model(path: Path, device: torch.device, dtype: torch.dtype, *, gra
     # Moving to the device before get_peft_model matters: the other order can leave DP-LoRA
     # training adapters that are not the ones used (opacus issue #820).
     model.to(device)
+    return frozen_base(model, gradient_checkpointing=gradient_checkpointing)
+
+
+def frozen_base(model, *, gradient_checkpointing: bool = False):
+    """The base model as LoRA training needs it: eval mode, no parameter trainable, checkpointing if asked."""
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
