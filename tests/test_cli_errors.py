@@ -440,7 +440,7 @@ def test_ctrl_c_stops_a_node_at_once_while_it_waits_for_its_coordinator(tmp_path
     fedsov = FedsovProcess(["--config-dir", str(config_dir), "node", "start", "--insecure", "--region", "us",
                             "--data", str(data), "--state-dir", str(tmp_path / "state"), "--model-path",
                             str(tokenizer_model), "--superlink", f"127.0.0.1:{free_port()}"], tmp_path)
-    fedsov.wait_for(lambda: fedsov.started("flower-supernode"), 120, "a SuperNode")
+    fedsov.wait_for(lambda: fedsov.started("client.supernode_loop"), 120, "a SuperNode")
     started = time.monotonic()
     fedsov.stop_and_check(signal.SIGINT, 0, "Node stopped.")
     assert time.monotonic() - started < 30  # not the 60 s connection wait

@@ -149,7 +149,9 @@ def test_one_dropout_too_many_skips_the_round_cleanly_and_the_run_goes_on(small_
     before = initial_state(cfg)
     after_round_1 = load_file(str(run.checkpoints_dir / "round-0001" / "adapter_model.safetensors"))
     assert all(torch.equal(after_round_1[k], before[k]) for k in before)
-    assert summary["status"] == "completed" and summary["rounds_completed"] == 2
+    # The run went on, and says honestly that a round fell short.
+    assert summary["status"] == "partial" and summary["rounds_completed"] == 2
+    assert summary["not_contributing"] == ["round 1 was not aggregated"]
 
 
 def test_secure_upload_is_compact(small_overrides, config_dir):
