@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -53,7 +54,7 @@ from common.wire import (
 if TYPE_CHECKING:
     from client.node import RegionNode
 
-_NODES: dict[str, "RegionNode"] = {}
+_NODES: dict[str, RegionNode] = {}
 _GATES: dict[str, PolicyGate] = {}
 _SETTINGS: dict[str, NodeSettings] = {}
 _LOCK = threading.Lock()
@@ -112,7 +113,7 @@ def policy_gate(context: Context) -> PolicyGate:
         return _GATES[key]
 
 
-def region_node(context: Context) -> "RegionNode":
+def region_node(context: Context) -> RegionNode:
     """The node this message is for, with every start check passed.
 
     Started once per process, settings and policy version: when the region edits its policy

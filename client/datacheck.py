@@ -9,8 +9,8 @@ node's ledger and canaries are those of a fresh node; `node start` checks the re
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 
 def check_data(args, out: Callable[[str], None] = print) -> int:

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
+from common.schema import SchemaError, check_record
 from common.secagg.identity import SIGNATURE_BYTES
 from common.secagg.protocol import MAX_SLOTS
-from common.schema import SchemaError, check_record
 from common.wire import (
     AUDIT,
     DESCRIBE,

@@ -25,9 +25,10 @@ Art. 4(5)); it is kept because the register must outlive the request for the exc
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from client.settings import LEDGER_FILE, NodeFolders, NodeSettings, node_audit
 from client.transfers import PERSON

@@ -10,7 +10,7 @@ import math
 import random
 import secrets
 from collections import defaultdict
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -9,21 +9,40 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, NoReturn
+from typing import Any, NoReturn
 
 import torch
 
 from client.erasure import ErasureRegister, check_register
 from client.nodedata import NodeData, load_node_data
 from client.retention import enforce_node_retention
+
+# Re-exported: settings live in a light module so light messages need not import torch.
+from client.settings import (  # noqa: E402,F401
+    AUDIT_FILE,
+    LEDGER_FILE,
+    NodeSettings,
+    PolicyGate,
+    deployment_settings,
+    node_audit,
+    simulation_settings,
+)
 from client.training import DpSettings, heldout_loss, train_locally
 from client.transfers import TransferScope, TransferVolume, check_scope
 from common.audit import EvidenceKey, HashChainLog, TamperedLog
 from common.config import LoraSettings, ModelConfig, load_region_file
 from common.errors import FedsovError, LedgerError, ModelError, PrivacyError
-from common.model.loading import load_base_model, load_tokenizer, model_fingerprint, pick_device, pick_dtype, resolve_model_path
+from common.model.loading import (
+    load_base_model,
+    load_tokenizer,
+    model_fingerprint,
+    pick_device,
+    pick_dtype,
+    resolve_model_path,
+)
 from common.model.lora import attach_lora, load_adapter_state
 from common.policy import (
     PlanTerms,
@@ -37,8 +56,6 @@ from common.privacy.accounting import DpSgdSteps, noise_for_target
 from common.privacy.ledger import PrivacyLedger
 from common.wire import RoundPlan, adapter_digest
 
-# Re-exported: settings live in a light module so light messages need not import torch.
-from client.settings import AUDIT_FILE, LEDGER_FILE, NodeSettings, PolicyGate, deployment_settings, node_audit, simulation_settings  # noqa: E402,F401
 
 @dataclass
 class TrainOutcome:

@@ -10,9 +10,9 @@ import dataclasses
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from client.settings import NodeSettings
 from client.training import encode_units

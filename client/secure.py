@@ -7,7 +7,8 @@ is checked by one schema before the protocol (common.secagg.protocol) sees it.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Mapping
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -44,7 +45,7 @@ UNMASK_FIELDS = {"survivors": NODES, "dropped": NODES, "signers": NODES,
 
 
 def begin(state, tag: bytes, node_id: int, kind: str, identity: Identity, name: str, plan_digest: str,
-          values: Mapping[str, float], update: Mapping[str, "torch.Tensor"] | None = None) -> dict:
+          values: Mapping[str, float], update: Mapping[str, torch.Tensor] | None = None) -> dict:
     """Keep what this node will contribute, start a session, return its signed public keys."""
     from flwr.app import ConfigRecord
 

@@ -9,9 +9,10 @@ without loading the model and the data.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from common.audit import AuditLog, EvidenceKey
 from common.config import AuditConfig, DataSource, FedsovConfig, ModelConfig, default_config_dir, load_region_file
@@ -157,7 +158,7 @@ class NodeFolders:
     policy_file: Path
 
     @classmethod
-    def of(cls, node_config: Mapping[str, Any]) -> "NodeFolders":
+    def of(cls, node_config: Mapping[str, Any]) -> NodeFolders:
         """From the node-config keys region, state-dir and the optional folders, with `fedsov node start`'s defaults."""
         region = str(node_config["region"])
         state_dir = Path(str(node_config["state-dir"])).expanduser()

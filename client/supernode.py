@@ -14,9 +14,10 @@ import secrets
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from client.worker import WorkerProcess
 from common.errors import ConfigError, FederationError

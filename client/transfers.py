@@ -19,8 +19,9 @@ which could neither be unioned nor protected from a quiet edit. People are store
 from __future__ import annotations
 
 import datetime
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from common.audit import EvidenceKey, KeyedRegister, TamperedLog
 from common.errors import LedgerError

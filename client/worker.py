@@ -33,10 +33,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Callable
 
 from common.flowerproc import ActivityPoll, retry_objects_sooner
 

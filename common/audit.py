@@ -20,10 +20,11 @@ import json
 import os
 import secrets
 import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from common.errors import FedsovError
 
@@ -63,7 +64,7 @@ class EvidenceKey:
         return lambda identifier: hmac.new(derived, identifier.encode(), hashlib.sha256).hexdigest()[:32]
 
     @classmethod
-    def load(cls, folder: Path | str) -> "EvidenceKey":
+    def load(cls, folder: Path | str) -> EvidenceKey:
         folder = Path(folder).expanduser()
         path = folder / KEY_FILE
         try:
@@ -80,7 +81,7 @@ class EvidenceKey:
         return cls(secret, folder)
 
     @classmethod
-    def load_or_create(cls, folder: Path | str, *, logs: tuple[Path, ...] = ()) -> "EvidenceKey":
+    def load_or_create(cls, folder: Path | str, *, logs: tuple[Path, ...] = ()) -> EvidenceKey:
         """The key in `folder`; a new one only while none of `logs` exists yet (else it would reset them)."""
         folder = Path(folder).expanduser()
         if (folder / KEY_FILE).exists() or any(HashChainLog.files_exist(p) for p in logs):

@@ -249,7 +249,7 @@ def _node_data_args(p: argparse.ArgumentParser) -> None:
 
 
 def _connection_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--superlink", default=f"127.0.0.1:9093", help="the coordinator's address HOST:PORT")
+    p.add_argument("--superlink", default="127.0.0.1:9093", help="the coordinator's address HOST:PORT")
     p.add_argument("--ca", help="CA certificate that signed the coordinator's certificate (TLS is on by default)")
     p.add_argument("--insecure", action="store_true", help="plaintext, no TLS: closed test networks only")
     p.add_argument("--home", default=CLI_HOME, help="folder for the flwr CLI's connection settings")

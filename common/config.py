@@ -11,11 +11,13 @@ import difflib
 import json
 import os
 import re
+import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -53,7 +55,7 @@ class LoraSettings:
     alpha: float = 16.0
     dropout: float = 0.0
     # None: PEFT's default target modules for the base model's architecture.
-    target_modules: Optional[List[str]] = None
+    target_modules: list[str] | None = None
     # FFA-LoRA (Sun et al. 2024): A stays frozen at its shared initialisation, only B
     # trains, so averaging the B matrices averages the products BA exactly.
     ffa: bool = False
@@ -97,7 +99,7 @@ class DataConfig:
     seed: int = 0
     root: str = "${workdir}/data"
     users_per_region: int = 300
-    records_per_user: List[int] = field(default_factory=lambda: [2, 6])
+    records_per_user: list[int] = field(default_factory=lambda: [2, 6])
     consent_rate: float = 0.92
     shards: int = 2
     heldout_fraction: float = 0.2
@@ -109,16 +111,16 @@ class DataConfig:
 class RegionData:
     source: DataSource
     # Local files or folders (JSONL, plain text, Parquet) when source=files.
-    paths: List[str]
+    paths: list[str]
     # Plain-text lines carry no consent field: the region attests it for whole files.
-    plain_text_consent: Optional[bool]
+    plain_text_consent: bool | None
 
 
 @dataclass
 class RegionConfig:
     name: str
     jurisdiction: str
-    locales: List[str]
+    locales: list[str]
     clients: int
     data: RegionData
     # The region's compliance rules. Its nodes enforce their own copy of this file; the
@@ -134,8 +136,8 @@ class PrivacyConfig:
     enabled: bool = True
     # Exactly one of noise_multiplier and target_epsilon when enabled. target_epsilon is
     # the epsilon this run may spend; sigma is derived for the run's planned rounds.
-    noise_multiplier: Optional[float] = None
-    target_epsilon: Optional[float] = None
+    noise_multiplier: float | None = None
+    target_epsilon: float | None = None
     max_grad_norm: float = 1.0
 
 
@@ -180,8 +182,8 @@ class AuditConfig:
     # Canaries go into generated data; into real data only when asked (they are fake records
     # added to a production training set).
     canaries_in_real_data: bool = False
-    canary_formats: List[str] = field(default_factory=lambda: ["door-code", "passport"])
-    canary_repetitions: List[int] = field(default_factory=lambda: [1, 4, 16])
+    canary_formats: list[str] = field(default_factory=lambda: ["door-code", "passport"])
+    canary_repetitions: list[int] = field(default_factory=lambda: [1, 4, 16])
     # Canaries for one-run auditing, each inserted with probability 1/2.
     one_run_canaries: int = 64
     exposure_candidates: int = 400
@@ -207,10 +209,10 @@ class TrackingConfig:
 class FedsovConfig:
     # Why the model is trained, in the controller's words: the purpose a record of processing names (GDPR
     # Art. 30(1)(b)). fedsov cannot know it; `fedsov dpo-record` marks it for the DPO to fill while it is null.
-    purpose: Optional[str] = None
+    purpose: str | None = None
     workdir: str = "fedsov-work"
-    run_dir: Optional[str] = None
-    resume: Optional[str] = None
+    run_dir: str | None = None
+    resume: str | None = None
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
@@ -219,7 +221,7 @@ class FedsovConfig:
     audit: AuditConfig = field(default_factory=AuditConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    regions: Dict[str, RegionConfig] = field(default_factory=dict)
+    regions: dict[str, RegionConfig] = field(default_factory=dict)
 
 
 def default_config_dir() -> Path:
@@ -233,7 +235,6 @@ def load_config(
     overrides: Sequence[str] = (), config_dir: Path | None = None, config_name: str = "config"
 ) -> FedsovConfig:
     """Compose `configs/` with command-line overrides, then type-check and validate."""
-    import yaml
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
@@ -604,8 +605,9 @@ def _schema_fields(full_key: str, root: type = FedsovConfig) -> list[str]:
 
 
 def _element_type(hint: Any) -> Any:
-    """The type inside Optional[...] and List[...] (a list entry's keys are checked like a section's)."""
-    while typing.get_origin(hint) in (list, typing.Union):
+    """The type inside `X | None` and `list[X]` (a list entry's keys are checked like a section's)."""
+    # `X | None` is types.UnionType, `Optional[X]` typing.Union: the schema may use either.
+    while typing.get_origin(hint) in (list, typing.Union, types.UnionType):
         hint = next(a for a in typing.get_args(hint) if a is not type(None))
     return hint
 

@@ -15,9 +15,9 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -36,7 +36,7 @@ class TlsFiles:
     server_key: Path
 
     @classmethod
-    def in_dir(cls, directory: Path | str) -> "TlsFiles":
+    def in_dir(cls, directory: Path | str) -> TlsFiles:
         d = Path(directory)
         return cls(d / "ca.crt", d / "server.crt", d / "server.key")
 

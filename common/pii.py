@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import bisect
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 SUPPORTED_ENTITIES = (
     "EMAIL_ADDRESS",
@@ -57,7 +57,7 @@ def _custom_patterns():
     }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _recognizers(entities: tuple[str, ...]):
     import tldextract
     from presidio_analyzer import predefined_recognizers as pr

@@ -15,7 +15,7 @@ import math
 import re
 from dataclasses import asdict, dataclass
 from enum import Enum
-from typing import Any, List, Optional
+from typing import Any
 
 from common.errors import ConfigError, PolicyViolation, ResidencyViolation
 
@@ -51,9 +51,9 @@ class CountingPeriod(str, Enum):
 @dataclass
 class ResidencyPolicy:
     # Values of the records' `region` field this node may train on.
-    allowed_region_tags: List[str]
+    allowed_region_tags: list[str]
     # Absolute path prefixes the node may read training data from ([] = only its configured paths).
-    storage_roots: List[str]
+    storage_roots: list[str]
     # Must be false: fedsov has no way to export raw records, whatever a file says.
     raw_data_export: bool
 
@@ -65,10 +65,10 @@ class AdequacyDecision:
     jurisdiction: str
     decision: str  # the instrument, e.g. "Commission Implementing Decision (EU) 2019/419"
     adopted: str  # ISO date
-    expires: Optional[str]  # ISO date it lapses unless renewed; null when it has no sunset clause
+    expires: str | None  # ISO date it lapses unless renewed; null when it has no sunset clause
     # A status the recipient organisation must hold for the decision to cover it (e.g. "EU-US DPF"),
     # matched against `coordinator_attestations[].scheme`; null when it covers every recipient.
-    requires_attestation: Optional[str]
+    requires_attestation: str | None
     scope: str  # what the decision covers, in words
 
 
@@ -80,7 +80,7 @@ class CoordinatorAttestation:
     organisation: str
     reference: str  # where it was verified, e.g. the organisation's Data Privacy Framework List entry
     verified_on: str  # ISO date
-    expires: Optional[str]  # ISO date (e.g. the DPF annual re-certification); null if none
+    expires: str | None  # ISO date (e.g. the DPF annual re-certification); null if none
 
 
 @dataclass
@@ -89,9 +89,9 @@ class TransferSafeguard:
 
     kind: SafeguardKind
     reference: str  # e.g. the CAC filing number, the signed SCC module and date
-    jurisdictions: List[str]
+    jurisdictions: list[str]
     recorded_on: str  # ISO date
-    expires: Optional[str]  # ISO date (a CAC assessment or certification lasts 3 years); null if none
+    expires: str | None  # ISO date (a CAC assessment or certification lasts 3 years); null if none
 
 
 @dataclass
@@ -102,16 +102,16 @@ class ProhibitionExemption:
     basis: str  # the rule relied on, e.g. "28 CFR 202.802 specific license"
     reference: str
     reviewed_on: str  # ISO date
-    expires: Optional[str]
+    expires: str | None
 
 
 @dataclass
 class VolumeBand:
     # The band applies when both counts are below these bounds; null = no bound.
-    people_below: Optional[int]
-    sensitive_people_below: Optional[int]
+    people_below: int | None
+    sensitive_people_below: int | None
     # Safeguard kinds of which one must be recorded for the destination; [] = none is needed.
-    requires: List[SafeguardKind]
+    requires: list[SafeguardKind]
 
 
 @dataclass
@@ -120,26 +120,26 @@ class VolumeRules:
 
     counting_period: CountingPeriod
     # Destinations inside these are not cross-border transfers and need no band.
-    domestic_jurisdictions: List[str]
+    domestic_jurisdictions: list[str]
     # Ordered from the smallest volumes; the last band must have no bounds, so every count falls in one.
-    bands: List[VolumeBand]
+    bands: list[VolumeBand]
     # Kinds required whatever the volume (e.g. a CIIO, or important data); [] = the bands decide.
-    required_regardless_of_volume: List[SafeguardKind]
+    required_regardless_of_volume: list[SafeguardKind]
 
 
 @dataclass
 class TransferPolicy:
     # Jurisdictions a coordinator may sit in to receive this region's updates ("*" = any not prohibited).
-    allowed_coordinator_jurisdictions: List[str]
-    adequacy_decisions: List[AdequacyDecision]
-    coordinator_attestations: List[CoordinatorAttestation]
-    safeguards: List[TransferSafeguard]
+    allowed_coordinator_jurisdictions: list[str]
+    adequacy_decisions: list[AdequacyDecision]
+    coordinator_attestations: list[CoordinatorAttestation]
+    safeguards: list[TransferSafeguard]
     # Refused whatever else allows them; "CN" also covers its subdivisions ("CN-HK").
-    prohibited_coordinator_jurisdictions: List[str]
+    prohibited_coordinator_jurisdictions: list[str]
     # The rule behind that list, cited in every refusal; null exactly when the list is empty.
-    prohibition_basis: Optional[str]
-    prohibition_exemptions: List[ProhibitionExemption]
-    volume_rules: Optional[VolumeRules]
+    prohibition_basis: str | None
+    prohibition_exemptions: list[ProhibitionExemption]
+    volume_rules: VolumeRules | None
     require_secure_aggregation: bool
     # Fewest clients whose updates may be aggregated together with this region's.
     min_cohort: int
@@ -159,11 +159,11 @@ class PrivacyPolicy:
 class DataUsePolicy:
     require_consent: bool
     # Records carrying any of these tags (e.g. special:health) are excluded and counted.
-    excluded_special_categories: List[str]
+    excluded_special_categories: list[str]
     # Records with any of these fields set are excluded and counted.
-    excluded_fields: List[str]
+    excluded_fields: list[str]
     scrub_pii: bool
-    scrub_entities: List[str]
+    scrub_entities: list[str]
 
 
 @dataclass
@@ -171,7 +171,7 @@ class RetentionPolicy:
     checkpoint_days: int
     ledger_backup_days: int
     # Where a model holding this region's contribution may be deployed or exported ("*" = anywhere).
-    allowed_deployment_jurisdictions: List[str]
+    allowed_deployment_jurisdictions: list[str]
 
 
 @dataclass
@@ -320,7 +320,7 @@ def _validate_volume_rules(v: VolumeRules, key: str, fail) -> None:
         previous = bounds
 
 
-def _check_codes(key: str, codes: List[str], fail, wildcard: bool = True) -> None:
+def _check_codes(key: str, codes: list[str], fail, wildcard: bool = True) -> None:
     for code in codes:
         if code == ANY and wildcard:
             continue
@@ -331,7 +331,7 @@ def _check_codes(key: str, codes: List[str], fail, wildcard: bool = True) -> Non
                  + (", or \"*\" for any" if wildcard else "") + ".")
 
 
-def _check_period(at: str, start_key: str, start: str, expires: Optional[str], fail) -> None:
+def _check_period(at: str, start_key: str, start: str, expires: str | None, fail) -> None:
     begun = _date(start)
     if begun is None:
         fail(f"{at}.{start_key}", start, "is not a date", "Write it as YYYY-MM-DD.")
@@ -356,7 +356,7 @@ def _today() -> datetime.date:
     return datetime.datetime.now(datetime.timezone.utc).date()
 
 
-def _in_force(start: str, expires: Optional[str], on: datetime.date) -> bool:
+def _in_force(start: str, expires: str | None, on: datetime.date) -> bool:
     return _date(start) <= on and (expires is None or on < _date(expires))
 
 
@@ -365,7 +365,7 @@ def _within(jurisdiction: str, listed: str) -> bool:
     return jurisdiction == listed or jurisdiction.startswith(listed + "-")
 
 
-def _allows(allowed: List[str], jurisdiction: str) -> bool:
+def _allows(allowed: list[str], jurisdiction: str) -> bool:
     return ANY in allowed or jurisdiction in allowed
 
 
@@ -400,7 +400,7 @@ def _adequacy(t: TransferPolicy, jurisdiction: str, on: datetime.date) -> tuple[
     return None, why
 
 
-def _safeguards_for(t: TransferPolicy, jurisdiction: str, on: datetime.date) -> List[TransferSafeguard]:
+def _safeguards_for(t: TransferPolicy, jurisdiction: str, on: datetime.date) -> list[TransferSafeguard]:
     return [s for s in t.safeguards if jurisdiction in s.jurisdictions and _in_force(s.recorded_on, s.expires, on)]
 
 
@@ -446,9 +446,9 @@ class SafeguardDecision:
     people: int
     sensitive_people: int
     cross_border: bool
-    band: Optional[int]  # index into volume_rules.bands; None when no band applies
+    band: int | None  # index into volume_rules.bands; None when no band applies
     required: tuple[str, ...]  # any one of these kinds suffices; () = none is needed
-    recorded: Optional[str]  # "kind reference" of the safeguard that satisfies it
+    recorded: str | None  # "kind reference" of the safeguard that satisfies it
     allowed: bool
     reason: str
 
@@ -529,9 +529,9 @@ class PlanTerms:
 @dataclass
 class PlanDecision:
     accepted: bool
-    reasons: List[str]
+    reasons: list[str]
     max_grad_norm: float  # the clip norm to use: the stricter of plan and policy
-    adjustments: List[str]
+    adjustments: list[str]
 
     def explain(self) -> str:
         return "; ".join(self.reasons + self.adjustments) or "plan within policy"
@@ -539,8 +539,8 @@ class PlanDecision:
 
 def check_plan(policy: RegionPolicy, terms: PlanTerms) -> PlanDecision:
     """Refuse what the policy forbids; where a stricter value exists, use it instead."""
-    reasons: List[str] = []
-    adjustments: List[str] = []
+    reasons: list[str] = []
+    adjustments: list[str] = []
     ok, why = coordinator_allowed(policy, terms.coordinator_jurisdiction)
     if not ok:
         reasons.append(why)
@@ -603,7 +603,7 @@ def explain_policy(name: str, jurisdiction: str, policy: RegionPolicy, on: datet
     rules = transfer_rules(policy, on)
     unit = "each person (all records of one user together)" if p.unit == PrivacyUnitKind.user else "each record"
 
-    def places(values: List[str]) -> str:
+    def places(values: list[str]) -> str:
         return "anywhere" if ANY in values else "only in " + ", ".join(values)
 
     lines = [f"Region {name} ({jurisdiction}), rules under {policy.law}:"]
@@ -619,7 +619,7 @@ def explain_policy(name: str, jurisdiction: str, policy: RegionPolicy, on: datet
     use.append(f"before training, {', '.join(d.scrub_entities)} found in the text are replaced by placeholders"
                if d.scrub_pii else "identifiers in the text are kept (no scrubbing)")
     lines.append("- Use: " + "; ".join(use) + ".")
-    lines.append(f"- Transfers: only DP-protected adapter updates leave the node, "
+    lines.append("- Transfers: only DP-protected adapter updates leave the node, "
                  + ("always under secure aggregation" if t.require_secure_aggregation else "plaintext updates allowed")
                  + f", with at least {t.min_cohort} clients in each aggregation. A coordinator may receive them:")
     lines.append(f"  - without further safeguard {places(t.allowed_coordinator_jurisdictions)}"

@@ -70,8 +70,8 @@ class Context:
     def __init__(self, device, rehearsal: bool, workdir: Path):
         import torch
 
-        from common.model.loading import pick_dtype
         from common.config import DtypeChoice
+        from common.model.loading import pick_dtype
 
         self.device = device
         self.dtype = pick_dtype(DtypeChoice.auto, device) if not rehearsal else torch.bfloat16
@@ -161,8 +161,8 @@ def check_bf16(ctx: Context, shape_name: str) -> dict:
     import copy
 
     import torch
-
     from bench_model_scale import SHAPES, build
+
     from client.training import collate
     from common.config import LoraSettings
     from common.model.loading import enable_gradient_checkpointing
@@ -268,7 +268,6 @@ def main() -> int:
     import opacus
     import peft
     import transformers
-
     from benchlib import device_name
 
     device = torch.device("cpu" if args.cpu_rehearsal else "cuda")

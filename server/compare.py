@@ -14,8 +14,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 from common.config import CONFIG_DIR_ENV, default_config_dir, load_config
 from common.errors import FederationError

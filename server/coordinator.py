@@ -9,10 +9,11 @@ from __future__ import annotations
 import math
 import time
 from collections import OrderedDict
-from datetime import datetime, timezone
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 
@@ -21,29 +22,28 @@ from common.config import FedsovConfig
 from common.errors import FederationError
 from common.model.loading import load_base_model, model_fingerprint, resolve_model_path
 from common.model.lora import adapter_state, attach_lora, save_adapter
+from common.schema import SchemaError, check_record
 from common.secagg.crypto import SecAggError
-from common.secagg.protocol import Advert
 from common.secagg.encoding import (
     Quantization,
     adam_displacement_bound,
     layout_of,
-    metric_length,
     read_metric_vector,
     unflatten,
 )
-from common.schema import SchemaError, check_record
+from common.secagg.protocol import Advert
 from common.wire import (
-    REFUSED,
     AUDIT,
     DESCRIBE,
+    EVALUATE,
     EVIDENCE,
     EVIDENCE_FIELDS,
     EXAMPLES,
-    EVALUATE,
     GLOBAL_ADAPTER,
     METRICS,
     NODE,
     PLAN,
+    REFUSED,
     REQUEST,
     SECAGG_KEYS,
     TRAIN,
@@ -123,7 +123,7 @@ class ServerModel:
         base = load_base_model(self.path, torch.device("cpu"), torch.float32)
         self.peft_model = attach_lora(base, cfg.model.lora, cfg.federation.seed)
 
-    def initial_state(self) -> "OrderedDict[str, torch.Tensor]":
+    def initial_state(self) -> OrderedDict[str, torch.Tensor]:
         return adapter_state(self.peft_model)
 
     def save(self, state, out_dir: Path) -> None:
@@ -161,7 +161,7 @@ class Coordinator:
             state = self._round(round_number, state, model)
         return self._finish(state, model, started)
 
-    def _start(self, model: "ServerModel") -> tuple["OrderedDict[str, torch.Tensor]", int]:
+    def _start(self, model: ServerModel) -> tuple[OrderedDict[str, torch.Tensor], int]:
         """The adapter to start from and the first round to run (a resumed run continues its checkpoint)."""
         cfg, run = self.cfg, self.run
         state, first_round = model.initial_state(), 1
@@ -197,7 +197,7 @@ class Coordinator:
             raise FederationError("Every region's policy rules out this run; see the region_excluded events for why.")
         return state, first_round
 
-    def _round(self, round_number: int, state, model: "ServerModel") -> "OrderedDict[str, torch.Tensor]":
+    def _round(self, round_number: int, state, model: ServerModel) -> OrderedDict[str, torch.Tensor]:
         """Train, aggregate, evaluate, checkpoint and log one round."""
         cfg, run = self.cfg, self.run
         t0 = time.time()
@@ -226,7 +226,7 @@ class Coordinator:
         run.event("round_finished", **row, checkpoint=str(model_dir))
         return state
 
-    def _finish(self, state, model: "ServerModel", started: float) -> dict[str, Any]:
+    def _finish(self, state, model: ServerModel, started: float) -> dict[str, Any]:
         """Save the adapter; the memorisation audit, summary, privacy report and provenance manifest."""
         cfg, run = self.cfg, self.run
         model.save(state, run.adapter_dir)
@@ -379,8 +379,7 @@ class Coordinator:
             target_epsilon=priv.target_epsilon if priv.enabled else None,
         )
 
-    def _train(self, plan: RoundPlan, state) -> tuple["OrderedDict[str, torch.Tensor]", dict[str, Any]]:
-        from flwr.app import RecordDict
+    def _train(self, plan: RoundPlan, state) -> tuple[OrderedDict[str, torch.Tensor], dict[str, Any]]:
 
         request = self._train_request(plan, state_to_record(state))
         trainable = OrderedDict((k, v) for k, v in state.items() if not (plan.lora_ffa and "lora_A" in k))
@@ -427,7 +426,7 @@ class Coordinator:
         row["epsilon"] = self._region_epsilon()
         return state, row
 
-    def _train_secure(self, plan: RoundPlan, state, trainable, request) -> tuple["OrderedDict[str, torch.Tensor]", dict[str, Any]]:
+    def _train_secure(self, plan: RoundPlan, state, trainable, request) -> tuple[OrderedDict[str, torch.Tensor], dict[str, Any]]:
         """Stage 1 rides on the train message; the update is only ever seen summed."""
         adverts, units, missing = self._advertise(plan.round, TRAIN, request)
         row: dict[str, Any] = {"secure_aggregation": True, "clients_trained": 0, **missing.row()}

@@ -13,9 +13,9 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 from common.config import FedsovConfig, config_to_yaml
 from common.credentials import TlsFiles, make_certificates, make_node_key
@@ -44,7 +44,7 @@ class Connection:
 
     @classmethod
     def from_args(cls, superlink: str, ca_cert: str | None, insecure: bool, home: str | Path,
-                  out: Callable[[str], None] = print) -> "Connection":
+                  out: Callable[[str], None] = print) -> Connection:
         if insecure:
             if ca_cert:
                 raise ConfigError("Both --ca and --insecure given: choose one (TLS with --ca is the default).")
@@ -240,7 +240,7 @@ class LocalDeployment:
         self.nodes: dict = {}
         self.connection: Connection | None = None
 
-    def __enter__(self) -> "LocalDeployment":
+    def __enter__(self) -> LocalDeployment:
         try:
             self.start()
         except BaseException:

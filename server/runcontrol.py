@@ -15,8 +15,8 @@ import base64
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from common.errors import ConfigError, FederationError
 from common.paths import writable_folder

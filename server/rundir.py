@@ -21,10 +21,11 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from common.audit import AuditLog, EvidenceKey
 from common.errors import FederationError

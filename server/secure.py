@@ -8,8 +8,9 @@ round and keeps the global adapter; a wrong sum is never produced.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 from common.secagg.crypto import SecAggError
 from common.secagg.encoding import metric_length

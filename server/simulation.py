@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Sequence
 
 from omegaconf import OmegaConf
 
@@ -244,7 +244,7 @@ def render_event(event: dict, cfg: FedsovConfig) -> str | None:
         return (f"  round {event['round']}/{total} done in {event['seconds']:.1f}s  train loss {loss or '-'}"
                 f"  | perplexity {_fmt_ppl(event['perplexity'])}  | epsilon {eps}")
     if kind == "audit_started":
-        return f"  memorisation audit on each node (canaries, membership inference, PII in generations) ..."
+        return "  memorisation audit on each node (canaries, membership inference, PII in generations) ..."
     if kind == "audit_node":
         m = event["metrics"]
         top = max((k for k in m if k.startswith("exposure-rep") and k.endswith("-max")),

@@ -8,9 +8,9 @@ config is validated first, then the jobs run one after another, each in its own 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Sequence
 
 from common.config import config_to_yaml, default_config_dir, load_config
 from common.errors import ConfigError, FedsovError

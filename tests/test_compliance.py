@@ -4,23 +4,20 @@ hostile coordinator, the egress guard, planning, provenance and exports.
 A hostile coordinator is played by sending hand-made messages through the in-process grid to
 the real ClientApp; every refusal must leave nothing sent (checked at the message level)."""
 
-import dataclasses
 import json
 from collections import OrderedDict
 
 import pytest
 import torch
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import ConfigRecord, RecordDict
 
 from client.node import LEDGER_FILE
 from common.data.prepare import ensure_synthetic_data
 from common.data.records import Record, write_jsonl
-from common.wire import GLOBAL_ADAPTER, PLAN, REQUEST, SECAGG, state_to_record
-from server.coordinator import Coordinator, ServerModel
-from server.rundir import RunDirectory
+from common.wire import REQUEST, SECAGG
 from server.simulation import resolve_run_config
 from tests.conftest import edit_policy
-from tests.inprocess import Federation, InProcessGrid, assert_refused_with_nothing_sent, run_federation
+from tests.inprocess import Federation, assert_refused_with_nothing_sent, run_federation
 
 
 @pytest.fixture

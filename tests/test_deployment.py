@@ -7,7 +7,6 @@ process id / command line afterwards: nothing may be left running.
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -85,10 +84,11 @@ def test_local_deployment_with_tls_and_node_auth_end_to_end(small_overrides, tmp
     assert not flower_processes(tmp_path), "fedsov deploy local left Flower processes behind"
 
     # A restarted client (a fresh node process on the same state folder) still holds what it spent.
+    from omegaconf import OmegaConf
+
     from client.node import RegionNode
     from client.settings import deployment_settings
     from common.config import config_from_container
-    from omegaconf import OmegaConf
     from server.deployment import local_node_config
 
     cfg = config_from_container(OmegaConf.load(run_dir / "config.yaml"))
@@ -256,7 +256,7 @@ def test_wire_carries_no_text_and_a_node_killed_mid_round_is_survived(small_over
     assert rows[2]["aggregated"] and rows[2]["clients_trained"] == 2
     assert not flower_processes(tmp_path)
 
-    wire = bytes().join(bytes(p.sent) for p in proxies)
+    wire = b"".join(bytes(p.sent) for p in proxies)
     assert len(wire) > 10_000
     # Positive control: what the protocol does send in the clear is readable in the recording.
     assert b"policy-hash" in wire and b"num-units" in wire

@@ -13,7 +13,6 @@ import torch
 from flwr.app import ConfigRecord, RecordDict
 
 from common.wire import GLOBAL_ADAPTER, PLAN, REQUEST, state_to_record
-from tests.conftest import edit_policy
 from tests.inprocess import Federation, assert_refused_with_nothing_sent
 
 
@@ -213,8 +212,8 @@ def test_evaluation_and_audit_are_bounded_to_the_run_the_node_trained_in(federat
 def test_the_coordinators_jurisdiction_comes_from_the_nodes_pins(small_overrides, config_dir):
     """A PIPL node trains for a CN coordinator only where its own pins say the coordinator is in CN."""
     from client.node import RegionNode, simulation_settings
-    from common.errors import PolicyViolation
     from common.data.prepare import ensure_synthetic_data
+    from common.errors import PolicyViolation
     from server.simulation import resolve_run_config
 
     cfg = resolve_run_config(small_overrides + ["regions=[cn]", "regions.cn.clients=1"])

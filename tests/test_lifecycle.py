@@ -137,7 +137,7 @@ def test_people_sent_abroad_this_year_count_across_nodes_and_restarts(small_over
     assert main(["node", "erase", *folders, "--user", trained, "--reference", "DSR-2026-17"]) == 0
     out = capsys.readouterr().out
     charge = region_ledger(fed.cfg, "cn").charges()[-1]
-    assert charge.node == "cn-1" and f"run hostile: trained on their data in round(s) 1 on cn-1" in out
+    assert charge.node == "cn-1" and "run hostile: trained on their data in round(s) 1 on cn-1" in out
     assert f"protected at epsilon {charge.epsilon_after:.3g}, delta 1e-05 for them as a whole" in out
 
     # A register deleted with its head does not reset the count: the node's audit log anchors it.

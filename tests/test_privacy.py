@@ -5,13 +5,13 @@ from pathlib import Path
 
 import pytest
 
+from common.audit import EvidenceKey
 from common.config import PrivacyUnitKind
 from common.data.records import Record
 from common.errors import BudgetExhausted, LedgerError, PrivacyError
 from common.privacy.accounting import DpSgdSteps, epsilon_spent
 from common.privacy.ledger import PrivacyLedger
 from common.privacy.units import dataset_fingerprint, group_units
-from common.audit import EvidenceKey
 
 # The node's evidence key (a test key: the folder is never read).
 KEY = EvidenceKey(bytes(range(32)), Path("/keys/test-node"))

@@ -43,8 +43,8 @@ def test_the_flower_internals_the_worker_uses_are_there():
 
 def test_the_waits_fedsov_shortens_are_flowers(monkeypatch):
     """client.supernode_loop and common.flowerproc replace these Flower waits by name: check they are still there."""
-    from flwr.superlink.grid import http_grid
     from flwr.supercore.inflatable import inflatable_utils
+    from flwr.superlink.grid import http_grid
     from flwr.supernode import start_client_internal as loop
     from flwr.supernode.runtime import run_clientapp
 

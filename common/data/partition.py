@@ -7,14 +7,14 @@ across runs, machines and data order.
 from __future__ import annotations
 
 import hashlib
-from typing import Iterable
+from collections.abc import Iterable
 
 from common.data.records import Record
 
 
 def unit_bucket(user_id: str, salt: str) -> float:
     """Map (salt, user_id) to a stable number in [0, 1) via sha256."""
-    digest = hashlib.sha256(f"{salt}:{user_id}".encode("utf-8")).digest()
+    digest = hashlib.sha256(f"{salt}:{user_id}".encode()).digest()
     # 53 bits fit a float exactly, so the result can never round up to 1.0.
     return (int.from_bytes(digest[:8], "big") >> 11) / 2**53
 

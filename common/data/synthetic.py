@@ -14,9 +14,9 @@ import os
 import random
 import string
 import unicodedata
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 from faker import Faker
 from faker.config import AVAILABLE_LOCALES

@@ -16,11 +16,10 @@ import math
 import shutil
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
-
 
 from common.config import EmbeddedRecipe
 from common.data.corpus import generate_public_corpus

@@ -12,7 +12,6 @@ from common.config import EMBEDDED_MODEL, DeviceChoice, DtypeChoice, ModelConfig
 from common.errors import ModelError
 from common.model.embedded import ensure_embedded_model
 
-
 # What a model folder must hold: weights in one of these layouts, and the files of some tokenizer.
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")

@@ -7,8 +7,8 @@ An adapter state is a name -> float32 CPU tensor mapping keyed like PEFT's saved
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import torch
 
@@ -131,7 +131,7 @@ def trainable_names(peft_model) -> list[str]:
     return names
 
 
-def adapter_state(peft_model) -> "OrderedDict[str, torch.Tensor]":
+def adapter_state(peft_model) -> OrderedDict[str, torch.Tensor]:
     """All adapter tensors as float32 CPU copies, keyed as in PEFT's adapter files."""
     from peft import get_peft_model_state_dict
 

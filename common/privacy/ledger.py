@@ -14,10 +14,11 @@ the ledger keeps the history and derives epsilon from it; the history is the sou
 from __future__ import annotations
 
 import secrets
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from common.audit import EvidenceKey, KeyedRegister, TamperedLog
 from common.errors import BudgetExhausted, LedgerError, PrivacyError

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
@@ -47,7 +48,7 @@ class Quantization:
     levels: int
 
     @classmethod
-    def for_cohort(cls, clip_range: float, total_weight: int) -> "Quantization":
+    def for_cohort(cls, clip_range: float, total_weight: int) -> Quantization:
         levels = (DATA_MODULUS - 1) // max(1, total_weight)
         if levels < MIN_LEVELS:
             raise SecAggError(
@@ -102,10 +103,10 @@ def flatten(update: Mapping[str, Any], layout: Layout) -> np.ndarray:
     return np.concatenate([as_numpy(update[name]) for name, _ in layout])
 
 
-def unflatten(vector: np.ndarray, layout: Layout) -> "OrderedDict[str, torch.Tensor]":
+def unflatten(vector: np.ndarray, layout: Layout) -> OrderedDict[str, torch.Tensor]:
     import torch
 
-    out: "OrderedDict[str, torch.Tensor]" = OrderedDict()
+    out: OrderedDict[str, torch.Tensor] = OrderedDict()
     offset = 0
     for name, shape in layout:
         size = int(np.prod(shape))

@@ -15,9 +15,9 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -47,7 +47,7 @@ class Identity:
         self.folder = folder
 
     @classmethod
-    def load_or_create(cls, folder: Path | str) -> "Identity":
+    def load_or_create(cls, folder: Path | str) -> Identity:
         folder = Path(folder).expanduser()
         path = folder / IDENTITY_FILE
         if path.exists():
@@ -89,7 +89,7 @@ class Roster:
             raise ConfigError("The roster gives two nodes the same identity key; each node has its own.")
 
     @classmethod
-    def load(cls, path: Path | str) -> "Roster":
+    def load(cls, path: Path | str) -> Roster:
         path = Path(path)
         try:
             raw = json.loads(path.read_text())

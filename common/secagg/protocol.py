@@ -66,7 +66,7 @@ class Payload:
         self.data = np.asarray(self.data, dtype=DATA_DTYPE)
         self.metrics = np.asarray(self.metrics, dtype=METRIC_DTYPE)
 
-    def plus(self, other: "Payload", sign: int = 1) -> "Payload":
+    def plus(self, other: Payload, sign: int = 1) -> Payload:
         if sign > 0:
             return Payload(self.data + other.data, self.metrics + other.metrics)
         return Payload(self.data - other.data, self.metrics - other.metrics)
@@ -75,7 +75,7 @@ class Payload:
         return self.data.astype("<u4").tobytes() + self.metrics.astype("<u8").tobytes()
 
     @classmethod
-    def from_bytes(cls, blob: bytes, n_data: int, n_metrics: int) -> "Payload":
+    def from_bytes(cls, blob: bytes, n_data: int, n_metrics: int) -> Payload:
         if len(blob) != 4 * n_data + 8 * n_metrics:
             raise SecAggError(f"Masked input has {len(blob)} bytes, expected {4 * n_data + 8 * n_metrics}.")
         return cls(np.frombuffer(blob[: 4 * n_data], dtype="<u4"), np.frombuffer(blob[4 * n_data :], dtype="<u8"))
@@ -187,7 +187,7 @@ class ClientSession:
     stage: str = "advertised"
 
     @classmethod
-    def start(cls, tag: bytes, node_id: int, name: str, plan_digest: str) -> "ClientSession":
+    def start(cls, tag: bytes, node_id: int, name: str, plan_digest: str) -> ClientSession:
         c_sk, c_pk = new_keypair()
         s_sk, s_pk = new_keypair()
         return cls(tag=tag, node_id=node_id, name=name, plan_digest=plan_digest, c_sk=c_sk, c_pk=c_pk, s_sk=s_sk,
@@ -318,7 +318,7 @@ class ClientSession:
         }
 
     @classmethod
-    def from_record(cls, r) -> "ClientSession":
+    def from_record(cls, r) -> ClientSession:
         peers = list(zip([int(x) for x in r.get("peer-ids", [])], [str(x) for x in r.get("peer-names", [])],
                          [str(x) for x in r.get("peer-regions", [])], list(r.get("peer-c-pks", [])),
                          list(r.get("peer-s-pks", []))))
