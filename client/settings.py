@@ -124,7 +124,7 @@ def simulation_settings(cfg: FedsovConfig, partition_id: int) -> NodeSettings:
 
 # Keys a deployed SuperNode reads from its --node-config (TOML values; strings quoted).
 NODE_CONFIG_KEYS = {
-    "region": "this node's region (required), e.g. region=\"eu\"",
+    "region": 'this node\'s region (required), e.g. region="eu"',
     "data-path": "its data files or folders, separated by ':' (required)",
     "state-dir": "where its privacy ledger, audit log and canaries live (required, kept across restarts)",
     "config-dir": "the fedsov configs folder holding regions/<region>.yaml (default: $FEDSOV_CONFIG_DIR or the installed one)",
@@ -140,7 +140,7 @@ NODE_CONFIG_KEYS = {
     "ledger-dir": "the privacy ledger's folder, shared by the nodes that split one data folder (default: state-dir)",
     "ledger-key-dir": "the ledger's evidence-key folder (default: key-dir)",
     "coordinator-jurisdiction": "where the coordinator is, from the node's coordinators.yaml (set by `fedsov node "
-                                "start`; required)",
+    "start`; required)",
     "roster": "the federation roster file (default: roster.json in the config folder)",
 }
 
@@ -165,8 +165,10 @@ class NodeFolders:
         config_dir = Path(str(node_config.get("config-dir") or default_config_dir())).expanduser()
         key_dir = Path(str(node_config.get("key-dir") or f"{state_dir}.keys")).expanduser()
         return cls(
-            name=str(node_config.get("name") or (state_dir.name if state_dir.name.startswith(region)
-                                                  else f"{region}-{state_dir.name}")),
+            name=str(
+                node_config.get("name")
+                or (state_dir.name if state_dir.name.startswith(region) else f"{region}-{state_dir.name}")
+            ),
             region=region,
             state_dir=state_dir,
             key_dir=key_dir,
@@ -192,7 +194,7 @@ def deployment_settings(cfg: FedsovConfig, node_config: Mapping[str, Any]) -> No
     if missing:
         raise FederationError(
             f"The SuperNode's --node-config lacks {missing}. Start it with e.g. "
-            "--node-config 'region=\"eu\" data-path=\"/data/eu\" state-dir=\"/var/lib/fedsov/eu-1\"' "
+            '--node-config \'region="eu" data-path="/data/eu" state-dir="/var/lib/fedsov/eu-1"\' '
             "(or use `fedsov node start`)."
         )
     folders = NodeFolders.of(node_config)
@@ -214,7 +216,7 @@ def deployment_settings(cfg: FedsovConfig, node_config: Mapping[str, Any]) -> No
         raise ConfigError(
             "The SuperNode's --node-config has no valid coordinator-jurisdiction: a node decides where its "
             "coordinator is from its own coordinators.yaml. Start it with `fedsov node start`, which looks the "
-            "coordinator's CA up there, or set coordinator-jurisdiction=\"EU\" (your pinned value) yourself."
+            'coordinator\'s CA up there, or set coordinator-jurisdiction="EU" (your pinned value) yourself.'
         )
     return NodeSettings(
         name=folders.name,

@@ -174,4 +174,3 @@ def unit_losses(model, ids: torch.Tensor, mask: torch.Tensor):
     summed = token_loss.sum(dim=1)
     counts = weight.sum(dim=1)
     return summed / counts.clamp(min=1.0), summed, counts
-

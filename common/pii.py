@@ -52,7 +52,9 @@ def _custom_patterns():
         # International and national phone formats (with separators), whether or not the
         # number is assigned: test data and typos are personal data too.
         "PHONE_NUMBER": recognizer(
-            "PHONE_NUMBER", r"(?<![\w-])(\+\d{1,3}[\s.-]?)?(\(\d{1,5}\)[\s.-]?|\d{2,5}[\s.-])\d{2,5}([\s.-]\d{2,5}){0,3}(?![\w-])", 0.4
+            "PHONE_NUMBER",
+            r"(?<![\w-])(\+\d{1,3}[\s.-]?)?(\(\d{1,5}\)[\s.-]?|\d{2,5}[\s.-])\d{2,5}([\s.-]\d{2,5}){0,3}(?![\w-])",
+            0.4,
         ),
     }
 

@@ -24,8 +24,10 @@ __all__ = ["PolicyViolation", "ResidencyViolation"]  # re-exported beside the ch
 ANY = "*"
 # ISO 3166-1 alpha-2 (HK and MO are their own codes), "EU" for the Union, ISO 3166-2 subdivisions (US-CA).
 JURISDICTION = re.compile(r"^[A-Z]{2}(-[A-Z0-9]{1,3})?$")
-DISCLAIMER = ("These are engineering defaults, not legal advice: your data protection officer and counsel must "
-              "review every value before real personal data is used.")
+DISCLAIMER = (
+    "These are engineering defaults, not legal advice: your data protection officer and counsel must "
+    "review every value before real personal data is used."
+)
 
 
 class PrivacyUnitKind(str, Enum):
@@ -195,6 +197,7 @@ def policy_dict(policy: RegionPolicy) -> dict:
 
 # -- validation ---------------------------------------------------------------------------------
 
+
 def validate_policy(policy: RegionPolicy, where: str) -> None:
     """Impossible values are errors naming the key, the value, the rule and the fix."""
     from common.pii import SUPPORTED_ENTITIES
@@ -206,11 +209,19 @@ def validate_policy(policy: RegionPolicy, where: str) -> None:
         fail("law", policy.law, "must name the law", "E.g. GDPR; it appears in every refusal and report.")
     r = policy.residency
     if r.raw_data_export:
-        fail("residency.raw_data_export", True, "raw data export is never possible in fedsov",
-             "Set it to false; only DP adapter updates ever leave a node.")
+        fail(
+            "residency.raw_data_export",
+            True,
+            "raw data export is never possible in fedsov",
+            "Set it to false; only DP adapter updates ever leave a node.",
+        )
     if not r.allowed_region_tags:
-        fail("residency.allowed_region_tags", [], "a node must be allowed at least its own region's records",
-             "List the region tags, e.g. [eu].")
+        fail(
+            "residency.allowed_region_tags",
+            [],
+            "a node must be allowed at least its own region's records",
+            "List the region tags, e.g. [eu].",
+        )
     _validate_transfers(policy.transfers, fail)
     p = policy.privacy
     if not p.epsilon_budget > 0 or math.isinf(p.epsilon_budget):
@@ -224,72 +235,120 @@ def validate_policy(policy: RegionPolicy, where: str) -> None:
     d = policy.data_use
     unknown = sorted(set(d.scrub_entities) - set(SUPPORTED_ENTITIES))
     if unknown:
-        fail("data_use.scrub_entities", unknown, "unknown entity types",
-             f"Use some of: {', '.join(SUPPORTED_ENTITIES)}.")
+        fail(
+            "data_use.scrub_entities", unknown, "unknown entity types", f"Use some of: {', '.join(SUPPORTED_ENTITIES)}."
+        )
     if d.scrub_pii and not d.scrub_entities:
-        fail("data_use.scrub_entities", [], "scrub_pii is on but no entity types are listed",
-             "List e.g. [EMAIL_ADDRESS].")
+        fail(
+            "data_use.scrub_entities",
+            [],
+            "scrub_pii is on but no entity types are listed",
+            "List e.g. [EMAIL_ADDRESS].",
+        )
     if d.scrub_entities and not d.scrub_pii:
-        fail("data_use.scrub_entities", d.scrub_entities, "entities are listed but scrub_pii is false, so none "
-             "would be scrubbed", "Set scrub_pii: true, or scrub_entities: [] if the region keeps identifiers.")
+        fail(
+            "data_use.scrub_entities",
+            d.scrub_entities,
+            "entities are listed but scrub_pii is false, so none would be scrubbed",
+            "Set scrub_pii: true, or scrub_entities: [] if the region keeps identifiers.",
+        )
     k = policy.retention
-    for key, days in (("retention.checkpoint_days", k.checkpoint_days),
-                      ("retention.ledger_backup_days", k.ledger_backup_days)):
+    for key, days in (
+        ("retention.checkpoint_days", k.checkpoint_days),
+        ("retention.ledger_backup_days", k.ledger_backup_days),
+    ):
         if days < 1:
             fail(key, days, "must be at least 1 day", "Use e.g. 30.")
     if not k.allowed_deployment_jurisdictions:
-        fail("retention.allowed_deployment_jurisdictions", [], "the model could never be used anywhere",
-             "List jurisdictions, or [\"*\"] for any.")
+        fail(
+            "retention.allowed_deployment_jurisdictions",
+            [],
+            "the model could never be used anywhere",
+            'List jurisdictions, or ["*"] for any.',
+        )
     _check_codes("retention.allowed_deployment_jurisdictions", k.allowed_deployment_jurisdictions, fail)
 
 
 def _validate_transfers(t: TransferPolicy, fail) -> None:
     key = "transfers"
     if not t.allowed_coordinator_jurisdictions:
-        fail(f"{key}.allowed_coordinator_jurisdictions", [], "no coordinator could ever receive updates",
-             "List the region's own jurisdiction at least, e.g. [EU].")
+        fail(
+            f"{key}.allowed_coordinator_jurisdictions",
+            [],
+            "no coordinator could ever receive updates",
+            "List the region's own jurisdiction at least, e.g. [EU].",
+        )
     _check_codes(f"{key}.allowed_coordinator_jurisdictions", t.allowed_coordinator_jurisdictions, fail)
     for i, a in enumerate(t.adequacy_decisions):
         at = f"{key}.adequacy_decisions[{i}]"
         _check_codes(f"{at}.jurisdiction", [a.jurisdiction], fail, wildcard=False)
         for field_name in ("decision", "scope"):
             if not getattr(a, field_name).strip():
-                fail(f"{at}.{field_name}", getattr(a, field_name), "must not be empty",
-                     "Name the instrument and what it covers, as published.")
+                fail(
+                    f"{at}.{field_name}",
+                    getattr(a, field_name),
+                    "must not be empty",
+                    "Name the instrument and what it covers, as published.",
+                )
         _check_period(at, "adopted", a.adopted, a.expires, fail)
         if a.requires_attestation is not None and not a.requires_attestation.strip():
-            fail(f"{at}.requires_attestation", a.requires_attestation, "must be a scheme name or null",
-                 "E.g. \"EU-US DPF\", or null when the decision covers every recipient.")
+            fail(
+                f"{at}.requires_attestation",
+                a.requires_attestation,
+                "must be a scheme name or null",
+                'E.g. "EU-US DPF", or null when the decision covers every recipient.',
+            )
     for i, c in enumerate(t.coordinator_attestations):
         at = f"{key}.coordinator_attestations[{i}]"
         for field_name in ("scheme", "organisation", "reference"):
             if not getattr(c, field_name).strip():
-                fail(f"{at}.{field_name}", getattr(c, field_name), "must not be empty",
-                     "Record who was verified, under which scheme and where.")
+                fail(
+                    f"{at}.{field_name}",
+                    getattr(c, field_name),
+                    "must not be empty",
+                    "Record who was verified, under which scheme and where.",
+                )
         _check_period(at, "verified_on", c.verified_on, c.expires, fail)
     for i, s in enumerate(t.safeguards):
         at = f"{key}.safeguards[{i}]"
         if not s.reference.strip():
-            fail(f"{at}.reference", s.reference, "must not be empty",
-                 "Record the contract, filing or assessment reference.")
+            fail(
+                f"{at}.reference",
+                s.reference,
+                "must not be empty",
+                "Record the contract, filing or assessment reference.",
+            )
         if not s.jurisdictions:
             fail(f"{at}.jurisdictions", [], "a safeguard must cover at least one destination", "List e.g. [SG].")
         _check_codes(f"{at}.jurisdictions", s.jurisdictions, fail, wildcard=False)
         _check_period(at, "recorded_on", s.recorded_on, s.expires, fail)
-    _check_codes(f"{key}.prohibited_coordinator_jurisdictions", t.prohibited_coordinator_jurisdictions, fail,
-                 wildcard=False)
+    _check_codes(
+        f"{key}.prohibited_coordinator_jurisdictions", t.prohibited_coordinator_jurisdictions, fail, wildcard=False
+    )
     if bool(t.prohibited_coordinator_jurisdictions) != bool((t.prohibition_basis or "").strip()):
-        fail(f"{key}.prohibition_basis", t.prohibition_basis, "must cite the rule behind the prohibited list, and only "
-             "when there is one", "E.g. \"28 CFR Part 202 (countries of concern)\" with a list, null without.")
+        fail(
+            f"{key}.prohibition_basis",
+            t.prohibition_basis,
+            "must cite the rule behind the prohibited list, and only when there is one",
+            'E.g. "28 CFR Part 202 (countries of concern)" with a list, null without.',
+        )
     for i, e in enumerate(t.prohibition_exemptions):
         at = f"{key}.prohibition_exemptions[{i}]"
         if not any(_within(e.jurisdiction, p) for p in t.prohibited_coordinator_jurisdictions):
-            fail(f"{at}.jurisdiction", e.jurisdiction, "exempts a jurisdiction that is not prohibited",
-                 "Remove the exemption, or list the jurisdiction in prohibited_coordinator_jurisdictions.")
+            fail(
+                f"{at}.jurisdiction",
+                e.jurisdiction,
+                "exempts a jurisdiction that is not prohibited",
+                "Remove the exemption, or list the jurisdiction in prohibited_coordinator_jurisdictions.",
+            )
         for field_name in ("basis", "reference"):
             if not getattr(e, field_name).strip():
-                fail(f"{at}.{field_name}", getattr(e, field_name), "must not be empty",
-                     "Record the rule relied on and the licence or review reference.")
+                fail(
+                    f"{at}.{field_name}",
+                    getattr(e, field_name),
+                    "must not be empty",
+                    "Record the rule relied on and the licence or review reference.",
+                )
         _check_period(at, "reviewed_on", e.reviewed_on, e.expires, fail)
     if t.volume_rules is not None:
         _validate_volume_rules(t.volume_rules, f"{key}.volume_rules", fail)
@@ -299,24 +358,40 @@ def _validate_transfers(t: TransferPolicy, fail) -> None:
 
 def _validate_volume_rules(v: VolumeRules, key: str, fail) -> None:
     if not v.domestic_jurisdictions:
-        fail(f"{key}.domestic_jurisdictions", [], "every destination would count as cross-border",
-             "List the region's own jurisdiction, e.g. [CN].")
+        fail(
+            f"{key}.domestic_jurisdictions",
+            [],
+            "every destination would count as cross-border",
+            "List the region's own jurisdiction, e.g. [CN].",
+        )
     _check_codes(f"{key}.domestic_jurisdictions", v.domestic_jurisdictions, fail, wildcard=False)
     if not v.bands:
         fail(f"{key}.bands", [], "at least one band is needed", "End with a band with no bounds (both null).")
     last = v.bands[-1]
     if last.people_below is not None or last.sensitive_people_below is not None:
-        fail(f"{key}.bands[{len(v.bands) - 1}]", asdict(last), "the last band must have no bounds, so every count "
-             "falls in a band", "Set its people_below and sensitive_people_below to null.")
+        fail(
+            f"{key}.bands[{len(v.bands) - 1}]",
+            asdict(last),
+            "the last band must have no bounds, so every count falls in a band",
+            "Set its people_below and sensitive_people_below to null.",
+        )
     previous = (0, 0)
     for i, band in enumerate(v.bands[:-1]):
         bounds = (band.people_below, band.sensitive_people_below)
         if None in bounds or bounds[0] < 1 or bounds[1] < 1:
-            fail(f"{key}.bands[{i}]", asdict(band), "only the last band may be unbounded, and bounds are at least 1",
-                 "Give both bounds as counts (sensitive_people_below: 1 means no sensitive data).")
+            fail(
+                f"{key}.bands[{i}]",
+                asdict(band),
+                "only the last band may be unbounded, and bounds are at least 1",
+                "Give both bounds as counts (sensitive_people_below: 1 means no sensitive data).",
+            )
         if bounds[0] < previous[0] or bounds[1] < previous[1] or bounds == previous:
-            fail(f"{key}.bands[{i}]", asdict(band), "bands must grow from the smallest volumes",
-                 "Order the bands by increasing bounds.")
+            fail(
+                f"{key}.bands[{i}]",
+                asdict(band),
+                "bands must grow from the smallest volumes",
+                "Order the bands by increasing bounds.",
+            )
         previous = bounds
 
 
@@ -325,10 +400,14 @@ def _check_codes(key: str, codes: list[str], fail, wildcard: bool = True) -> Non
         if code == ANY and wildcard:
             continue
         if code in ("True", "False"):  # YAML 1.1 reads NO (Norway), YES, ON, OFF unquoted as booleans
-            fail(key, code, "is a YAML boolean, not a jurisdiction code", "Quote the code, e.g. \"NO\" for Norway.")
+            fail(key, code, "is a YAML boolean, not a jurisdiction code", 'Quote the code, e.g. "NO" for Norway.')
         if not JURISDICTION.match(code):
-            fail(key, code, "is not a jurisdiction code", "Use ISO 3166 codes such as GB, HK, US-CA, or EU"
-                 + (", or \"*\" for any" if wildcard else "") + ".")
+            fail(
+                key,
+                code,
+                "is not a jurisdiction code",
+                "Use ISO 3166 codes such as GB, HK, US-CA, or EU" + (', or "*" for any' if wildcard else "") + ".",
+            )
 
 
 def _check_period(at: str, start_key: str, start: str, expires: str | None, fail) -> None:
@@ -352,6 +431,7 @@ def _date(text: str) -> datetime.date | None:
 
 # -- decisions ----------------------------------------------------------------------------------
 
+
 def _today() -> datetime.date:
     return datetime.datetime.now(datetime.timezone.utc).date()
 
@@ -369,15 +449,22 @@ def _allows(allowed: list[str], jurisdiction: str) -> bool:
     return ANY in allowed or jurisdiction in allowed
 
 
-def _prohibition(t: TransferPolicy, jurisdiction: str,
-                 on: datetime.date) -> tuple[str | None, ProhibitionExemption | None]:
+def _prohibition(
+    t: TransferPolicy, jurisdiction: str, on: datetime.date
+) -> tuple[str | None, ProhibitionExemption | None]:
     """The prohibited entry that covers `jurisdiction`, and the exemption that lifts it (if any)."""
     listed = next((p for p in t.prohibited_coordinator_jurisdictions if _within(jurisdiction, p)), None)
     if listed is None:
         return None, None
     # An exemption is a permission, so it matches exactly: one for CN does not lift CN-HK.
-    exemption = next((e for e in t.prohibition_exemptions
-                      if e.jurisdiction == jurisdiction and _in_force(e.reviewed_on, e.expires, on)), None)
+    exemption = next(
+        (
+            e
+            for e in t.prohibition_exemptions
+            if e.jurisdiction == jurisdiction and _in_force(e.reviewed_on, e.expires, on)
+        ),
+        None,
+    )
     return listed, exemption
 
 
@@ -392,11 +479,15 @@ def _adequacy(t: TransferPolicy, jurisdiction: str, on: datetime.date) -> tuple[
             continue
         if a.requires_attestation is None:
             return a, ""
-        if any(c.scheme == a.requires_attestation and _in_force(c.verified_on, c.expires, on)
-               for c in t.coordinator_attestations):
+        if any(
+            c.scheme == a.requires_attestation and _in_force(c.verified_on, c.expires, on)
+            for c in t.coordinator_attestations
+        ):
             return a, ""
-        why = (f"the adequacy decision for {jurisdiction} ({a.decision}) covers only recipients with "
-               f"'{a.requires_attestation}', and no current coordinator attestation of it is recorded")
+        why = (
+            f"the adequacy decision for {jurisdiction} ({a.decision}) covers only recipients with "
+            f"'{a.requires_attestation}', and no current coordinator attestation of it is recorded"
+        )
     return None, why
 
 
@@ -415,9 +506,11 @@ def coordinator_allowed(policy: RegionPolicy, jurisdiction: str, on: datetime.da
     t, law = policy.transfers, policy.law
     listed, exemption = _prohibition(t, jurisdiction, on)
     if listed and not exemption:
-        return False, (f"{law} policy forbids sending updates to a coordinator in {jurisdiction}: {listed} is "
-                       f"prohibited by {t.prohibition_basis} (transfers.prohibited_coordinator_jurisdictions) and no "
-                       "current reviewed exemption is recorded in transfers.prohibition_exemptions")
+        return False, (
+            f"{law} policy forbids sending updates to a coordinator in {jurisdiction}: {listed} is "
+            f"prohibited by {t.prohibition_basis} (transfers.prohibited_coordinator_jurisdictions) and no "
+            "current reviewed exemption is recorded in transfers.prohibition_exemptions"
+        )
     lifted = f" (prohibition lifted by {exemption.basis}, {exemption.reference})" if exemption else ""
     if _allows(t.allowed_coordinator_jurisdictions, jurisdiction):
         return True, f"{law} allows a coordinator in {jurisdiction}{lifted}"
@@ -430,8 +523,11 @@ def coordinator_allowed(policy: RegionPolicy, jurisdiction: str, on: datetime.da
         subject = "; subject to the volume rules on the node's counts" if t.volume_rules else ""
         return True, f"{law}: transfer to {jurisdiction} covered by {s.kind.value} {s.reference}{lifted}{subject}"
     allowed = ", ".join(t.allowed_coordinator_jurisdictions)
-    return False, (f"{law} policy forbids sending updates to a coordinator in {jurisdiction} (allowed: {allowed}; "
-                   + (adequacy_why or f"no adequacy decision or recorded safeguard covers {jurisdiction}") + ")")
+    return False, (
+        f"{law} policy forbids sending updates to a coordinator in {jurisdiction} (allowed: {allowed}; "
+        + (adequacy_why or f"no adequacy decision or recorded safeguard covers {jurisdiction}")
+        + ")"
+    )
 
 
 def deployment_allowed(policy: RegionPolicy, jurisdiction: str) -> bool:
@@ -456,8 +552,9 @@ class SafeguardDecision:
         return {**asdict(self), "required": list(self.required)}
 
 
-def transfer_safeguard(policy: RegionPolicy, jurisdiction: str, people: int, sensitive_people: int,
-                       on: datetime.date | None = None) -> SafeguardDecision:
+def transfer_safeguard(
+    policy: RegionPolicy, jurisdiction: str, people: int, sensitive_people: int, on: datetime.date | None = None
+) -> SafeguardDecision:
     """Evaluate the policy's volume rules on the node's own counts for a transfer to `jurisdiction`.
 
     `people`: individuals whose (non-sensitive) personal data is in the transfer's scope over the
@@ -472,11 +569,23 @@ def transfer_safeguard(policy: RegionPolicy, jurisdiction: str, people: int, sen
         return SafeguardDecision(jurisdiction=jurisdiction, people=people, sensitive_people=sensitive_people, **kw)
 
     if rules is None:
-        return decide(cross_border=True, band=None, required=(), recorded=None, allowed=True,
-                      reason=f"{law} policy sets no volume rules; the transfer rules alone decide")
+        return decide(
+            cross_border=True,
+            band=None,
+            required=(),
+            recorded=None,
+            allowed=True,
+            reason=f"{law} policy sets no volume rules; the transfer rules alone decide",
+        )
     if jurisdiction in rules.domestic_jurisdictions:
-        return decide(cross_border=False, band=None, required=(), recorded=None, allowed=True,
-                      reason=f"{jurisdiction} is domestic under {law}: not a cross-border transfer")
+        return decide(
+            cross_border=False,
+            band=None,
+            required=(),
+            recorded=None,
+            allowed=True,
+            reason=f"{jurisdiction} is domestic under {law}: not a cross-border transfer",
+        )
     index = next(i for i, b in enumerate(rules.bands) if _in_band(b, people, sensitive_people))
     band = rules.bands[index]
     counts = f"{people:,} people and {sensitive_people:,} with sensitive data ({rules.counting_period.value})"
@@ -485,23 +594,42 @@ def transfer_safeguard(policy: RegionPolicy, jurisdiction: str, people: int, sen
     else:
         required, why = tuple(k.value for k in band.requires), f"band {index + 1} ({describe_band(band)})"
     if not required:
-        return decide(cross_border=True, band=index, required=(), recorded=None, allowed=True,
-                      reason=f"{law}: {counts} to {jurisdiction} fall in {why}: no safeguard is required")
+        return decide(
+            cross_border=True,
+            band=index,
+            required=(),
+            recorded=None,
+            allowed=True,
+            reason=f"{law}: {counts} to {jurisdiction} fall in {why}: no safeguard is required",
+        )
     match = next((s for s in _safeguards_for(policy.transfers, jurisdiction, on) if s.kind.value in required), None)
     needed = " or ".join(k.replace("_", " ") for k in required)
     if match:
         recorded = f"{match.kind.value} {match.reference}"
-        return decide(cross_border=True, band=index, required=required, recorded=recorded, allowed=True,
-                      reason=f"{law}: {counts} to {jurisdiction} need a {needed} ({why}); covered by {recorded}")
-    return decide(cross_border=True, band=index, required=required, recorded=None, allowed=False,
-                  reason=f"{law}: {counts} to {jurisdiction} need a {needed} ({why}), and no current one covering "
-                         f"{jurisdiction} is recorded in transfers.safeguards. Record it there, or keep the "
-                         "transfer below the band's bounds.")
+        return decide(
+            cross_border=True,
+            band=index,
+            required=required,
+            recorded=recorded,
+            allowed=True,
+            reason=f"{law}: {counts} to {jurisdiction} need a {needed} ({why}); covered by {recorded}",
+        )
+    return decide(
+        cross_border=True,
+        band=index,
+        required=required,
+        recorded=None,
+        allowed=False,
+        reason=f"{law}: {counts} to {jurisdiction} need a {needed} ({why}), and no current one covering "
+        f"{jurisdiction} is recorded in transfers.safeguards. Record it there, or keep the "
+        "transfer below the band's bounds.",
+    )
 
 
 def _in_band(band: VolumeBand, people: int, sensitive_people: int) -> bool:
-    return ((band.people_below is None or people < band.people_below)
-            and (band.sensitive_people_below is None or sensitive_people < band.sensitive_people_below))
+    return (band.people_below is None or people < band.people_below) and (
+        band.sensitive_people_below is None or sensitive_people < band.sensitive_people_below
+    )
 
 
 def describe_band(band: VolumeBand) -> str:
@@ -571,6 +699,7 @@ def effective_noise(policy: RegionPolicy, planned: float) -> tuple[float, str | 
 
 # -- explanation --------------------------------------------------------------------------------
 
+
 def transfer_rules(policy: RegionPolicy, on: datetime.date | None = None) -> dict[str, Any]:
     """Where updates may go and under which safeguard, as data a privacy report can show."""
     on = on or _today()
@@ -578,19 +707,34 @@ def transfer_rules(policy: RegionPolicy, on: datetime.date | None = None) -> dic
     attested = {c.scheme for c in t.coordinator_attestations if _in_force(c.verified_on, c.expires, on)}
     return {
         "allowed": list(t.allowed_coordinator_jurisdictions),
-        "adequacy": [{**asdict(a), "in_force": _in_force(a.adopted, a.expires, on),
-                      "attested": a.requires_attestation is None or a.requires_attestation in attested}
-                     for a in t.adequacy_decisions],
+        "adequacy": [
+            {
+                **asdict(a),
+                "in_force": _in_force(a.adopted, a.expires, on),
+                "attested": a.requires_attestation is None or a.requires_attestation in attested,
+            }
+            for a in t.adequacy_decisions
+        ],
         "attestations": [asdict(c) for c in t.coordinator_attestations],
-        "safeguards": [{**asdict(s), "kind": s.kind.value, "in_force": _in_force(s.recorded_on, s.expires, on)}
-                       for s in t.safeguards],
+        "safeguards": [
+            {**asdict(s), "kind": s.kind.value, "in_force": _in_force(s.recorded_on, s.expires, on)}
+            for s in t.safeguards
+        ],
         "prohibited": list(t.prohibited_coordinator_jurisdictions),
-        "exemptions": [{**asdict(e), "in_force": _in_force(e.reviewed_on, e.expires, on)}
-                       for e in t.prohibition_exemptions],
-        "volume_bands": None if t.volume_rules is None else [
-            {"bounds": describe_band(b), "people_below": b.people_below,
-             "sensitive_people_below": b.sensitive_people_below, "requires": [k.value for k in b.requires]}
-            for b in t.volume_rules.bands],
+        "exemptions": [
+            {**asdict(e), "in_force": _in_force(e.reviewed_on, e.expires, on)} for e in t.prohibition_exemptions
+        ],
+        "volume_bands": None
+        if t.volume_rules is None
+        else [
+            {
+                "bounds": describe_band(b),
+                "people_below": b.people_below,
+                "sensitive_people_below": b.sensitive_people_below,
+                "requires": [k.value for k in b.requires],
+            }
+            for b in t.volume_rules.bands
+        ],
         "secure_aggregation": t.require_secure_aggregation,
         "min_cohort": t.min_cohort,
         "checked_on": on.isoformat(),
@@ -607,74 +751,111 @@ def explain_policy(name: str, jurisdiction: str, policy: RegionPolicy, on: datet
         return "anywhere" if ANY in values else "only in " + ", ".join(values)
 
     lines = [f"Region {name} ({jurisdiction}), rules under {policy.law}:"]
-    storage = (f"stored under {', '.join(r.storage_roots)}" if r.storage_roots
-               else "in the node's configured data folders")
-    lines.append(f"- Data: the node trains only on records tagged {', '.join(r.allowed_region_tags)}, {storage}; "
-                 "any other record stops the node before it trains. Raw records never leave the node.")
+    storage = (
+        f"stored under {', '.join(r.storage_roots)}" if r.storage_roots else "in the node's configured data folders"
+    )
+    lines.append(
+        f"- Data: the node trains only on records tagged {', '.join(r.allowed_region_tags)}, {storage}; "
+        "any other record stops the node before it trains. Raw records never leave the node."
+    )
     use = ["records without consent are excluded and counted" if d.require_consent else "consent is not checked"]
     if d.excluded_special_categories:
         use.append(f"records tagged {', '.join(d.excluded_special_categories)} are excluded")
     if d.excluded_fields:
         use.append(f"records with any of the fields {', '.join(d.excluded_fields)} are excluded")
-    use.append(f"before training, {', '.join(d.scrub_entities)} found in the text are replaced by placeholders"
-               if d.scrub_pii else "identifiers in the text are kept (no scrubbing)")
+    use.append(
+        f"before training, {', '.join(d.scrub_entities)} found in the text are replaced by placeholders"
+        if d.scrub_pii
+        else "identifiers in the text are kept (no scrubbing)"
+    )
     lines.append("- Use: " + "; ".join(use) + ".")
-    lines.append("- Transfers: only DP-protected adapter updates leave the node, "
-                 + ("always under secure aggregation" if t.require_secure_aggregation else "plaintext updates allowed")
-                 + f", with at least {t.min_cohort} clients in each aggregation. A coordinator may receive them:")
-    lines.append(f"  - without further safeguard {places(t.allowed_coordinator_jurisdictions)}"
-                 + (f", except {', '.join(t.prohibited_coordinator_jurisdictions)}"
-                    if ANY in t.allowed_coordinator_jurisdictions and t.prohibited_coordinator_jurisdictions else ""))
+    lines.append(
+        "- Transfers: only DP-protected adapter updates leave the node, "
+        + ("always under secure aggregation" if t.require_secure_aggregation else "plaintext updates allowed")
+        + f", with at least {t.min_cohort} clients in each aggregation. A coordinator may receive them:"
+    )
+    lines.append(
+        f"  - without further safeguard {places(t.allowed_coordinator_jurisdictions)}"
+        + (
+            f", except {', '.join(t.prohibited_coordinator_jurisdictions)}"
+            if ANY in t.allowed_coordinator_jurisdictions and t.prohibited_coordinator_jurisdictions
+            else ""
+        )
+    )
     for a in rules["adequacy"]:
         status = "" if a["in_force"] else " [NOT IN FORCE on " + rules["checked_on"] + "]"
         needs = ""
         if a["requires_attestation"]:
-            needs = (f"; the coordinator's '{a['requires_attestation']}' status is recorded" if a["attested"] else
-                     f"; needs the coordinator's '{a['requires_attestation']}' status recorded (none is, so refused)")
+            needs = (
+                f"; the coordinator's '{a['requires_attestation']}' status is recorded"
+                if a["attested"]
+                else f"; needs the coordinator's '{a['requires_attestation']}' status recorded (none is, so refused)"
+            )
         expiry = f", expires {a['expires']}" if a["expires"] else ""
-        lines.append(f"  - in {a['jurisdiction']} under an adequacy finding: {a['decision']}, {a['adopted']}{expiry} "
-                     f"({a['scope']}){needs}{status}")
+        lines.append(
+            f"  - in {a['jurisdiction']} under an adequacy finding: {a['decision']}, {a['adopted']}{expiry} "
+            f"({a['scope']}){needs}{status}"
+        )
     for s in rules["safeguards"]:
         status = "" if s["in_force"] else " [EXPIRED]"
-        lines.append(f"  - in {', '.join(s['jurisdictions'])} under {s['kind'].replace('_', ' ')} {s['reference']} "
-                     f"(recorded {s['recorded_on']}{', expires ' + s['expires'] if s['expires'] else ''}){status}")
+        lines.append(
+            f"  - in {', '.join(s['jurisdictions'])} under {s['kind'].replace('_', ' ')} {s['reference']} "
+            f"(recorded {s['recorded_on']}{', expires ' + s['expires'] if s['expires'] else ''}){status}"
+        )
     if not rules["adequacy"] and not rules["safeguards"] and ANY not in t.allowed_coordinator_jurisdictions:
         lines.append("  - nowhere else: no adequacy decision or transfer safeguard is recorded")
     if t.prohibited_coordinator_jurisdictions:
-        exempt = "; ".join(f"{e['jurisdiction']} exempted by {e['basis']} ({e['reference']}, reviewed "
-                           f"{e['reviewed_on']}){'' if e['in_force'] else ' [EXPIRED]'}" for e in rules["exemptions"])
-        lines.append(f"  - never in {', '.join(t.prohibited_coordinator_jurisdictions)} (or their subdivisions), "
-                     f"prohibited by {t.prohibition_basis}, whatever else allows it, "
-                     + (f"except: {exempt}" if exempt else "as no reviewed exemption is recorded"))
+        exempt = "; ".join(
+            f"{e['jurisdiction']} exempted by {e['basis']} ({e['reference']}, reviewed "
+            f"{e['reviewed_on']}){'' if e['in_force'] else ' [EXPIRED]'}"
+            for e in rules["exemptions"]
+        )
+        lines.append(
+            f"  - never in {', '.join(t.prohibited_coordinator_jurisdictions)} (or their subdivisions), "
+            f"prohibited by {t.prohibition_basis}, whatever else allows it, "
+            + (f"except: {exempt}" if exempt else "as no reviewed exemption is recorded")
+        )
     if t.volume_rules:
         v = t.volume_rules
-        lines.append(f"  - for a destination outside {', '.join(v.domestic_jurisdictions)} that the lines above allow, "
-                     f"the safeguard needed also depends on volume, counted per "
-                     f"{v.counting_period.value.replace('_', ' ')} (people, and people with sensitive data, in the "
-                     "transfer's scope):")
+        lines.append(
+            f"  - for a destination outside {', '.join(v.domestic_jurisdictions)} that the lines above allow, "
+            f"the safeguard needed also depends on volume, counted per "
+            f"{v.counting_period.value.replace('_', ' ')} (people, and people with sensitive data, in the "
+            "transfer's scope):"
+        )
         for b in v.bands:
             needs = " or ".join(kind.value.replace("_", " ") for kind in b.requires) or "no safeguard"
             lines.append(f"      {describe_band(b)}: {needs}")
         if v.required_regardless_of_volume:
-            lines.append("      whatever the volume: " + " or ".join(
-                kind.value.replace("_", " ") for kind in v.required_regardless_of_volume))
-        lines.append("    (each node counts the people in its own data together with those its earlier releases abroad "
-                     "covered in the period, and refuses a coordinator whose required safeguard is not recorded)")
+            lines.append(
+                "      whatever the volume: "
+                + " or ".join(kind.value.replace("_", " ") for kind in v.required_regardless_of_volume)
+            )
+        lines.append(
+            "    (each node counts the people in its own data together with those its earlier releases abroad "
+            "covered in the period, and refuses a coordinator whose required safeguard is not recorded)"
+        )
     dp = "DP-SGD is required" if p.require_dp else "DP-SGD is optional"
-    lines.append(f"- Privacy: {dp}; noise multiplier at least {p.min_noise_multiplier:g} and clipping norm at most "
-                 f"{p.max_grad_norm:g} (a coordinator asking for less protection gets these instead); the lifetime "
-                 f"privacy loss of {unit} is capped at epsilon {p.epsilon_budget:g} at delta {p.delta:g}.")
-    lines.append(f"- Retention: checkpoints of runs this region takes part in are deleted once {k.checkpoint_days} "
-                 "days old (a run's shortest period applies) by `fedsov retention enforce` on the coordinator; ledger "
-                 f"backups once {k.ledger_backup_days} days old, by the same command on a node and by every node at "
-                 "start; each deletion is logged. The live privacy ledger and audit logs are never deleted: they are "
-                 "the evidence of the privacy spent. A model trained with this region's data may be deployed "
-                 f"{places(k.allowed_deployment_jurisdictions)}"
-                 + ("." if ANY in k.allowed_deployment_jurisdictions else " (`fedsov export` refuses elsewhere)."))
-    lines.append("- Erasure: `fedsov node erase` records a person's request (as a keyed pseudonym, not their id), "
-                 "leaves their records out of everything this region's nodes train on from then on, and reports the "
-                 "runs whose adapters were trained on them with the epsilon that covered them. The region's source "
-                 "data is not fedsov's to delete, and retraining from a checkpoint that predates them (`fedsov run "
-                 "branch`) is the operator's decision.")
+    lines.append(
+        f"- Privacy: {dp}; noise multiplier at least {p.min_noise_multiplier:g} and clipping norm at most "
+        f"{p.max_grad_norm:g} (a coordinator asking for less protection gets these instead); the lifetime "
+        f"privacy loss of {unit} is capped at epsilon {p.epsilon_budget:g} at delta {p.delta:g}."
+    )
+    lines.append(
+        f"- Retention: checkpoints of runs this region takes part in are deleted once {k.checkpoint_days} "
+        "days old (a run's shortest period applies) by `fedsov retention enforce` on the coordinator; ledger "
+        f"backups once {k.ledger_backup_days} days old, by the same command on a node and by every node at "
+        "start; each deletion is logged. The live privacy ledger and audit logs are never deleted: they are "
+        "the evidence of the privacy spent. A model trained with this region's data may be deployed "
+        f"{places(k.allowed_deployment_jurisdictions)}"
+        + ("." if ANY in k.allowed_deployment_jurisdictions else " (`fedsov export` refuses elsewhere).")
+    )
+    lines.append(
+        "- Erasure: `fedsov node erase` records a person's request (as a keyed pseudonym, not their id), "
+        "leaves their records out of everything this region's nodes train on from then on, and reports the "
+        "runs whose adapters were trained on them with the epsilon that covered them. The region's source "
+        "data is not fedsov's to delete, and retraining from a checkpoint that predates them (`fedsov run "
+        "branch`) is the operator's decision."
+    )
     lines.append(DISCLAIMER)
     return "\n".join(lines)

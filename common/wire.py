@@ -100,8 +100,12 @@ PLAN_FIELDS: dict[str, Spec] = {
 HASH = FINGERPRINT
 # What a node reports of its evidence, and what a coordinator sends back as the anchor to check.
 EVIDENCE_FIELDS: dict[str, Spec] = {
-    "ledger-genesis": HASH, "ledger-entries": Int(0, 2**40), "ledger-head": HASH,
-    "audit-genesis": HASH, "audit-entries": Int(0, 2**40), "audit-head": HASH,
+    "ledger-genesis": HASH,
+    "ledger-entries": Int(0, 2**40),
+    "ledger-head": HASH,
+    "audit-genesis": HASH,
+    "audit-entries": Int(0, 2**40),
+    "audit-head": HASH,
 }
 ANCHOR_FIELDS: dict[str, Spec] = {"ledger-genesis": HASH, "ledger-entries": Int(1, 2**40), "ledger-head": HASH}
 DESCRIBE_REQUEST_FIELDS: dict[str, Spec] = {"run-id": RUN_ID, "coordinator-jurisdiction": JURISDICTION}

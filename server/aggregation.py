@@ -26,7 +26,9 @@ def check_update(update: Mapping[str, torch.Tensor], expected: Mapping[str, torc
             raise WireError(f"Update tensor {name} holds NaN or infinite values.")
 
 
-def weighted_mean(updates: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]) -> OrderedDict[str, torch.Tensor]:
+def weighted_mean(
+    updates: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]
+) -> OrderedDict[str, torch.Tensor]:
     """sum_i w_i * update_i / sum_i w_i, tensor by tensor."""
     if not updates or len(updates) != len(weights):
         raise ValueError("weighted_mean needs one weight per update and at least one update")

@@ -33,11 +33,15 @@ class AnchorStore:
             return None
         for log in ("ledger", "audit"):
             if evidence[f"{log}-genesis"] != anchor[f"{log}-genesis"]:
-                return (f"its {log} is not the one it reported in run {anchor['run']} (a different first entry): "
-                        "the node's state was deleted or replaced")
+                return (
+                    f"its {log} is not the one it reported in run {anchor['run']} (a different first entry): "
+                    "the node's state was deleted or replaced"
+                )
             if int(evidence[f"{log}-entries"]) < int(anchor[f"{log}-entries"]):
-                return (f"its {log} has {evidence[f'{log}-entries']} entries, fewer than the {anchor[f'{log}-entries']} "
-                        f"it reported in run {anchor['run']}: entries were cut or an old copy was restored")
+                return (
+                    f"its {log} has {evidence[f'{log}-entries']} entries, fewer than the {anchor[f'{log}-entries']} "
+                    f"it reported in run {anchor['run']}: entries were cut or an old copy was restored"
+                )
         return None
 
     def ledger_anchor(self, node: str) -> dict[str, Any] | None:

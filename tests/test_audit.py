@@ -12,8 +12,15 @@ def filled_log(tmp_path, n=5):
     key = EvidenceKey.load_or_create(tmp_path / "keys", logs=(tmp_path / "audit.jsonl",))
     log = AuditLog(tmp_path / "audit.jsonl", actor="node:eu-1", key=key)
     for i in range(n):
-        log.record("plan", "accepted", reason=f"round {i + 1} within policy", round=i + 1, policy_hash="ab" * 32,
-                   bytes_sent=1000 + i, epsilon=0.5 * (i + 1))
+        log.record(
+            "plan",
+            "accepted",
+            reason=f"round {i + 1} within policy",
+            round=i + 1,
+            policy_hash="ab" * 32,
+            bytes_sent=1000 + i,
+            epsilon=0.5 * (i + 1),
+        )
     return log
 
 

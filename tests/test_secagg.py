@@ -32,8 +32,9 @@ class Federation:
 
     def server(self, threshold, nodes=None):
         nodes = self.nodes if nodes is None else nodes
-        return ServerAggregation(TAG, threshold, PLAN, {n: self.regions[n] for n in nodes},
-                                 {n: self.adverts[n] for n in nodes})
+        return ServerAggregation(
+            TAG, threshold, PLAN, {n: self.regions[n] for n in nodes}, {n: self.adverts[n] for n in nodes}
+        )
 
     def share(self, n, threshold, adverts=None):
         adverts = list(self.adverts.values()) if adverts is None else adverts
@@ -217,6 +218,7 @@ def test_tampered_share_is_detected():
 
 # -- a coordinator that deviates (issue 13) -----------------------------------------------------------
 
+
 def test_duplicate_node_ids_or_identities_never_count_twice():
     fed = Federation([1, 2, 3, 4])
     adverts = list(fed.adverts.values())
@@ -274,8 +276,12 @@ def test_parameters_that_differ_for_one_node_fail_the_round_without_revealing_it
     for n in fed.nodes:
         server.add_shares(n, *fed.share(n, 3))
     server.set_params(PARAMS)
-    masked = {n: fed.sessions[n].mask(*server.inbound_for(n), payloads[n], {**PARAMS, "levels": 2**31}
-                                      if n == victim else PARAMS) for n in fed.nodes}
+    masked = {
+        n: fed.sessions[n].mask(
+            *server.inbound_for(n), payloads[n], {**PARAMS, "levels": 2**31} if n == victim else PARAMS
+        )
+        for n in fed.nodes
+    }
     signatures = fed.confirm(fed.nodes, fed.nodes)
     # The victim signed another transcript: it finds too few signatures on its own and refuses to unmask.
     with pytest.raises(SecAggError, match="1 survivors signed"):
@@ -316,8 +322,10 @@ def test_a_metric_slot_left_with_one_survivor_stays_masked_while_the_update_is_s
     survive), but nobody reveals that slot's self-mask seeds, so its sums, that survivor's loss, stay hidden."""
     regions = {100: "eu", 101: "eu", 102: "us", 103: "us", 104: "us"}
     rng = np.random.default_rng(3)
-    payloads = {n: Payload(rng.integers(0, 2**20, 64, dtype=np.uint32),
-                           rng.integers(0, 2**40, 5, dtype=np.uint64)) for n in regions}  # 2 slots x 2 + counter
+    payloads = {
+        n: Payload(rng.integers(0, 2**20, 64, dtype=np.uint32), rng.integers(0, 2**40, 5, dtype=np.uint64))
+        for n in regions
+    }  # 2 slots x 2 + counter
     fed = Federation(payloads, regions)
     server = fed.server(3)
     for n in fed.nodes:

@@ -47,7 +47,10 @@ def test_simulate_runs_a_dp_federation_and_a_second_run_continues_the_budget(sma
     eps_first = {r: summary["regions"][r]["epsilon"] for r in ("eu", "us")}
     assert all(0 < e <= 3.0 + 1e-6 for e in eps_first.values())
     assert (run / "adapter" / "adapter_model.safetensors").is_file() and (run / "config.yaml").is_file()
-    assert set(json.loads((run / "adapter" / "fedsov-manifest.json").read_text())["contributing_regions"]) == {"eu", "us"}
+    assert set(json.loads((run / "adapter" / "fedsov-manifest.json").read_text())["contributing_regions"]) == {
+        "eu",
+        "us",
+    }
     # The main job writes the privacy report by default.
     assert "Privacy report:" in out and "audit: " in out
     for name in ("privacy-report.html", "privacy-report.md", "privacy-report.json"):
@@ -75,8 +78,9 @@ def test_simulate_reports_bad_config_without_starting_anything(tmp_path):
 
 def test_simulate_multirun_sweeps_one_run_per_value_and_prints_a_table(small_overrides, tmp_path):
     """Hydra's -m: each value its own run directory, saved overrides and TensorBoard files; a sweep table at the end."""
-    result = fedsov(["-m", *small_overrides, "privacy.target_epsilon=3,8", "federation.rounds=1",
-                     "audit.enabled=false"], tmp_path)
+    result = fedsov(
+        ["-m", *small_overrides, "privacy.target_epsilon=3,8", "federation.rounds=1", "audit.enabled=false"], tmp_path
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = result.stdout
     assert "2 runs over privacy.target_epsilon; every job's config is valid" in out

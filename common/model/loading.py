@@ -13,8 +13,12 @@ from common.errors import ModelError
 from common.model.embedded import ensure_embedded_model
 
 # What a model folder must hold: weights in one of these layouts, and the files of some tokenizer.
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                "pytorch_model.bin.index.json")
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt", "tokenizer.tiktoken")
 # Files that decide what the model computes from a text: config, weights and tokenizer (fedsov's own excluded).
 FINGERPRINTED_SUFFIXES = {".json", ".safetensors", ".bin", ".model", ".txt", ".tiktoken", ".jinja"}

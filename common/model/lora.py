@@ -26,10 +26,13 @@ def linear_layer_names(base_model) -> list[str]:
     from transformers.pytorch_utils import Conv1D
 
     output = base_model.get_output_embeddings()
-    return sorted({
-        name.rsplit(".", 1)[-1] for name, m in base_model.named_modules()
-        if isinstance(m, (torch.nn.Linear, Conv1D)) and m is not output
-    })
+    return sorted(
+        {
+            name.rsplit(".", 1)[-1]
+            for name, m in base_model.named_modules()
+            if isinstance(m, (torch.nn.Linear, Conv1D)) and m is not output
+        }
+    )
 
 
 def resolve_target_modules(settings: LoraSettings, base_model) -> list[str]:

@@ -36,14 +36,18 @@ def new_keypair() -> tuple[bytes, bytes]:
     """A fresh X25519 key pair as raw (private, public) bytes."""
     private = X25519PrivateKey.generate()
     return (
-        private.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()),
+        private.private_bytes(
+            serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+        ),
         private.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw),
     )
 
 
 def public_of(private: bytes) -> bytes:
-    return X25519PrivateKey.from_private_bytes(private).public_key().public_bytes(
-        serialization.Encoding.Raw, serialization.PublicFormat.Raw
+    return (
+        X25519PrivateKey.from_private_bytes(private)
+        .public_key()
+        .public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     )
 
 
@@ -70,7 +74,9 @@ def decrypt(key: bytes, blob: bytes, aad: bytes) -> bytes:
     try:
         return AESGCM(key).decrypt(blob[:12], blob[12:], aad)
     except InvalidTag as err:
-        raise SecAggError("A secret share failed authentication: it was altered or is not addressed to this node.") from err
+        raise SecAggError(
+            "A secret share failed authentication: it was altered or is not addressed to this node."
+        ) from err
 
 
 def mask_stream(key: bytes, count: int, dtype: type = np.uint32) -> np.ndarray:

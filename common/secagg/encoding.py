@@ -145,7 +145,9 @@ def metric_slots(regions: Sequence[str]) -> tuple[list[str], list[str]]:
     return slots, [r if r in own else OTHER_REGIONS for r in regions]
 
 
-def metric_vector(kind: str, slots: Sequence[str], slot: str, values: Mapping[str, float], counter: float) -> np.ndarray:
+def metric_vector(
+    kind: str, slots: Sequence[str], slot: str, values: Mapping[str, float], counter: float
+) -> np.ndarray:
     names, _ = METRIC_SLOTS[kind]
     if slot not in slots:
         raise SecAggError(f"Slot '{slot}' is not in this aggregation (slots: {', '.join(slots)}).")
@@ -157,7 +159,9 @@ def metric_vector(kind: str, slots: Sequence[str], slot: str, values: Mapping[st
     return vector
 
 
-def read_metric_vector(kind: str, slots: Sequence[str], vector: np.ndarray) -> tuple[dict[str, dict[str, float]], float]:
+def read_metric_vector(
+    kind: str, slots: Sequence[str], vector: np.ndarray
+) -> tuple[dict[str, dict[str, float]], float]:
     names, _ = METRIC_SLOTS[kind]
     per_slot = {
         slot: {name: decode_metric(vector[r * len(names) + i]) for i, name in enumerate(names)}
