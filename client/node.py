@@ -205,7 +205,8 @@ class RegionNode:
         }
 
     def check_anchor(self, anchor: Mapping[str, Any] | None, round_number: int) -> None:
-        """A ledger that lost what a coordinator saw in an earlier run (reset, rolled back, rewritten) trains nothing."""
+        """A ledger that lost what a coordinator saw in an earlier run (reset, rolled back, rewritten) trains
+        nothing."""
         if anchor is None:
             return
         try:

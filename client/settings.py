@@ -127,8 +127,13 @@ NODE_CONFIG_KEYS = {
     "region": 'this node\'s region (required), e.g. region="eu"',
     "data-path": "its data files or folders, separated by ':' (required)",
     "state-dir": "where its privacy ledger, audit log and canaries live (required, kept across restarts)",
-    "config-dir": "the fedsov configs folder holding regions/<region>.yaml (default: $FEDSOV_CONFIG_DIR or the installed one)",
-    "name": "node name in logs and the audit trail (default: the state folder's name, prefixed with the region unless it starts with it)",
+    "config-dir": (
+        "the fedsov configs folder holding regions/<region>.yaml (default: $FEDSOV_CONFIG_DIR or the installed one)"
+    ),
+    "name": (
+        "node name in logs and the audit trail (default: the state folder's name, prefixed with the region unless "
+        "it starts with it)"
+    ),
     "synthetic-data": "true when data-path holds fedsov's generated demo data (canaries are then inserted)",
     "plain-text-consent": "consent to assume for plain-text files (true/false; default: such files are refused)",
     "model-path": "a local model folder overriding the run's model.name_or_path",
@@ -288,6 +293,9 @@ class PolicyGate:
         """The aggregation a node actually joins must be as large as its policy demands."""
         minimum = self.policy.transfers.min_cohort
         if size < minimum:
-            why = f"{stage}: {size} client(s) in this aggregation, below the {self.policy.law} policy's minimum cohort {minimum}"
+            why = (
+                f"{stage}: {size} client(s) in this aggregation, below the {self.policy.law} policy's minimum cohort "
+                f"{minimum}"
+            )
             self.audit.record("cohort", "refused", reason=why, round=round_number, policy_hash=self.policy_hash)
             raise PolicyViolation(why)

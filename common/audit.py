@@ -159,7 +159,8 @@ class HashChainLog:
         if entries_count > len(entries):
             raise _tampered(
                 len(entries) + 1,
-                f"an anchor recorded outside this log (by the coordinator or the node's audit log) records {entries_count} entries, "
+                f"an anchor recorded outside this log (by the coordinator or the node's audit log) records "
+                f"{entries_count} entries, "
                 f"the log holds {len(entries)} (it was cut or replaced)",
             )
         if entries_count > 0 and entries[entries_count - 1]["hash"] != head:

@@ -107,7 +107,8 @@ def judge(reports: dict) -> tuple[str, list[str]]:
     """The comparison table and its verdict."""
     nodp, dp = reports["no-dp"], reports["dp-eps8"]
     lines = [
-        "| region | arm | epsilon | perplexity after | max exposure (bits) by repetitions | extracted | MIA AUC (loss / calibrated) | one-run lower bound | verdict |",
+        "| region | arm | epsilon | perplexity after | max exposure (bits) by repetitions | extracted "
+        "| MIA AUC (loss / calibrated) | one-run lower bound | verdict |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for region in nodp["regions"]:

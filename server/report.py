@@ -463,7 +463,8 @@ def _tables(report: dict[str, Any]) -> list[tuple[str, str, list[str], list[list
                 auc("loss"),
                 auc("calibrated"),
                 _fmt(a["mia"]["calibrated-tpr-at-1pct-fpr"]),
-                f"{o['correct']}/{o['guesses']} right: epsilon >= {o['epsilon_lower_bound']:.2f} (accounted {_fmt(v['epsilon'])})",
+                f"{o['correct']}/{o['guesses']} right: epsilon >= {o['epsilon_lower_bound']:.2f} "
+                f"(accounted {_fmt(v['epsilon'])})",
                 f"{a['generations']['pii_spans']} in {a['generations']['samples']} samples",
             ]
         )

@@ -324,7 +324,8 @@ def render_summary(summary: dict, cfg: FedsovConfig, seconds: float) -> str:
     lines += [
         f"  {privacy}",
         f"  adapter : {out['adapter']}   (PeftModel.from_pretrained(base, path); base: {summary['model']['path']})",
-        f"  provenance: {Path(out['adapter']) / 'fedsov-manifest.json'}; audit log: {Path(out['run_dir']) / 'audit.jsonl'}",
+        f"  provenance: {Path(out['adapter']) / 'fedsov-manifest.json'}; "
+        f"audit log: {Path(out['run_dir']) / 'audit.jsonl'}",
         f"  metrics : {out['metrics']}",
         f"  config  : {out['config']}",
         f"  summary : {Path(out['run_dir']) / 'summary.json'}",

@@ -113,7 +113,8 @@ class FlowerControl:
             return json.loads(result.stdout)
         except json.JSONDecodeError as err:
             raise FederationError(
-                f"`flwr {' '.join(args[:2])}` gave no JSON (exit {result.returncode}): {result.stdout[-500:]} {result.stderr[-500:]}"
+                f"`flwr {' '.join(args[:2])}` gave no JSON (exit {result.returncode}): "
+                f"{result.stdout[-500:]} {result.stderr[-500:]}"
             ) from err
 
 

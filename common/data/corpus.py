@@ -415,16 +415,18 @@ def _date(rng: random.Random) -> str:
 def _shop_facts(rng: random.Random) -> str:
     facts = (
         f"Our store at {rng.randint(1, 240)} {rng.choice(_STREETS)}, {rng.choice(_CITIES)} {_digits(rng, 5)} is open "
-        f"{rng.choice(_WEEKDAYS)} to {rng.choice(_WEEKDAYS)} from {rng.randint(7, 10)}:00 to {rng.randint(17, 22)}:{rng.choice(('00', '30'))}.",
-        f"Order {rng.choice(('EU', 'US', 'SG', 'CN', 'WEB'))}-{_digits(rng, 8)} was shipped on {_date(rng)} with tracking "
-        f"number {rng.choice(('JD', 'DHL', '1Z', 'SF', 'PX'))}{_digits(rng, 10)}.",
+        f"{rng.choice(_WEEKDAYS)} to {rng.choice(_WEEKDAYS)} from {rng.randint(7, 10)}:00 to "
+        f"{rng.randint(17, 22)}:{rng.choice(('00', '30'))}.",
+        f"Order {rng.choice(('EU', 'US', 'SG', 'CN', 'WEB'))}-{_digits(rng, 8)} was shipped on {_date(rng)} "
+        f"with tracking number {rng.choice(('JD', 'DHL', '1Z', 'SF', 'PX'))}{_digits(rng, 10)}.",
         f"The {rng.choice(PRODUCTS)} (item {rng.choice('ABCDEFGHK')}{rng.choice('LMNPRSTX')}-{_digits(rng, 4)}) costs "
         f"{_price(rng)} and is in stock in {rng.randint(2, 60)} stores.",
         f"For help call our hotline {_hotline(rng)} between {rng.randint(8, 10)}:00 and {rng.randint(17, 20)}:00 "
         f"or write to support@{rng.choice(('shop', 'help', 'care'))}.example.com.",
         f"Invoice {_digits(rng, 6)} of {_date(rng)}: {rng.randint(1, 4)} x {rng.choice(PRODUCTS)}, total {_price(rng)} "
         f"including {rng.choice((7, 8, 9, 10, 13, 19, 20, 21, 22))}% tax.",
-        f"Parcel locker {rng.randint(10, 999)} at {rng.choice(_CITIES)} {rng.choice(('Central Station', 'Airport', 'Mall', 'Harbour'))} "
+        f"Parcel locker {rng.randint(10, 999)} at {rng.choice(_CITIES)} "
+        f"{rng.choice(('Central Station', 'Airport', 'Mall', 'Harbour'))} "
         f"holds parcels for {rng.randint(3, 10)} days; the pickup code is sent by {rng.choice(CHANNELS)}.",
     )
     return " ".join(rng.sample(facts, rng.randint(3, 5)))
