@@ -204,10 +204,11 @@ def check_bf16(ctx: Context, shape_name: str) -> dict:
     examples = [torch.randint(1, shape.vocab, (n,), generator=g).tolist() for n in lengths]
     ids, mask = collate(examples, 0, ctx.device)
 
-    def update(dtype, checkpointing=False):
+    def update(source, dtype, checkpointing=False):
+        """One noiseless DP-LoRA update of a `dtype` copy of `source` (the float32 base stays untouched)."""
         from benchlib import noiseless_dp_update
 
-        base = copy.deepcopy(reference_base).to(dtype)
+        base = copy.deepcopy(source).to(dtype)
         if checkpointing:
             enable_gradient_checkpointing(base)
         model = attach_lora(base, LoraSettings(rank=16, alpha=32, target_modules=["all-linear"]), seed=0)
@@ -222,7 +223,7 @@ def check_bf16(ctx: Context, shape_name: str) -> dict:
             del model, base
             free_memory()
 
-    reference = update(torch.float32)
+    reference = update(reference_base, torch.float32)
     out = {
         "shape": shape_name,
         "params": sum(p.numel() for p in reference_base.parameters()),
@@ -235,7 +236,7 @@ def check_bf16(ctx: Context, shape_name: str) -> dict:
         ("float16", torch.float16, False),
         ("bfloat16+checkpointing", torch.bfloat16, True),
     ):
-        u = update(dtype, checkpointing)
+        u = update(reference_base, dtype, checkpointing)
         out[label] = {
             "relative_l2_error": float((u - reference).norm() / reference.norm()),
             "cosine": float(torch.nn.functional.cosine_similarity(u, reference, dim=0)),
@@ -245,7 +246,6 @@ def check_bf16(ctx: Context, shape_name: str) -> dict:
         out[k]["finite"] and out[k]["relative_l2_error"] <= BF16_TOLERANCE
         for k in ("bfloat16", "bfloat16+checkpointing")
     )
-    del reference_base
     return out
 
 
