@@ -415,6 +415,14 @@ def _fmt(x: Any, digits: int = 2) -> str:
     return str(x)
 
 
+def _auc(mia: dict[str, Any], kind: str) -> str:
+    """A membership-inference AUC with its 95% interval, or n/a."""
+    value = mia.get(f"{kind}-auc")
+    if value is None:
+        return "n/a"
+    return f"{value:.2f} +/- {1.96 * auc_standard_error(value, mia['members'], mia['nonmembers']):.2f}"
+
+
 def _delta(x: Any) -> str:
     return "n/a" if x is None else f"{float(x):.1e}"  # 1e-5 is not 0.00
 
@@ -447,21 +455,13 @@ def _tables(report: dict[str, Any]) -> list[tuple[str, str, list[str], list[list
             for k, e in a["exposure"].items()
         )
         o = a["one_run"]
-        mia = a["mia"]
-
-        def auc(kind: str) -> str:
-            value = mia.get(f"{kind}-auc")
-            if value is None:
-                return "n/a"
-            return f"{value:.2f} +/- {1.96 * auc_standard_error(value, mia['members'], mia['nonmembers']):.2f}"
-
         audit_rows.append(
             [
                 r,
                 v["verdict"]["status"],
                 exp,
-                auc("loss"),
-                auc("calibrated"),
+                _auc(a["mia"], "loss"),
+                _auc(a["mia"], "calibrated"),
                 _fmt(a["mia"]["calibrated-tpr-at-1pct-fpr"]),
                 f"{o['correct']}/{o['guesses']} right: epsilon >= {o['epsilon_lower_bound']:.2f} "
                 f"(accounted {_fmt(v['epsilon'])})",

@@ -475,7 +475,8 @@ def test_pii_overlaps_are_resolved_as_before_longest_first(monkeypatch):
     rng = random.Random(0)
     for _ in range(300):
         spans = [(a, a + rng.randint(1, 15)) for a in (rng.randint(0, 100) for _ in range(rng.randint(0, 40)))]
-        monkeypatch.setattr(pii, "_recognizers", lambda entities: [("X", Found(spans))])
+        found = Found(spans)
+        monkeypatch.setattr(pii, "_recognizers", lambda entities, found=found: [("X", found)])
         expected = all_pairs([pii.PiiSpan("X", a, b, "x" * (b - a)) for a, b in spans])
         assert pii.PiiDetector(["EMAIL_ADDRESS"]).find("x" * 200) == expected
 
