@@ -134,8 +134,8 @@ def audit(
         base_in, base_out = example_losses(model, sample, pad), example_losses(model, list(nonmembers), pad)
     if sample and nonmembers:
         loss_in, loss_out = [-x for x in tuned_in], [-x for x in tuned_out]
-        cal_in = [b - t for b, t in zip(base_in, tuned_in)]
-        cal_out = [b - t for b, t in zip(base_out, tuned_out)]
+        cal_in = [b - t for b, t in zip(base_in, tuned_in, strict=True)]
+        cal_out = [b - t for b, t in zip(base_out, tuned_out, strict=True)]
         metrics.update(
             {
                 "mia-loss-auc": membership_auc(loss_in, loss_out),
@@ -156,7 +156,9 @@ def audit(
         with model.disable_adapter():
             base = sequence_losses(model, tokenizer, texts)
         guesses, correct = one_run_guesses(
-            [b - t for b, t in zip(base, tuned)], [c.repetitions > 0 for c in one_run], guesses=len(one_run) // 2
+            [b - t for b, t in zip(base, tuned, strict=True)],
+            [c.repetitions > 0 for c in one_run],
+            guesses=len(one_run) // 2,
         )
         metrics.update({"one-run-canaries": len(one_run), "one-run-guesses": guesses, "one-run-correct": correct})
 

@@ -83,7 +83,9 @@ def share(state, content, roster: Roster, min_cohort: int) -> dict:
     c = check_record(content, SHARES_FIELDS, "key list")
     if not len(c["node-ids"]) == len(c["names"]) == len(c["c-pks"]) == len(c["s-pks"]) == len(c["signatures"]):
         raise _error("The key list's columns have different lengths.")
-    adverts = [Advert(*row) for row in zip(c["node-ids"], c["names"], c["c-pks"], c["s-pks"], c["signatures"])]
+    adverts = [
+        Advert(*row) for row in zip(c["node-ids"], c["names"], c["c-pks"], c["s-pks"], c["signatures"], strict=True)
+    ]
     session = _session(state)
     encrypted, commitment = session.share(adverts, c["threshold"], roster, min_cohort)
     _save(state, session)
@@ -134,7 +136,7 @@ def unmask(state, content, roster: Roster) -> dict:
     if len(c["signers"]) != len(c["signatures"]):
         raise _error("The unmask request's signers and signatures differ in length.")
     session = _session(state)
-    shares = session.unmask(c["survivors"], c["dropped"], dict(zip(c["signers"], c["signatures"])), roster)
+    shares = session.unmask(c["survivors"], c["dropped"], dict(zip(c["signers"], c["signatures"], strict=True)), roster)
     clear(state)  # the round is over for this node: drop keys, seed and update
     owners = sorted(shares)
     return {"owners": owners, "shares": [shares[o] for o in owners]}

@@ -22,6 +22,7 @@ of 3 and us/sg's a cohort of 2, so three nodes in one aggregation suit every pol
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
@@ -50,7 +51,7 @@ def federation(clients: int, users_per_client: int) -> list[str]:
     to train once their shard has fewer privacy units than the batch size)."""
     per_region = [clients // len(REGIONS) + (1 if i < clients % len(REGIONS) else 0) for i in range(len(REGIONS))]
     return [f"regions=[{','.join(REGIONS)}]", f"data.users_per_region={users_per_client * max(per_region)}"] + [
-        f"regions.{r}.clients={n}" for r, n in zip(REGIONS, per_region)
+        f"regions.{r}.clients={n}" for r, n in zip(REGIONS, per_region, strict=True)
     ]
 
 
@@ -104,11 +105,11 @@ def growth(points: list[tuple[int, float]]) -> dict:
     points = sorted(points)
     if len(points) < 2:
         return {"per_client_s": None, "segments": [], "bends_after": None}
-    xs, ys = zip(*points)
+    xs, ys = zip(*points, strict=True)
     mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
     slope = sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x in xs)
     segments = [
-        {"from": a[0], "to": b[0], "per_client_s": (b[1] - a[1]) / (b[0] - a[0])} for a, b in zip(points, points[1:])
+        {"from": a[0], "to": b[0], "per_client_s": (b[1] - a[1]) / (b[0] - a[0])} for a, b in itertools.pairwise(points)
     ]
     first = segments[0]["per_client_s"]
     bend = next((s["from"] for s in segments[1:] if first > 0 and s["per_client_s"] > BEND_FACTOR * first), None)
@@ -297,7 +298,8 @@ def deployed_vs_simulated(out: Path, quick: bool, rounds: int | None, extra: lis
             "ratio": d["seconds"] / m["seconds"],
             "clients_trained": [d["clients_trained"], m["clients_trained"]],
         }
-        for d, m in zip(rows["deployed"], rows["simulated"])
+        # A run that stopped early has fewer rounds: compare the rounds both completed.
+        for d, m in zip(rows["deployed"], rows["simulated"], strict=False)
     ]
     ratio = statistics.median(r["ratio"] for r in per_round)
     lines = [

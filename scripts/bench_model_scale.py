@@ -316,7 +316,7 @@ def plot_scale(figure, record: dict) -> None:
                 (params[r["shape"]], r[key]) for r in record["results"] if r["mode"] == mode and r.get(key) is not None
             ]
             if points:
-                ax.plot(*zip(*points), marker="o", label=mode)
+                ax.plot(*zip(*points, strict=True), marker="o", label=mode)
         ax.axhline(1.0, color="grey", linestyle="--")
         ax.set_xscale("log")
         ax.set_xlabel("parameters")

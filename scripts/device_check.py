@@ -175,7 +175,9 @@ def check_noise(ctx: Context) -> dict:
         outputs.append(json.loads(stdout.strip().splitlines()[-1]))
     first, second = outputs
     devices = sorted({d["device"] for run in outputs for d in run})
-    differ = len(first) == len(second) > 0 and all(a["values"] != b["values"] for a, b in zip(first, second))
+    differ = len(first) == len(second) > 0 and all(
+        a["values"] != b["values"] for a, b in zip(first, second, strict=True)
+    )
     return {
         "passed": differ and devices == [ctx.device.type],
         "draws_per_process": len(first),

@@ -38,7 +38,7 @@ def weighted_mean(
     mean: OrderedDict[str, torch.Tensor] = OrderedDict()
     for name in updates[0]:
         acc = torch.zeros_like(updates[0][name], dtype=torch.float64)
-        for update, w in zip(updates, weights):
+        for update, w in zip(updates, weights, strict=True):
             acc += update[name].to(torch.float64) * w
         mean[name] = (acc / total).to(torch.float32)
     return mean

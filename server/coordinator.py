@@ -671,7 +671,10 @@ class Coordinator:
             for n in node_ids
         ]
         sent = time.monotonic()
-        pending = {mid: n for mid, n in zip(self.grid.push_messages(messages), node_ids)}
+        # Flower returns the ids in the messages' order, an empty one for a message it could not push, and none
+        # at all when the request was too large: a message without an id is not awaited (its node never replies).
+        pushed = self.grid.push_messages(messages)
+        pending = {mid: n for mid, n in zip(pushed, node_ids, strict=False) if mid}
         timeout = self.cfg.federation.round_timeout_s if timeout is None else timeout
         deadline = sent + timeout
         replies: list[Reply] = []

@@ -161,7 +161,7 @@ def node_egress(
         slots, slot_of = metric_slots([e["region"] for e in entries])
         sizes = {slot: slot_of.count(slot) for slot in slots}
         revealed = set(row.get("train_loss") or {})
-        for e, slot in zip(entries, slot_of):
+        for e, slot in zip(entries, slot_of, strict=True):
             nodes[e["node"]]["rounds"].append(
                 {
                     "round": number,
@@ -180,7 +180,7 @@ def node_egress(
         slots, slot_of = metric_slots([e["region"] for e in entries])
         sizes = {slot: slot_of.count(slot) for slot in slots}
         shown = set((by_round.get(number) or {}).get("perplexity") or {})
-        for e, slot in zip(entries, slot_of):
+        for e, slot in zip(entries, slot_of, strict=True):
             slot = slot if secure else e["region"]
             nodes[e["node"]]["evaluations"].append(
                 {
@@ -369,7 +369,7 @@ def _figures(report: dict[str, Any]) -> dict[str, bytes]:
         for r in regions:
             pts = [(row["round"], row[r]) for row in report["epsilon_by_round"] if isinstance(row.get(r), (int, float))]
             if pts:
-                ax.plot(*zip(*pts), marker="o", label=r)
+                ax.plot(*zip(*pts, strict=True), marker="o", label=r)
         ax.set_xlabel("round"), ax.set_ylabel("epsilon (cumulative)"), ax.set_title("Privacy spent per region")
         if ax.get_legend_handles_labels()[0]:
             ax.legend()
@@ -381,7 +381,7 @@ def _figures(report: dict[str, Any]) -> dict[str, bytes]:
         for r in regions + ["overall"]:
             pts = [(row["round"], row[r]) for row in report["perplexity_by_round"] if r in row]
             if pts:
-                ax.plot(*zip(*pts), marker="o", label=r, linestyle="--" if r == "overall" else "-")
+                ax.plot(*zip(*pts, strict=True), marker="o", label=r, linestyle="--" if r == "overall" else "-")
         ax.set_xlabel("round"), ax.set_ylabel("held-out perplexity"), ax.set_title("Utility per region")
         ax.legend()
         figures["perplexity"] = save(fig)

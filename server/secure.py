@@ -72,9 +72,10 @@ def secure_sum(exchange: Exchange, r: SecureRound) -> SecureSumResult:
     for reply in exchange(ids, f"{r.category}.secagg_shares", lambda _: RecordDict({SECAGG: key_list}), r.timeout):
         if reply.ok:
             c = reply.content[SECAGG]
-            agg.add_shares(
-                reply.node_id, dict(zip((int(x) for x in c["receivers"]), c["ciphertexts"])), c["commitment"]
-            )
+            # A node's reply: if its columns differ in length, the receivers left out make add_shares refuse
+            # it by name (a ValueError from zip would not say which node or why).
+            receivers = (int(x) for x in c["receivers"])
+            agg.add_shares(reply.node_id, dict(zip(receivers, c["ciphertexts"], strict=False)), c["commitment"])
     shared = sorted(agg.commitments)
     if len(shared) < r.threshold:
         raise SecAggError(f"Only {len(shared)} clients shared their keys; the threshold is {r.threshold}.")
@@ -116,7 +117,8 @@ def secure_sum(exchange: Exchange, r: SecureRound) -> SecureSumResult:
     ):
         if reply.ok:
             c = reply.content[SECAGG]
-            shares[reply.node_id] = dict(zip((int(o) for o in c["owners"]), c["shares"]))
+            # As above: owners left out by a short column count as shares not returned (unmask names them).
+            shares[reply.node_id] = dict(zip((int(o) for o in c["owners"]), c["shares"], strict=False))
     total, revealed = agg.unmask(masked, shares)
     return SecureSumResult(total, survivors, dropped, slots, revealed)
 

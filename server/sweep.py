@@ -123,7 +123,7 @@ def render_sweep(results: list[dict], keys: list[str], stamp: str, record: Path)
         f"(record: {record / 'sweep.json'})"
     ]
     for row in rows:
-        lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1])
+        lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(row[:-1], widths, strict=True)) + "  " + row[-1])
     return "\n".join(lines)
 
 

@@ -1,5 +1,6 @@
 """Hash-chained audit logs: tamper evidence, and the command that verifies them."""
 
+import itertools
 import json
 
 import pytest
@@ -30,7 +31,7 @@ def test_entries_carry_the_required_fields_and_chain(tmp_path):
     assert [e["seq"] for e in entries] == [1, 2, 3, 4, 5]
     for field in ("time", "round", "decision", "reason", "policy_hash", "bytes_sent", "epsilon", "prev", "hash"):
         assert field in entries[0]
-    assert all(b["prev"] == a["hash"] for a, b in zip(entries, entries[1:]))
+    assert all(b["prev"] == a["hash"] for a, b in itertools.pairwise(entries))
 
 
 @pytest.mark.parametrize(

@@ -42,13 +42,13 @@ def by_user(records):
 
 def nric_valid(nric):
     prefix, digits, letter = nric[0], nric[1:8], nric[8]
-    total = sum(int(d) * w for d, w in zip(digits, (2, 7, 6, 5, 4, 3, 2))) + (4 if prefix in "TG" else 0)
+    total = sum(int(d) * w for d, w in zip(digits, (2, 7, 6, 5, 4, 3, 2), strict=True)) + (4 if prefix in "TG" else 0)
     table = {"S": "JZIHGFEDCBA", "T": "JZIHGFEDCBA", "F": "XWUTRQPNMLK", "G": "XWUTRQPNMLK"}[prefix]
     return table[total % 11] == letter
 
 
 def bsn_valid(bsn):
-    return len(bsn) == 9 and sum(int(d) * w for d, w in zip(bsn, (9, 8, 7, 6, 5, 4, 3, 2, -1))) % 11 == 0
+    return len(bsn) == 9 and sum(int(d) * w for d, w in zip(bsn, (9, 8, 7, 6, 5, 4, 3, 2, -1), strict=True)) % 11 == 0
 
 
 def dni_valid(dni):
@@ -57,7 +57,7 @@ def dni_valid(dni):
 
 def china_id_valid(cid):
     weights = (7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2)
-    return "10X98765432"[sum(int(d) * w for d, w in zip(cid[:17], weights)) % 11] == cid[17]
+    return "10X98765432"[sum(int(d) * w for d, w in zip(cid[:17], weights, strict=True)) % 11] == cid[17]
 
 
 def steuer_id_valid(tid):

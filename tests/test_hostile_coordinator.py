@@ -4,6 +4,7 @@ message hangs a node."""
 
 from __future__ import annotations
 
+import itertools
 import math
 import signal
 from collections import OrderedDict
@@ -145,7 +146,7 @@ def test_a_node_charges_exactly_the_steps_that_ran_and_rounds_only_move_forward(
     assert_refused_with_nothing_sent(federation.train_raw("us-1", federation.plan_with(round=1)), "only moves forward")
     history = spent(federation, "us-1")
     assert [s for s, _ in history] == [3, 1]
-    assert all(b > a for (_, a), (_, b) in zip(history, history[1:]))  # epsilon never falls
+    assert all(b > a for (_, a), (_, b) in itertools.pairwise(history))  # epsilon never falls
 
 
 def test_a_forged_or_nan_adapter_is_refused(federation):

@@ -304,7 +304,7 @@ def test_retention_deletes_the_ledger_backups_that_are_due_and_nothing_else(tmp_
     ledger.register([PrivacyUnit(PrivacyUnitKind.record, "ana", ("text",))])
     backups = [backup_ledger(folders) for _ in range(3)]
     assert len(set(backups)) == 3 and all(HashChainLog(b / LEDGER_FILE, key).verify().ok for b in backups)
-    for backup, days in zip(backups, (3651, 3649, 0)):  # the EU preset keeps backups 3650 days
+    for backup, days in zip(backups, (3651, 3649, 0), strict=True):  # the EU preset keeps backups 3650 days
         age(backup, days)
     live = [folders.ledger_dir / LEDGER_FILE, folders.state_dir / "audit.jsonl"]
     for path in live:

@@ -216,6 +216,17 @@ def test_tampered_share_is_detected():
         fed.sessions[fed.nodes[0]].unmask(fed.nodes, [], signatures, fed.roster)
 
 
+def test_a_share_list_that_does_not_match_its_senders_is_refused():
+    payloads = random_payloads(3, size=16)
+    fed = Federation(payloads)
+    server = fed.server(2)
+    for n in fed.nodes:
+        server.add_shares(n, *fed.share(n, 2))
+    senders, blobs = server.inbound_for(fed.nodes[0])
+    with pytest.raises(SecAggError, match="relayed 2 shares for 3 senders"):
+        fed.sessions[fed.nodes[0]].mask(senders, blobs[:-1], payloads[fed.nodes[0]], PARAMS)
+
+
 # -- a coordinator that deviates (issue 13) -----------------------------------------------------------
 
 
@@ -372,12 +383,12 @@ def test_quantized_weighted_mean_is_within_one_step():
     weights = [456, 549, 582, 446, 499, 450]
     q = Quantization.for_cohort(adam_displacement_bound(1e-2, 10), sum(weights))
     total = np.zeros(5000, dtype=np.uint32)
-    for u, w in zip(updates, weights):
+    for u, w in zip(updates, weights, strict=True):
         encoded, clipped = q.encode(u, w)
         assert clipped == 0
         total += encoded
     mean = q.decode(total, sum(weights))
-    plain = sum(w * u.astype(np.float64) for u, w in zip(updates, weights)) / sum(weights)
+    plain = sum(w * u.astype(np.float64) for u, w in zip(updates, weights, strict=True)) / sum(weights)
     error = np.abs(mean - plain).max()
     assert error <= q.step + 1e-9
     assert error <= 1e-3 * np.abs(plain).max()

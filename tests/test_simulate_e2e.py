@@ -93,7 +93,7 @@ def test_simulate_multirun_sweeps_one_run_per_value_and_prints_a_table(small_ove
     runs = sorted((tmp_path / "work" / "runs").glob("*-job*"))
     assert [p.name[-4:] for p in runs] == ["job0", "job1"]
     epsilon = []
-    for run, value in zip(runs, ("3", "8")):
+    for run, value in zip(runs, ("3", "8"), strict=True):
         assert f"privacy.target_epsilon={value}" in (run / ".hydra" / "overrides.yaml").read_text()
         assert list((run / "tensorboard").glob("events.out.tfevents.*"))
         summary = json.loads((run / "summary.json").read_text())

@@ -149,5 +149,5 @@ def test_two_processes_with_the_same_public_seeds_draw_different_noise(model_dir
     ]
     first, second = (json.loads(p.communicate(timeout=300)[0]) for p in runs)
     assert first and len(first) == len(second)  # one draw per trained tensor
-    for a, b in zip(first, second):
+    for a, b in zip(first, second, strict=True):
         assert a != b

@@ -820,7 +820,7 @@ def luhn_check_digit(payload: str) -> str:
 
 def nric_check_letter(prefix: str, digits: str) -> str:
     """Singapore NRIC/FIN check letter for prefix S, T, F or G and seven digits."""
-    total = sum(int(d) * w for d, w in zip(digits, (2, 7, 6, 5, 4, 3, 2)))
+    total = sum(int(d) * w for d, w in zip(digits, (2, 7, 6, 5, 4, 3, 2), strict=True))
     total += 4 if prefix in "TG" else 0
     return ("JZIHGFEDCBA" if prefix in "ST" else "XWUTRQPNMLK")[total % 11]
 

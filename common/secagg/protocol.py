@@ -114,7 +114,7 @@ def revealed_seeds(regions: list[str], survivors: set[int], peer_ids: list[int])
     """Which self-mask seeds survivors' shares may reveal: the update's, and every slot's but a lone survivor's."""
     slots, slot_of = metric_slots(regions)
     counts = {slot: 0 for slot in slots}
-    for peer, slot in zip(peer_ids, slot_of):
+    for peer, slot in zip(peer_ids, slot_of, strict=True):
         counts[slot] += peer in survivors
     return [0] + [1 + i for i, slot in enumerate(slots) if counts[slot] != 1]
 
@@ -264,6 +264,11 @@ class ClientSession:
         known = {p[0] for p in self.peers}
         if len(set(sender_ids)) != len(sender_ids) or not set(sender_ids) <= known or self.node_id not in sender_ids:
             raise SecAggError("The shares relayed to this node repeat or come from unknown clients, or leave it out.")
+        if len(ciphertexts) != len(sender_ids):
+            raise SecAggError(
+                f"The coordinator relayed {len(ciphertexts)} shares for {len(sender_ids)} senders: one share per "
+                "sender is expected."
+            )
         if len(sender_ids) < self.threshold:
             raise SecAggError(f"Only {len(sender_ids)} clients shared keys; at least {self.threshold} are needed.")
         self.transcript = transcript_of(self.tag, self.threshold, self.peers, params, self.plan_digest)
@@ -322,7 +327,7 @@ class ClientSession:
         ids = [p[0] for p in self.peers]
         reveal = revealed_seeds([p[2] for p in self.peers], set(self.survivors), ids)
         out = {}
-        for sender, blob in zip(self.inbound_ids, self.inbound):
+        for sender, blob in zip(self.inbound_ids, self.inbound, strict=True):
             key = agree(self.c_sk, self._peer(sender)[3], self.tag + b"|share")
             plain = decrypt(key, blob, _aad(self.tag, sender, self.node_id))
             if struct.unpack(">QQ", plain[:16]) != (sender, self.node_id) or (len(plain) - 48) % SEED_BYTES:
@@ -378,6 +383,7 @@ class ClientSession:
                 [str(x) for x in r.get("peer-regions", [])],
                 list(r.get("peer-c-pks", [])),
                 list(r.get("peer-s-pks", [])),
+                strict=True,
             )
         )
         return cls(
