@@ -109,7 +109,7 @@ def check_reply(request, reply_content, state) -> None:
         _metrics(reply_content[METRICS], EVALUATE_METRICS)
     elif kind == AUDIT:
         _records(reply_content, {METRICS: "metric", EXAMPLES: "config"})
-        for key, value in reply_content[METRICS].items():
+        for key in reply_content[METRICS].keys():
             if not AUDIT_METRIC.fullmatch(key):
                 raise EgressBlocked(f"audit metric {key!r} is not on the allow-list")
         _metrics(reply_content[METRICS], tuple(reply_content[METRICS].keys()))

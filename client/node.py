@@ -21,7 +21,7 @@ from client.nodedata import NodeData, load_node_data
 from client.retention import enforce_node_retention
 
 # Re-exported: settings live in a light module so light messages need not import torch.
-from client.settings import (  # noqa: E402,F401
+from client.settings import (  # noqa: F401  (re-exported)
     AUDIT_FILE,
     LEDGER_FILE,
     NodeSettings,

@@ -98,7 +98,7 @@ class Worker:
                     raise SystemExit(
                         f"The SuperNode at {self.runtime} refused this worker's SuperExec secret "
                         f"(HTTP {err.response.status_code}): start both with the same secret file."
-                    )
+                    ) from err
                 raise
             if claimed.HasField("task") and claimed.token:
                 self.run_task(claimed.token)

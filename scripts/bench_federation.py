@@ -166,7 +166,7 @@ def main() -> int:
             if code != 0:
                 print(f"run with {n} clients ({mode}) failed; see {run_dir}", file=sys.stderr)
                 return 1
-            rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()][1:]
+            rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][1:]
             trained = min(r["clients_trained"] for r in rows)
             if trained < n:
                 # A round time with clients missing measures a smaller federation: say so, loudly.

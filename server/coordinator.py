@@ -57,6 +57,12 @@ from common.wire import (
     state_to_record,
 )
 from server.aggregation import apply_update, check_update, weighted_mean
+from server.anchors import AnchorStore
+from server.planning import plan_regions
+from server.provenance import write_manifest
+from server.report import write_privacy_report
+from server.rundir import RunDirectory, json_number
+from server.secure import SecureRound, SecureSumResult, secure_sum, threshold_for
 
 # The counts from a node's start checks that describe carries (so the report shows what was excluded or cut).
 DATA_COUNTS = (
@@ -69,12 +75,6 @@ DATA_COUNTS = (
     "truncated-tokens",
     "truncated-heldout",
 )
-from server.anchors import AnchorStore
-from server.planning import plan_regions
-from server.provenance import write_manifest
-from server.report import write_privacy_report
-from server.rundir import RunDirectory, json_number
-from server.secure import SecureRound, SecureSumResult, secure_sum, threshold_for
 
 
 @dataclass
@@ -478,7 +478,7 @@ class Coordinator:
         if len(updates) >= self.cfg.federation.min_clients:
             state = apply_update(state, weighted_mean(updates, weights), self.cfg.federation.server_learning_rate)
             row["aggregated"] = True
-            row["train_loss"] = {r: sum(l * n for l, n in v) / sum(n for _, n in v) for r, v in losses.items()}
+            row["train_loss"] = {r: sum(loss * n for loss, n in v) / sum(n for _, n in v) for r, v in losses.items()}
         else:
             self._skip(
                 plan.round,

@@ -145,8 +145,8 @@ def test_sum_is_exact_and_inputs_stay_hidden():
     total, received, masked = run_protocol(payloads, threshold=3)
     data, metrics = plain_sum(payloads, payloads)
     assert np.array_equal(total.data, data) and np.array_equal(total.metrics, metrics)
-    for n, y in masked.items():
-        for m, x in payloads.items():
+    for y in masked.values():
+        for x in payloads.values():
             corr = np.corrcoef(y.data.astype(np.float64), x.data.astype(np.float64))[0, 1]
             assert abs(corr) < 0.15  # 1000 values: noise level is about 1/sqrt(1000) = 0.03
 

@@ -310,7 +310,7 @@ def test_a_deviating_coordinator_recovers_nothing_and_the_round_fails_cleanly(
     assert any(refusal in r for r in reasons), reasons
     # Nothing the coordinator received, read as 32-bit words, correlates with any node's true update.
     layout = layout_of(next(iter(updates.values()))[0])
-    for node, (update, _) in updates.items():
+    for update, _ in updates.values():
         truth = flatten(update, layout).astype(np.float64)
         for reply in grid.received:
             for record in reply.content.values() if reply.has_content() else []:
