@@ -210,7 +210,7 @@ class _SigtermAsInterrupt:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def _one_line(err: Exception) -> str:
+def _one_line(err: BaseException | None) -> str:
     # Some messages quote multi-line text from other libraries (YAML parsers); a terminal line stays whole.
     return " ".join(line.strip() for line in str(err).splitlines() if line.strip())
 

@@ -17,10 +17,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf import errors as oc_errors
 
 from common.errors import ConfigError
@@ -387,8 +387,12 @@ def _schema_default(full_key: str) -> Any:
     return node
 
 
-def config_from_container(raw: DictConfig | dict[str, Any]) -> FedsovConfig:
+def config_from_container(raw: DictConfig | ListConfig | dict[str, Any]) -> FedsovConfig:
     """Merge a plain or composed config onto the schema; errors name the key and the fix."""
+    if not isinstance(raw, (DictConfig, dict)):  # OmegaConf.load of a YAML list
+        raise ConfigError(
+            f"A fedsov config is a mapping of keys, not a {type(raw).__name__}: check the file it came from."
+        )
     cfg: FedsovConfig = _typed(FedsovConfig, raw, "")
     _absolutise_paths(cfg)
     validate(cfg)
@@ -549,10 +553,9 @@ _ANY_VALUE = object()
 
 def _locate(node: Any, key: str, value: Any = _ANY_VALUE, prefix: str = "") -> str | None:
     """The dotted path (with [i] for list entries) of the first `key` holding `value` (or any) under `node`."""
-    from omegaconf import ListConfig
-
+    items: list[tuple[str, Any, Any]]
     if isinstance(node, DictConfig):
-        items = [(f"{prefix}{k}", k, node._get_node(k)) for k in node.keys()]
+        items = [(f"{prefix}{k!s}", k, node._get_node(k)) for k in node.keys()]
     elif isinstance(node, ListConfig):
         items = [(f"{prefix[:-1]}[{i}]", None, node._get_node(i)) for i in range(len(node))]
     else:
@@ -687,7 +690,7 @@ def _wrong_value_message(err: oc_errors.ValidationError) -> str:
     return f"Config key '{full_key}' has an invalid value: {detail}.{allowed}"
 
 
-def _fail(key: str, value: Any, rule: str, fix: str) -> None:
+def _fail(key: str, value: Any, rule: str, fix: str) -> NoReturn:
     raise ConfigError(f"Config key '{key}' = {value!r}: {rule}. {fix}")
 
 
@@ -709,15 +712,15 @@ def validate(cfg: FedsovConfig) -> None:
     for key, value in positive_ints.items():
         if value < 1:
             _fail(key, value, "must be at least 1", "Set a positive integer.")
-    for key, value in {
+    for key, rate in {
         "federation.learning_rate": fed.learning_rate,
         "federation.server_learning_rate": fed.server_learning_rate,
         "federation.round_timeout_s": fed.round_timeout_s,
         "federation.node_wait_timeout_s": fed.node_wait_timeout_s,
         "model.lora.alpha": model.lora.alpha,
     }.items():
-        if not value > 0:
-            _fail(key, value, "must be greater than 0", "Set a positive number.")
+        if not rate > 0:
+            _fail(key, rate, "must be greater than 0", "Set a positive number.")
     if fed.keep_checkpoints < 1:
         _fail(
             "federation.keep_checkpoints",

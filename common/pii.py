@@ -71,6 +71,7 @@ def _recognizers(entities: tuple[str, ...]):
         def validate_result(self, pattern_text: str):  # noqa: D102
             return self._extract(pattern_text).fqdn != ""
 
+    custom = _custom_patterns()
     built = {
         "EMAIL_ADDRESS": lambda: [OfflineEmailRecognizer()],
         "PHONE_NUMBER": lambda: [pr.PhoneRecognizer(supported_regions=PHONE_REGIONS), custom["PHONE_NUMBER"]],
@@ -86,7 +87,6 @@ def _recognizers(entities: tuple[str, ...]):
         "NL_BSN": lambda: [custom["NL_BSN"]],
         "CN_RESIDENT_ID": lambda: [custom["CN_RESIDENT_ID"]],
     }
-    custom = _custom_patterns()
     return [(entity, r) for entity in entities for r in built[entity]()]
 
 

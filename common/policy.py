@@ -13,9 +13,10 @@ import hashlib
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from enum import Enum
-from typing import Any
+from typing import Any, NoReturn
 
 from common.errors import ConfigError, PolicyViolation, ResidencyViolation
 
@@ -198,11 +199,15 @@ def policy_dict(policy: RegionPolicy) -> dict:
 # -- validation ---------------------------------------------------------------------------------
 
 
+# Raises the policy's ConfigError naming (key, value, rule, fix).
+Fail = Callable[[str, Any, str, str], NoReturn]
+
+
 def validate_policy(policy: RegionPolicy, where: str) -> None:
     """Impossible values are errors naming the key, the value, the rule and the fix."""
     from common.pii import SUPPORTED_ENTITIES
 
-    def fail(key: str, value: Any, rule: str, fix: str) -> None:
+    def fail(key: str, value: Any, rule: str, fix: str) -> NoReturn:
         raise ConfigError(f"Policy key '{where}.{key}' = {value!r}: {rule}. {fix}")
 
     if not policy.law.strip():
@@ -269,7 +274,7 @@ def validate_policy(policy: RegionPolicy, where: str) -> None:
     _check_codes("retention.allowed_deployment_jurisdictions", k.allowed_deployment_jurisdictions, fail)
 
 
-def _validate_transfers(t: TransferPolicy, fail) -> None:
+def _validate_transfers(t: TransferPolicy, fail: Fail) -> None:
     key = "transfers"
     if not t.allowed_coordinator_jurisdictions:
         fail(
@@ -356,7 +361,7 @@ def _validate_transfers(t: TransferPolicy, fail) -> None:
         fail(f"{key}.min_cohort", t.min_cohort, "must be at least 1", "Use e.g. 3.")
 
 
-def _validate_volume_rules(v: VolumeRules, key: str, fail) -> None:
+def _validate_volume_rules(v: VolumeRules, key: str, fail: Fail) -> None:
     if not v.domestic_jurisdictions:
         fail(
             f"{key}.domestic_jurisdictions",
@@ -377,14 +382,15 @@ def _validate_volume_rules(v: VolumeRules, key: str, fail) -> None:
         )
     previous = (0, 0)
     for i, band in enumerate(v.bands[:-1]):
-        bounds = (band.people_below, band.sensitive_people_below)
-        if None in bounds or bounds[0] < 1 or bounds[1] < 1:
+        people, sensitive = band.people_below, band.sensitive_people_below
+        if people is None or sensitive is None or people < 1 or sensitive < 1:
             fail(
                 f"{key}.bands[{i}]",
                 asdict(band),
                 "only the last band may be unbounded, and bounds are at least 1",
                 "Give both bounds as counts (sensitive_people_below: 1 means no sensitive data).",
             )
+        bounds = (people, sensitive)
         if bounds[0] < previous[0] or bounds[1] < previous[1] or bounds == previous:
             fail(
                 f"{key}.bands[{i}]",
@@ -395,7 +401,7 @@ def _validate_volume_rules(v: VolumeRules, key: str, fail) -> None:
         previous = bounds
 
 
-def _check_codes(key: str, codes: list[str], fail, wildcard: bool = True) -> None:
+def _check_codes(key: str, codes: list[str], fail: Fail, wildcard: bool = True) -> None:
     for code in codes:
         if code == ANY and wildcard:
             continue
@@ -410,7 +416,7 @@ def _check_codes(key: str, codes: list[str], fail, wildcard: bool = True) -> Non
             )
 
 
-def _check_period(at: str, start_key: str, start: str, expires: str | None, fail) -> None:
+def _check_period(at: str, start_key: str, start: str, expires: str | None, fail: Fail) -> None:
     begun = _date(start)
     if begun is None:
         fail(f"{at}.{start_key}", start, "is not a date", "Write it as YYYY-MM-DD.")
@@ -437,7 +443,9 @@ def _today() -> datetime.date:
 
 
 def _in_force(start: str, expires: str | None, on: datetime.date) -> bool:
-    return _date(start) <= on and (expires is None or on < _date(expires))
+    # Both dates were checked when the policy was loaded (_check_period).
+    begun = datetime.date.fromisoformat(str(start))
+    return begun <= on and (expires is None or on < datetime.date.fromisoformat(str(expires)))
 
 
 def _within(jurisdiction: str, listed: str) -> bool:

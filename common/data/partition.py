@@ -28,7 +28,8 @@ def split_heldout(
             f"held-out fraction must be in [0, 1), got {fraction}; set data.heldout_fraction to "
             f"e.g. 0.1 (0 keeps every user for training)."
         )
-    train, heldout = [], []
+    train: list[Record] = []
+    heldout: list[Record] = []
     for r in records:
         (heldout if unit_bucket(r.user_id, salt) < fraction else train).append(r)
     return train, heldout

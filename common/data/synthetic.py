@@ -629,15 +629,15 @@ def _make_record(
         opt=rng.choice(("yes", "no")),
         opt2=rng.choice(("allowed", "not allowed")),
     )
-    kind, template = template
-    text = template.format(**slots)
+    kind, text_template = template
+    text = text_template.format(**slots)
     tags = []
     if rng.random() < SPECIAL_CATEGORY_RATE:
         category = rng.choice(sorted(_SPECIAL_CATEGORIES))
         sentence = rng.choice(_SPECIAL_CATEGORIES[category]).format(union=style.union)
         text += f" Customer: {sentence}" if kind == "chat" else f" {sentence}"
         tags.append(f"special:{category}")
-    used = _slots_of(template)
+    used = _slots_of(text_template)
     fields = {
         "record_id": f"{user_id}-r{k}",
         "locale": locale,
@@ -656,6 +656,7 @@ def _slots_of(template: str) -> set[str]:
 def _locale_style(locale: str, fake: Faker | None) -> _LocaleStyle:
     if locale in _LOCALE_STYLES:
         return _LOCALE_STYLES[locale]
+    assert fake is not None, f"no Faker for locale {locale}"  # every locale without a preset style has one
     try:
         country = fake.current_country()
     except ValueError:  # Faker cannot name the country of some language-only locales
@@ -671,10 +672,12 @@ def _make_person(locale: str, fake: Faker | None, style: _LocaleStyle, rng: rand
     dob = datetime.date(1950, 1, 1) + datetime.timedelta(days=rng.randint(0, 20_000))
     if locale == SINGAPORE_LOCALE:
         person = _singapore_person(rng, gender, dob)
-    elif locale == "zh_CN":
-        person = _chinese_person(fake, rng, gender, dob)
     else:
-        person = _faker_person(locale, fake, rng, gender)
+        assert fake is not None, f"no Faker for locale {locale}"  # only Singapore's identities are fedsov's own
+        if locale == "zh_CN":
+            person = _chinese_person(fake, rng, gender, dob)
+        else:
+            person = _faker_person(locale, fake, rng, gender)
     person.setdefault("id_label", style.id_label)
     person["dob"] = dob.strftime(style.date_format)
     person["card"] = _card_number("62" if locale == "zh_CN" else rng.choice(("4", "51", "53", "55")), rng)

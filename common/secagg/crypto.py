@@ -99,7 +99,7 @@ def split_secret(secret: bytes, threshold: int, holders: int) -> list[bytes]:
         raise ValueError("secret length must be a multiple of 16 bytes")
     per_holder = [bytearray() for _ in range(holders)]
     for start in range(0, len(secret), CHUNK):
-        for index, share in Shamir.split(threshold, holders, secret[start : start + CHUNK]):
+        for index, share in Shamir.split(threshold, holders, secret[start : start + CHUNK], ssss=False):
             per_holder[index - 1] += share
     return [bytes(s) for s in per_holder]
 
@@ -109,5 +109,5 @@ def combine_secret(shares: dict[int, bytes]) -> bytes:
     length = len(next(iter(shares.values())))
     out = bytearray()
     for start in range(0, length, CHUNK):
-        out += Shamir.combine([(index, share[start : start + CHUNK]) for index, share in shares.items()])
+        out += Shamir.combine([(index, share[start : start + CHUNK]) for index, share in shares.items()], ssss=False)
     return bytes(out)

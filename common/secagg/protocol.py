@@ -31,6 +31,7 @@ import hashlib
 import json
 import os
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,7 +89,7 @@ def mask_for(key_material: bytes, n_data: int, n_metrics: int) -> Payload:
     )
 
 
-def self_mask(seeds: list[bytes | None], info: bytes, n_data: int, n_metrics: int, n_slots: int) -> Payload:
+def self_mask(seeds: Sequence[bytes | None], info: bytes, n_data: int, n_metrics: int, n_slots: int) -> Payload:
     """A client's self mask: seed 0 masks the update and the global counter, seed 1+i metric slot i.
 
     Separate seeds let clients withhold one slot's seeds at unmasking: a slot left with one survivor stays
