@@ -14,8 +14,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 from common.config import CONFIG_DIR_ENV, default_config_dir, load_config
 from common.errors import FederationError
@@ -45,8 +45,14 @@ def compare(overrides: Sequence[str], out: Callable[[str], None] = print) -> int
     }
     reports = {}
     for name, (arm_overrides, policies) in arms.items():
-        code, report = run_arm(root, name, [*AUDIT_FEDERATION, *overrides, *arm_overrides], policies,
-                               canaries_from=None if name == "no-dp" else root / "no-dp", out=out)
+        code, report = run_arm(
+            root,
+            name,
+            [*AUDIT_FEDERATION, *overrides, *arm_overrides],
+            policies,
+            canaries_from=None if name == "no-dp" else root / "no-dp",
+            out=out,
+        )
         if code != 0:
             return code
         reports[name] = report
@@ -58,8 +64,15 @@ def compare(overrides: Sequence[str], out: Callable[[str], None] = print) -> int
     return 0 if verdict == "DP works and the audit has power" else 1
 
 
-def run_arm(root: Path, name: str, overrides: Sequence[str], policies: Path, *, canaries_from: Path | None,
-            out: Callable[[str], None] = print) -> tuple[int, dict | None]:
+def run_arm(
+    root: Path,
+    name: str,
+    overrides: Sequence[str],
+    policies: Path,
+    *,
+    canaries_from: Path | None,
+    out: Callable[[str], None] = print,
+) -> tuple[int, dict | None]:
     """One arm of a comparison: a federation in `root/name` on the shared data in `root/data`.
 
     Its nodes read their policies from `policies`; with `canaries_from` (an earlier arm's folder)
@@ -76,8 +89,9 @@ def run_arm(root: Path, name: str, overrides: Sequence[str], policies: Path, *, 
     previous = os.environ.get(CONFIG_DIR_ENV)
     os.environ[CONFIG_DIR_ENV] = str(policies)
     try:
-        code = simulate([*overrides, f"workdir={workdir}", f"data.root={root / 'data'}", f"run_dir={workdir / 'run'}"],
-                        out=out)
+        code = simulate(
+            [*overrides, f"workdir={workdir}", f"data.root={root / 'data'}", f"run_dir={workdir / 'run'}"], out=out
+        )
     finally:
         if previous is None:
             os.environ.pop(CONFIG_DIR_ENV, None)
@@ -92,8 +106,11 @@ def run_arm(root: Path, name: str, overrides: Sequence[str], policies: Path, *, 
 def judge(reports: dict) -> tuple[str, list[str]]:
     """The comparison table and its verdict."""
     nodp, dp = reports["no-dp"], reports["dp-eps8"]
-    lines = ["| region | arm | epsilon | perplexity after | max exposure (bits) by repetitions | extracted | MIA AUC (loss / calibrated) | one-run lower bound | verdict |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| region | arm | epsilon | perplexity after | max exposure (bits) by repetitions | extracted "
+        "| MIA AUC (loss / calibrated) | one-run lower bound | verdict |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for region in nodp["regions"]:
         for arm, rep in (("no DP", nodp), ("DP eps=8", dp)):
             r = rep["regions"].get(region)
@@ -123,8 +140,9 @@ def judge(reports: dict) -> tuple[str, list[str]]:
     return verdict, lines + ["", f"Verdict: {verdict}."]
 
 
-def write_lab_policies(config_dir: Path, *, why: str, require_dp: bool | None = None,
-                       require_secure_aggregation: bool | None = None) -> Path:
+def write_lab_policies(
+    config_dir: Path, *, why: str, require_dp: bool | None = None, require_secure_aggregation: bool | None = None
+) -> Path:
     """A copy of the configs in which the region policies are relaxed for a lab measurement.
 
     Only the named switches change; everything else (transfers, data use, budgets) stays as the
@@ -142,8 +160,9 @@ def write_lab_policies(config_dir: Path, *, why: str, require_dp: bool | None = 
         if require_secure_aggregation is not None:
             cfg.policy.transfers.require_secure_aggregation = require_secure_aggregation
         # Hydra reads the package directive only from the file's first line.
-        path.write_text(f"# @package regions.{path.stem}\n"
-                        f"# LAB COPY ({why}). Never use with real data.\n" + OmegaConf.to_yaml(cfg))
+        path.write_text(
+            f"# @package regions.{path.stem}\n# LAB COPY ({why}). Never use with real data.\n" + OmegaConf.to_yaml(cfg)
+        )
     return config_dir
 
 

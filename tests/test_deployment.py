@@ -7,7 +7,6 @@ process id / command line afterwards: nothing may be left running.
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -20,8 +19,15 @@ import pytest
 
 from server.simulation import PARTIAL_EXIT
 
-FLOWER_PROCESSES = ("flower-superlink", "flower-supernode", "flwr-serverapp", "flwr-clientapp", "flower-superexec",
-                    "client.worker", "client.supernode_loop")
+FLOWER_PROCESSES = (
+    "flower-superlink",
+    "flower-supernode",
+    "flwr-serverapp",
+    "flwr-clientapp",
+    "flower-superexec",
+    "client.worker",
+    "client.supernode_loop",
+)
 
 
 def flower_processes(root: Path, names: tuple[str, ...] = FLOWER_PROCESSES) -> list[str]:
@@ -85,15 +91,17 @@ def test_local_deployment_with_tls_and_node_auth_end_to_end(small_overrides, tmp
     assert not flower_processes(tmp_path), "fedsov deploy local left Flower processes behind"
 
     # A restarted client (a fresh node process on the same state folder) still holds what it spent.
+    from omegaconf import OmegaConf
+
     from client.node import RegionNode
     from client.settings import deployment_settings
     from common.config import config_from_container
-    from omegaconf import OmegaConf
     from server.deployment import local_node_config
 
     cfg = config_from_container(OmegaConf.load(run_dir / "config.yaml"))
-    restarted = RegionNode(deployment_settings(cfg, local_node_config(
-        cfg, "eu", 0, 1, tmp_path / "work" / "deployment", "eu-1")))
+    restarted = RegionNode(
+        deployment_settings(cfg, local_node_config(cfg, "eu", 0, 1, tmp_path / "work" / "deployment", "eu-1"))
+    )
     _, counts = restarted.describe("EU")
     assert counts["epsilon"] == pytest.approx(summary["regions"]["eu"]["epsilon"], rel=1e-9)
 
@@ -105,8 +113,15 @@ def secured_coordinator(tmp_path, model_cache):
 
     certs = tmp_path / "certs"
     make_certificates(certs)
-    superlink = start_coordinator(tmp_path / "coordinator", certs=certs, insecure=False, host="127.0.0.1", port=0,
-                                  model_cache=model_cache, out=lambda m: None)
+    superlink = start_coordinator(
+        tmp_path / "coordinator",
+        certs=certs,
+        insecure=False,
+        host="127.0.0.1",
+        port=0,
+        model_cache=model_cache,
+        out=lambda m: None,
+    )
     try:
         yield superlink, certs, Connection(superlink.address, certs / "ca.crt", tmp_path / "cli")
     finally:
@@ -126,8 +141,13 @@ def test_an_unregistered_node_is_refused_and_a_registered_one_joins(secured_coor
             make_node_key(certs / "nodes" / name)
         register_node(connection, certs / "nodes" / "registered.pub", out=lambda m: None)
         for name in ("stranger", "registered"):
-            node = SuperNodeProcess(superlink.address, {"region": "eu"}, tmp_path / f"{name}.log",
-                                    ca_cert=certs / "ca.crt", private_key=certs / "nodes" / name)
+            node = SuperNodeProcess(
+                superlink.address,
+                {"region": "eu"},
+                tmp_path / f"{name}.log",
+                ca_cert=certs / "ca.crt",
+                private_key=certs / "nodes" / name,
+            )
             node.start(tmp_path / f"{name}-home")
             nodes.append(node)
         with pytest.raises(FederationError, match="public key is not registered"):
@@ -153,15 +173,50 @@ def test_a_node_with_another_regions_data_refuses_to_start(small_overrides, tmp_
     from common.cli import main
 
     ca = make_certificates(tmp_path / "certs").ca_cert  # a valid, pinned CA: the node never gets as far as using it
-    assert main(["--config-dir", str(config_dir), "node", "trust", "--ca", str(ca), "--jurisdiction", "EU",
-                 "--name", "eu-hub"]) == 0
+    assert (
+        main(
+            [
+                "--config-dir",
+                str(config_dir),
+                "node",
+                "trust",
+                "--ca",
+                str(ca),
+                "--jurisdiction",
+                "EU",
+                "--name",
+                "eu-hub",
+            ]
+        )
+        == 0
+    )
     exe = Path(sys.executable).parent / "fedsov"
     state = tmp_path / "eu-state"
     done = subprocess.run(
-        [str(exe), "--config-dir", str(config_dir), "node", "start", "--region", "eu", "--data", str(folders["us"]),
-         "--state-dir", str(state), "--key", str(tmp_path / "key"), "--ca", str(ca),
-         "--superlink", "127.0.0.1:9", "--synthetic-data", *small_overrides],
-        capture_output=True, text=True, timeout=300,
+        [
+            str(exe),
+            "--config-dir",
+            str(config_dir),
+            "node",
+            "start",
+            "--region",
+            "eu",
+            "--data",
+            str(folders["us"]),
+            "--state-dir",
+            str(state),
+            "--key",
+            str(tmp_path / "key"),
+            "--ca",
+            str(ca),
+            "--superlink",
+            "127.0.0.1:9",
+            "--synthetic-data",
+            *small_overrides,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 2, done.stdout + done.stderr
     assert "region 'us'" in done.stderr and str(folders["us"]) in done.stderr and "line" in done.stderr
@@ -221,8 +276,11 @@ def test_wire_carries_no_text_and_a_node_killed_mid_round_is_survived(small_over
     from server.deployment import LocalDeployment
 
     # The audit stays on: its canaries must be in the data, and its replies cross the wire too.
-    overrides = [*deployment_overrides(small_overrides, tmp_path), "secure_aggregation.stage_timeout_s=30",
-                 "federation.round_timeout_s=120"]
+    overrides = [
+        *deployment_overrides(small_overrides, tmp_path),
+        "secure_aggregation.stage_timeout_s=30",
+        "federation.round_timeout_s=120",
+    ]
     proxies: list[RecordingProxy] = []
 
     def through_proxy(address: str) -> str:
@@ -235,7 +293,12 @@ def test_wire_carries_no_text_and_a_node_killed_mid_round_is_survived(small_over
         assert any("insecure mode" in line for line in lines)
 
         def kill_eu_after_its_update(event: dict) -> None:
-            if event["event"] == "node_trained" and event.get("node") == "eu-1" and event.get("round") == 1 and not killed:
+            if (
+                event["event"] == "node_trained"
+                and event.get("node") == "eu-1"
+                and event.get("round") == 1
+                and not killed
+            ):
                 deployment.nodes["eu-1"].stop(grace=0)
                 killed.append("eu-1")
 
@@ -262,7 +325,7 @@ def test_wire_carries_no_text_and_a_node_killed_mid_round_is_survived(small_over
     assert rows[2]["aggregated"] and rows[2]["clients_trained"] == 2
     assert not flower_processes(tmp_path)
 
-    wire = bytes().join(bytes(p.sent) for p in proxies)
+    wire = b"".join(bytes(p.sent) for p in proxies)
     assert len(wire) > 10_000
     # Positive control: what the protocol does send in the clear is readable in the recording.
     assert b"policy-hash" in wire and b"num-units" in wire
@@ -278,8 +341,11 @@ def test_wire_carries_no_text_and_a_node_killed_mid_round_is_survived(small_over
     for region in ("eu", "us", "sg"):
         for record in load_records(data_files([str(tmp_path / "work" / "data" / region)]), expected_region=region):
             texts.append(record.text)
-            pii += [v for v in (record.fields.get("pii") or {}).values()
-                    if isinstance(v, str) and sum(ch.isalnum() for ch in v) >= 10]
+            pii += [
+                v
+                for v in (record.fields.get("pii") or {}).values()
+                if isinstance(v, str) and sum(ch.isalnum() for ch in v) >= 10
+            ]
     assert secrets and texts and pii
     leaked = [s for s in [*secrets, *pii] if s.encode() in wire]
     leaked += [t for t in texts if t[:40].encode() in wire]
@@ -306,8 +372,12 @@ def test_a_restarted_coordinator_resumes_from_its_last_checkpoint(small_override
             deployment.run(on_event=stop_coordinator_after_round_1)
         assert stopped and not deployment.superlink.alive()
         # Same port, same on-disk state; the SuperNodes were left running and reconnect by themselves.
-        deployment.superlink.start(extra_env={RUNS_DIR_ENV: str(deployment.coordinator_home / "runs"),
-                                              MODEL_CACHE_ENV: deployment.cfg.model.cache_dir})
+        deployment.superlink.start(
+            extra_env={
+                RUNS_DIR_ENV: str(deployment.coordinator_home / "runs"),
+                MODEL_CACHE_ENV: deployment.cfg.model.cache_dir,
+            }
+        )
         run_id, cfg = submit_run(deployment.connection, [f"resume={deployment.run_dir}"], lines.append)
         status = watch_run(deployment.connection, run_id, cfg, lines.append)
         assert run_outcome(status, deployment.run_dir, lines.append) == 0, "\n".join(lines[-30:])
@@ -337,13 +407,25 @@ def check_stop_logs_and_pull(deployment, run_id: int, tmp_path: Path) -> None:
 
     pulled = runcontrol.pull_outputs(control, run_id, tmp_path / "pulled", out=shown.append)
     assert pulled.name == deployment.run_dir.name
-    for name in ("adapter/adapter_model.safetensors", "adapter/adapter_config.json", "adapter/README.md",
-                 "adapter/fedsov-manifest.json", "summary.json", "metrics.jsonl", "report/privacy-report.html"):
+    for name in (
+        "adapter/adapter_model.safetensors",
+        "adapter/adapter_config.json",
+        "adapter/README.md",
+        "adapter/fedsov-manifest.json",
+        "summary.json",
+        "metrics.jsonl",
+        "report/privacy-report.html",
+    ):
         assert (pulled / name).read_bytes() == (deployment.run_dir / name).read_bytes(), name
     assert list((pulled / "tensorboard").glob("events.out.tfevents.*"))
 
-    connection = ["--superlink", deployment.connection.superlink, "--insecure",
-                  "--home", str(deployment.connection.home)]
+    connection = [
+        "--superlink",
+        deployment.connection.superlink,
+        "--insecure",
+        "--home",
+        str(deployment.connection.home),
+    ]
     overrides = [o for o in deployment.overrides if not o.startswith("run_dir=")]
     stopped_id, _ = submit_run(deployment.connection, [*overrides, f"run_dir={tmp_path / 'stopped-run'}"], shown.append)
     assert main(["run", "stop", str(stopped_id), *connection]) == 0
@@ -364,8 +446,9 @@ def test_a_node_started_before_its_coordinator_waits_for_it(tmp_path):
 
     address = f"127.0.0.1:{free_port()}"
     node = SuperNodeProcess(address, {"region": "eu"}, tmp_path / "node.log", max_wait_s=None)
-    superlink = LocalSuperLink(tmp_path / "link-home", tmp_path / "superlink.log", simulation=False,
-                               port=int(address.rsplit(":", 1)[1]))
+    superlink = LocalSuperLink(
+        tmp_path / "link-home", tmp_path / "superlink.log", simulation=False, port=int(address.rsplit(":", 1)[1])
+    )
     said: list[str] = []
 
     def coordinator_comes_up_once_the_node_waits(line: str) -> None:

@@ -72,7 +72,9 @@ def test_canaries_are_random_private_and_stable(tmp_path):
     assert "\u2588" * 6 in redact(stored[0]) and stored[0].secret not in redact(stored[0])
     for canary in stored:  # neither the secret nor the made-up name/street in the prefix leaves the node
         shown = redact(canary)
-        assert canary.secret not in shown and canary.prefix not in shown and ("[PERSON]" in shown or "[STREET]" in shown)
+        assert (
+            canary.secret not in shown and canary.prefix not in shown and ("[PERSON]" in shown or "[STREET]" in shown)
+        )
 
 
 @pytest.fixture(scope="module")
@@ -99,10 +101,14 @@ def test_membership_inference_is_at_chance_for_a_model_that_never_saw_the_data(m
 
     tok = load_tokenizer(model_dir)
     model = fresh_lora(model_dir)  # B = 0: exactly the base model, trained on none of these records
-    ids = encode_units(group_units(generate_region_records("us", ["en_US"], seed=11, num_users=150),
-                                   PrivacyUnitKind.record), tok, 96)
+    ids = encode_units(
+        group_units(generate_region_records("us", ["en_US"], seed=11, num_users=150), PrivacyUnitKind.record), tok, 96
+    )
     half = len(ids) // 2
-    losses_a, losses_b = example_losses(model, ids[:half], tok.pad_token_id), example_losses(model, ids[half:], tok.pad_token_id)
+    losses_a, losses_b = (
+        example_losses(model, ids[:half], tok.pad_token_id),
+        example_losses(model, ids[half:], tok.pad_token_id),
+    )
     auc = membership_auc([-x for x in losses_a], [-x for x in losses_b])
     assert abs(auc - 0.5) < 0.1
 
@@ -143,6 +149,7 @@ def test_canaries_are_extracted_from_a_deliberately_overfit_model(model_dir):
 
 # -- the report ---------------------------------------------------------------------------------
 
+
 class Sections(html.parser.HTMLParser):
     def __init__(self):
         super().__init__()
@@ -167,20 +174,53 @@ def fake_run(tmp_path, correct: int, accounted: float):
     AuditLog(run.path / "audit.jsonl", "coordinator", key).record("run", "started", reason="test")
     run.metrics({"round": 0, "perplexity": {"us": 200.0, "overall": 200.0}})
     run.metrics({"round": 1, "perplexity": {"us": 150.0, "overall": 150.0}, "epsilon": {"us": accounted}})
-    run.write_summary({
-        "rounds_completed": 1, "excluded_regions": {"cn": "PIPL policy forbids a coordinator in EU"},
-        "regions": {"us": {"law": "CCPA/CPRA", "policy_hash": "ab" * 32, "delta": 1e-5, "unit": "record",
-                           "epsilon": accounted, "epsilon_budget": 12.0, "perplexity_before": 200.0,
-                           "perplexity_after": 150.0}},
-    })
-    metrics = {"exposure-rep16-mean": 3.0, "exposure-rep16-max": 4.0, "extracted-greedy-rep16": 0.0,
-               "extracted-beam-rep16": 0.0, "canaries-rep16": 2.0, "mia-loss-auc": 0.52, "mia-loss-tpr-at-1pct-fpr": 0.01,
-               "mia-calibrated-auc": 0.51, "mia-calibrated-tpr-at-1pct-fpr": 0.02, "mia-members": 200.0,
-               "mia-nonmembers": 50.0, "one-run-canaries": 64.0, "one-run-guesses": 32.0, "one-run-correct": float(correct),
-               "generations": 16.0, "pii-spans": 3.0, "epsilon": accounted,
-               "delta": 1e-5}
-    run.write_audit_results({"us-1": {"region": "us", "metrics": metrics,
-                                      "examples": ["The door code at Oak Lane is \u2588\u2588\u2588\u2588\u2588\u2588 [inserted 16x]"]}})
+    run.write_summary(
+        {
+            "rounds_completed": 1,
+            "excluded_regions": {"cn": "PIPL policy forbids a coordinator in EU"},
+            "regions": {
+                "us": {
+                    "law": "CCPA/CPRA",
+                    "policy_hash": "ab" * 32,
+                    "delta": 1e-5,
+                    "unit": "record",
+                    "epsilon": accounted,
+                    "epsilon_budget": 12.0,
+                    "perplexity_before": 200.0,
+                    "perplexity_after": 150.0,
+                }
+            },
+        }
+    )
+    metrics = {
+        "exposure-rep16-mean": 3.0,
+        "exposure-rep16-max": 4.0,
+        "extracted-greedy-rep16": 0.0,
+        "extracted-beam-rep16": 0.0,
+        "canaries-rep16": 2.0,
+        "mia-loss-auc": 0.52,
+        "mia-loss-tpr-at-1pct-fpr": 0.01,
+        "mia-calibrated-auc": 0.51,
+        "mia-calibrated-tpr-at-1pct-fpr": 0.02,
+        "mia-members": 200.0,
+        "mia-nonmembers": 50.0,
+        "one-run-canaries": 64.0,
+        "one-run-guesses": 32.0,
+        "one-run-correct": float(correct),
+        "generations": 16.0,
+        "pii-spans": 3.0,
+        "epsilon": accounted,
+        "delta": 1e-5,
+    }
+    run.write_audit_results(
+        {
+            "us-1": {
+                "region": "us",
+                "metrics": metrics,
+                "examples": ["The door code at Oak Lane is \u2588\u2588\u2588\u2588\u2588\u2588 [inserted 16x]"],
+            }
+        }
+    )
     return run, load_config(["regions=[us]"])
 
 
@@ -193,8 +233,19 @@ def test_report_renders_every_section(tmp_path):
     page = (run.report_dir / "privacy-report.html").read_text()
     parser = Sections()
     parser.feed(page)
-    assert parser.ids == ["summary", "regions", "nodes", "egress", "policies", "privacy", "utility", "audit", "plots",
-                          "examples", "audit-log"]
+    assert parser.ids == [
+        "summary",
+        "regions",
+        "nodes",
+        "egress",
+        "policies",
+        "privacy",
+        "utility",
+        "audit",
+        "plots",
+        "examples",
+        "audit-log",
+    ]
     assert len(parser.images) == 3 and all(src.startswith("data:image/png;base64,") for src in parser.images)
     assert "PIPL policy forbids" in page and "not legal advice" in page and "hash chain intact" in page
     assert "no memorisation detected" in page and "\u2588" in page
@@ -225,16 +276,34 @@ def test_compare_verdicts():
     from server.compare import judge
 
     def report(status, bound=0.0, violations=()):
-        audit = {"exposure": {"16": {"max_bits": 15.0 if status == "memorisation detected" else 2.0,
-                                     "extracted_greedy": 0, "extracted_beam": 0}},
-                 "mia": {"loss-auc": 0.6, "calibrated-auc": 0.55}, "one_run": {"epsilon_lower_bound": bound}}
-        return {"regions": {"us": {"epsilon": 8.0, "perplexity_after": 30.0, "audit": audit, "verdict": {"status": status}}},
-                "bound_violations": list(violations)}
+        audit = {
+            "exposure": {
+                "16": {
+                    "max_bits": 15.0 if status == "memorisation detected" else 2.0,
+                    "extracted_greedy": 0,
+                    "extracted_beam": 0,
+                }
+            },
+            "mia": {"loss-auc": 0.6, "calibrated-auc": 0.55},
+            "one_run": {"epsilon_lower_bound": bound},
+        }
+        return {
+            "regions": {
+                "us": {"epsilon": 8.0, "perplexity_after": 30.0, "audit": audit, "verdict": {"status": status}}
+            },
+            "bound_violations": list(violations),
+        }
 
     ok = judge({"no-dp": report("memorisation detected"), "dp-eps8": report("no memorisation detected")})[0]
     assert ok == "DP works and the audit has power"
-    assert "NO POWER" in judge({"no-dp": report("no memorisation detected"), "dp-eps8": report("no memorisation detected")})[0]
-    assert "did NOT prevent" in judge({"no-dp": report("memorisation detected"), "dp-eps8": report("memorisation detected")})[0]
+    assert (
+        "NO POWER"
+        in judge({"no-dp": report("no memorisation detected"), "dp-eps8": report("no memorisation detected")})[0]
+    )
+    assert (
+        "did NOT prevent"
+        in judge({"no-dp": report("memorisation detected"), "dp-eps8": report("memorisation detected")})[0]
+    )
     failed = judge({"no-dp": report("memorisation detected"), "dp-eps8": report("x", violations=["us: 9 > 8"])})[0]
     assert failed.startswith("AUDIT FAILED")
 

@@ -47,7 +47,10 @@ def test_simulate_runs_a_dp_federation_with_a_region_its_policy_excludes(small_o
     # A second run continuing each region's budget: the sweep test below.
     assert all(0 < summary["regions"][r]["epsilon"] <= 3.0 + 1e-6 for r in ("eu", "us"))
     assert (run / "adapter" / "adapter_model.safetensors").is_file() and (run / "config.yaml").is_file()
-    assert set(json.loads((run / "adapter" / "fedsov-manifest.json").read_text())["contributing_regions"]) == {"eu", "us"}
+    assert set(json.loads((run / "adapter" / "fedsov-manifest.json").read_text())["contributing_regions"]) == {
+        "eu",
+        "us",
+    }
     # The main job writes the privacy report by default.
     assert "Privacy report:" in out and "audit: " in out
     for name in ("privacy-report.html", "privacy-report.md", "privacy-report.json"):
@@ -59,7 +62,6 @@ def test_simulate_runs_a_dp_federation_with_a_region_its_policy_excludes(small_o
     assert not flower_processes(tmp_path), "fedsov simulate left Flower or Ray processes behind"
 
 
-
 def test_simulate_reports_bad_config_without_starting_anything(tmp_path):
     result = fedsov(["federation.roundz=3"], tmp_path)
     assert result.returncode == 2
@@ -69,8 +71,9 @@ def test_simulate_reports_bad_config_without_starting_anything(tmp_path):
 
 def test_simulate_multirun_sweeps_one_run_per_value_and_prints_a_table(small_overrides, tmp_path):
     """Hydra's -m: each value its own run directory, saved overrides and TensorBoard files; a sweep table at the end."""
-    result = fedsov(["-m", *small_overrides, "privacy.target_epsilon=3,8", "federation.rounds=1",
-                     "audit.enabled=false"], tmp_path)
+    result = fedsov(
+        ["-m", *small_overrides, "privacy.target_epsilon=3,8", "federation.rounds=1", "audit.enabled=false"], tmp_path
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = result.stdout
     assert "2 runs over privacy.target_epsilon; every job's config is valid" in out
@@ -81,7 +84,7 @@ def test_simulate_multirun_sweeps_one_run_per_value_and_prints_a_table(small_ove
     runs = sorted((tmp_path / "work" / "runs").glob("*-job*"))
     assert [p.name[-4:] for p in runs] == ["job0", "job1"]
     epsilon = []
-    for run, value in zip(runs, ("3", "8")):
+    for run, value in zip(runs, ("3", "8"), strict=True):
         assert f"privacy.target_epsilon={value}" in (run / ".hydra" / "overrides.yaml").read_text()
         assert list((run / "tensorboard").glob("events.out.tfevents.*"))
         summary = json.loads((run / "summary.json").read_text())

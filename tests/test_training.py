@@ -70,8 +70,13 @@ def test_empty_poisson_batches_still_release_noise(model_dir, examples):
     model = fresh_lora(model_dir)
     # q = 1e-4 over ~150 units: nearly every batch is empty, yet the noisy step must happen.
     result = train_locally(
-        model, ids, steps=2, batch_size=1e-4 * len(ids), learning_rate=1e-2,
-        dp=DpSettings(noise_multiplier=1.0, max_grad_norm=1.0), pad_id=pad,
+        model,
+        ids,
+        steps=2,
+        batch_size=1e-4 * len(ids),
+        learning_rate=1e-2,
+        dp=DpSettings(noise_multiplier=1.0, max_grad_norm=1.0),
+        pad_id=pad,
     )
     assert result.units_sampled == 0
     assert all(result.update[k].abs().sum() > 0 for k in result.update)
@@ -81,8 +86,7 @@ def test_ffa_lora_trains_only_b(model_dir, examples):
     ids, pad = examples
     model = fresh_lora(model_dir, ffa=True)
     before = adapter_state(model)
-    result = train_locally(model, ids, steps=2, batch_size=8, learning_rate=1e-2,
-                           dp=DpSettings(1.0, 1.0), pad_id=pad)
+    result = train_locally(model, ids, steps=2, batch_size=8, learning_rate=1e-2, dp=DpSettings(1.0, 1.0), pad_id=pad)
     assert result.update and all("lora_B" in k for k in result.update)
     after = adapter_state(model)
     assert all(torch.equal(after[k], before[k]) for k in after if "lora_A" in k)
@@ -125,16 +129,25 @@ print(json.dumps(drawn))
 """
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="no CUDA device on this machine"))])
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+        ),
+    ],
+)
 def test_two_processes_with_the_same_public_seeds_draw_different_noise(model_dir, device):
     """The DP noise comes from a generator seeded by the OS, not from any seed the coordinator knows."""
     import subprocess
     import sys
 
-    runs = [subprocess.Popen([sys.executable, "-c", NOISE_PROBE, str(model_dir), device], stdout=subprocess.PIPE,
-                             text=True) for _ in range(2)]
+    runs = [
+        subprocess.Popen([sys.executable, "-c", NOISE_PROBE, str(model_dir), device], stdout=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
     first, second = (json.loads(p.communicate(timeout=300)[0]) for p in runs)
     assert first and len(first) == len(second)  # one draw per trained tensor
-    for a, b in zip(first, second):
+    for a, b in zip(first, second, strict=True):
         assert a != b

@@ -12,9 +12,9 @@ import json
 import os
 import secrets
 import string
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
 
 from common.errors import DataError
 
