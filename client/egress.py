@@ -37,6 +37,7 @@ from common.wire import (
     TRAIN,
     TRAIN_METRICS,
     UPDATE,
+    record_to_state,
 )
 
 ALLOWED_MESSAGE_TYPES = frozenset(
@@ -216,18 +217,19 @@ def _keys(record) -> None:
 
 def _update(record, request) -> None:
     """Exactly the tensors the plan trains, with the global adapter's shapes, as float32."""
-    expected = request.content[GLOBAL_ADAPTER]
+    try:
+        update, expected = record_to_state(record), record_to_state(request.content[GLOBAL_ADAPTER])
+    except SchemaError as err:
+        raise EgressBlocked(f"the update is not a well-formed adapter: {err}") from err
     ffa = bool(request.content[PLAN].get("lora-ffa", False))
-    names = {n for n in expected.keys() if not (ffa and "lora_A" in n)}
-    if set(record.keys()) != names:
-        extra, missing = sorted(set(record.keys()) - names), sorted(names - set(record.keys()))
+    names = {n for n in expected if not (ffa and "lora_A" in n)}
+    if set(update) != names:
+        extra, missing = sorted(set(update) - names), sorted(names - set(update))
         raise EgressBlocked(f"update tensors differ from the plan: unexpected {extra[:3]}, missing {missing[:3]}")
     for name in names:
-        array = record[name]
-        if array.dtype != "float32" or list(array.shape) != list(expected[name].shape):
+        if update[name].shape != expected[name].shape:
             raise EgressBlocked(
-                f"update tensor {name} is {array.dtype}{tuple(array.shape)}, expected float32"
-                f"{tuple(expected[name].shape)}"
+                f"update tensor {name} has shape {tuple(update[name].shape)}, expected {tuple(expected[name].shape)}"
             )
 
 

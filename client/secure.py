@@ -72,9 +72,12 @@ def begin(
     state[SESSION] = ConfigRecord(session.to_record())
     state[CONTRIBUTION] = ConfigRecord({"kind": kind, **{k: float(v) for k, v in values.items()}})
     if update is not None:
-        from common.wire import state_to_record
+        import torch
+        from flwr.app import ArrayRecord
 
-        state[UPDATE] = state_to_record(update)
+        # Kept in the node's own context, a tensor per array (the masking stage reads it with numpy alone);
+        # it never travels in this form.
+        state[UPDATE] = ArrayRecord({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in update.items()})
     advert = session.advert(identity)
     return {"c-pk": advert.c_pk, "s-pk": advert.s_pk, "name": advert.name, "signature": advert.signature}
 

@@ -204,21 +204,83 @@ def payload_bytes(content) -> int:
     return total
 
 
+# An adapter travels as two arrays: every value in one float32 vector, and its layout (tensor names and
+# shapes, JSON). Flower moves a message's content as one object per array and per chunk, each its own
+# request: a tensor per array made a global adapter some 50 requests, seconds of every deployed round.
+ADAPTER_VALUES, ADAPTER_LAYOUT = "values", "layout"
+MAX_ADAPTER_TENSORS, MAX_TENSOR_DIMS = 10_000, 8
+
+
 def state_to_record(state: Mapping[str, torch.Tensor]):
-    """Adapter tensors as an ArrayRecord, always float32 (ArrayRecord refuses bfloat16)."""
+    """Adapter tensors as an ArrayRecord of two arrays, always float32 (ArrayRecord refuses bfloat16)."""
+    import json
+
     import torch
     from flwr.app import ArrayRecord
 
-    return ArrayRecord(OrderedDict((k, v.detach().to("cpu", torch.float32).contiguous()) for k, v in state.items()))
+    parts = [v.detach().to("cpu", torch.float32).reshape(-1) for v in state.values()]
+    values = torch.cat(parts) if parts else torch.zeros(0)
+    layout = json.dumps([[name, list(tensor.shape)] for name, tensor in state.items()]).encode()
+    return ArrayRecord(
+        OrderedDict(
+            [(ADAPTER_VALUES, values), (ADAPTER_LAYOUT, torch.frombuffer(bytearray(layout), dtype=torch.uint8))]
+        )
+    )
 
 
 def record_to_state(record) -> OrderedDict[str, torch.Tensor]:
+    """The adapter tensors a record carries; anything but a well-formed, finite float32 adapter is refused."""
     import torch
 
-    state = record.to_torch_state_dict()
-    for k, v in state.items():
-        if v.dtype != torch.float32:
-            raise WireError(f"Adapter tensor {k} arrived as {v.dtype}; the protocol carries float32 only.")
-        if not torch.isfinite(v).all():
-            raise WireError(f"Adapter tensor {k} holds NaN or infinite values.")
-    return OrderedDict(state)
+    arrays = record.to_torch_state_dict()
+    if set(arrays) != {ADAPTER_VALUES, ADAPTER_LAYOUT}:
+        raise WireError(
+            f"An adapter record holds exactly {ADAPTER_VALUES!r} and {ADAPTER_LAYOUT!r}, not {sorted(arrays)[:4]}."
+        )
+    values, layout = arrays[ADAPTER_VALUES], _adapter_layout(arrays[ADAPTER_LAYOUT])
+    if values.dtype != torch.float32 or values.dim() != 1:
+        raise WireError(
+            f"Adapter values arrived as {values.dtype}{tuple(values.shape)}; the protocol carries a float32 vector."
+        )
+    sizes = [_numel(shape) for _, shape in layout]
+    if sum(sizes) != values.numel():
+        raise WireError(f"The adapter layout describes {sum(sizes)} values; {values.numel()} arrived.")
+    state: OrderedDict[str, torch.Tensor] = OrderedDict()
+    for (name, shape), tensor in zip(layout, torch.split(values, sizes), strict=True):
+        if not torch.isfinite(tensor).all():
+            raise WireError(f"Adapter tensor {name} holds NaN or infinite values.")
+        state[name] = tensor.reshape(shape).clone()
+    return state
+
+
+def _adapter_layout(array) -> list[tuple[str, list[int]]]:
+    """Tensor names and shapes: unique names, at most MAX_ADAPTER_TENSORS, whole non-negative dimensions."""
+    import json
+
+    import torch
+
+    if array.dtype != torch.uint8 or array.dim() != 1:
+        raise WireError("The adapter layout is not a byte string.")
+    try:
+        entries = json.loads(bytes(array.numpy()).decode())
+    except (UnicodeDecodeError, ValueError) as err:
+        raise WireError(f"The adapter layout is not JSON ({err}).") from err
+    if not isinstance(entries, list) or len(entries) > MAX_ADAPTER_TENSORS:
+        raise WireError(f"The adapter layout is not a list of at most {MAX_ADAPTER_TENSORS} tensors.")
+    layout = []
+    for entry in entries:
+        ok = isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str) and isinstance(entry[1], list)
+        dims = entry[1] if ok else []
+        if not ok or len(dims) > MAX_TENSOR_DIMS or not all(type(d) is int and 0 <= d < 2**31 for d in dims):
+            raise WireError(f"Malformed adapter layout entry {str(entry)[:80]}: expected [name, [whole dimensions]].")
+        layout.append((entry[0], dims))
+    if len({name for name, _ in layout}) != len(layout):
+        raise WireError("The adapter layout repeats a tensor name.")
+    return layout
+
+
+def _numel(shape: list[int]) -> int:
+    count = 1
+    for d in shape:
+        count *= d
+    return count

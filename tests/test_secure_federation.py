@@ -7,7 +7,6 @@ import torch
 
 from client import secure
 from common.secagg.encoding import Quantization, adam_displacement_bound, flatten, layout_of
-from common.wire import record_to_state
 from server.aggregation import weighted_mean
 from tests.conftest import edit_policy
 from tests.inprocess import run_federation
@@ -22,7 +21,7 @@ def capture_updates(grid, into):
     def after(msg, context):
         if msg.metadata.message_type == "train" and secure.UPDATE in context.state:
             into[msg.metadata.dst_node_id] = (
-                record_to_state(context.state[secure.UPDATE]),
+                context.state[secure.UPDATE].to_torch_state_dict(),
                 int(context.state[secure.CONTRIBUTION]["units"]),
             )
 

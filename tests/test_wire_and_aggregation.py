@@ -83,3 +83,35 @@ def test_weighted_mean_weights_by_units():
 def test_malformed_updates_are_rejected(update, message):
     with pytest.raises(WireError, match=message):
         check_update(update, OrderedDict(w=torch.zeros(2)))
+
+
+def _adapter_record(values: torch.Tensor, layout: bytes, **extra: torch.Tensor):
+    from flwr.app import ArrayRecord
+
+    arrays = {"values": values, "layout": torch.frombuffer(bytearray(layout), dtype=torch.uint8), **extra}
+    return ArrayRecord(OrderedDict(arrays))
+
+
+@pytest.mark.parametrize(
+    "record, fragment",
+    [
+        (lambda: _adapter_record(torch.zeros(6), b'[["a", [2, 3]], ["a", [0]]]'), "repeats a tensor name"),
+        (lambda: _adapter_record(torch.zeros(6), b'[["a", [2, 4]]]'), "describes 8 values; 6 arrived"),
+        (lambda: _adapter_record(torch.zeros(6), b"not json"), "not JSON"),
+        (lambda: _adapter_record(torch.zeros(6), b'[["a", [2, -3]]]'), "Malformed adapter layout entry"),
+        (lambda: _adapter_record(torch.zeros(6), b'[["a", [6.0]]]'), "Malformed adapter layout entry"),
+        (lambda: _adapter_record(torch.zeros(0), b'[["a", [0, 4294967296]]]'), "Malformed adapter layout entry"),
+        (lambda: _adapter_record(torch.zeros(6, dtype=torch.float64), b'[["a", [6]]]'), "float32 vector"),
+        (lambda: _adapter_record(torch.full((2,), float("nan")), b'[["a", [2]]]'), "NaN or infinite"),
+        (lambda: _adapter_record(torch.zeros(2), b'[["a", [2]]]', extra=torch.zeros(1)), "exactly"),
+    ],
+)
+def test_a_malformed_adapter_record_is_refused_naming_the_problem(record, fragment):
+    with pytest.raises(WireError, match=fragment):
+        record_to_state(record())
+
+
+def test_an_adapter_travels_as_two_arrays_whatever_its_tensor_count():
+    # Flower moves each array (and chunk) as its own request: a tensor per array cost seconds per message.
+    record = state_to_record(lora_like_state())
+    assert list(record) == ["values", "layout"]
