@@ -176,7 +176,8 @@ class RegionNode:
 
         model = self._prepared_model(plan, global_state)
         result = train_locally(model, self.data.train_examples, steps=plan.local_steps, batch_size=plan.batch_size,
-                               learning_rate=plan.learning_rate, dp=dp, pad_id=self._tokenizer.pad_token_id)
+                               learning_rate=plan.learning_rate, dp=dp, pad_id=self._tokenizer.pad_token_id,
+                               optimizer_name=plan.optimizer, max_grad_norm=decision.max_grad_norm)
         # Charged before the reply leaves, with the steps that ran: a crash after training over-counts, never under.
         ran = DpSgdSteps(planned.noise_multiplier, sample_rate, result.steps)
         charge = self._ledger.charge(

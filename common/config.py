@@ -47,6 +47,13 @@ class DeviceChoice(str, Enum):
     cuda = "cuda"
 
 
+class OptimizerChoice(str, Enum):
+    """The clients' local optimiser: DP-Adam(W) or DP-SGD (Opacus wraps either)."""
+
+    adamw = "adamw"
+    sgd = "sgd"
+
+
 @dataclass
 class LoraSettings:
     rank: int = 8
@@ -146,6 +153,7 @@ class FederationConfig:
     rounds: int = 5
     local_steps: int = 10
     batch_size: int = 32
+    optimizer: OptimizerChoice = OptimizerChoice.adamw
     learning_rate: float = 1e-2
     server_learning_rate: float = 1.0
     eval_batch_size: int = 32
@@ -182,8 +190,10 @@ class AuditConfig:
     canaries_in_real_data: bool = False
     canary_formats: List[str] = field(default_factory=lambda: ["door-code", "passport"])
     canary_repetitions: List[int] = field(default_factory=lambda: [1, 4, 16])
-    # Canaries for one-run auditing, each inserted with probability 1/2.
+    # Canaries for one-run auditing, each inserted with probability 1/2, in one_run_repetitions copies
+    # (each its own privacy unit: the audit then measures the epsilon of a group of that many units).
     one_run_canaries: int = 64
+    one_run_repetitions: int = 1
     exposure_candidates: int = 400
     mia_members: int = 200
     generations: int = 16
@@ -658,6 +668,9 @@ def validate(cfg: FedsovConfig) -> None:
         _fail("audit.canary_formats", unknown, "unknown canary formats", f"Use some of: {', '.join(FORMATS)}.")
     if au.enabled and not au.canary_formats:
         _fail("audit.canary_formats", [], "the audit needs at least one canary format", "Use e.g. [door-code].")
+    if au.one_run_repetitions < 1:
+        _fail("audit.one_run_repetitions", au.one_run_repetitions, "must be at least 1",
+              "Use 1 (each included canary once) or a few copies.")
     if any(r < 1 for r in au.canary_repetitions):
         _fail("audit.canary_repetitions", au.canary_repetitions, "repetitions must be at least 1", "Use e.g. [1, 4, 16].")
     for key, value in {"audit.one_run_canaries": au.one_run_canaries, "audit.exposure_candidates": au.exposure_candidates,
