@@ -76,15 +76,30 @@ def node_settings(context: Context) -> NodeSettings:
 
 
 def _node_key(settings: NodeSettings) -> str:
+    """The node's settings (a warm worker serves run after run, which may differ) and its policy file's version."""
     policy = settings.policy_file.stat() if settings.policy_file.exists() else None
-    return f"{settings.name}|{settings.state_dir}|{settings.policy_file}|{policy and (policy.st_mtime_ns, policy.st_size)}"
+    return f"{settings!r}|{policy and (policy.st_mtime_ns, policy.st_size)}"
+
+
+def _replace_older(cache: dict, settings: NodeSettings) -> None:
+    """Drop the node's earlier version (older policy or settings) once the logs it read are still there.
+
+    Its logs remember the last entry they saw: a log rolled back since then raises here (TamperedLog or
+    LedgerError), so a new version of the node never starts on evidence rolled back under the old one.
+    """
+    for key, older in list(cache.items()):
+        if older.settings.state_dir == settings.state_dir:
+            older.audit.entries()
+            if not isinstance(older, PolicyGate):
+                older.evidence()  # a started node also read its privacy ledger
+            del cache[key]
 
 
 def policy_gate(context: Context) -> PolicyGate:
     """Policy and audit log only, for the messages that touch neither data nor model.
 
-    In deployment each message is a new process: these stages then skip loading torch, the
-    model and the data, which is most of a ClientApp's start cost.
+    A process that has not started the node (a worker just restarted, a fresh simulation actor)
+    answers these stages without loading torch, the model and the data.
     """
     settings = node_settings(context)
     key = _node_key(settings)
@@ -92,6 +107,7 @@ def policy_gate(context: Context) -> PolicyGate:
         if key in _NODES:
             return _NODES[key]  # type: ignore[return-value]  # a started node has the same policy and audit log
         if key not in _GATES:
+            _replace_older(_GATES, settings)
             _GATES[key] = PolicyGate(settings)
         return _GATES[key]
 
@@ -99,8 +115,8 @@ def policy_gate(context: Context) -> PolicyGate:
 def region_node(context: Context) -> "RegionNode":
     """The node this message is for, with every start check passed.
 
-    Started once per process and policy version: when the region edits its policy file, the
-    next message starts the node again under the new rules.
+    Started once per process, settings and policy version: when the region edits its policy
+    file, the next message starts the node again under the new rules.
     """
     from client.node import RegionNode
 
@@ -108,6 +124,7 @@ def region_node(context: Context) -> "RegionNode":
     key = _node_key(settings)
     with _LOCK:
         if key not in _NODES:
+            _replace_older(_NODES, settings)
             _NODES[key] = RegionNode(settings)
         return _NODES[key]
 
@@ -255,12 +272,18 @@ def _stage(msg: Message) -> ConfigRecord:
     return records(msg, {SECAGG: ConfigRecord})[SECAGG]
 
 
-@handled
-def secagg_shares(msg: Message, context: Context) -> RecordDict:
+def _cohort_checked(msg: Message, context: Context, nodes_field: str, stage: str) -> tuple[ConfigRecord, PolicyGate]:
+    """The stage's record, once the distinct nodes it names meet this node's minimum cohort (repeats never count)."""
     content = _stage(msg)
     gate = policy_gate(context)
-    ids = content.get("node-ids")
-    gate.check_cohort(len(set(ids)) if isinstance(ids, list) else 0, "key exchange", _round(msg))
+    nodes = content.get(nodes_field)
+    gate.check_cohort(len(set(nodes)) if isinstance(nodes, list) else 0, stage, _round(msg))
+    return content, gate
+
+
+@handled
+def secagg_shares(msg: Message, context: Context) -> RecordDict:
+    content, gate = _cohort_checked(msg, context, "node-ids", "key exchange")
     shares = secure.share(context.state, content, node_roster(gate.settings), gate.policy.transfers.min_cohort)
     return RecordDict({SECAGG: ConfigRecord(shares)})
 
@@ -272,10 +295,7 @@ def secagg_mask(msg: Message, context: Context) -> RecordDict:
 
 @handled
 def secagg_confirm(msg: Message, context: Context) -> RecordDict:
-    content = _stage(msg)
-    gate = policy_gate(context)
-    survivors = content.get("survivors")
-    gate.check_cohort(len(set(survivors)) if isinstance(survivors, list) else 0, "unmasking", _round(msg))
+    content, gate = _cohort_checked(msg, context, "survivors", "unmasking")
     return RecordDict({SECAGG: ConfigRecord(secure.confirm(context.state, content, node_identity(gate.settings)))})
 
 

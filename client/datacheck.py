@@ -43,6 +43,10 @@ def data_summary(node) -> list[str]:
     lines.append(f"  excluded by the policy: {c['excluded_no_consent']} without consent, {c['excluded_special']} "
                  f"special-category, {c['excluded_fields']} with an excluded field; "
                  f"{c['scrubbed_spans']} PII spans scrubbed")
+    if c["excluded_erased"]:
+        lines.append(f"  left out after erasure requests: {c['excluded_erased']} records")
+    lines.append(f"  {c['people']} people in the training and held-out data, {c['sensitive_people']} of them with a "
+                 "special-category record (what transfer volume rules count)")
     lines.append(f"  trains on {c['train_units']} privacy units ({node.policy.privacy.unit.value}s, "
                  f"{c['canary_copies']} of them canary copies); {c['heldout_records']} records held out")
     max_length = s.model.max_length

@@ -49,7 +49,7 @@ AUDIT_METRIC = re.compile(
 # A redacted canary prompt: no digit runs, no addresses, short.
 REDACTED_EXAMPLE = re.compile(r"[^@]{1,300}")
 MAX_EXAMPLES = 32
-DESCRIBE_METRICS = ("num-units", "records", "excluded-no-consent", "excluded-special", "heldout-records",
+DESCRIBE_METRICS = ("num-units", "people", "records", "excluded-no-consent", "excluded-special", "heldout-records",
                     "skipped-files", "truncated-units", "truncated-tokens", "truncated-heldout", "delta",
                     "epsilon-budget", "epsilon")
 KEY_BYTES = 32

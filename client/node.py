@@ -8,14 +8,18 @@ against it before anything is computed, and each decision goes to the node's aud
 from __future__ import annotations
 
 import threading
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, NoReturn
 
 import torch
 
-from client.nodedata import load_node_data
+from client.erasure import ErasureRegister, check_register
+from client.nodedata import NodeData, load_node_data
+from client.retention import enforce_node_retention
 from client.training import DpSettings, heldout_loss, train_locally
+from client.transfers import TransferScope, TransferVolume, check_scope
 from common.audit import EvidenceKey, HashChainLog, TamperedLog
 from common.config import LoraSettings, ModelConfig, load_region_file
 from common.errors import FedsovError, LedgerError, ModelError, PrivacyError
@@ -61,9 +65,16 @@ class RegionNode:
             torch.set_num_threads(max(1, settings.threads))
             self._model_path = resolve_model_path(settings.model)
             self._tokenizer = load_tokenizer(self._model_path)
-            # Data first: a refusal found there (e.g. delta above 1/N) must not leave a new ledger behind.
-            self.data = load_node_data(settings, self.policy, self._tokenizer)
+            # Erasures before the data, which they filter; data before the ledger: a refusal found in the data
+            # (e.g. delta above 1/N) must not leave a new ledger behind.
+            self._erasures = ErasureRegister(settings.ledger_dir, settings.ledger_key_dir)
+            check_register(self._erasures, self.audit.entries())
+            self.data = self._load_data()
             self._ledger = self._open_ledger()
+            scope = TransferScope(settings.ledger_dir, self._ledger_key)
+            check_scope(scope, self.audit.entries())
+            self.transfers = TransferVolume(self.policy, settings.coordinator_jurisdiction, scope)
+            enforce_node_retention(settings, self.policy, self.audit)
         except FedsovError as err:
             try:
                 self.audit.record("start", "refused", reason=f"{type(err).__name__}: {err}", policy_hash=self.policy_hash)
@@ -72,6 +83,7 @@ class RegionNode:
             raise
         self.audit.record("start", "accepted", reason=f"{self.policy.law} policy checks passed: {self.data.counts}",
                           policy_hash=self.policy_hash)
+        STARTS["node"] += 1
 
     # -- start checks ---------------------------------------------------------------------
     def _open_ledger(self) -> PrivacyLedger:
@@ -84,11 +96,42 @@ class RegionNode:
                 "Training is refused: restore the ledger (and its .head file) from a backup."
             )
         p = self.policy.privacy
-        key = EvidenceKey.load_or_create(self.settings.ledger_key_dir, logs=(path,))
+        key = self._ledger_key = EvidenceKey.load_or_create(self.settings.ledger_key_dir, logs=(path,))
         ledger = PrivacyLedger(path, delta=p.delta, unit=p.unit, key=key)
         if charges:  # a ledger replaced by a fresh one (e.g. started again by a sibling node) fails here
             ledger.check_anchor(int(charges[-1]["ledger_entries"]), str(charges[-1]["ledger_head"]))
         return ledger
+
+    def _load_data(self) -> NodeData:
+        """The node's data without the people whose erasure was requested (as of the register's current head)."""
+        self._erasures_seen = self._erasures.current_head()
+        return load_node_data(self.settings, self.policy, self._tokenizer, erased=self._erasures.matcher())
+
+    def _refresh_data(self) -> None:
+        """A node kept running reloads its data when an erasure was recorded since: the person leaves at once."""
+        check_register(self._erasures, self.audit.entries())
+        if self._erasures.current_head() != self._erasures_seen:
+            self.data = self._load_data()
+            self.audit.record("data", "reloaded", reason=f"the erasure register changed: {self.data.counts}",
+                              policy_hash=self.policy_hash)
+
+    def _note_transfer(self, plan: RoundPlan) -> None:
+        """Before a release leaves, count its people in the period's transfer scope (volume rules, abroad only).
+
+        Decided again here, not only before the work: a sibling node's release may have moved the period's count
+        into a band whose safeguard is not recorded.
+        """
+        details = {"jurisdiction": self.transfers.jurisdiction, "run_id": plan.run_id, "round": plan.round,
+                   "node": self.settings.name}
+        decision, added, added_sensitive = self.transfers.record(self.data.people, self.data.sensitive_people, details)
+        if not decision.allowed:
+            self._refuse(plan, decision.reason)
+        if added or added_sensitive:
+            head = self.transfers.scope.head
+            self.audit.record("transfer_scope", "recorded", reason=decision.reason, round=plan.round,
+                              run_id=plan.run_id, policy_hash=self.policy_hash, people_added=added,
+                              sensitive_added=added_sensitive, scope_entries=head.entries, scope_head=head.head,
+                              safeguard=decision.as_dict())
 
     # -- protocol ---------------------------------------------------------------------------
     def check_coordinator(self, declared: str, round_number: int | None = None) -> None:
@@ -100,7 +143,10 @@ class RegionNode:
         else:
             ok, why = coordinator_allowed(self.policy, pinned)
             if ok:
-                return
+                decision = self.transfers.decision(self.data.people, self.data.sensitive_people)
+                if decision.allowed:
+                    return
+                why = decision.reason
         self.audit.record("transfer", "refused", reason=why, round=round_number, policy_hash=self.policy_hash)
         raise PolicyViolation(why)
 
@@ -127,6 +173,7 @@ class RegionNode:
             raise
 
     def describe(self, coordinator_jurisdiction: str) -> tuple[dict[str, Any], dict[str, float | int]]:
+        self._refresh_data()
         self.check_coordinator(coordinator_jurisdiction)
         fingerprint = self._ledger.register(self.data.train_units)
         c = self.data.counts
@@ -142,6 +189,7 @@ class RegionNode:
             },
             {
                 "num-units": c["train_units"],
+                "people": c["people"],
                 "records": c["records"],
                 "excluded-no-consent": c["excluded_no_consent"],
                 "excluded-special": c["excluded_special"] + c["excluded_fields"],
@@ -160,6 +208,7 @@ class RegionNode:
                     anchor: Mapping[str, Any] | None = None) -> TrainOutcome:
         """Check the plan against this node's policy and budget, train with DP, charge what ran."""
         self.check_anchor(anchor, plan.round)
+        self._refresh_data()
         decision = self._check_plan(plan, plan.dp_enabled)
         self._check_round_moves_forward(plan)
         n_units = len(self.data.train_units)
@@ -188,6 +237,7 @@ class RegionNode:
         self.audit.record("ledger_charge", "recorded", reason=f"{ran.steps} steps at sigma {ran.noise_multiplier:.3g}",
                           round=plan.round, run_id=plan.run_id, policy_hash=self.policy_hash,
                           epsilon=charge.epsilon_after, ledger_entries=head.entries, ledger_head=head.head)
+        self._note_transfer(plan)
         return TrainOutcome(
             update=result.update,
             metrics={
@@ -233,6 +283,7 @@ class RegionNode:
     def evaluate(self, plan: RoundPlan, global_state: Mapping[str, torch.Tensor]) -> dict[str, float | int]:
         """Held-out loss of an adapter this node may be asked about (see `_check_evaluation`); released outside
         epsilon, so each evaluation is bounded to once per round the node trained in, plus the base model."""
+        self._refresh_data()
         self._check_plan(plan, dp_enabled=True)
         digest = adapter_digest(global_state)
         self._check_evaluation(plan, global_state)
@@ -240,6 +291,7 @@ class RegionNode:
         loss_sum, tokens = heldout_loss(
             model, self.data.heldout_examples, batch_size=plan.eval_batch_size, pad_id=self._tokenizer.pad_token_id
         )
+        self._note_transfer(plan)
         self.audit.record("evaluate", "completed", reason=f"held-out loss over {tokens} tokens", round=plan.round,
                           run_id=plan.run_id, policy_hash=self.policy_hash, adapter=digest)
         return {"loss-sum": loss_sum, "tokens": tokens, "num-examples": len(self.data.heldout_examples)}
@@ -278,6 +330,7 @@ class RegionNode:
         """
         from client.memorisation import audit
 
+        self._refresh_data()
         self.check_coordinator(plan.coordinator_jurisdiction, plan.round)
         evaluated, audited = self._session(plan.run_id)
         digest = adapter_digest(global_state)
@@ -295,6 +348,7 @@ class RegionNode:
         verbatim = metrics.pop("pii-spans-verbatim-in-training", None)
         fingerprint = self._ledger.register(self.data.train_units)
         metrics.update(epsilon=self._ledger.spent(fingerprint), delta=self.policy.privacy.delta)
+        self._note_transfer(plan)
         self.audit.record("memorisation_audit", "completed", reason="audit numbers computed on this node",
                           round=plan.round, run_id=plan.run_id, policy_hash=self.policy_hash,
                           epsilon=metrics["epsilon"], adapter=digest, pii_spans_verbatim_in_training=verbatim)
@@ -340,6 +394,8 @@ class RegionNode:
 
 # Ray actors and deployment processes serve many messages: keep the prepared model around.
 _CACHE_LOCK = threading.Lock()
+# Nodes started and base models loaded by this process: a warm worker reports them with every message.
+STARTS: Counter[str] = Counter()
 _MODELS: dict[tuple, Any] = {}
 _FINGERPRINTS: dict[tuple, str] = {}
 
@@ -361,4 +417,5 @@ def cached_peft_model(path: Path, model_cfg: ModelConfig, lora: LoraSettings, se
             _MODELS.clear()  # one prepared model per process: a different setup replaces it
             base = load_base_model(path, device, dtype, gradient_checkpointing=model_cfg.gradient_checkpointing)
             _MODELS[key] = attach_lora(base, lora, seed)
+            STARTS["model"] += 1
         return _MODELS[key]

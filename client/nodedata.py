@@ -12,6 +12,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from client.settings import NodeSettings
 from client.training import encode_units
@@ -38,10 +39,19 @@ class NodeData:
     canaries: list[Canary]
     train_raw_texts: list[str]
     record_examples: list[list[int]]
+    # The people (user_ids) in this node's training and held-out data, and those of them with a record tagged with
+    # one of the policy's special categories: what a transfer's volume rules count (client.transfers).
+    people: frozenset[str] = frozenset()
+    sensitive_people: frozenset[str] = frozenset()
 
 
-def load_node_data(s: NodeSettings, policy: RegionPolicy, tokenizer) -> NodeData:
-    """Every data check of a node's start; any failure raises and nothing trains."""
+def load_node_data(s: NodeSettings, policy: RegionPolicy, tokenizer,
+                   erased: Callable[[str], bool] | None = None) -> NodeData:
+    """Every data check of a node's start; any failure raises and nothing trains.
+
+    `erased` tells the user_ids whose erasure was requested (client.erasure): their records are dropped
+    before anything else reads them, so no cache, split, unit or audit of this node holds them.
+    """
     roots = [os.path.realpath(r) for r in policy.residency.storage_roots]
     scan = scan_data_paths(s.data_paths)
     files = scan.files
@@ -57,11 +67,22 @@ def load_node_data(s: NodeSettings, policy: RegionPolicy, tokenizer) -> NodeData
         files, expected_region=s.region, plain_text_consent=s.plain_text_consent,
         allowed_regions=policy.residency.allowed_region_tags,
     )
+    # This node's users first (partitioning users and filtering records commute): every count the node reports,
+    # records and exclusions alike, is then its own, not the total of the folder its region's nodes split.
+    records = client_partition(records, client_index=s.client_index, num_clients=s.num_clients)
+    read = len(records)
+    if erased is not None:
+        records = [r for r in records if not erased(r.user_id)]
     raw = {id(r): r.text for r in records}
     kept, counts = apply_data_use(records, policy.data_use, s.state_dir / "cache")
-    mine = client_partition(kept, client_index=s.client_index, num_clients=s.num_clients)
-    train, heldout = split_heldout(mine, fraction=s.heldout_fraction)
+    counts.update(records=read, excluded_erased=read - len(records))
+    train, heldout = split_heldout(kept, fraction=s.heldout_fraction)
     train_raw_texts = [raw.get(id(r), r.text) for r in train]
+    people = frozenset(r.user_id for r in train + heldout)
+    # Special-category records are excluded from training, but the person's other records may still speak of it:
+    # counting them as sensitive errs towards the stricter safeguard.
+    special = set(policy.data_use.excluded_special_categories)
+    sensitive = frozenset(r.user_id for r in records if special.intersection(r.fields.get("tags") or ())) & people
     if not train:
         raise PrivacyError(
             f"Node {s.name} has no training records after its policy's filters and the held-out split "
@@ -92,7 +113,7 @@ def load_node_data(s: NodeSettings, policy: RegionPolicy, tokenizer) -> NodeData
     counts.update(train_units=len(units), heldout_records=len(heldout),
                   canary_copies=sum(c.repetitions for c in canaries), skipped_files=len(scan.skipped),
                   truncated_units=truncated_units, truncated_tokens=truncated_tokens,
-                  truncated_heldout=truncated_heldout)
+                  truncated_heldout=truncated_heldout, people=len(people), sensitive_people=len(sensitive))
     return NodeData(
         train_units=units,
         train_examples=train_examples,
@@ -102,6 +123,8 @@ def load_node_data(s: NodeSettings, policy: RegionPolicy, tokenizer) -> NodeData
         canaries=canaries,
         train_raw_texts=train_raw_texts,
         record_examples=record_examples,
+        people=people,
+        sensitive_people=sensitive,
     )
 
 
@@ -160,4 +183,8 @@ def apply_data_use(records: list[Record], use: DataUsePolicy, cache_dir: Path) -
     tmp = cache.with_suffix(".tmp")
     tmp.write_text(json.dumps({"key": key, "kept": kept_index, "counts": counts}))
     os.replace(tmp, cache)
+    # Older outcomes hold scrubbed copies of records that changed or were erased since: only the current one stays.
+    for stale in cache_dir.glob("data-use-*.json"):
+        if stale != cache:
+            stale.unlink(missing_ok=True)
     return kept, counts

@@ -1,8 +1,9 @@
 """Where a regional node's data, policy and state live, from simulation or from its own
 --node-config in deployment; and the policy gate for messages that need no model or data.
 
-Light on purpose (no torch): deployment starts a ClientApp process per message, and the
-secure-aggregation stages after training need only the policy and the audit log.
+Light on purpose (no torch): the secure-aggregation stages need only the policy and the audit
+log, so a process that has not started the node (say, a warm worker just restarted) answers them
+without loading the model and the data.
 """
 
 from __future__ import annotations
@@ -143,6 +144,37 @@ NODE_CONFIG_KEYS = {
 }
 
 
+@dataclass(frozen=True)
+class NodeFolders:
+    """Where a node keeps its state, keys and ledger: what commands on a stopped node need (no data, no model)."""
+
+    name: str
+    region: str
+    state_dir: Path
+    key_dir: Path
+    ledger_dir: Path
+    ledger_key_dir: Path
+    policy_file: Path
+
+    @classmethod
+    def of(cls, node_config: Mapping[str, Any]) -> "NodeFolders":
+        """From the node-config keys region, state-dir and the optional folders, with `fedsov node start`'s defaults."""
+        region = str(node_config["region"])
+        state_dir = Path(str(node_config["state-dir"])).expanduser()
+        config_dir = Path(str(node_config.get("config-dir") or default_config_dir())).expanduser()
+        key_dir = Path(str(node_config.get("key-dir") or f"{state_dir}.keys")).expanduser()
+        return cls(
+            name=str(node_config.get("name") or (state_dir.name if state_dir.name.startswith(region)
+                                                  else f"{region}-{state_dir.name}")),
+            region=region,
+            state_dir=state_dir,
+            key_dir=key_dir,
+            ledger_dir=Path(str(node_config.get("ledger-dir") or state_dir)).expanduser(),
+            ledger_key_dir=Path(str(node_config.get("ledger-key-dir") or key_dir)).expanduser(),
+            policy_file=config_dir / "regions" / f"{region}.yaml",
+        )
+
+
 def deployment_settings(cfg: FedsovConfig, node_config: Mapping[str, Any]) -> NodeSettings:
     """A deployed node's settings come from its own --node-config, never from the coordinator.
 
@@ -162,9 +194,8 @@ def deployment_settings(cfg: FedsovConfig, node_config: Mapping[str, Any]) -> No
             "--node-config 'region=\"eu\" data-path=\"/data/eu\" state-dir=\"/var/lib/fedsov/eu-1\"' "
             "(or use `fedsov node start`)."
         )
-    region = str(node_config["region"])
-    state_dir = Path(str(node_config["state-dir"])).expanduser()
-    config_dir = Path(str(node_config.get("config-dir") or default_config_dir())).expanduser()
+    folders = NodeFolders.of(node_config)
+    config_dir = folders.policy_file.parent.parent
     # Model files are node-local: the submitting machine's paths mean nothing here.
     model = replace(cfg.model, cache_dir=str(Path(str(node_config.get("model-cache", "~/.cache/fedsov"))).expanduser()))
     if node_config.get("model-path"):
@@ -184,25 +215,23 @@ def deployment_settings(cfg: FedsovConfig, node_config: Mapping[str, Any]) -> No
             "coordinator is from its own coordinators.yaml. Start it with `fedsov node start`, which looks the "
             "coordinator's CA up there, or set coordinator-jurisdiction=\"EU\" (your pinned value) yourself."
         )
-    key_dir = Path(str(node_config.get("key-dir") or f"{state_dir}.keys")).expanduser()
     return NodeSettings(
-        name=str(node_config.get("name") or (state_dir.name if state_dir.name.startswith(region)
-                                              else f"{region}-{state_dir.name}")),
-        region=region,
+        name=folders.name,
+        region=folders.region,
         data_paths=tuple(p for p in str(node_config["data-path"]).split(":") if p),
         plain_text_consent=None if consent is None else bool(consent),
         client_index=int(node_config.get("client-index", 0)),
         num_clients=num_clients,
         heldout_fraction=cfg.data.heldout_fraction,
-        state_dir=state_dir,
-        policy_file=config_dir / "regions" / f"{region}.yaml",
+        state_dir=folders.state_dir,
+        policy_file=folders.policy_file,
         model=model,
         audit=cfg.audit,
         synthetic_data=bool(node_config.get("synthetic-data", False)),
         threads=int(node_config.get("threads", os.cpu_count() or 1)),
-        key_dir=key_dir,
-        ledger_dir=Path(str(node_config.get("ledger-dir") or state_dir)).expanduser(),
-        ledger_key_dir=Path(str(node_config.get("ledger-key-dir") or key_dir)).expanduser(),
+        key_dir=folders.key_dir,
+        ledger_dir=folders.ledger_dir,
+        ledger_key_dir=folders.ledger_key_dir,
         coordinator_jurisdiction=jurisdiction,
         roster_file=Path(str(node_config.get("roster") or config_dir / "roster.json")).expanduser(),
     )

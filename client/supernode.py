@@ -2,24 +2,30 @@
 
 `fedsov node start` first runs every start check itself (policy vs region, residency of each
 data file and record, ledger integrity, model), so a node with the wrong data never even
-connects; then it hands over to `flower-supernode`, which starts a ClientApp process per
-message. Those processes find the node's data, policy and state through `--node-config`.
+connects; then it hands over to `flower-supernode` and the node's warm worker (`client.worker`),
+which answers every message in one long-lived process. It finds the node's data, policy and
+state through `--node-config`.
 """
 
 from __future__ import annotations
 
+import os
+import secrets
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from client.worker import WorkerProcess
 from common.errors import ConfigError, FederationError
-from common.flowerproc import flower_bin, flower_environment, free_port, stop_process_group
+from common.flowerproc import flower_environment, free_port, stop_process_group
 from common.paths import writable_folder
 
 # flower-supernode's exit code when the SuperLink refuses its key (Flower's ExitCode).
 NODE_NOT_REGISTERED = 305
+SUPEREXEC_SECRET_FILE = "superexec.secret"
 
 
 def node_config_string(values: Mapping[str, Any]) -> str:
@@ -46,34 +52,47 @@ class SuperNodeProcess:
     private_key: Path | None = None
     port: int = 0
     extra_env: dict[str, str] = field(default_factory=dict)
+    # Flower retries forever by default; a node started next to its coordinator should say when it cannot reach
+    # it. None: retry forever, as a plain SuperNode does (`node start`, which may start before its coordinator).
+    max_wait_s: float | None = 600.0
     process: subprocess.Popen | None = None
+    worker: WorkerProcess | None = None
     _log_offset: int = field(default=0, repr=False)  # where this start's lines begin in the shared log
 
-    def args(self) -> list[str]:
+    def args(self, secret_file: Path) -> list[str]:
         if self.ca_cert is None and self.private_key is not None:
             raise ConfigError("Node authentication needs TLS in Flower: give the CA certificate, or drop the key.")
         security = ["--root-certificates", str(self.ca_cert)] if self.ca_cert else ["--insecure"]
         auth = ["--auth-supernode-private-key", str(self.private_key)] if self.private_key else []
         return [
-            flower_bin("flower-supernode"),
+            # Flower's flower-supernode, polling sooner while a run is active (client.supernode_loop).
+            sys.executable, "-m", "client.supernode_loop",
             "--superlink", self.superlink,
             *security, *auth,
-            # The Runtime API between SuperNode and its ClientApp processes stays on loopback.
+            # The node's warm worker, not a process per message, runs the ClientApp (client.worker); only
+            # this mode makes the Runtime API, which stays on loopback, require the worker's secret.
+            "--isolation", "process",
+            "--superexec-auth-secret-file", str(secret_file),
             "--host", "127.0.0.1",
-            "--port", str(self.port or free_port()),
+            "--port", str(self.port),
             "--node-config", node_config_string(self.node_config),
-            # Flower retries forever by default; a node that cannot reach its coordinator should say so.
-            "--max-wait-time", "600",
+            *(["--max-wait-time", f"{self.max_wait_s:g}"] if self.max_wait_s is not None else []),
         ]
 
     def start(self, flwr_home: Path) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         # The log is appended to across restarts: only this start's lines count.
         self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-        log = open(self.log_path, "ab")
+        self.port = self.port or free_port()
+        state_dir = Path(str(self.node_config.get("state-dir") or flwr_home))
+        secret_file = write_secret(state_dir / SUPEREXEC_SECRET_FILE)
         env = {**flower_environment(flwr_home), **self.extra_env}
-        self.process = subprocess.Popen(self.args(), env=env, stdout=log, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(self.args(secret_file), env=env, stdout=log, stderr=subprocess.STDOUT,
+                                            start_new_session=True)
+        self.worker = WorkerProcess(f"127.0.0.1:{self.port}", secret_file, state_dir,
+                                    self.log_path.with_suffix(".worker.log"), env)
+        self.worker.start()
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
@@ -104,8 +123,38 @@ class SuperNodeProcess:
             return f.read().decode(errors="replace")
 
     def stop(self, grace: float = 10.0) -> None:
+        # The worker first: it answers the message in flight with an error while the SuperNode can still send it.
+        if self.worker is not None:
+            self.worker.stop(grace)
         if self.process is not None:
             stop_process_group(self.process, grace)
+
+
+def wait_for_coordinator(supernode: SuperNodeProcess, address: str, out=print, first_s: float = 5.0,
+                         every_s: float = 60.0) -> None:
+    """Until the SuperLink accepts the node; a coordinator not up yet is waited for (Ctrl-C stops), a refusal raises."""
+    started = time.monotonic()
+    timeout = first_s
+    while True:
+        try:
+            supernode.wait_connected(timeout=timeout)
+            return
+        except FederationError:
+            if not supernode.alive():  # refused, or flower-supernode gave up: the reason is in the error
+                raise
+        out(f"Waiting for the coordinator at {address} ({(time.monotonic() - started) / 60:.0f} min so far): it is "
+            "not reachable yet and the node keeps trying. Ctrl-C stops the node.")
+        timeout = every_s
+
+
+def write_secret(path: Path) -> Path:
+    """A fresh random SuperExec secret, readable by this user only: whoever holds it can claim the node's tasks."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        os.fchmod(f.fileno(), 0o600)  # an older file keeps its mode under O_CREAT
+        f.write(secrets.token_bytes(32))
+    return path
 
 
 def refusal_reason(code: int | None, log_text: str, log_path: Path) -> str:
@@ -193,12 +242,13 @@ def start_node(args, out=print) -> int:
     supernode = SuperNodeProcess(
         superlink=args.superlink, node_config=node_config, log_path=state_dir / "logs" / "supernode.log",
         ca_cert=None if args.insecure else Path(args.ca).expanduser().resolve(),
-        private_key=None if args.insecure else Path(args.key).expanduser().resolve(),
+        private_key=None if args.insecure else Path(args.key).expanduser().resolve(), max_wait_s=None,
     )
     try:
         supernode.start(state_dir / "flower-home")
-        supernode.wait_connected()
-        out(f"Connected to the coordinator at {args.superlink}; log {supernode.log_path}. Ctrl-C stops the node.")
+        wait_for_coordinator(supernode, args.superlink, out)
+        out(f"Connected to the coordinator at {args.superlink}; logs {supernode.log_path} and (the node's warm "
+            f"worker) {supernode.worker.log_path}. Ctrl-C stops the node.")
         while supernode.alive():
             time.sleep(0.5)
         out(refusal_reason(supernode.process.returncode, supernode.log_since_start(), supernode.log_path))

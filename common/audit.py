@@ -51,6 +51,17 @@ class EvidenceKey:
         """A public name for the key (a hash of it), recorded in every entry to tell 'wrong key' from 'edited'."""
         return hashlib.sha256(b"fedsov-evidence-key-id|" + self.secret).hexdigest()[:16]
 
+    def pseudonymiser(self, purpose: str) -> Callable[[str], str]:
+        """A keyed pseudonym for identifiers (e.g. user ids) under this key, separate per purpose.
+
+        User ids are often guessable (an e-mail address, a customer number): a plain or salted hash
+        stored beside its salt is reversed by hashing candidates. Keyed with this secret, which lives
+        apart from the logs, only the holder of the key (the node, which holds the data anyway) can
+        match an id to its pseudonym.
+        """
+        derived = hmac.new(self.secret, b"fedsov-pseudonym|" + purpose.encode(), hashlib.sha256).digest()
+        return lambda identifier: hmac.new(derived, identifier.encode(), hashlib.sha256).hexdigest()[:32]
+
     @classmethod
     def load(cls, folder: Path | str) -> "EvidenceKey":
         folder = Path(folder).expanduser()
@@ -266,6 +277,68 @@ def key_dir_hint(path: Path | str) -> Path | None:
     except (OSError, ValueError, AttributeError):
         return None
     return Path(hint) if isinstance(hint, str) and hint else None
+
+
+class KeyedRegister:
+    """A keyed log whose first entry names its kind and format, and whose every integrity failure becomes one
+    domain error saying what is refused and how to restore it: the privacy ledger and the ledger folder's
+    registers (erasures, transfer scope) are all this."""
+
+    kind = ""
+    format = ""
+
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+        self._chain: HashChainLog | None = None
+
+    def _key(self) -> EvidenceKey:
+        raise NotImplementedError
+
+    def damaged(self, err: TamperedLog) -> FedsovError:
+        raise NotImplementedError
+
+    def header(self) -> dict[str, Any]:
+        return {"kind": self.kind, "format": self.format}
+
+    def exists(self) -> bool:
+        return HashChainLog.files_exist(self.path)
+
+    @property
+    def chain(self) -> HashChainLog:
+        # One object per register: it remembers the last head it saw, so a rollback under it is caught.
+        if self._chain is None:
+            self._chain = HashChainLog(self.path, self._key())
+        return self._chain
+
+    @property
+    def head(self) -> ChainHead:
+        with self._guard():
+            return self.chain.chain_head()
+
+    def check_anchor(self, entries: int, head: str) -> None:
+        with self._guard():
+            self.chain.check_anchor(entries, head)
+
+    def entries(self) -> list[dict[str, Any]]:
+        with self._guard():
+            entries = self.chain.entries()
+            if entries and (entries[0].get("kind") != self.kind or entries[0].get("format") != self.format):
+                raise _tampered(1, f"it is not a {self.kind} log ({self.format}): the wrong file is in its place")
+        return entries
+
+    def append(self, fields: dict[str, Any] | Callable[[list[dict[str, Any]]], dict[str, Any]]) -> dict[str, Any]:
+        """Append one entry (writing the header first into a new log)."""
+        with self._guard():
+            if not self.chain.exists():
+                self.chain.append(self.header())
+            return self.chain.append(fields)
+
+    @contextlib.contextmanager
+    def _guard(self) -> Iterator[None]:
+        try:
+            yield
+        except TamperedLog as err:
+            raise self.damaged(err) from err
 
 
 def open_log(path: Path | str, key_dir: Path | str | None = None) -> HashChainLog:

@@ -25,6 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     sim = sub.add_parser("simulate", help="run a simulated federation on this machine (Flower + Ray)")
+    sim.add_argument("-m", "--multirun", action="store_true",
+                     help="sweep: one run per combination of comma-separated values, e.g. privacy.target_epsilon=3,8")
+    _hydra_flags(sim)
     sim.add_argument("overrides", nargs="*", help="config overrides key=value; resume=<run_dir> continues a run")
 
     policy = sub.add_parser("policy", help="region policies: validate, explain, dry-run a round plan")
@@ -51,8 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="(re)write a run's privacy report")
     report.add_argument("run_dir", type=Path)
 
-    gen = sub.add_parser("generate", help="generate text with a run's adapter; flags PII; prints the privacy card")
-    gen.add_argument("run_dir", type=Path)
+    gen = sub.add_parser("generate", help="generate text with an adapter; flags PII; prints the privacy card")
+    gen.add_argument("adapter", type=Path, help="a run directory, its adapter/ folder, or a `fedsov export` folder")
+    gen.add_argument("--base", type=Path, help="the base model folder (default: the run's own, where it is on this "
+                                               "machine); its fingerprint must match")
     gen.add_argument("--prompt", default="", help="text to continue (default: unconditional)")
     gen.add_argument("--samples", type=_positive_int, default=1)
     gen.add_argument("--max-new-tokens", type=_positive_int, default=60)
@@ -62,7 +67,26 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--to", dest="destination", type=Path, required=True)
     export.add_argument("--jurisdiction", required=True, help="where the model will be deployed, e.g. EU, US-CA")
     _deployment_parsers(sub)
+    _lifecycle_parsers(sub)
     return parser
+
+
+def _hydra_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cfg", choices=("job",),
+                   help="print the composed, validated config and exit (as Hydra's --cfg job)")
+    p.add_argument("--info", action="store_true", help="print where the config comes from and exit (as Hydra's --info)")
+
+
+def _hydra_habits(args) -> int | None:
+    """--cfg job and --info answer without running anything; None when neither was asked."""
+    from server.sweep import expand, show_config, show_info
+
+    if args.info:
+        return show_info(args.overrides, args.config_dir)
+    if args.cfg:
+        return show_config(expand(args.overrides) if getattr(args, "multirun", False) else [args.overrides],
+                           args.config_dir)
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,6 +109,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "simulate":
             from server.simulation import simulate
 
+            answered = _hydra_habits(args)
+            if answered is not None:
+                return answered
+            if args.multirun:
+                from server.sweep import sweep
+
+                return sweep(args.overrides, args.config_dir, lambda job: simulate(job, args.config_dir))
             return simulate(args.overrides, args.config_dir)
         if args.command == "policy":
             return _policy(args)
@@ -99,12 +130,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "generate":
             from server.generate import generate
 
-            return generate(args.run_dir, args.prompt, samples=args.samples, max_new_tokens=args.max_new_tokens)
+            return generate(args.adapter, args.prompt, samples=args.samples, max_new_tokens=args.max_new_tokens,
+                            base=args.base)
         if args.command == "export":
             from server.provenance import export_adapter
 
             out = export_adapter(args.run_dir, args.destination, args.jurisdiction)
-            print(f"Exported {args.run_dir / 'adapter'} to {out} for deployment in {args.jurisdiction}.")
+            print(f"Exported {args.run_dir / 'adapter'} to {out} for deployment in {args.jurisdiction}: adapter, "
+                  f"tokenizer, model card (README.md), manifest and base-model-reference/. Load it with "
+                  f"PeftModel.from_pretrained(<base>, '{out}'), or `fedsov generate {out} --base <base folder>`.")
             return 0
         if args.command == "data" and args.action == "check":
             from client.datacheck import check_data
@@ -117,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
             for region, folder in ensure_synthetic_data(load_config(args.overrides)).items():
                 print(f"{region}: {folder} (start its node with --data {folder} --synthetic-data)")
             return 0
+        if args.command in ("retention", "ledger", "dpo-record") or (
+                (args.command, getattr(args, "action", None)) in (("node", "erase"), ("run", "branch"))):
+            return _lifecycle(args)
         if args.command == "roster" or (args.command == "node" and args.action == "identity"):
             return _roster(args)
         if args.command in ("certs", "coordinator", "node", "run", "deploy"):
@@ -261,6 +298,7 @@ def _deployment_parsers(sub) -> None:
     ntrust.add_argument("--ca", type=Path, required=True, help="the coordinator's CA certificate")
     ntrust.add_argument("--jurisdiction", required=True, help="where that coordinator is, e.g. EU, US-CA, CN")
     ntrust.add_argument("--name", required=True, help="a label for this coordinator")
+    _erase_parser(nsub)
     _connection_args(nstart)
     nstart.add_argument("overrides", nargs="*", help="config overrides for the start checks (e.g. model settings)")
 
@@ -269,6 +307,7 @@ def _deployment_parsers(sub) -> None:
     rsubmit = rsub.add_parser("submit", help="submit a run; --watch follows it to the end")
     _connection_args(rsubmit)
     rsubmit.add_argument("--watch", action="store_true")
+    _hydra_flags(rsubmit)
     rsubmit.add_argument("overrides", nargs="*")
     rwatch = rsub.add_parser("watch", help="follow a run (rounds, epsilon per region); exit 1 if it fails")
     rwatch.add_argument("run_id", type=int)
@@ -276,10 +315,24 @@ def _deployment_parsers(sub) -> None:
     rstatus = rsub.add_parser("status", help="a run's status as the SuperLink reports it")
     rstatus.add_argument("run_id", type=int)
     _connection_args(rstatus)
+    rstop = rsub.add_parser("stop", help="stop a running run (flwr stop); its checkpoints stay for resume=")
+    rstop.add_argument("run_id", type=int)
+    _connection_args(rstop)
+    rlogs = rsub.add_parser("logs", help="a run's log from the coordinator (flwr log), progress rendered")
+    rlogs.add_argument("run_id", type=int)
+    rlogs.add_argument("--follow", "-f", action="store_true", help="keep printing until the run finishes")
+    rlogs.add_argument("--raw", action="store_true", help="the log exactly as Flower keeps it")
+    _connection_args(rlogs)
+    rpull = rsub.add_parser("pull", help="copy a finished run's outputs from the coordinator, from any machine "
+                                         "holding the CA (flwr pull)")
+    rpull.add_argument("run_id", type=int)
+    rpull.add_argument("--to", type=Path, required=True, help="folder to write <run name>/ into")
+    _connection_args(rpull)
     rfetch = rsub.add_parser("fetch", help="copy a finished run's outputs (on the coordinator machine)")
     rfetch.add_argument("run_name", help="the fedsov run name (the run directory's name)")
     rfetch.add_argument("--runs-dir", type=Path, default=Path("fedsov-coordinator/runs"))
     rfetch.add_argument("--to", type=Path, required=True)
+    _branch_parser(rsub)
 
     roster = sub.add_parser("roster", help="the federation roster: the nodes whose secure-aggregation keys count")
     rosub = roster.add_subparsers(dest="action", required=True)
@@ -304,6 +357,7 @@ def _deployment_parsers(sub) -> None:
     dsub = deploy.add_subparsers(dest="action", required=True)
     dlocal = dsub.add_parser("local", help="coordinator + one SuperNode per configured client, TLS and node auth on")
     dlocal.add_argument("--insecure", action="store_true", help="no TLS, no node authentication (tests only)")
+    _hydra_flags(dlocal)
     dlocal.add_argument("overrides", nargs="*")
 
 
@@ -320,6 +374,10 @@ def _deployment(args) -> int:
         print(f"CA {files.ca_cert} (give it to every node and CLI user); server certificate {files.server_cert} "
               f"and key {files.server_key} (coordinator only); CA key {args.out / 'ca.key'} (keep offline).")
         return 0
+    if args.command == "deploy" or (args.command == "run" and args.action == "submit"):
+        answered = _hydra_habits(args)
+        if answered is not None:
+            return answered
     if args.command == "deploy":
         return d.local_deployment(args.overrides, insecure=args.insecure, config_dir=args.config_dir)
     if args.command == "coordinator" and args.action == "start":
@@ -362,6 +420,15 @@ def _deployment(args) -> int:
         status = connection.control().status(args.run_id)
         print(f"run {args.run_id}: {status.status} {status.details}".rstrip())
         return 0 if not status.finished or status.completed else 1
+    if args.action in ("stop", "logs", "pull"):
+        from server import runcontrol
+
+        if args.action == "stop":
+            return runcontrol.stop_run(connection.control(), args.run_id)
+        if args.action == "logs":
+            return runcontrol.show_logs(connection.control(), args.run_id, follow=args.follow, raw=args.raw)
+        runcontrol.pull_outputs(connection.control(), args.run_id, args.to)
+        return 0
     if args.action == "submit":
         run_id, cfg = d.submit_run(connection, args.overrides, config_dir=args.config_dir)
         if not args.watch:
@@ -369,6 +436,122 @@ def _deployment(args) -> int:
             return 0
         return d.run_outcome(d.watch_run(connection, run_id, cfg), None, print)
     return d.run_outcome(d.watch_run(connection, args.run_id), None, print)
+
+
+def _node_state_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    """Where a stopped node's state is: the same values as its `fedsov node start` flags."""
+    p.add_argument("--region", required=required)
+    p.add_argument("--state-dir", type=Path, required=required, help="the node's state folder (as for node start)")
+    p.add_argument("--name", help="node name (default: as node start derives it from the state folder)")
+    p.add_argument("--key-dir", help="the node's evidence-key folder (default <state-dir>.keys)")
+    p.add_argument("--ledger-dir", help="the privacy ledger's folder (default: the state folder)")
+    p.add_argument("--ledger-key-dir", help="the ledger's evidence-key folder (default: --key-dir)")
+
+
+def _erase_parser(nsub) -> None:
+    erase = nsub.add_parser("erase", help="record a person's erasure request: their records leave all later training; "
+                                          "reports the runs trained on them")
+    erase.add_argument("--user", required=True, help="the user_id the person's records carry")
+    erase.add_argument("--reference", required=True, help="the request's reference (e.g. a ticket number), for the log")
+    _node_state_args(erase)
+
+
+def _branch_parser(rsub) -> None:
+    branch = rsub.add_parser("branch", help="a new run continuing a run from one of its checkpoints (e.g. one that "
+                                            "predates an erased person); resume it like any run")
+    branch.add_argument("run_dir", type=Path)
+    branch.add_argument("--round", type=_positive_int, required=True, help="the checkpoint's round")
+    branch.add_argument("--to", type=Path, help="the new run folder (default: beside the run, named after it)")
+
+
+def _lifecycle_parsers(sub) -> None:
+    retention = sub.add_parser("retention", help="delete what the regions' retention rules say must go")
+    rsub = retention.add_subparsers(dest="action", required=True)
+    enforce = rsub.add_parser("enforce", help="on a coordinator: --runs-dir (checkpoints); on a node: --region and "
+                                              "--state-dir (ledger backups); each deletion is logged")
+    enforce.add_argument("--runs-dir", type=Path, help="the coordinator's runs folder")
+    enforce.add_argument("--dry-run", action="store_true", help="list what is due, delete nothing")
+    _node_state_args(enforce, required=False)
+    ledger = sub.add_parser("ledger", help="the privacy ledger's backups")
+    lsub = ledger.add_subparsers(dest="action", required=True)
+    backup = lsub.add_parser("backup", help="a verified copy of the ledger folder's keyed logs in <ledger-dir>/backups")
+    _node_state_args(backup)
+    dpo = sub.add_parser("dpo-record", help="a run's record of processing and DPIA inputs for the DPO (JSON, Markdown)")
+    dpo.add_argument("run_dir", type=Path)
+    dpo.add_argument("--out", type=Path, help="folder to write to (default: the run's report folder)")
+
+
+def _node_folders(args):
+    from client.settings import NodeFolders
+
+    if not args.region or not args.state_dir:
+        raise ConfigError("Give the node's --region and --state-dir (as for `fedsov node start`), or --runs-dir on a "
+                          "coordinator.")
+    if not args.state_dir.expanduser().is_dir():
+        raise ConfigError(f"--state-dir {args.state_dir}: no such folder. Give the node's state folder, as for "
+                          "`fedsov node start`.")
+    values = {"region": args.region, "state-dir": str(args.state_dir.expanduser().resolve()), "name": args.name,
+              "key-dir": args.key_dir, "ledger-dir": args.ledger_dir, "ledger-key-dir": args.ledger_key_dir,
+              "config-dir": str(args.config_dir) if args.config_dir else None}
+    return NodeFolders.of({k: v for k, v in values.items() if v})
+
+
+def _lifecycle(args) -> int:
+    """Retention, ledger backups, erasure requests, run branches and the DPO record."""
+    from server.rundir import RunDirectory
+
+    if args.command == "dpo-record":
+        from server.dpo import write_dpo_record
+
+        json_path, md_path = write_dpo_record(RunDirectory(args.run_dir), args.out)
+        print(f"DPO record: {md_path} (and {json_path.name}); the fields marked TO FILL are for the DPO.")
+        return 0
+    if args.command == "run":
+        from server.rundir import branch_run
+
+        branch = branch_run(RunDirectory(args.run_dir), args.round, args.to)
+        print(f"{branch.path} continues {args.run_dir} from its round-{args.round} checkpoint. Train it with "
+              f"`fedsov simulate resume={branch.path}` (on a coordinator: `fedsov run submit ... "
+              f"resume={branch.path}`).")
+        return 0
+    if args.command == "retention" and args.runs_dir:
+        from server.retention import enforce_runs_retention, expired_checkpoints
+
+        if args.region or args.state_dir:
+            raise ConfigError("Give either --runs-dir (a coordinator) or --region and --state-dir (a node), not both.")
+        if args.dry_run:
+            due = [item for _, items in expired_checkpoints(args.runs_dir, args.config_dir) for item in items]
+        else:
+            due = enforce_runs_retention(args.runs_dir, args.config_dir)
+        return _print_retention(due, args.dry_run, f"checkpoints under {args.runs_dir}")
+    folders = _node_folders(args)
+    if args.command == "node":
+        from client.erasure import request_erasure
+
+        for line in request_erasure(folders, args.user, args.reference).lines():
+            print(line)
+        return 0
+    if args.command == "ledger":
+        from client.retention import backup_ledger
+
+        print(f"Ledger backup {backup_ledger(folders)} (verified); copy the backups folder off this machine as well.")
+        return 0
+    from client.retention import enforce_node_retention, expired_backups
+    from client.settings import node_audit
+    from common.config import load_region_file
+
+    policy = load_region_file(folders.policy_file).policy
+    due = (expired_backups(folders, policy) if args.dry_run
+           else enforce_node_retention(folders, policy, node_audit(folders)))
+    return _print_retention(due, args.dry_run, f"ledger backups of node {folders.name}")
+
+
+def _print_retention(due, dry_run: bool, what: str) -> int:
+    for item in due:
+        print(f"{'due' if dry_run else 'deleted'}: {item.describe()}")
+    if not due:
+        print(f"Nothing is due: every one of the {what} is within its region's retention period.")
+    return 0
 
 
 def _roster(args) -> int:

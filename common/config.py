@@ -206,7 +206,18 @@ class SimulationConfig:
 
 
 @dataclass
+class TrackingConfig:
+    """Experiment trackers that receive each round's metrics; metrics.jsonl is written whatever these say."""
+
+    tensorboard: bool = True  # event files in <run_dir>/tensorboard
+    mlflow: bool = True  # only where the mlflow package is installed
+
+
+@dataclass
 class FedsovConfig:
+    # Why the model is trained, in the controller's words: the purpose a record of processing names (GDPR
+    # Art. 30(1)(b)). fedsov cannot know it; `fedsov dpo-record` marks it for the DPO to fill while it is null.
+    purpose: Optional[str] = None
     workdir: str = "fedsov-work"
     run_dir: Optional[str] = None
     resume: Optional[str] = None
@@ -217,6 +228,7 @@ class FedsovConfig:
     secure_aggregation: SecureAggregationConfig = field(default_factory=SecureAggregationConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     regions: Dict[str, RegionConfig] = field(default_factory=dict)
 
 
@@ -295,8 +307,12 @@ def _check_overrides(overrides: Sequence[str], config_dir: Path) -> None:
         raise ConfigError(f"Cannot parse command-line override: {err}") from err
     for override in parsed:
         key = override.key_or_group
-        if override.is_delete():
-            continue
+        _check_prefix(override, key in groups)
+        if override.is_sweep_override():
+            raise ConfigError(
+                f"'{override.input_line}' is a sweep (one run per value): add -m (e.g. `fedsov simulate -m "
+                f"{override.input_line}`), or write a list as {key}=[...] or a string with quotes."
+            )
         if key in groups:
             value = override.value()
             chosen = value if isinstance(value, list) else [value]
@@ -328,6 +344,43 @@ def _check_overrides(overrides: Sequence[str], config_dir: Path) -> None:
         allowed = _schema_fields(key)
         if allowed:
             raise ConfigError(_unknown_key_text(_first_unknown(key), allowed))
+
+
+def _check_prefix(override, is_group: bool) -> None:
+    """Hydra's `~` and `+` where fedsov can honour them; refused, naming the plain form, where it cannot."""
+    text = override.input_line
+    key = override.key_or_group
+    if override.is_delete():
+        if is_group:
+            raise ConfigError(f"'{text}': the {key} group cannot be deleted from the defaults; choose its options "
+                              f"instead, e.g. {key}=[eu,us] (every config needs some).")
+        default = _schema_default(key)
+        if dataclasses.is_dataclass(default):
+            field_name = dataclasses.fields(default)[0].name
+            raise ConfigError(f"'{text}' would delete the section '{key}', which fedsov's configuration needs; set its "
+                              f"fields instead, e.g. {key}.{field_name}=<value>.")
+        if default is _ANY_VALUE:
+            raise ConfigError(f"'{text}' would delete '{key}', which fedsov's configuration needs; set it instead: "
+                              f"{key}=<value>.")
+        raise ConfigError(f"'{text}' would delete '{key}', and fedsov's schema would put its built-in default "
+                          f"({default!r}) back in silence; set it explicitly instead: {key}=<value>.")
+    if override.is_add() and is_group:
+        raise ConfigError(f"'{text}': the {key} group is already in the defaults list, so `+` would add nothing; "
+                          f"choose its options with {key}=[...] (no +).")
+    # `+regions.<r>.*` is left to composition: it names a region the `regions` list must select.
+    if override.is_add() and not _schema_fields(key) and not key.startswith("regions."):
+        raise ConfigError(f"'{text}': '{key}' already exists (every key of fedsov's schema does), so `+` cannot add "
+                          f"it; set it with {key}=<value> (or ++{key}=<value>).")
+
+
+def _schema_default(full_key: str) -> Any:
+    """The schema's built-in default for a key outside `regions` (_ANY_VALUE where there is none)."""
+    node: Any = FedsovConfig()
+    for part in full_key.split("."):
+        if not dataclasses.is_dataclass(node) or part not in {f.name for f in dataclasses.fields(node)}:
+            return _ANY_VALUE
+        node = getattr(node, part)
+    return node
 
 
 def config_from_container(raw: DictConfig | dict[str, Any]) -> FedsovConfig:

@@ -39,3 +39,7 @@ class PolicyViolation(FedsovError):
 
 class ResidencyViolation(PolicyViolation, DataError):
     """Data on a node is not allowed there by its region's residency rule."""
+
+
+class RetentionError(FedsovError):
+    """Something a retention rule says must go could not be deleted, or the rule could not be read."""

@@ -658,15 +658,23 @@ def explain_policy(name: str, jurisdiction: str, policy: RegionPolicy, on: datet
         if v.required_regardless_of_volume:
             lines.append("      whatever the volume: " + " or ".join(
                 kind.value.replace("_", " ") for kind in v.required_regardless_of_volume))
-        lines.append("    (fedsov's transfer_safeguard evaluates these on a node's counts; the node does not yet "
-                     "call it in this version)")
+        lines.append("    (each node counts the people in its own data together with those its earlier releases abroad "
+                     "covered in the period, and refuses a coordinator whose required safeguard is not recorded)")
     dp = "DP-SGD is required" if p.require_dp else "DP-SGD is optional"
     lines.append(f"- Privacy: {dp}; noise multiplier at least {p.min_noise_multiplier:g} and clipping norm at most "
                  f"{p.max_grad_norm:g} (a coordinator asking for less protection gets these instead); the lifetime "
                  f"privacy loss of {unit} is capped at epsilon {p.epsilon_budget:g} at delta {p.delta:g}.")
-    lines.append(f"- Retention: checkpoints are to be kept at most {k.checkpoint_days} days and ledger backups "
-                 f"{k.ledger_backup_days} days (fedsov does not delete them yet: your own process must); a model "
-                 f"trained with this region's data may be deployed {places(k.allowed_deployment_jurisdictions)}"
+    lines.append(f"- Retention: checkpoints of runs this region takes part in are deleted once {k.checkpoint_days} "
+                 "days old (a run's shortest period applies) by `fedsov retention enforce` on the coordinator; ledger "
+                 f"backups once {k.ledger_backup_days} days old, by the same command on a node and by every node at "
+                 "start; each deletion is logged. The live privacy ledger and audit logs are never deleted: they are "
+                 "the evidence of the privacy spent. A model trained with this region's data may be deployed "
+                 f"{places(k.allowed_deployment_jurisdictions)}"
                  + ("." if ANY in k.allowed_deployment_jurisdictions else " (`fedsov export` refuses elsewhere)."))
+    lines.append("- Erasure: `fedsov node erase` records a person's request (as a keyed pseudonym, not their id), "
+                 "leaves their records out of everything this region's nodes train on from then on, and reports the "
+                 "runs whose adapters were trained on them with the epsilon that covered them. The region's source "
+                 "data is not fedsov's to delete, and retraining from a checkpoint that predates them (`fedsov run "
+                 "branch`) is the operator's decision.")
     lines.append(DISCLAIMER)
     return "\n".join(lines)

@@ -11,6 +11,12 @@ are within this one run on this machine.
     .venv/bin/python scripts/bench_federation.py --clients 3 6 12 24 48 --rounds 2 --modes secure \
         --out bench/scale                                                                # scale curve
     .venv/bin/python scripts/bench_federation.py --quick              # smoke: 4 clients, micro model, 1 round
+    .venv/bin/python scripts/bench_federation.py --deployed [--quick]  # deployed vs simulated rounds, one script run
+
+`--deployed` runs one federation twice, with `fedsov deploy local` (a coordinator and one SuperNode per
+client as separate processes, TLS and node authentication, each node's warm worker) and with `fedsov
+simulate`, and compares each round's time. One node per region (eu, us, sg): eu's policy needs a cohort
+of 3 and us/sg's a cohort of 2, so three nodes in one aggregation suit every policy.
 """
 
 from __future__ import annotations
@@ -33,6 +39,8 @@ USERS_PER_CLIENT = {"quick": 30, "full": 150}
 # Growth per added client counts as bent where a segment's slope exceeds the first segment's by this factor.
 BEND_FACTOR = 1.5
 REGIONS = ("us", "sg")  # policies that allow a coordinator in the EU and cohorts of 2+
+DEPLOYED_FEDERATION = ["regions=[eu,us,sg]", "regions.eu.clients=1", "regions.us.clients=1", "regions.sg.clients=1"]
+DEPLOYED_GOAL = 1.2  # a deployed round at most this many times the same round simulated
 
 
 def federation(clients: int, users_per_client: int) -> list[str]:
@@ -103,9 +111,14 @@ def main() -> int:
     parser.add_argument("--clients", type=int, nargs="+", default=None)
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--modes", nargs="+", choices=("secure", "plain"), default=["secure", "plain"])
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "federation")
+    parser.add_argument("--deployed", action="store_true", help="deployed (fedsov deploy local) vs simulated rounds")
+    parser.add_argument("--out", type=Path, default=None, help="default bench/federation (bench/deployment)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
+    if args.deployed:
+        return deployed_vs_simulated(args.out or ROOT / "bench" / "deployment", args.quick, args.rounds,
+                                     args.overrides)
+    args.out = args.out or ROOT / "bench" / "federation"
     clients = sorted(set(args.clients or ([4] if args.quick else [4, 6, 12])))
     if clients[0] < 2 * len(REGIONS):
         parser.error(f"--clients: at least {2 * len(REGIONS)} (each of {', '.join(REGIONS)} needs a cohort of 2)")
@@ -185,6 +198,49 @@ def main() -> int:
               "adapter_share": sizes["configured"]["share"]}
     write_results(args.out, "federation", record, lines,
                   plot=lambda fig: plot_rounds(fig, clients, args.modes, by))
+    return 0
+
+
+def deployed_vs_simulated(out: Path, quick: bool, rounds: int | None, extra: list[str]) -> int:
+    """Each round's seconds under `fedsov deploy local` (TLS, node authentication) and `fedsov simulate`."""
+    from server.deployment import LocalDeployment
+    from server.simulation import simulate
+
+    rounds = rounds or (1 if quick else 2)
+    base = [*(QUICK if quick else []), *DEPLOYED_FEDERATION, f"federation.rounds={rounds}", "audit.enabled=false",
+            *extra]
+    work = out / "runs"
+    stamp = int(time.time())
+    rows: dict[str, list[dict]] = {}
+    for mode in ("deployed", "simulated"):
+        name = f"{mode}-{stamp}"
+        # Each run its own node state (ledgers start empty in both); the same data for both.
+        overrides = [*base, f"workdir={work / name}", f"data.root={work / 'data'}", f"run_dir={work / name / 'run'}"]
+        if mode == "deployed":
+            with LocalDeployment(overrides, out=lambda line: None) as deployment:
+                code, run_dir = deployment.run(), deployment.run_dir
+        else:
+            code, run_dir = simulate(overrides, out=lambda line: None), work / name / "run"
+        if code != 0:
+            print(f"the {mode} run failed; see {run_dir}", file=sys.stderr)
+            return 1
+        rows[mode] = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][1:]
+        print(f"{mode}: " + ", ".join(f"round {r['round']} {r['seconds']:.1f} s" for r in rows[mode]), flush=True)
+    per_round = [{"round": d["round"], "deployed_s": d["seconds"], "simulated_s": m["seconds"],
+                  "ratio": d["seconds"] / m["seconds"], "clients_trained": [d["clients_trained"], m["clients_trained"]]}
+                 for d, m in zip(rows["deployed"], rows["simulated"])]
+    ratio = statistics.median(r["ratio"] for r in per_round)
+    lines = [f"Deployed vs simulated rounds ({'quick' if quick else 'full'}; {device_name()}; {rounds} round(s); "
+             "eu, us, sg x 1 client; TLS and node authentication on)", "",
+             "| round | deployed s | simulated s | x | clients trained (deployed, simulated) |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {r['round']} | {r['deployed_s']:.1f} | {r['simulated_s']:.1f} | {r['ratio']:.2f} | "
+              f"{r['clients_trained'][0]}, {r['clients_trained'][1]} |" for r in per_round]
+    lines += ["", f"Goal: a deployed round <= {DEPLOYED_GOAL}x the simulated one: median {ratio:.2f}x, "
+                  f"{'met' if ratio <= DEPLOYED_GOAL else 'MISSED'}"]
+    record = {"benchmark": "deployed-vs-simulated", "quick": quick, "device": device_name(), "rounds": rounds,
+              "federation": DEPLOYED_FEDERATION, "per_round": per_round, "median_ratio": ratio, "goal": DEPLOYED_GOAL}
+    write_results(out, "deployment", record, lines)
     return 0
 
 

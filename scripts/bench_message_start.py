@@ -1,11 +1,16 @@
 #!/usr/bin/env python3
-"""Per-message start cost of a deployed node's ClientApp process (Flower starts one per message).
+"""Per-message cost of a deployed node: a ClientApp process per message (Flower's default) or the warm worker.
 
-Measures, in fresh Python processes on this machine, what a ClientApp pays before it can answer:
-  light  - a secure-aggregation stage (shares / mask / unmask): import + policy gate only
-  node   - describe: import + every start check (policy, residency, data, tokenizer)
-  model  - train/evaluate: the above + the base model with LoRA attached, ready to train
-and the same work repeated inside one warm process (what simulation's Ray actors pay).
+1. In fresh Python processes on this machine, what a ClientApp process pays before it can answer:
+     light  - a secure-aggregation stage (shares / mask / unmask): import + policy gate only
+     node   - describe: import + every start check (policy, residency, data, tokenizer)
+     model  - train/evaluate: the above + the base model with LoRA attached, ready to train
+   and the same work repeated inside one warm process (what simulation's Ray actors pay).
+2. Through a SuperNode's Runtime API (Flower's own, served in this process on loopback; no SuperLink): each
+   describe and evaluate message timed from the task the SuperNode creates to the reply it can send on,
+   answered by Flower's SuperExec starting a `flwr-clientapp` per message, or by the node's warm worker
+   (client/worker.py, what fedsov deploys). The warm worker's first message, which starts the node or loads
+   the model, is shown apart.
 
     .venv/bin/python scripts/bench_message_start.py [--repeats 3] [--out bench/message-start] [overrides...]
     .venv/bin/python scripts/bench_message_start.py --quick    # smoke: micro model, small data
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import statistics
 import subprocess
 import sys
@@ -76,9 +82,10 @@ def main() -> int:
     cfg = load_config(args.overrides)
     ensure_synthetic_data(cfg, log=print)
     resolve_model_path(cfg.model, log=print)
-    state = Path(tempfile.mkdtemp(prefix="fedsov-bench-node-"))
-    node_config = {"region": "eu", "data-path": str(Path(cfg.data.root) / "eu"), "state-dir": str(state),
-                   "synthetic-data": True, "model-cache": cfg.model.cache_dir, "threads": 1}
+    scratch = Path(tempfile.mkdtemp(prefix="fedsov-bench-node-"))
+    node_config = {"region": "eu", "data-path": str(Path(cfg.data.root) / "eu"), "state-dir": str(scratch / "state"),
+                   "synthetic-data": True, "model-cache": cfg.model.cache_dir, "threads": 1,
+                   "coordinator-jurisdiction": cfg.federation.coordinator_jurisdiction}
     results = {}
     for stage in ("light", "node", "model"):
         runs = []
@@ -96,9 +103,10 @@ def main() -> int:
             "cold_s": statistics.median(r["cold_s"] for r in runs),
             "warm_s": statistics.median(r["warm_s"] for r in runs),
         }
+    runtime = through_runtime_api(cfg, node_config, scratch, args.repeats)
     record = {"benchmark": "message-start", "quick": args.quick, "device": device_name(),
               "python": sys.version.split()[0], "model": cfg.model.name_or_path, "repeats": args.repeats,
-              "stages": results}
+              "stages": results, "runtime_api": runtime}
     lines = [f"Per-message start cost of a deployed ClientApp ({'quick' if args.quick else 'full'}; {device_name()}; "
              f"median of {args.repeats})", "",
              "| message kind | new process (wall) | of which fedsov work | same work in a warm process | cold/warm |",
@@ -107,20 +115,178 @@ def main() -> int:
         ratio = r["cold_s"] / max(r["warm_s"], 1e-3)
         lines.append(f"| {STAGE_NAMES[stage]} | {r['process_wall_s']:.2f} s | {r['cold_s']:.2f} s | "
                      f"{r['warm_s']:.3f} s | {ratio:.0f}x |")
-    write_results(args.out, "message-start", record, lines, plot=lambda fig: plot_stages(fig, results))
+    lines += ["", "Through a SuperNode's Runtime API, from the task to its reply (median of "
+                  f"{args.repeats}; the warm worker's first message apart):", "",
+              "| message | a flwr-clientapp process per message | warm worker, first message | warm worker | x |",
+              "|---|---|---|---|---|"]
+    for kind, r in runtime.items():
+        lines.append(f"| {kind} | {r['process_s']:.2f} s | {r['warm_first_s']:.2f} s | {r['warm_s']:.3f} s | "
+                     f"{r['process_s'] / max(r['warm_s'], 1e-3):.0f}x |")
+    write_results(args.out, "message-start", record, lines, plot=lambda fig: plot_stages(fig, results, runtime))
     return 0
 
 
-def plot_stages(figure, results: dict) -> None:
-    """Seconds per message: a fresh process (what deployment pays) against a warm one (simulation)."""
-    ax = figure.add_subplot(1, 1, 1)
-    names = [STAGE_NAMES[s] for s in results]
-    xs = range(len(names))
-    ax.bar([x - 0.2 for x in xs], [r["process_wall_s"] for r in results.values()], width=0.4, label="new process")
-    ax.bar([x + 0.2 for x in xs], [r["warm_s"] for r in results.values()], width=0.4, label="warm process")
-    ax.set_xticks(list(xs), names)
-    ax.set_ylabel("seconds per message")
-    ax.legend()
+NODE_ID = 1
+RUN_ID = 1
+
+
+class RuntimeApi:
+    """Flower's SuperNode Runtime API and node state, served in this process on loopback: tasks in, replies out."""
+
+    def __init__(self, secret: bytes | None):
+        import threading
+
+        import uvicorn
+        from flwr.supercore.object_store import ObjectStoreFactory
+        from flwr.supernode.main import create_app
+        from flwr.supernode.nodestate import NodeStateFactory
+
+        from common.flowerproc import free_port
+
+        logging.getLogger("flwr").setLevel(logging.WARNING)  # Flower's per-request debug lines, in this process
+        factory = NodeStateFactory(objectstore_factory=ObjectStoreFactory())
+        self.port = free_port()
+        app = create_app(state_factory=factory, superexec_auth_secret=secret)
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.05)
+        self.state = factory.state()
+        self.state.set_node_id(NODE_ID)
+        self.fab_hash = ""
+
+    def open_run(self, cfg, node_config: dict) -> None:
+        """The run a SuperNode would store on its first message: fedsov's app bundle, the config, the context."""
+        import hashlib
+
+        import tomli_w
+        from flwr.app import Context, RecordDict
+        from flwr.cli.build import build_fab_from_files
+        from flwr.common.config import get_fused_config_from_fab
+        from flwr.supercore.fab import Fab
+        from flwr.supercore.run import Run
+
+        from common.config import config_to_dict
+        from common.runconfig import APP_PYPROJECT, CONFIG_KEY
+
+        fab = build_fab_from_files({"pyproject.toml": tomli_w.dumps(APP_PYPROJECT).encode()})[0]
+        self.fab_hash = hashlib.sha256(fab).hexdigest()
+        run = Run.create_empty(RUN_ID)
+        run.fab_id, run.fab_version, run.fab_hash = "fedsov/fedsov", "0.1.0", self.fab_hash
+        run.override_config = {CONFIG_KEY: json.dumps(config_to_dict(cfg))}
+        self.state.store_run(run)
+        self.state.store_fab(Fab(self.fab_hash, fab, {}))
+        self.state.set_run_series_context(run.series_id, Context(
+            run_id=RUN_ID, node_id=NODE_ID, node_config=node_config, state=RecordDict(),
+            run_config=get_fused_config_from_fab(fab, run), series_id=run.series_id))
+
+    def ask(self, message) -> float:
+        """Seconds from storing `message` with its task, as the SuperNode does, to the reply being there."""
+        from flwr.supercore.constant import TaskType
+        from flwr.supernode.start_client_internal import _insert_message
+
+        started = time.perf_counter()
+        _insert_message(message, self.state, self.state.object_store)
+        self.state.create_task(task_type=TaskType.CLIENT_APP, run_id=RUN_ID, fab_hash=self.fab_hash)
+        while not (replies := self.state.get_messages_legacy(is_reply=True)):
+            time.sleep(0.005)
+        seconds = time.perf_counter() - started
+        reply = replies[0]
+        self.state.delete_messages(message_ids=[reply.metadata.message_id, reply.metadata.reply_to_message_id])
+        if reply.has_error():
+            raise RuntimeError(f"{message.metadata.message_type} was answered with an error: {reply.error.reason}")
+        return seconds
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+def messages(cfg, repeats: int):
+    """Describe and round-0 evaluate messages as the coordinator sends them; each in a run of its own (a node
+    evaluates round 0 once per run)."""
+    from flwr.app import ConfigRecord, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from common.wire import DESCRIBE, EVALUATE, GLOBAL_ADAPTER, PLAN, REQUEST, RoundPlan, state_to_record
+    from server.coordinator import ServerModel
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = RUN_ID, 0, 1
+    model = ServerModel(cfg)
+    adapter = state_to_record(model.initial_state())
+    lora, fed = cfg.model.lora, cfg.federation
+    jurisdiction = cfg.federation.coordinator_jurisdiction
+    for i in range(repeats + 1):
+        session = f"bench-{i}"
+        request = ConfigRecord({"run-id": session, "coordinator-jurisdiction": jurisdiction})
+        yield "describe", Message(RecordDict({REQUEST: request}), dst_node_id=NODE_ID, message_type=DESCRIBE,
+                                  group_id="0")
+        plan = RoundPlan(
+            run_id=session, round=0, total_rounds=fed.rounds, local_steps=fed.local_steps, batch_size=fed.batch_size,
+            learning_rate=fed.learning_rate, max_length=cfg.model.max_length, eval_batch_size=fed.eval_batch_size,
+            model_fingerprint=model.fingerprint, lora_rank=lora.rank, lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout, lora_ffa=lora.ffa, lora_seed=fed.seed,
+            lora_target_modules=tuple(lora.target_modules or ()), dp_enabled=True,
+            max_grad_norm=cfg.privacy.max_grad_norm, coordinator_jurisdiction=jurisdiction, cohort_size=3,
+            secure_aggregation=True, target_epsilon=cfg.privacy.target_epsilon)
+        yield "evaluate", Message(RecordDict({PLAN: plan.to_record(), GLOBAL_ADAPTER: adapter}), dst_node_id=NODE_ID,
+                                  message_type=EVALUATE, group_id="0")
+
+
+def through_runtime_api(cfg, node_config: dict, scratch: Path, repeats: int) -> dict:
+    """Median seconds per message kind: `process_s` (Flower's SuperExec, a flwr-clientapp per message),
+    `warm_first_s` and `warm_s` (the warm worker: its first message, and the median of the rest)."""
+    import os
+
+    from client.supernode import write_secret
+    from client.worker import WorkerProcess
+    from common.flowerproc import flower_bin, flower_environment, stop_process_group
+
+    seconds: dict[str, dict[str, list[float]]] = {"process": {}, "warm": {}}
+    for path in ("process", "warm"):
+        home = scratch / path
+        config = {**node_config, "state-dir": str(home / "state")}
+        env = flower_environment(home / "flower-home")
+        secret = write_secret(home / "superexec.secret") if path == "warm" else None
+        api = RuntimeApi(secret.read_bytes() if secret else None)
+        if secret:
+            answerer = WorkerProcess(f"127.0.0.1:{api.port}", secret, home / "state", home / "worker.log", env)
+            answerer.start()
+        else:
+            answerer = subprocess.Popen([flower_bin("flower-superexec"), "--insecure", "--runtime-api-address",
+                                         f"127.0.0.1:{api.port}", "--parent-pid", str(os.getpid())],
+                                        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+        try:
+            api.open_run(cfg, config)
+            for kind, message in messages(cfg, repeats):
+                seconds[path].setdefault(kind, []).append(api.ask(message))
+        finally:
+            if isinstance(answerer, WorkerProcess):
+                answerer.stop()
+            else:
+                stop_process_group(answerer)
+            api.close()
+    return {kind: {"process_s": statistics.median(seconds["process"][kind]),
+                   "warm_first_s": seconds["warm"][kind][0],
+                   "warm_s": statistics.median(seconds["warm"][kind][1:])} for kind in seconds["warm"]}
+
+
+def plot_stages(figure, results: dict, runtime: dict) -> None:
+    """Seconds per message: a fresh process (what Flower's default pays) against a warm one."""
+    panels = (("fedsov's work per message", {STAGE_NAMES[s]: (r["process_wall_s"], r["warm_s"])
+                                             for s, r in results.items()}),
+              ("through a SuperNode, task to reply", {k: (r["process_s"], r["warm_s"]) for k, r in runtime.items()}))
+    for i, (title, bars) in enumerate(panels):
+        ax = figure.add_subplot(1, 2, i + 1)
+        xs = range(len(bars))
+        ax.bar([x - 0.2 for x in xs], [v[0] for v in bars.values()], width=0.4, label="new process")
+        ax.bar([x + 0.2 for x in xs], [v[1] for v in bars.values()], width=0.4, label="warm")
+        ax.set_xticks(list(xs), list(bars), fontsize=7)
+        ax.set_ylabel("seconds per message")
+        ax.set_title(title)
+        ax.legend()
 
 
 if __name__ == "__main__":

@@ -10,9 +10,12 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from common.config import config_from_json, config_to_dict, config_to_yaml
+from common.flowerproc import retry_objects_sooner
 from common.runconfig import CONFIG_KEY
 from server.coordinator import Coordinator
 from server.rundir import RunDirectory
+from server.runcontrol import publish_outputs
+from server.tracking import Trackers
 
 app = ServerApp()
 
@@ -36,6 +39,9 @@ def coordinator_paths(cfg):
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    from flwr.superlink.grid import http_grid
+
+    retry_objects_sooner(http_grid)  # replies from warm nodes: their content follows within milliseconds
     cfg = coordinator_paths(config_from_json(str(context.run_config[CONFIG_KEY])))
     run = RunDirectory(cfg.run_dir, echo_events=True)
     run.create()
@@ -44,8 +50,15 @@ def main(grid: Grid, context: Context) -> None:
     # A watcher on another machine renders progress from this (the config holds no secrets).
     run.event("run_config", run_dir=str(run.path), config=config_to_dict(cfg))
     try:
+        run.trackers = Trackers(cfg, run.path)
         Coordinator(cfg, grid, run).execute()
     except Exception as err:
         # The launcher watches events.jsonl: say why, then let Flower mark the run failed.
         run.event("run_failed", error=f"{type(err).__name__}: {err}", traceback=traceback.format_exc())
         raise
+    finally:
+        if run.trackers is not None:
+            run.trackers.close()
+        # Deployed, the run's outputs also go into its Flower log, for `fedsov run pull` from any CA holder.
+        if os.environ.get(RUNS_DIR_ENV) and run.summary_path.exists():
+            publish_outputs(run)

@@ -180,11 +180,21 @@ class Coordinator:
 
     # -- the run ---------------------------------------------------------------------------
     def execute(self) -> dict[str, Any]:
-        cfg, run = self.cfg, self.run
+        """The run: start (or resume), round 0's base evaluation, the rounds, then audit, report and manifest."""
         started = time.time()
-        model = ServerModel(cfg)
-        state = model.initial_state()
-        first_round = 1
+        model = ServerModel(self.cfg)
+        state, first_round = self._start(model)
+        self._discover(model.fingerprint)
+        if first_round == 1:
+            self.run.metrics({"round": 0, "perplexity": self._evaluate(0, state, model.fingerprint)})
+        for round_number in range(first_round, self.cfg.federation.rounds + 1):
+            state = self._round(round_number, state, model)
+        return self._finish(state, model, started)
+
+    def _start(self, model: "ServerModel") -> tuple["OrderedDict[str, torch.Tensor]", int]:
+        """The adapter to start from and the first round to run (a resumed run continues its checkpoint)."""
+        cfg, run = self.cfg, self.run
+        state, first_round = model.initial_state(), 1
         checkpoint = run.latest_checkpoint()
         if checkpoint is not None and not cfg.resume:
             raise FederationError(
@@ -215,37 +225,40 @@ class Coordinator:
             self.audit.record("region", "excluded", reason=f"{region}: {why}")
         if not self.regions.included:
             raise FederationError("Every region's policy rules out this run; see the region_excluded events for why.")
+        return state, first_round
 
-        self._discover(model.fingerprint)
-        if first_round == 1:
-            before = self._evaluate(0, state, model.fingerprint)
-            run.metrics({"round": 0, "perplexity": before})
-        for round_number in range(first_round, cfg.federation.rounds + 1):
-            t0 = time.time()
-            plan = self._plan(round_number, model.fingerprint)
-            run.event("round_started", round=round_number, rounds=cfg.federation.rounds)
-            self.upload_bytes = {}
-            state, train_row = self._train(plan, state)
-            train_row["upload_bytes_per_client"] = (
-                round(sum(self.upload_bytes.values()) / len(self.upload_bytes)) if self.upload_bytes else 0
-            )
-            perplexity = self._evaluate(round_number, state, model.fingerprint)
-            model_dir = run.save_checkpoint(
-                round_number,
-                lambda d: model.save(state, d),
-                info={"run_id": run.run_id, "model_fingerprint": model.fingerprint},
-                keep=cfg.federation.keep_checkpoints,
-            )
-            row = {"round": round_number, **train_row, "perplexity": perplexity, "seconds": round(time.time() - t0, 2)}
-            run.metrics(row)
-            self.audit.record(
-                "round", "aggregated" if row["aggregated"] else "skipped",
-                reason=f"{row['clients_trained']} client(s) aggregated; refused: {', '.join(row['clients_refused']) or 'none'}; "
-                       f"failed: {', '.join(row['clients_failed']) or 'none'}",
-                round=round_number, bytes_received=sum(self.upload_bytes.values()), epsilon_by_region=row["epsilon"],
-            )
-            run.event("round_finished", **row, checkpoint=str(model_dir))
+    def _round(self, round_number: int, state, model: "ServerModel") -> "OrderedDict[str, torch.Tensor]":
+        """Train, aggregate, evaluate, checkpoint and log one round."""
+        cfg, run = self.cfg, self.run
+        t0 = time.time()
+        plan = self._plan(round_number, model.fingerprint)
+        run.event("round_started", round=round_number, rounds=cfg.federation.rounds)
+        self.upload_bytes = {}
+        state, train_row = self._train(plan, state)
+        train_row["upload_bytes_per_client"] = (
+            round(sum(self.upload_bytes.values()) / len(self.upload_bytes)) if self.upload_bytes else 0
+        )
+        perplexity = self._evaluate(round_number, state, model.fingerprint)
+        model_dir = run.save_checkpoint(
+            round_number,
+            lambda d: model.save(state, d),
+            info={"run_id": run.run_id, "model_fingerprint": model.fingerprint},
+            keep=cfg.federation.keep_checkpoints,
+        )
+        row = {"round": round_number, **train_row, "perplexity": perplexity, "seconds": round(time.time() - t0, 2)}
+        run.metrics(row)
+        self.audit.record(
+            "round", "aggregated" if row["aggregated"] else "skipped",
+            reason=f"{row['clients_trained']} client(s) aggregated; refused: "
+                   f"{', '.join(row['clients_refused']) or 'none'}; failed: {', '.join(row['clients_failed']) or 'none'}",
+            round=round_number, bytes_received=sum(self.upload_bytes.values()), epsilon_by_region=row["epsilon"],
+        )
+        run.event("round_finished", **row, checkpoint=str(model_dir))
+        return state
 
+    def _finish(self, state, model: "ServerModel", started: float) -> dict[str, Any]:
+        """Save the adapter; the memorisation audit, summary, privacy report and provenance manifest."""
+        cfg, run = self.cfg, self.run
         model.save(state, run.adapter_dir)
         if cfg.audit.enabled:
             run.write_audit_results(self._memorisation_audit(state, model.fingerprint))
@@ -319,7 +332,8 @@ class Coordinator:
                               policy_hash=node.policy_hash, epsilon=node.epsilon)
             self.run.event(
                 "node_joined", node=node.name, region=node.region, units=node.units,
-                epsilon=json_number(node.epsilon), excluded_no_consent=int(metrics["excluded-no-consent"]),
+                epsilon=json_number(node.epsilon), people=int(metrics["people"]),
+                excluded_no_consent=int(metrics["excluded-no-consent"]),
                 excluded_special=int(metrics["excluded-special"]), law=node.law,
             )
         if not self.nodes:
@@ -404,7 +418,7 @@ class Coordinator:
             self.run.event(
                 "node_trained", round=plan.round, node=node.name, region=node.region,
                 loss=round(float(metrics["train-loss"]), 4), epsilon=json_number(node.epsilon),
-                seconds=round(reply.seconds, 2),
+                seconds=round(reply.seconds, 2), units=units,
             )
 
         self._exchange(list(self.nodes), TRAIN, request, plan.round, on_reply=on_reply)
@@ -497,7 +511,8 @@ class Coordinator:
                 units[reply.node_id] = int(metrics["num-units"])
                 node.epsilon = float(metrics["epsilon"])
                 self.run.event("node_trained", round=round_number, node=node.name, region=node.region, loss=None,
-                               epsilon=json_number(node.epsilon), seconds=round(reply.seconds, 2))
+                               epsilon=json_number(node.epsilon), seconds=round(reply.seconds, 2),
+                               units=units[reply.node_id])
 
         self._exchange(list(self.nodes), message_type, request, round_number, on_reply=on_reply)
         return adverts, units, missing

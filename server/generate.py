@@ -1,4 +1,4 @@
-"""`fedsov generate`: text from base model + a run's adapter, with PII flagged and the privacy card shown."""
+"""`fedsov generate`: text from base model + an adapter (run, adapter or export folder), PII flagged, privacy card."""
 
 from __future__ import annotations
 
@@ -41,17 +41,47 @@ def mark_pii(text: str, detector: PiiDetector) -> tuple[str, list[str]]:
     return "".join(out + [text[last:]]), found
 
 
+def resolve_adapter(path: Path) -> Path:
+    """The adapter folder in what a user passed: a run directory, its adapter/ folder, or an export."""
+    path = Path(path)
+    if (path / "adapter" / "adapter_config.json").is_file():
+        return path / "adapter"
+    if (path / "adapter_config.json").is_file():
+        return path
+    raise ModelError(f"{path} holds no adapter: give a run directory, its adapter/ folder or a `fedsov export` "
+                     "folder (each has adapter_config.json).")
+
+
+def resolve_base(manifest: dict, base: Path | None) -> Path:
+    """The base model folder: --base if given, else the run's own; either way it must match the fingerprint."""
+    from common.model.loading import model_fingerprint
+
+    expected = manifest["base_model"]["fingerprint"]
+    if base is None:
+        base = Path(manifest["base_model"]["path"])
+        if not (base / "config.json").is_file():
+            raise ModelError(f"The run's base model {base} is not on this machine: pass --base <folder> holding the "
+                             f"same model (fingerprint {expected[:16]}...; see base-model-reference/ in an export).")
+    elif not (Path(base) / "config.json").is_file():
+        raise ModelError(f"--base {base} is not a model folder (no config.json); give the base model's folder.")
+    found = model_fingerprint(Path(base))
+    if found != expected:
+        raise ModelError(f"--base {base} is not the model this adapter was trained on: its fingerprint is "
+                         f"{found[:16]}..., the adapter's base has {expected[:16]}.... Use a byte-identical copy.")
+    return Path(base)
+
+
 @torch.no_grad()
-def generate(run_dir: Path, prompt: str, *, samples: int = 1, max_new_tokens: int = 60,
+def generate(path: Path, prompt: str, *, samples: int = 1, max_new_tokens: int = 60, base: Path | None = None,
              out: Callable[[str], None] = print) -> int:
+    """Text from base + adapter (a run directory, its adapter folder or an export), PII marked, privacy card."""
     from peft import PeftModel
 
-    adapter = Path(run_dir) / "adapter"
+    adapter = resolve_adapter(path)
     manifest = read_manifest(adapter)
-    base_path = Path(manifest["base_model"]["path"])
-    if not base_path.exists():
-        raise ModelError(f"The run's base model {base_path} is not on this machine; copy it there first.")
-    tokenizer = load_tokenizer(base_path)
+    base_path = resolve_base(manifest, base)
+    # An export carries the tokenizer the adapter was trained with; a run's adapter folder uses the base's.
+    tokenizer = load_tokenizer(adapter if (adapter / "tokenizer_config.json").is_file() else base_path)
     model = PeftModel.from_pretrained(load_base_model(base_path, torch.device("cpu"), torch.float32), str(adapter))
     model.eval()
     detector = PiiDetector()

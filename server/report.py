@@ -25,12 +25,19 @@ from server.rundir import RunDirectory
 EXPOSURE_ALARM_BITS = 10.0
 MIA_ALARM_AUC = 0.6
 CONFIDENCE = 0.95
+# A node's own data counts as its describe reply carries them (summary.json: regions.<r>.data.<node>), in order.
+DATA_COUNTS = (("records", "records"), ("excluded-no-consent", "excluded: no consent"),
+               ("excluded-special", "excluded: special category or field"), ("heldout-records", "held-out records"),
+               ("skipped-files", "skipped files"), ("truncated-units", "truncated units"),
+               ("truncated-tokens", "truncated tokens"), ("truncated-heldout", "truncated held-out records"))
 
 
 def build_report(run: RunDirectory, cfg: FedsovConfig) -> dict[str, Any]:
     summary = run.read_summary() or {}
     rows = run.read_metrics()
     results = run.read_audit_results()
+    manifest_path = run.adapter_dir / "fedsov-manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
     regions: dict[str, Any] = {}
     violations: list[str] = []
     for name, info in (summary.get("regions") or {}).items():
@@ -41,6 +48,8 @@ def build_report(run: RunDirectory, cfg: FedsovConfig) -> dict[str, Any]:
             if accounted not in (None, "inf") and bound > float(accounted) + 1e-9:
                 violations.append(f"{name}: lower bound {bound:.3f} > accounted epsilon {float(accounted):.3f}")
         regions[name] = {
+            "contribution": _contribution(name, info, manifest, summary.get("not_contributing") or []),
+            "data": info.get("data") or {},
             "law": info.get("law"),
             "policy_hash": info.get("policy_hash"),
             "delta": info.get("delta"),
@@ -63,6 +72,7 @@ def build_report(run: RunDirectory, cfg: FedsovConfig) -> dict[str, Any]:
         "excluded_regions": summary.get("excluded_regions", {}),
         "regions": regions,
         "policies": {n: r.policy.law for n, r in cfg.regions.items()},
+        "nodes": node_egress(run.read_events(), rows, results, _anchors(run), cfg.secure_aggregation.enabled),
         "epsilon_by_round": [{"round": r["round"], **(r.get("epsilon") or {})} for r in rows if r["round"] > 0],
         "perplexity_by_round": [{"round": r["round"], **(r.get("perplexity") or {})} for r in rows],
         "audit_log": {"path": str(run.path / "audit.jsonl"), "ok": log.ok, "entries": log.entries,
@@ -73,6 +83,83 @@ def build_report(run: RunDirectory, cfg: FedsovConfig) -> dict[str, Any]:
     }
     report["plain_summary"] = plain_summary(report)
     return report
+
+
+def _contribution(region: str, info: dict[str, Any], manifest: dict[str, Any] | None,
+                  shortfalls: list[str]) -> dict[str, Any]:
+    """Whether a planned region's nodes contributed: the summary's record, else the manifest's; never the config."""
+    rounds = info.get("rounds_contributed")
+    if isinstance(rounds, dict):  # per node
+        rounds = max(rounds.values(), default=0)
+    if rounds is None and manifest is not None:
+        rounds = (manifest["contributing_regions"].get(region) or {}).get("rounds_contributed", 0)
+    contributed = info.get("contributed", None if rounds is None else rounds > 0)
+    if contributed is None:
+        return {"contributed": None, "rounds": None, "status": "planned; whether it contributed was not recorded"}
+    if contributed:
+        return {"contributed": True, "rounds": rounds, "status": f"contributed ({rounds} round(s))"}
+    why = [line for line in shortfalls if f"region {region}" in line] or info.get("refusals") or []
+    return {"contributed": False, "rounds": 0,
+            "status": f"planned, did NOT contribute: {'; '.join(why) or 'no update of its nodes was aggregated'}"}
+
+
+def _anchors(run: RunDirectory) -> dict[str, Any]:
+    try:
+        return json.loads(run.anchors_path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def node_egress(events: list[dict[str, Any]], rows: list[dict[str, Any]], results: dict[str, Any] | None,
+                anchors: dict[str, Any], secure: bool) -> dict[str, Any]:
+    """Per node: its own data counts, and what it released each round and once per run, with the guarantee."""
+    from common.secagg.encoding import metric_slots
+
+    nodes: dict[str, Any] = {}
+    for e in events:
+        if e["event"] == "node_joined":
+            nodes[e["node"]] = {
+                "region": e["region"], "units": e["units"], "epsilon_at_join": e.get("epsilon"),
+                "excluded_no_consent": e.get("excluded_no_consent"), "excluded_special": e.get("excluded_special"),
+                "rounds": [], "evaluations": [],
+            }
+    trained: dict[int, list[dict[str, Any]]] = {}
+    for e in events:
+        if e["event"] == "node_trained" and e["node"] in nodes:
+            trained.setdefault(int(e["round"]), []).append(e)
+    by_round = {int(r["round"]): r for r in rows}
+    for number, entries in sorted(trained.items()):
+        row = by_round.get(number, {})
+        dropped = set(row.get("clients_dropped") or [])
+        slots, slot_of = metric_slots([e["region"] for e in entries])
+        sizes = {slot: slot_of.count(slot) for slot in slots}
+        revealed = set(row.get("train_loss") or {})
+        for e, slot in zip(entries, slot_of):
+            nodes[e["node"]]["rounds"].append({
+                "round": number, "units": e.get("units", nodes[e["node"]]["units"]), "epsilon": e.get("epsilon"),
+                "slot": slot if secure else None, "slot_clients": sizes[slot] if secure else None,
+                "loss_revealed": slot in revealed if secure else True, "dropped": e["node"] in dropped,
+                "aggregated": bool(row.get("aggregated")),
+            })
+    # Held-out loss: each node evaluates round 0 (the base model) and every round it trained in.
+    for number in [0, *sorted(trained)]:
+        entries = [{"node": n, "region": v["region"]} for n, v in nodes.items()] if number == 0 else trained[number]
+        slots, slot_of = metric_slots([e["region"] for e in entries])
+        sizes = {slot: slot_of.count(slot) for slot in slots}
+        shown = set((by_round.get(number) or {}).get("perplexity") or {})
+        for e, slot in zip(entries, slot_of):
+            slot = slot if secure else e["region"]
+            nodes[e["node"]]["evaluations"].append({"round": number, "slot": slot,
+                                                    "slot_clients": sizes.get(slot, 1) if secure else None,
+                                                    "revealed": slot in shown})
+    for name, node in nodes.items():
+        result = (results or {}).get(name) or {}
+        node["audit_numbers"] = len(result.get("metrics") or {}) if "metrics" in result else None
+        node["audit_examples"] = len(result.get("examples") or [])
+        anchor = anchors.get(name) or {}
+        node["evidence"] = {k: anchor[k] for k in ("ledger-entries", "ledger-head", "audit-entries", "audit-head")
+                            if k in anchor}
+    return nodes
 
 
 def _verify_coordinator_log(run: RunDirectory) -> Verification:
@@ -162,6 +249,10 @@ def plain_summary(report: dict[str, Any]) -> list[str]:
         for r, why in report["excluded_regions"].items():
             lines.append(f"Region {r} did not take part: {why}. None of its data was used.")
     for name, r in regions.items():
+        if r["contribution"]["contributed"] is False:
+            why = r["contribution"]["status"].split(": ", 1)[1]
+            lines.append(f"Region {name} was planned but did not contribute: {why}. "
+                         "Nothing of its data is in the model.")
         eps = r["epsilon"]
         unit = "person" if r.get("unit") == "user" else "record"
         if eps == "inf" or not report["dp"]:
@@ -261,12 +352,16 @@ def _fmt(x: Any, digits: int = 2) -> str:
     return str(x)
 
 
+def _delta(x: Any) -> str:
+    return "n/a" if x is None else f"{float(x):.1e}"  # 1e-5 is not 0.00
+
+
 def _tables(report: dict[str, Any]) -> list[tuple[str, str, list[str], list[list[str]]]]:
     """(anchor, title, header, rows) for each table the report shows."""
     regions = report["regions"]
-    policy_rows = [[r, _fmt(v["law"]), (v["policy_hash"] or "n/a")[:16], _fmt(v["delta"]), _fmt(v["unit"]),
+    policy_rows = [[r, _fmt(v["law"]), (v["policy_hash"] or "n/a")[:16], _delta(v["delta"]), _fmt(v["unit"]),
                     _fmt(v["epsilon_budget"])] for r, v in regions.items()]
-    privacy_rows = [[r, _fmt(v["epsilon"]), _fmt(v["delta"]), _fmt(v["epsilon_budget"])] for r, v in regions.items()]
+    privacy_rows = [[r, _fmt(v["epsilon"]), _delta(v["delta"]), _fmt(v["epsilon_budget"])] for r, v in regions.items()]
     utility_rows = [[r, _fmt(v["perplexity_before"]), _fmt(v["perplexity_after"])] for r, v in regions.items()]
     audit_rows = []
     for r, v in regions.items():
@@ -291,10 +386,23 @@ def _tables(report: dict[str, Any]) -> list[tuple[str, str, list[str], list[list
             f"{o['correct']}/{o['guesses']} right: epsilon >= {o['epsilon_lower_bound']:.2f} (accounted {_fmt(v['epsilon'])})",
             f"{a['generations']['pii_spans']} in {a['generations']['samples']} samples",
         ])
-    excluded = [[r, why] for r, why in report["excluded_regions"].items()]
+    excluded = [[r, f"excluded: {w}"] for r, w in report["excluded_regions"].items()]
+    nodes = report.get("nodes") or {}
+    counts = {node: (r, c) for r, v in regions.items() for node, c in v["data"].items()}
+    if not counts:  # a run from before describe carried them: what the join events say
+        counts = {n: (v["region"], {"excluded-no-consent": v["excluded_no_consent"],
+                                    "excluded-special": v["excluded_special"]}) for n, v in nodes.items()}
+    shown = [(k, title) for k, title in DATA_COUNTS if any(k in c for _, c in counts.values())]
+    node_rows = [[n, r, _fmt((nodes.get(n) or {}).get("units"))] + [_fmt(c.get(k)) for k, _ in shown]
+                 for n, (r, c) in counts.items()]
     return [
-        ("regions", "Contributing and excluded regions",
-         ["region", "status"], [[r, "contributed"] for r in regions] + [[r, f"excluded: {w}"] for r, w in excluded]),
+        ("regions", "Contributing and excluded regions", ["region", "status"],
+         [[r, v["contribution"]["status"]] for r, v in regions.items()] + excluded),
+        ("nodes", "Data on each node (its own share of the region's data)",
+         ["node", "region", "training units"] + [title for _, title in shown], node_rows),
+        ("egress", "What left each node, and under which guarantee",
+         ["node", "round", "in the clear", "only inside secure aggregation", "held-out loss (outside epsilon)"],
+         _egress_rows(report)),
         ("policies", "Policies (as each node reported them)", ["region", "law", "policy hash", "delta", "unit", "budget"], policy_rows),
         ("privacy", "Privacy spent (each node's ledger, cumulative)", ["region", "epsilon", "delta", "lifetime budget"], privacy_rows),
         ("utility", "Utility: held-out perplexity", ["region", "before", "after"], utility_rows),
@@ -302,6 +410,54 @@ def _tables(report: dict[str, Any]) -> list[tuple[str, str, list[str], list[list
          ["region", "verdict", "canary exposure", "MIA AUC (loss), 95% CI", "MIA AUC (calibrated), 95% CI", "TPR at 1% FPR",
           "one-run lower bound (95%)", "PII in generations"], audit_rows),
     ]
+
+
+EGRESS_NOTES = (
+    "In the clear, to the coordinator: at join the node's region, policy hash, unit and record counts and the epsilon "
+    "it had spent; in each round it trained, its unit count and cumulative epsilon; its evidence heads (entry counts "
+    "and hashes of its privacy ledger and audit log, never their content).",
+    "Only inside secure aggregation: the adapter update and the train loss, summed per region over at least two "
+    "clients; a region with a single client in a round is merged into a shared slot (other-regions), and a slot "
+    "left with one survivor after dropouts stays masked. The coordinator never sees one client's update.",
+    "Outside epsilon (not covered by the DP guarantee): held-out loss sums per region, once per round the node "
+    "trained in plus round 0 (the base model), and the memorisation-audit numbers, once per run, on the run's final "
+    "adapter. The count of generated PII found verbatim in a node's training data stays on the node.",
+)
+
+
+def _egress_rows(report: dict[str, Any]) -> list[list[str]]:
+    secure = report["secure_aggregation"]
+    rows = []
+    for name, n in (report.get("nodes") or {}).items():
+        joined = f"region {n['region']}, {n['units']} units, epsilon spent {_fmt(n['epsilon_at_join'])}"
+        rows.append([name, "join", joined, "-", "-"])
+        evaluations = {e["round"]: e for e in n["evaluations"]}
+        trained = {t["round"]: t for t in n["rounds"]}
+        for number in sorted(set(evaluations) | set(trained)):
+            t, e = trained.get(number), evaluations.get(number)
+            clear = f"{t['units']} units, cumulative epsilon {_fmt(t['epsilon'])}" if t else "-"
+            if t is None:
+                summed = "-"
+            elif t["dropped"]:
+                summed = "dropped after the key exchange: its update was never unmasked or summed"
+            elif not secure:
+                clear += "; the update and the train loss, in the clear (secure aggregation OFF)"
+                summed = "-"
+            else:
+                summed = (f"update + train loss in slot {t['slot']} ({t['slot_clients']} clients); loss "
+                          + ("revealed as the slot's sum" if t["loss_revealed"] else "stayed masked"))
+            held = "-"
+            if e is not None:
+                where = f"slot {e['slot']} ({e['slot_clients']} clients)" if secure else f"region {e['slot']}"
+                held = f"{where}: " + ("released as the sum" if e["revealed"] else "stayed masked")
+            rows.append([name, str(number), clear, summed, held])
+        audit = (f"{n['audit_numbers']} audit numbers and {n['audit_examples']} redacted canary prompts, once, on the "
+                 "final adapter (outside epsilon)" if n.get("audit_numbers") is not None else "no audit numbers")
+        ev = n.get("evidence") or {}
+        heads = (f"; evidence: ledger {ev['ledger-entries']} entries, head {str(ev['ledger-head'])[:16]}, audit log "
+                 f"{ev['audit-entries']} entries, head {str(ev['audit-head'])[:16]}" if ev else "")
+        rows.append([name, "end of run", audit + heads, "-", "-"])
+    return rows
 
 
 def _examples(report: dict[str, Any]) -> list[tuple[str, str]]:
@@ -321,7 +477,10 @@ def render_markdown(report: dict[str, Any], figures: list[str]) -> str:
     md += ["", f"Coordinator in {report['coordinator_jurisdiction']}; DP {'on' if report['dp'] else 'OFF'}; secure "
            f"aggregation {'on' if report['secure_aggregation'] else 'OFF'}; {report['rounds_completed']} rounds.", ""]
     for anchor, title, header, rows in _tables(report):
-        md += [f"## {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        md += [f"## {title}", ""]
+        if anchor == "egress":
+            md += [f"- {note}" for note in EGRESS_NOTES] + [""]
+        md += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         md += ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in rows]
         md.append("")
     md += ["## Plots", ""] + [f"![{f}]({f}.png)" for f in figures] + [""]
@@ -340,7 +499,10 @@ def render_html(report: dict[str, Any], figures: dict[str, bytes]) -> str:
         "<style>body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
         "table{border-collapse:collapse;margin:1em 0;font-size:0.9em}td,th{border:1px solid #ccc;padding:4px 8px;"
         "text-align:left;vertical-align:top}th{background:#f3f3f3}.bad{color:#b00;font-weight:bold}"
-        ".ok{color:#070}img{max-width:100%}</style></head><body>",
+        ".ok{color:#070}img{max-width:100%}td.verdict-bad{background:#fde2e2;color:#a00;font-weight:bold}"
+        "td.verdict-ok{background:#e2f5e4;color:#065f1b}td.verdict-none{background:#eee;color:#555}"
+        "td.warn{background:#fff1c2;color:#7a4b00;font-weight:bold}td.muted{color:#666}"
+        ".notes li{margin:.3em 0}</style></head><body>",
         f"<h1>Privacy report: run {esc(report['run_id'])}</h1>",
         "<section id='summary'><h2>Summary</h2><ul>",
     ]
@@ -349,11 +511,12 @@ def render_html(report: dict[str, Any], figures: dict[str, bytes]) -> str:
         parts.append(f"<li{cls}>{esc(line)}</li>")
     parts.append("</ul></section>")
     for anchor, title, header, rows in _tables(report):
-        parts.append(f"<section id='{anchor}'><h2>{esc(title)}</h2><table><tr>")
-        parts += [f"<th>{esc(h)}</th>" for h in header]
-        parts.append("</tr>")
+        parts.append(f"<section id='{anchor}'><h2>{esc(title)}</h2>")
+        if anchor == "egress":
+            parts.append("<ul class='notes'>" + "".join(f"<li>{esc(n)}</li>" for n in EGRESS_NOTES) + "</ul>")
+        parts.append("<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>")
         for row in rows:
-            parts.append("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>")
+            parts.append("<tr>" + "".join(_td(c) for c in row) + "</tr>")
         parts.append("</table></section>")
     parts.append("<section id='plots'><h2>Plots</h2>")
     for name, png in figures.items():
@@ -365,6 +528,17 @@ def render_html(report: dict[str, Any], figures: dict[str, bytes]) -> str:
                  f"<p class='{'ok' if report['audit_log']['ok'] else 'bad'}'>{esc(status)}</p></section>")
     parts.append("<p>Policies are engineering defaults, not legal advice.</p></body></html>")
     return "".join(parts)
+
+
+# How a status cell looks: a verdict is seen before it is read.
+CELL_CLASSES = (("memorisation detected", "verdict-bad"), ("audit failed", "verdict-bad"),
+                ("no memorisation detected", "verdict-ok"), ("not audited", "verdict-none"),
+                ("planned, did NOT contribute", "warn"), ("contributed", "verdict-ok"), ("excluded", "muted"))
+
+
+def _td(text: str) -> str:
+    cls = next((c for prefix, c in CELL_CLASSES if text.startswith(prefix)), None)
+    return f"<td class='{cls}'>{html.escape(text)}</td>" if cls else f"<td>{html.escape(text)}</td>"
 
 
 def load_report(run_dir: Path) -> dict[str, Any]:

@@ -10,6 +10,8 @@ Layout:
   audit-results.json   each node's memorisation-audit numbers
   report/              the privacy report (HTML, Markdown, JSON, plots)
   audit.jsonl          the coordinator's hash-chained audit log
+  tensorboard/         TensorBoard event files of the same metrics (tracking.tensorboard)
+  .hydra/overrides.yaml  the command-line overrides the run was started with
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
+from common.audit import AuditLog, EvidenceKey
 from common.errors import FederationError
 
 CHECKPOINT_INFO = "checkpoint.json"
@@ -37,6 +40,8 @@ class Checkpoint:
 
 
 EVENT_LINE = "FEDSOV-EVENT "
+# A deployed coordinator publishes a finished run's outputs into its Flower log (server.runcontrol).
+OUTPUT_LINE = "FEDSOV-OUTPUT "
 
 
 class RunDirectory:
@@ -53,6 +58,9 @@ class RunDirectory:
         self.audit_results_path = self.path / "audit-results.json"
         self.report_dir = self.path / "report"
         self.logs_dir = self.path / "logs"
+        self.hydra_dir = self.path / ".hydra"
+        # Set by the ServerApp: TensorBoard / MLflow writers that see each metrics row too (server.tracking).
+        self.trackers = None
 
     @property
     def run_id(self) -> str:
@@ -84,6 +92,15 @@ class RunDirectory:
 
     def metrics(self, row: dict[str, Any]) -> None:
         _append_json(self.metrics_path, row)
+        if self.trackers is not None:
+            self.trackers.log(row)
+
+    def write_overrides(self, overrides: list[str]) -> None:
+        """The command-line overrides of this run, where Hydra users look for them (.hydra/overrides.yaml)."""
+        import yaml
+
+        self.hydra_dir.mkdir(parents=True, exist_ok=True)
+        (self.hydra_dir / "overrides.yaml").write_text(yaml.safe_dump(list(overrides), default_flow_style=False))
 
     def read_metrics(self) -> list[dict[str, Any]]:
         return _read_jsonl(self.metrics_path)
@@ -139,6 +156,45 @@ class RunDirectory:
         if not self.checkpoints_dir.exists():
             return []
         return sorted(p for p in self.checkpoints_dir.glob("round-*") if (p / CHECKPOINT_INFO).is_file())
+
+
+def branch_run(origin: RunDirectory, round_number: int, destination: Path | None = None) -> RunDirectory:
+    """A new run directory that continues `origin` from its checkpoint of `round_number`, to resume like any run.
+
+    Retraining without data that joined later (say, a person whose erasure was requested) starts from a
+    checkpoint that predates it. The branch gets the origin's config, that checkpoint (file times kept, so its
+    retention runs on) and the origin's metrics up to that round; `resume=<branch>` then trains the later rounds.
+    """
+    if not origin.config_path.is_file():
+        raise FederationError(f"{origin.path} holds no config.yaml: not a fedsov run directory.")
+    checkpoint = origin.checkpoints_dir / f"round-{round_number:04d}"
+    if not (checkpoint / CHECKPOINT_INFO).is_file():
+        kept = [int(p.name.split("-")[1]) for p in origin._checkpoint_dirs()]
+        raise FederationError(
+            f"{origin.path} keeps no checkpoint of round {round_number} (kept: {', '.join(map(str, kept)) or 'none'}; "
+            "federation.keep_checkpoints and the regions' retention decide how many stay). Choose a kept round, or "
+            "start a new run from round 0."
+        )
+    if destination is None:
+        destination = origin.path.parent / f"{origin.run_id}-from-round-{round_number}"
+        n = 1
+        while destination.exists():
+            n += 1
+            destination = origin.path.parent / f"{origin.run_id}-from-round-{round_number}-{n}"
+    if destination.exists() and any(destination.iterdir()):
+        raise FederationError(f"{destination} is not empty; choose a new folder with --to.")
+    branch = RunDirectory(destination)
+    branch.create()
+    shutil.copy2(origin.config_path, branch.config_path)
+    shutil.copytree(checkpoint, branch.checkpoints_dir / checkpoint.name)
+    for row in origin.read_metrics():
+        if row["round"] <= round_number:
+            branch.metrics(row)
+    branch.event("branched", from_run=str(origin.path), from_round=round_number, checkpoint=str(checkpoint))
+    key = EvidenceKey.load_or_create(branch.coordinator_key_dir, logs=(branch.path / "audit.jsonl",))
+    AuditLog(branch.path / "audit.jsonl", actor="coordinator", key=key).record(
+        "run", "branched", reason=f"from {origin.path} at its round-{round_number} checkpoint", round=round_number)
+    return branch
 
 
 def json_number(x: float | None) -> float | str | None:

@@ -22,6 +22,7 @@ from common.paths import writable_folder
 from common.runconfig import write_flower_app, write_run_config
 from server.rundir import RunDirectory
 from server.superlink import LocalSuperLink, RunStatus
+from server.tracking import check_trackers
 
 # What may change when a run resumes; everything else would make the checkpoint meaningless.
 RESUMABLE_PREFIXES = ("federation.", "simulation.")
@@ -77,6 +78,9 @@ def simulate(overrides: Sequence[str], config_dir: Path | None = None, out: Call
     run = RunDirectory(cfg.run_dir)
     run.create()
     run.config_path.write_text(config_to_yaml(cfg))
+    if not cfg.resume:
+        run.write_overrides(list(overrides))
+    check_trackers(cfg)
     n_nodes = sum(r.clients for r in cfg.regions.values())
     out(_headline(cfg, run, n_nodes))
 

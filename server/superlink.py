@@ -78,10 +78,16 @@ class FlowerControl:
         return result.stdout + result.stderr
 
     def save_logs(self, run_id: int, path: Path) -> None:
-        path.write_text(self.logs(run_id))
+        from server.rundir import OUTPUT_LINE
+
+        # The outputs a coordinator published in the log are in the run directory already: keep the log readable.
+        lines = [line for line in self.logs(run_id).splitlines() if OUTPUT_LINE not in line]
+        path.write_text("\n".join(lines) + "\n")
 
     def stop_run(self, run_id: int) -> None:
-        self._flwr(["stop", str(run_id), CONNECTION, "--format", "json"])
+        out = self._flwr(["stop", str(run_id), CONNECTION, "--format", "json"])
+        if not out.get("success"):
+            raise FederationError(f"flwr stop could not stop run {run_id}: {out.get('error-message', out)}")
 
     def register_node(self, public_key: Path) -> int:
         out = self._flwr(["supernode", "register", str(public_key), CONNECTION, "--format", "json"])

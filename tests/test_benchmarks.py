@@ -39,8 +39,12 @@ def test_message_start_quick_measures_each_message_kind(model_cache, tmp_path):
     assert set(record["stages"]) == {"light", "node", "model"}
     for stage in record["stages"].values():
         assert stage["process_wall_s"] >= stage["cold_s"] > 0 and stage["warm_s"] >= 0
+    assert set(record["runtime_api"]) == {"describe", "evaluate"}
+    for kind in record["runtime_api"].values():  # through a SuperNode: a process per message, the warm worker
+        assert kind["process_s"] > 0 and kind["warm_first_s"] > 0 and kind["warm_s"] > 0
     assert "| secure-aggregation stage |" in done.stdout
-    assert "| train/evaluate (model ready) |" in (tmp_path / "message-start.md").read_text()
+    table = (tmp_path / "message-start.md").read_text()
+    assert "| train/evaluate (model ready) |" in table and "| describe |" in table and "| evaluate |" in table
     assert (tmp_path / "message-start.png").stat().st_size > 0
 
 

@@ -29,10 +29,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def tokenizer_model(tmp_path_factory) -> Path:
-    """A model folder with a small tokenizer trained on records like the tests' and a config: all that a
-    node's start checks load (no weights), so ordinary records fit model.max_length and long ones do not."""
+    """A model folder with a small tokenizer trained on records like the tests', a config and tiny random
+    weights: what a node's start checks load, so ordinary records fit model.max_length and long ones do not."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import GPT2Config, PreTrainedTokenizerFast
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
     folder = tmp_path_factory.mktemp("tokenizer-model")
     tok = Tokenizer(models.BPE())
@@ -44,7 +44,9 @@ def tokenizer_model(tmp_path_factory) -> Path:
                             trainer=trainer)
     PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
                             unk_token="<|endoftext|>").save_pretrained(folder)
-    GPT2Config(vocab_size=2000, n_positions=128, n_embd=16, n_layer=1, n_head=1).save_pretrained(folder)
+    config = GPT2Config(vocab_size=2000, n_positions=128, n_embd=16, n_layer=1, n_head=1)
+    # Random tiny weights: the start checks refuse a model folder without any (50k values, a few ms to write).
+    GPT2LMHeadModel(config).save_pretrained(folder)
     return folder
 
 
@@ -225,7 +227,9 @@ CASES = [
          ("--max-new-tokens: 0 is too small; give 1 or more",)),
     Case("generate-samples-not-a-number", lambda c: ["generate", str(c.tmp), "--samples", "three"], 2,
          ("--samples: 'three' is not a whole number",)),
-    Case("generate-no-manifest", lambda c: ["generate", str(c.tmp)], 2, ("has no fedsov-manifest.json",)),
+    Case("generate-no-adapter", lambda c: ["generate", str(c.tmp)], 2, ("holds no adapter",)),
+    Case("generate-no-manifest", after(lambda c: (c.tmp / "adapter_config.json").write_text("{}"),
+                                       lambda c: ["generate", str(c.tmp)]), 2, ("has no fedsov-manifest.json",)),
     # Certificates and keys
     Case("certs-twice", twice(lambda c: ["certs", "--out", str(c.tmp / "certs")]), 2,
          ("already exist", "pass --force to replace them")),
@@ -320,7 +324,9 @@ def test_an_unexpected_failure_is_one_line_and_a_log_file(monkeypatch, capsys):
                                      "audit verify", "audit compare", "report", "generate", "export", "certs",
                                      "coordinator start", "coordinator register", "coordinator nodes", "node key",
                                      "node start", "node trust", "node identity", "roster add", "roster show", "run submit", "run watch", "run status", "run fetch",
-                                     "data check", "data generate", "deploy local"])
+                                     "run stop", "run logs", "run pull",
+                                     "data check", "data generate", "deploy local",
+                                     "retention enforce", "ledger backup", "node erase", "run branch", "dpo-record"])
 def test_help_of_each_command(command, capsys):
     assert main([*(command.split() if command else []), "--help"]) == 0
     assert "usage: fedsov" in capsys.readouterr().out

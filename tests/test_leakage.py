@@ -193,7 +193,8 @@ def test_report_renders_every_section(tmp_path):
     page = (run.report_dir / "privacy-report.html").read_text()
     parser = Sections()
     parser.feed(page)
-    assert parser.ids == ["summary", "regions", "policies", "privacy", "utility", "audit", "plots", "examples", "audit-log"]
+    assert parser.ids == ["summary", "regions", "nodes", "egress", "policies", "privacy", "utility", "audit", "plots",
+                          "examples", "audit-log"]
     assert len(parser.images) == 3 and all(src.startswith("data:image/png;base64,") for src in parser.images)
     assert "PIPL policy forbids" in page and "not legal advice" in page and "hash chain intact" in page
     assert "no memorisation detected" in page and "\u2588" in page

@@ -157,7 +157,7 @@ BROKEN = {
         ["raw data export is never possible"]),
     "impossible delta": (
         lambda: replace_line(eu_text(), "delta", "1.5"),
-        ["policy.privacy.delta", "(0, 1)"]),
+        ["policy.privacy.delta", "[1e-10, 1)"]),
     "nowhere to send updates": (
         lambda: replace_line(eu_text(), "allowed_coordinator_jurisdictions", "[]"),
         ["no coordinator could ever receive updates"]),
@@ -381,7 +381,11 @@ def test_explain_reads_as_a_privacy_officer_expects(region):
     p = loaded.policy
     text = explain_policy(loaded.name, loaded.jurisdiction, p, on=ON)
     sections = [line.split(":")[0] for line in text.splitlines() if line.startswith("- ")]
-    assert sections == ["- Data", "- Use", "- Transfers", "- Privacy", "- Retention"]
+    assert sections == ["- Data", "- Use", "- Transfers", "- Privacy", "- Retention", "- Erasure"]
+    retention = p.retention
+    assert (f"deleted once {retention.checkpoint_days} days old" in text
+            and f"ledger backups once {retention.ledger_backup_days} days old" in text
+            and "live privacy ledger and audit logs are never deleted" in text and "not yet" not in text)
     assert text.startswith(f"Region {region} ({loaded.jurisdiction}), rules under {p.law}:")
     assert text.rstrip().endswith("not legal advice: your data protection officer and counsel must review every "
                                   "value before real personal data is used.")
@@ -401,6 +405,7 @@ def test_explain_shows_the_pipl_bands_and_the_us_prohibition():
     assert "fewer than 1,000,000 people and fewer than 10,000 with sensitive data: standard contract or " \
            "certification" in text
     assert "any larger volume: security assessment" in text
+    assert "refuses a coordinator whose required safeguard is not recorded" in text
     us = load_region_file(REGIONS / "us.yaml")
     text = explain_policy("us", "US-CA", us.policy, on=ON)
     assert "anywhere, except CN, HK, MO, CU, IR, KP, RU, VE" in text

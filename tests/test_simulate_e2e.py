@@ -73,3 +73,45 @@ def test_simulate_reports_bad_config_without_starting_anything(tmp_path):
     assert result.returncode == 2
     assert "Unknown config key 'federation.roundz'. Did you mean 'rounds'?" in result.stderr
     assert not (tmp_path / "flwr-home").exists()
+
+
+def test_simulate_multirun_sweeps_one_run_per_value_and_prints_a_table(small_overrides, tmp_path):
+    """Hydra's -m: each value its own run directory, saved overrides and TensorBoard files; a sweep table at the end."""
+    result = fedsov(["-m", *small_overrides, "privacy.target_epsilon=3,8", "federation.rounds=1",
+                     "audit.enabled=false"], tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = result.stdout
+    assert "2 runs over privacy.target_epsilon; every job's config is valid" in out
+    assert "=== sweep job 1/2: privacy.target_epsilon=3 ===" in out
+    assert "=== sweep job 2/2: privacy.target_epsilon=8 ===" in out
+    table = out.split("runs succeeded")[1].splitlines()
+    assert "2/2 runs succeeded" in out and re.match(r"\s+job\s+privacy.target_epsilon\s+status", table[1])
+    runs = sorted((tmp_path / "work" / "runs").glob("*-job*"))
+    assert [p.name[-4:] for p in runs] == ["job0", "job1"]
+    epsilon = []
+    for run, value in zip(runs, ("3", "8")):
+        assert f"privacy.target_epsilon={value}" in (run / ".hydra" / "overrides.yaml").read_text()
+        assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+        summary = json.loads((run / "summary.json").read_text())
+        epsilon.append(summary["regions"]["eu"]["epsilon"])
+        assert re.search(rf"\n\s+{run.name[-1]}\s+{value}\s+completed\s+1\s+eu {epsilon[-1]:.2f} us ", out)
+    assert 0 < epsilon[0] <= 3.0 + 1e-6 < epsilon[1]  # the second run spends on top of the first: cumulative
+    record = json.loads(next((tmp_path / "work" / "sweeps").glob("*/sweep.json")).read_text())
+    assert [j["exit_code"] for j in record["jobs"]] == [0, 0]
+    assert not processes_of(tmp_path), "the sweep left Flower or Ray processes behind"
+
+
+def processes_of(root: Path) -> list[str]:
+    """Flower and Ray processes started for this test (by their folder), not those of others sharing the machine."""
+    names = ("flower-superlink", "flwr-simulation", "flower-superexec", "raylet", "gcs_server")
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if any(n in cmd for n in names):
+            try:
+                home = p.environ().get("FLWR_HOME", "")
+            except (psutil.AccessDenied, psutil.NoSuchProcess):
+                home = ""
+            if str(root) in cmd or str(root) in home:
+                found.append(cmd)
+    return found

@@ -19,11 +19,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
-from common.audit import ChainHead, EvidenceKey, HashChainLog, TamperedLog
+from common.audit import EvidenceKey, KeyedRegister, TamperedLog
 from common.errors import BudgetExhausted, LedgerError, PrivacyError
 from common.policy import PrivacyUnitKind
 from common.privacy.accounting import MONOTONE_SLACK, DpSgdSteps, epsilon_spent
-from common.privacy.units import PrivacyUnit, dataset_fingerprint
+from common.privacy.units import PrivacyUnit, dataset_fingerprint, person_digest
 
 LEDGER_FORMAT = "fedsov-privacy-ledger/2"
 
@@ -48,33 +48,34 @@ class RoundCharge:
         return DpSgdSteps(self.noise_multiplier, self.sample_rate, self.steps)
 
 
-class PrivacyLedger:
-    """The node's ledger, stored as a hash-chained log: every read verifies it first."""
+class PrivacyLedger(KeyedRegister):
+    """The node's ledger, stored as a keyed hash-chained log: every read verifies it first."""
+
+    kind = "ledger"
+    format = LEDGER_FORMAT
 
     def __init__(self, path: Path | str, *, delta: float, unit: PrivacyUnitKind, key: EvidenceKey):
-        self.path = Path(path)
+        super().__init__(path)
         self.delta = delta
         self.unit = unit
-        self._log = HashChainLog(self.path, key)
-        if not self._log.exists():
-            self._log.append({"kind": "ledger", "format": LEDGER_FORMAT, "delta": delta, "unit": unit.value,
-                              "salt": secrets.token_hex(16)})
+        self._evidence_key = key
+        if not self.exists():
+            with self._guard():
+                self.chain.append(self.header())
         self._check_settings(self._state())
 
-    @property
-    def head(self) -> ChainHead:
-        """Where the ledger stands: what audit logs and the coordinator's anchors record."""
-        try:
-            return self._log.chain_head()
-        except TamperedLog as err:
-            raise self._damaged(err) from err
+    def _key(self) -> EvidenceKey:
+        return self._evidence_key
 
-    def check_anchor(self, entries: int, head: str) -> None:
-        """Refuse a ledger that does not contain an anchor kept off this machine (it was reset or rewritten)."""
-        try:
-            self._log.check_anchor(entries, head)
-        except TamperedLog as err:
-            raise self._damaged(err) from err
+    def header(self) -> dict[str, Any]:
+        return {**super().header(), "delta": self.delta, "unit": self.unit.value, "salt": secrets.token_hex(16)}
+
+    def damaged(self, err: TamperedLog) -> LedgerError:
+        return LedgerError(
+            f"Privacy ledger {self.path} failed its integrity check ({err}). Training is refused: a tampered "
+            "or truncated ledger must never reset the spent budget. Restore the ledger and its .head file "
+            "from a backup."
+        )
 
     def charges(self) -> list[RoundCharge]:
         """Every charge in this ledger, in the order it was recorded."""
@@ -95,9 +96,27 @@ class PrivacyLedger:
         state = self._state()
         if fingerprint not in state["datasets"]:
             salt = bytes.fromhex(state["salt"])
-            self._log.append({"kind": "dataset", "fingerprint": fingerprint, "units": len(units),
-                              "unit_digests": sorted({u.digest(salt) for u in units})})
+            entry = {"kind": "dataset", "fingerprint": fingerprint, "units": len(units),
+                     "unit_digests": sorted({u.digest(salt) for u in units})}
+            if self.unit != PrivacyUnitKind.user:
+                # Record digests cannot tell whose records they are once the text changed: keep who, for erasures.
+                entry["people"] = sorted({person_digest(u.user_id, salt) for u in units})
+            self.append(entry)
         return fingerprint
+
+    def person_history(self, user_id: str) -> tuple[list[RoundCharge], list[str]]:
+        """The charges on datasets that held this person's data, oldest first; and the datasets that cannot tell
+        (record-unit datasets registered before the ledger kept people), whose charges may include them."""
+        state = self._state()
+        digest = person_digest(user_id, bytes.fromhex(state["salt"]))
+        holding, unknown = set(), []
+        for fingerprint, dataset in state["datasets"].items():
+            people = dataset["unit_digests"] if state["unit"] == PrivacyUnitKind.user.value else dataset["people"]
+            if people is None:
+                unknown.append(fingerprint)
+            elif digest in people:
+                holding.add(fingerprint)
+        return [c for c in state["charges"] if c.dataset in holding], unknown
 
     def history(self, fingerprint: str) -> list[RoundCharge]:
         """Every charge that touched a unit of this dataset, oldest first."""
@@ -172,28 +191,12 @@ class PrivacyLedger:
             ))
             return {"kind": "charge", **asdict(made[0])}
 
-        try:
-            self._log.append(entry)
-        except TamperedLog as err:
-            raise self._damaged(err) from err
+        self.append(entry)
         return made[0]
 
     # -- storage ------------------------------------------------------------------------
-    def _entries(self) -> list[dict[str, Any]]:
-        try:
-            return self._log.entries()
-        except TamperedLog as err:
-            raise self._damaged(err) from err
-
-    def _damaged(self, err: TamperedLog) -> LedgerError:
-        return LedgerError(
-            f"Privacy ledger {self.path} failed its integrity check ({err}). Training is refused: a tampered "
-            "or truncated ledger must never reset the spent budget. Restore the ledger and its .head file "
-            "from a backup."
-        )
-
     def _state(self) -> dict[str, Any]:
-        return self._replay(self._entries())
+        return self._replay(self.entries())
 
     def _replay(self, entries: list[dict[str, Any]]) -> dict[str, Any]:
         if not entries or entries[0].get("kind") != "ledger" or entries[0].get("format") != LEDGER_FORMAT:
@@ -203,7 +206,8 @@ class PrivacyLedger:
                                  "datasets": {}, "charges": []}
         for e in entries[1:]:
             if e.get("kind") == "dataset":
-                state["datasets"][e["fingerprint"]] = {"units": e["units"], "unit_digests": e["unit_digests"]}
+                state["datasets"][e["fingerprint"]] = {"units": e["units"], "unit_digests": e["unit_digests"],
+                                                       "people": e.get("people")}
             elif e.get("kind") == "charge":
                 try:
                     state["charges"].append(RoundCharge(**{k: e[k] for k in RoundCharge.__dataclass_fields__}))

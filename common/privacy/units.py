@@ -28,6 +28,11 @@ class PrivacyUnit:
         return _digest(salt, identity)
 
 
+def person_digest(user_id: str, salt: bytes) -> str:
+    """Salted identity of a person: equal to the digest of their unit when the unit is a user."""
+    return _digest(salt, [user_id])
+
+
 def group_units(records: Sequence[Record], kind: PrivacyUnitKind) -> list[PrivacyUnit]:
     """One unit per record, or one per user_id holding all of that user's records in order."""
     if kind == PrivacyUnitKind.record:
