@@ -194,6 +194,11 @@ class AuditConfig:
     # (each its own privacy unit: the audit then measures the epsilon of a group of that many units).
     one_run_canaries: int = 64
     one_run_repetitions: int = 1
+    # Random secrets scored against each one-run canary (its exposure is the membership score).
+    one_run_candidates: int = 100
+    # Share of the one-run canaries guessed: the top-scoring half of that share "in", the bottom half "out";
+    # the rest abstain (Steinke et al. 2023: guessing only where the score is extreme raises the bound).
+    one_run_guess_share: float = 0.5
     exposure_candidates: int = 400
     mia_members: int = 200
     generations: int = 16
@@ -726,6 +731,11 @@ def validate(cfg: FedsovConfig) -> None:
               "Use 1 (each included canary once) or a few copies.")
     if any(r < 1 for r in au.canary_repetitions):
         _fail("audit.canary_repetitions", au.canary_repetitions, "repetitions must be at least 1", "Use e.g. [1, 4, 16].")
+    if not 0 < au.one_run_guess_share <= 1:
+        _fail("audit.one_run_guess_share", au.one_run_guess_share, "must be in (0, 1]",
+              "Use e.g. 0.5: guess on the half of the canaries with the most and the least extreme scores.")
+    if au.one_run_canaries and au.one_run_candidates < 50:
+        _fail("audit.one_run_candidates", au.one_run_candidates, "too few for a skew-normal fit", "Use at least 50.")
     for key, value in {"audit.one_run_canaries": au.one_run_canaries, "audit.exposure_candidates": au.exposure_candidates,
                        "audit.mia_members": au.mia_members, "audit.generations": au.generations}.items():
         if value < 0:
