@@ -226,7 +226,7 @@ def federated_fake_run(tmp_path):
              "mia-loss-tpr-at-1pct-fpr": 0.01, "mia-calibrated-auc": 0.51, "mia-calibrated-tpr-at-1pct-fpr": 0.02,
              "mia-members": 200.0, "mia-nonmembers": 50.0, "one-run-canaries": 64.0, "one-run-guesses": 32.0,
              "one-run-correct": 17.0, "generations": 16.0, "pii-spans": 3.0, "epsilon": 1.0, "delta": 1e-5}
-    memorised = {**audit, "exposure-rep16-max": 15.0}
+    memorised = {**audit, "exposure-rep16-mean": 12.0, "exposure-rep16-max": 15.0}  # the verdict reads the mean
     run.write_audit_results({"eu-1": {"region": "eu", "metrics": audit, "examples": ["The code is \u2588\u2588"]},
                              "us-1": {"region": "us", "metrics": memorised, "examples": []}})
     return run, load_config(["regions=[eu,us,sg,br]"])
