@@ -363,7 +363,8 @@ def _figures(report: dict[str, Any]) -> dict[str, bytes]:
         reps = sorted({int(k) for a in audited.values() for k in a["exposure"]})
         width = 0.8 / max(1, len(audited))
         for i, (r, a) in enumerate(audited.items()):
-            ax.bar([j + i * width for j in range(len(reps))], [a["exposure"].get(str(k), {}).get("mean_bits", 0) for k in reps],
+            ax.bar([j + i * width for j in range(len(reps))],
+                   [a["exposure"].get(str(k), {}).get("mean_bits", 0) for k in reps],
                    width=width, label=r)
         ax.axhline(EXPOSURE_ALARM_BITS, color="red", linestyle=":", label="alarm")
         ax.set_xticks([j + width * (len(audited) - 1) / 2 for j in range(len(reps))], [f"{k}x" for k in reps])

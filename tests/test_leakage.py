@@ -177,7 +177,8 @@ def fake_run(tmp_path, correct: int, accounted: float, copies: int = 1, mean_bit
                "extracted-beam-rep16": 0.0, "canaries-rep16": 2.0, "mia-loss-auc": 0.52, "mia-loss-tpr-at-1pct-fpr": 0.01,
                "mia-calibrated-auc": 0.51, "mia-calibrated-tpr-at-1pct-fpr": 0.02, "mia-members": 200.0,
                "mia-nonmembers": 50.0, "one-run-canaries": 64.0, "one-run-guesses": 32.0, "one-run-correct": float(correct),
-               "one-run-repetitions": float(copies), "canaries-never-inserted": 30.0, "exposure-never-inserted-mean": 1.4,
+               "one-run-repetitions": float(copies), "canaries-never-inserted": 30.0,
+               "exposure-never-inserted-mean": 1.4,
                "generations": 16.0, "pii-spans": 3.0, "epsilon": accounted,
                "delta": 1e-5}
     run.write_audit_results({"us-1": {"region": "us", "metrics": metrics,
