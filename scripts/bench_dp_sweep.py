@@ -10,9 +10,11 @@ ledger. The sweep goes coarse to fine (`stages`), so that one stopped at --minut
 
   1. without DP and at epsilon 8, 3 and 1: DP-Adam and DP-SGD, LoRA and FFA-LoRA, at one learning rate
      (epsilon 8 for all four first, then 3 and 1 for the one with the best epsilon-8 result, and so on);
-  2. learning rates: without DP (the reference every ratio is taken against: the best of them) and at epsilon 8;
-  3. epsilon 3 and 1: the best epsilon-8 rate of each (optimiser, LoRA kind), and the next lower one;
-  4. epsilon 8: clip norms for the best arm of each optimiser, then rank and LoRA targets for the best arm.
+  2. learning rates without DP (the reference every ratio is taken against: the best of them);
+  3. epsilon 8: learning rates for each kind, best kind first; after the best kind's, its clip norms, then
+     rank and LoRA targets for the best arm so far;
+  4. epsilon 3 and 1: the best epsilon-8 setting of each kind, and the next lower learning rate;
+  5. epsilon 8: clip norms for the best arm of the other optimiser.
 
 Then, unless --no-confirm, the best epsilon-8 arm and the best arm without DP run again through `fedsov
 simulate` (Flower, Ray, secure aggregation), as the check that the lab federation measures the real one.
@@ -127,6 +129,7 @@ class Sweep:
         return min(rows, key=lambda a: a["perplexity"]) if rows else None
 
 
+SPARE = [k for k in setting() if k != "epsilon"]  # what an arm's setting holds besides its epsilon
 KINDS = [(optimizer, ffa) for optimizer in ("adamw", "sgd") for ffa in (False, True)]
 
 
@@ -135,7 +138,6 @@ def stages(sweep: Sweep, quick: bool) -> None:
     epsilon for every optimiser and LoRA kind at one learning rate first, then learning rates, clip norms and
     shapes around the best arms. In quick mode one learning rate: enough to exercise every path."""
     pick = (lambda grid: grid[1:2]) if quick else (lambda grid: grid)
-    spare = {k: v for k, v in setting().items() if k != "epsilon"}
     sweep.run("no DP", setting(lr=NO_DP_LEARNING_RATES[1]))
     epsilons = QUICK_EPSILONS if quick else EPSILONS
 
@@ -143,31 +145,38 @@ def stages(sweep: Sweep, quick: bool) -> None:
         return sweep.run(f"eps {epsilon:g}", setting(optimizer, ffa, LEARNING_RATES[optimizer][1], epsilon=epsilon))
 
     at8 = {kind: first_pass(*kind, epsilons[0]) for kind in KINDS}
-    # The lower epsilons, most promising kind first: a sweep stopped early has every epsilon for the best kinds.
-    for kind in sorted(KINDS, key=lambda k: at8[k]["perplexity"] if at8[k] else math.inf):
+    # Most promising kind first from here on: a sweep stopped early has explored the best kinds furthest.
+    ranked = sorted(KINDS, key=lambda k: at8[k]["perplexity"] if at8[k] else math.inf)
+    for kind in ranked:
         for epsilon in epsilons[1:]:
             first_pass(*kind, epsilon)
     for lr in pick(NO_DP_LEARNING_RATES):
         sweep.run("no DP", setting(lr=lr))
-    for optimizer, ffa in KINDS:
+    for place, (optimizer, ffa) in enumerate(ranked):
         for lr in pick(LEARNING_RATES[optimizer]):
             sweep.run("eps 8", setting(optimizer, ffa, lr, epsilon=8.0))
+        if place == 0:  # clip norm, rank and targets around the best arm before the other kinds' learning rates
+            tune_clip(sweep, optimizer, pick(CLIP_NORMS))
+            best = sweep.best(epsilon=8.0)
+            for shape in pick(SHAPES) if best else ():
+                sweep.run("shape", {**{k: best[k] for k in SPARE}, **shape, "epsilon": 8.0})
     for epsilon in epsilons[1:]:
-        for optimizer, ffa in KINDS:
-            at8 = sweep.best(epsilon=8.0, optimizer=optimizer, ffa=ffa)
-            if at8 is None:
+        for optimizer, ffa in ranked:
+            best = sweep.best(epsilon=8.0, optimizer=optimizer, ffa=ffa)
+            if best is None:
                 continue
-            # The best epsilon-8 rate and the next lower one: more noise tends to want smaller steps.
-            lower = [lr for lr in LEARNING_RATES[optimizer] if lr < at8["lr"]][-1:]
-            for lr in ([at8["lr"]] if quick else [at8["lr"], *lower]):
-                sweep.run(f"eps {epsilon:g}", {**{k: at8[k] for k in spare}, "lr": lr, "epsilon": epsilon})
-    for optimizer in ("adamw", "sgd"):
-        best = sweep.best(epsilon=8.0, optimizer=optimizer)
-        for clip in pick(CLIP_NORMS) if best else ():
-            sweep.run("clip", {**{k: best[k] for k in spare}, "clip": clip, "epsilon": 8.0})
-    best = sweep.best(epsilon=8.0)
-    for shape in pick(SHAPES) if best else ():
-        sweep.run("shape", {**{k: best[k] for k in spare}, **shape, "epsilon": 8.0})
+            # The best epsilon-8 setting and the next lower rate: more noise tends to want smaller steps.
+            lower = [lr for lr in LEARNING_RATES[optimizer] if lr < best["lr"]][-1:]
+            for lr in ([best["lr"]] if quick else [best["lr"], *lower]):
+                sweep.run(f"eps {epsilon:g}", {**{k: best[k] for k in SPARE}, "lr": lr, "epsilon": epsilon})
+    tune_clip(sweep, "sgd" if ranked[0][0] == "adamw" else "adamw", pick(CLIP_NORMS))
+
+
+def tune_clip(sweep: Sweep, optimizer: str, clips) -> None:
+    """Clip norms for the best epsilon-8 arm of `optimizer`."""
+    best = sweep.best(epsilon=8.0, optimizer=optimizer)
+    for clip in clips if best else ():
+        sweep.run("clip", {**{k: best[k] for k in SPARE}, "clip": clip, "epsilon": 8.0})
 
 
 def confirm(sweep: Sweep, base: list[str]) -> dict:
@@ -235,7 +244,9 @@ def summarise(sweep: Sweep, base: list[str], confirmed: dict, quick: bool, secon
     head = (f"Privacy vs utility sweep ({'quick' if quick else 'full'}; {device_name()}; us + sg, one client each, "
             f"{', '.join(f'{k} {v}' for k, v in units.items())} training units; expected batch "
             f"{cfg['federation.batch_size']}, {cfg['federation.local_steps']} local steps x "
-            f"{cfg['federation.rounds']} rounds; perplexity before training {before:.1f}; {seconds / 60:.0f} min)")
+            f"{cfg['federation.rounds']} rounds; perplexity before training {before:.1f}; {len(arms)} arms, "
+            f"{sum(a['seconds'] for a in arms) / 60:.0f} min of training and evaluation, this invocation "
+            f"{seconds / 60:.0f} min)")
 
     def kind(a):
         return "FFA-LoRA" if a["ffa"] else "LoRA"
@@ -320,12 +331,12 @@ def plot_sweep(figure, sweep: Sweep) -> None:
     ax.axhline(reference, color="black", linestyle=":", label="best without DP")
     ax.axhline(reference * UTILITY_GOAL, color="red", linestyle=":", label=f"goal ({UTILITY_GOAL}x)")
     ax.set_xscale("log")
-    ax.set_yscale("log")
     ax.set_xticks(epsilons, [f"{e:g}" for e in epsilons])
+    ax.set_xticks([], minor=True)
     ax.set_xlabel("target epsilon")
     ax.set_ylabel("held-out perplexity")
     ax.set_title("Best arm per epsilon")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
 
 
 if __name__ == "__main__":
