@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -53,7 +54,7 @@ from common.wire import (
 if TYPE_CHECKING:
     from client.node import RegionNode
 
-_NODES: dict[str, "RegionNode"] = {}
+_NODES: dict[str, RegionNode] = {}
 _GATES: dict[str, PolicyGate] = {}
 _SETTINGS: dict[str, NodeSettings] = {}
 _LOCK = threading.Lock()
@@ -112,7 +113,7 @@ def policy_gate(context: Context) -> PolicyGate:
         return _GATES[key]
 
 
-def region_node(context: Context) -> "RegionNode":
+def region_node(context: Context) -> RegionNode:
     """The node this message is for, with every start check passed.
 
     Started once per process, settings and policy version: when the region edits its policy
@@ -174,8 +175,12 @@ def handled(step: Callable[[Message, Context], RecordDict]) -> Callable[[Message
         except Exception as err:  # noqa: BLE001 - an unexpected error must still be a logged refusal
             secure.clear(context.state)
             node_audit(node_settings(context)).record(
-                "error", "refused", reason=f"{type(err).__name__}: {str(err)[:2000]}", round=_round(msg),
-                message_type=msg.metadata.message_type)
+                "error",
+                "refused",
+                reason=f"{type(err).__name__}: {str(err)[:2000]}",
+                round=_round(msg),
+                message_type=msg.metadata.message_type,
+            )
             return refusal(msg, f"node error ({type(err).__name__}); details stay in the node's audit log")
 
     handler.__name__ = step.__name__
@@ -196,8 +201,10 @@ def records(msg: Message, required: dict[str, type], optional: dict[str, type] |
     optional = optional or {}
     names = set(msg.content.keys())
     if not set(required) <= names <= set(required) | set(optional):
-        raise SchemaError(f"{msg.metadata.message_type}: records {sorted(names)}, expected {sorted(required)}"
-                          + (f" and optionally {sorted(optional)}" if optional else ""))
+        raise SchemaError(
+            f"{msg.metadata.message_type}: records {sorted(names)}, expected {sorted(required)}"
+            + (f" and optionally {sorted(optional)}" if optional else "")
+        )
     for name in names:
         kind = {**required, **optional}[name]
         if not isinstance(msg.content[name], kind):
@@ -211,7 +218,9 @@ def describe(msg: Message, context: Context) -> RecordDict:
     request = check_record(records(msg, {REQUEST: ConfigRecord})[REQUEST], DESCRIBE_REQUEST_FIELDS, "describe request")
     node = region_node(context)
     info, counts = node.describe(request["coordinator-jurisdiction"])
-    return RecordDict({NODE: ConfigRecord(info), METRICS: MetricRecord(counts), EVIDENCE: ConfigRecord(node.evidence())})
+    return RecordDict(
+        {NODE: ConfigRecord(info), METRICS: MetricRecord(counts), EVIDENCE: ConfigRecord(node.evidence())}
+    )
 
 
 @app.query("audit")
@@ -235,13 +244,20 @@ def train(msg: Message, context: Context) -> RecordDict:
     outcome = node.train_round(plan, record_to_state(content[GLOBAL_ADAPTER]), anchor)
     evidence = ConfigRecord(node.evidence())
     if not plan.secure_aggregation:
-        return RecordDict({UPDATE: state_to_record(outcome.update), METRICS: MetricRecord(outcome.metrics),
-                           EVIDENCE: evidence})
+        return RecordDict(
+            {UPDATE: state_to_record(outcome.update), METRICS: MetricRecord(outcome.metrics), EVIDENCE: evidence}
+        )
     units = int(outcome.metrics["num-units"])
     keys = secure.begin(
-        context.state, aggregation_tag(plan.run_id, plan.round, "train"), msg.metadata.dst_node_id, "train",
-        node_identity(node.settings), node.settings.name, plan_digest(content[PLAN]),
-        {"loss-x-units": float(outcome.metrics["train-loss"]) * units, "units": units}, update=outcome.update,
+        context.state,
+        aggregation_tag(plan.run_id, plan.round, "train"),
+        msg.metadata.dst_node_id,
+        "train",
+        node_identity(node.settings),
+        node.settings.name,
+        plan_digest(content[PLAN]),
+        {"loss-x-units": float(outcome.metrics["train-loss"]) * units, "units": units},
+        update=outcome.update,
     )
     clear = MetricRecord({"num-units": units, "epsilon": float(outcome.metrics["epsilon"])})
     return RecordDict({SECAGG_KEYS: ConfigRecord(keys), METRICS: clear, EVIDENCE: evidence})
@@ -257,8 +273,13 @@ def evaluate(msg: Message, context: Context) -> RecordDict:
     if not plan.secure_aggregation:
         return RecordDict({METRICS: MetricRecord(metrics)})
     keys = secure.begin(
-        context.state, aggregation_tag(plan.run_id, plan.round, "evaluate"), msg.metadata.dst_node_id, "evaluate",
-        node_identity(node.settings), node.settings.name, plan_digest(content[PLAN]),
+        context.state,
+        aggregation_tag(plan.run_id, plan.round, "evaluate"),
+        msg.metadata.dst_node_id,
+        "evaluate",
+        node_identity(node.settings),
+        node.settings.name,
+        plan_digest(content[PLAN]),
         {"loss-sum": metrics["loss-sum"], "tokens": metrics["tokens"], "examples": metrics["num-examples"]},
     )
     return RecordDict({SECAGG_KEYS: ConfigRecord(keys)})

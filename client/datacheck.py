@@ -9,8 +9,8 @@ node's ledger and canaries are those of a fresh node; `node start` checks the re
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 
 def check_data(args, out: Callable[[str], None] = print) -> int:
@@ -40,20 +40,28 @@ def data_summary(node) -> list[str]:
     c, s = node.data.counts, node.settings
     lines = [f"Data of node {s.name} (region {s.region}, {node.policy.law} policy): {c['records']} records read"]
     lines += [f"  skipped {path}: {why}" for path, why in node.data.skipped_files]
-    lines.append(f"  excluded by the policy: {c['excluded_no_consent']} without consent, {c['excluded_special']} "
-                 f"special-category, {c['excluded_fields']} with an excluded field; "
-                 f"{c['scrubbed_spans']} PII spans scrubbed")
+    lines.append(
+        f"  excluded by the policy: {c['excluded_no_consent']} without consent, {c['excluded_special']} "
+        f"special-category, {c['excluded_fields']} with an excluded field; "
+        f"{c['scrubbed_spans']} PII spans scrubbed"
+    )
     if c["excluded_erased"]:
         lines.append(f"  left out after erasure requests: {c['excluded_erased']} records")
-    lines.append(f"  {c['people']} people in the training and held-out data, {c['sensitive_people']} of them with a "
-                 "special-category record (what transfer volume rules count)")
-    lines.append(f"  trains on {c['train_units']} privacy units ({node.policy.privacy.unit.value}s, "
-                 f"{c['canary_copies']} of them canary copies); {c['heldout_records']} records held out")
+    lines.append(
+        f"  {c['people']} people in the training and held-out data, {c['sensitive_people']} of them with a "
+        "special-category record (what transfer volume rules count)"
+    )
+    lines.append(
+        f"  trains on {c['train_units']} privacy units ({node.policy.privacy.unit.value}s, "
+        f"{c['canary_copies']} of them canary copies); {c['heldout_records']} records held out"
+    )
     max_length = s.model.max_length
     if c["truncated_units"] or c["truncated_heldout"]:
-        lines.append(f"  TRUNCATED to model.max_length={max_length} tokens: {c['truncated_units']} training unit(s) "
-                     f"({c['truncated_tokens']} tokens dropped) and {c['truncated_heldout']} held-out record(s); "
-                     "raise model.max_length or split long records")
+        lines.append(
+            f"  TRUNCATED to model.max_length={max_length} tokens: {c['truncated_units']} training unit(s) "
+            f"({c['truncated_tokens']} tokens dropped) and {c['truncated_heldout']} held-out record(s); "
+            "raise model.max_length or split long records"
+        )
     else:
         lines.append(f"  nothing truncated: every unit fits model.max_length={max_length} tokens")
     return lines

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
+from common.schema import SchemaError, check_record
 from common.secagg.identity import SIGNATURE_BYTES
 from common.secagg.protocol import MAX_SLOTS
-from common.schema import SchemaError, check_record
 from common.wire import (
     AUDIT,
     DESCRIBE,
@@ -50,9 +51,21 @@ AUDIT_METRIC = re.compile(
 # A redacted canary prompt: no digit runs, no addresses, short.
 REDACTED_EXAMPLE = re.compile(r"[^@]{1,300}")
 MAX_EXAMPLES = 32
-DESCRIBE_METRICS = ("num-units", "people", "records", "excluded-no-consent", "excluded-special", "heldout-records",
-                    "skipped-files", "truncated-units", "truncated-tokens", "truncated-heldout", "delta",
-                    "epsilon-budget", "epsilon")
+DESCRIBE_METRICS = (
+    "num-units",
+    "people",
+    "records",
+    "excluded-no-consent",
+    "excluded-special",
+    "heldout-records",
+    "skipped-files",
+    "truncated-units",
+    "truncated-tokens",
+    "truncated-heldout",
+    "delta",
+    "epsilon-budget",
+    "epsilon",
+)
 KEY_BYTES = 32
 MAX_TEXT = 64
 MAX_REASON = 4096
@@ -72,8 +85,10 @@ def check_reply(request, reply_content, state) -> None:
     if kind == DESCRIBE:
         _records(reply_content, {NODE: "config", METRICS: "metric", EVIDENCE: "config"})
         _evidence(reply_content[EVIDENCE])
-        _config(reply_content[NODE], {"region": str, "node-name": str, "law": str, "policy-hash": str, "unit": str,
-                                      "allowed-deployment": list})
+        _config(
+            reply_content[NODE],
+            {"region": str, "node-name": str, "law": str, "policy-hash": str, "unit": str, "allowed-deployment": list},
+        )
         for value in reply_content[NODE]["allowed-deployment"]:
             _text(value, "allowed-deployment")
         _metrics(reply_content[METRICS], DESCRIBE_METRICS)
@@ -95,7 +110,7 @@ def check_reply(request, reply_content, state) -> None:
         _metrics(reply_content[METRICS], EVALUATE_METRICS)
     elif kind == AUDIT:
         _records(reply_content, {METRICS: "metric", EXAMPLES: "config"})
-        for key, value in reply_content[METRICS].items():
+        for key in reply_content[METRICS].keys():
             if not AUDIT_METRIC.fullmatch(key):
                 raise EgressBlocked(f"audit metric {key!r} is not on the allow-list")
         _metrics(reply_content[METRICS], tuple(reply_content[METRICS].keys()))
@@ -133,8 +148,10 @@ def check_reply(request, reply_content, state) -> None:
         _config(c, {"owners": list, "shares": list})
         if len(c["owners"]) != len(c["shares"]) or len(c["owners"]) > MAX_PEERS:
             raise EgressBlocked("unmask lists are malformed or too long")
-        if not all(isinstance(b, bytes) and b and len(b) % KEY_BYTES == 0 and len(b) <= KEY_BYTES * (1 + MAX_SLOTS)
-                   for b in c["shares"]):
+        if not all(
+            isinstance(b, bytes) and b and len(b) % KEY_BYTES == 0 and len(b) <= KEY_BYTES * (1 + MAX_SLOTS)
+            for b in c["shares"]
+        ):
             raise EgressBlocked("an unmask share is not a whole number of 32-byte shares")
     else:
         raise EgressBlocked(f"message type {kind!r} is not part of the protocol")
@@ -209,8 +226,10 @@ def _update(record, request) -> None:
     for name in names:
         array = record[name]
         if array.dtype != "float32" or list(array.shape) != list(expected[name].shape):
-            raise EgressBlocked(f"update tensor {name} is {array.dtype}{tuple(array.shape)}, expected float32"
-                                f"{tuple(expected[name].shape)}")
+            raise EgressBlocked(
+                f"update tensor {name} is {array.dtype}{tuple(array.shape)}, expected float32"
+                f"{tuple(expected[name].shape)}"
+            )
 
 
 def _masked_size(request, state) -> int:
@@ -229,17 +248,30 @@ def guard(audit_for: Callable[[Any], Any], refusal: Callable[[Any, str], Any]):
         round_number = int(message.metadata.group_id) if message.metadata.group_id.isdigit() else None
         if reply.has_error():
             reason = reply.error.reason[:MAX_REASON]
-            audit.record("egress", "refusal_sent", reason=reason, round=round_number,
-                         message_type=message.metadata.message_type, bytes_sent=len(reason.encode()))
+            audit.record(
+                "egress",
+                "refusal_sent",
+                reason=reason,
+                round=round_number,
+                message_type=message.metadata.message_type,
+                bytes_sent=len(reason.encode()),
+            )
             return reply if len(reply.error.reason) <= MAX_REASON else refusal(message, reason)
         try:
             check_reply(message, reply.content, context.state)
         except EgressBlocked as err:
-            audit.record("egress", "blocked", reason=str(err), round=round_number,
-                         message_type=message.metadata.message_type)
+            audit.record(
+                "egress", "blocked", reason=str(err), round=round_number, message_type=message.metadata.message_type
+            )
             return refusal(message, f"egress guard blocked the reply: {err}")
-        audit.record("egress", "sent", reason="reply matches the protocol allow-list", round=round_number,
-                     message_type=message.metadata.message_type, bytes_sent=payload_bytes(reply.content))
+        audit.record(
+            "egress",
+            "sent",
+            reason="reply matches the protocol allow-list",
+            round=round_number,
+            message_type=message.metadata.message_type,
+            bytes_sent=payload_bytes(reply.content),
+        )
         return reply
 
     return mod

@@ -25,9 +25,10 @@ Art. 4(5)); it is kept because the register must outlive the request for the exc
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from client.settings import LEDGER_FILE, NodeFolders, NodeSettings, node_audit
 from client.transfers import PERSON
@@ -127,12 +128,18 @@ class ErasureReport:
     caches_deleted: int = 0
 
     def as_dict(self) -> dict[str, Any]:
-        return {**self.__dict__, "runs": [r.as_dict() for r in self.runs],
-                "lifetime_epsilon": _number(self.lifetime_epsilon)}
+        return {
+            **self.__dict__,
+            "runs": [r.as_dict() for r in self.runs],
+            "lifetime_epsilon": _number(self.lifetime_epsilon),
+        }
 
     def lines(self) -> list[str]:
-        head = (f"Erasure request recorded for person {self.person[:12]}" if self.new else
-                f"Erasure of person {self.person[:12]} was already recorded")
+        head = (
+            f"Erasure request recorded for person {self.person[:12]}"
+            if self.new
+            else f"Erasure of person {self.person[:12]} was already recorded"
+        )
         out = [f"{head}: their records are left out of everything this region's nodes train on from now on."]
         if self.caches_deleted:
             out.append(f"  deleted {self.caches_deleted} cached file(s) holding this node's filtered records")
@@ -141,21 +148,31 @@ class ErasureReport:
         unit = "each of their records" if self.unit == "record" else "them as a whole"
         for r in self.runs:
             first = min(r.rounds)
-            before = (f"its checkpoints up to round {first - 1} predate them" if first > 1
-                      else "none of its checkpoints predates them")
-            out.append(f"  run {r.run}: trained on their data in round(s) {_ranges(r.rounds)} on {', '.join(r.nodes)} "
-                       f"({r.first_recorded[:10]} to {r.last_recorded[:10]}); its adapters and checkpoints from round "
-                       f"{first} on include them, protected at epsilon {r.epsilon:.3g}, delta {self.delta:g} for "
-                       f"{unit}; {before}")
+            before = (
+                f"its checkpoints up to round {first - 1} predate them"
+                if first > 1
+                else "none of its checkpoints predates them"
+            )
+            out.append(
+                f"  run {r.run}: trained on their data in round(s) {_ranges(r.rounds)} on {', '.join(r.nodes)} "
+                f"({r.first_recorded[:10]} to {r.last_recorded[:10]}); its adapters and checkpoints from round "
+                f"{first} on include them, protected at epsilon {r.epsilon:.3g}, delta {self.delta:g} for "
+                f"{unit}; {before}"
+            )
         if self.runs:
-            out.append(f"  all runs together: epsilon {self.lifetime_epsilon:.3g} at delta {self.delta:g} for {unit}"
-                       + (" (a person with k records: up to k times that, by group privacy)"
-                          if self.unit == "record" else ""))
-            out.append("  To retrain without them: `fedsov run branch <run_dir> --round <a round before the first "
-                       "above>` on the coordinator, then resume the branch; or train a new run from round 0.")
+            out.append(
+                f"  all runs together: epsilon {self.lifetime_epsilon:.3g} at delta {self.delta:g} for {unit}"
+                + (" (a person with k records: up to k times that, by group privacy)" if self.unit == "record" else "")
+            )
+            out.append(
+                "  To retrain without them: `fedsov run branch <run_dir> --round <a round before the first "
+                "above>` on the coordinator, then resume the branch; or train a new run from round 0."
+            )
         if self.undetermined_runs:
-            out.append(f"  MAY include them (datasets registered before the ledger kept people): runs "
-                       f"{', '.join(self.undetermined_runs)}; treat them as including the person")
+            out.append(
+                f"  MAY include them (datasets registered before the ledger kept people): runs "
+                f"{', '.join(self.undetermined_runs)}; treat them as including the person"
+            )
         return out
 
 
@@ -184,10 +201,17 @@ def request_erasure(folders: NodeFolders | NodeSettings, user_id: str, reference
         cache.unlink()
     report = trained_on(ledger, user_id, person, new)
     report.caches_deleted = len(caches)
-    audit.record("erasure", "recorded" if new else "repeated",
-                 reason=f"request {reference}: person {person[:12]} left out of training from now on; "
-                        f"{len(report.runs)} run(s) trained on them", person=person, reference=reference,
-                 register_entries=head.entries, register_head=head.head, report=report.as_dict())
+    audit.record(
+        "erasure",
+        "recorded" if new else "repeated",
+        reason=f"request {reference}: person {person[:12]} left out of training from now on; "
+        f"{len(report.runs)} run(s) trained on them",
+        person=person,
+        reference=reference,
+        register_entries=head.entries,
+        register_head=head.head,
+        report=report.as_dict(),
+    )
     return report
 
 
@@ -198,15 +222,27 @@ def trained_on(ledger: PrivacyLedger, user_id: str, person: str, new: bool) -> E
     for c in charges:
         by_run.setdefault(c.run_id.split("#")[0], []).append(c)
     runs = [
-        RunTrained(run=run, sessions=sorted({c.run_id for c in cs}), rounds=sorted({c.round for c in cs}),
-                   nodes=sorted({c.node for c in cs}), first_recorded=cs[0].recorded_at,
-                   last_recorded=cs[-1].recorded_at, epsilon=epsilon_spent([c.dp_steps for c in cs], ledger.delta))
+        RunTrained(
+            run=run,
+            sessions=sorted({c.run_id for c in cs}),
+            rounds=sorted({c.round for c in cs}),
+            nodes=sorted({c.node for c in cs}),
+            first_recorded=cs[0].recorded_at,
+            last_recorded=cs[-1].recorded_at,
+            epsilon=epsilon_spent([c.dp_steps for c in cs], ledger.delta),
+        )
         for run, cs in by_run.items()
     ]
     undetermined = sorted({c.run_id.split("#")[0] for c in ledger.charges() if c.dataset in unknown} - set(by_run))
-    return ErasureReport(person=person, new=new, unit=ledger.unit.value, delta=ledger.delta, runs=runs,
-                         lifetime_epsilon=epsilon_spent([c.dp_steps for c in charges], ledger.delta),
-                         undetermined_runs=undetermined)
+    return ErasureReport(
+        person=person,
+        new=new,
+        unit=ledger.unit.value,
+        delta=ledger.delta,
+        runs=runs,
+        lifetime_epsilon=epsilon_spent([c.dp_steps for c in charges], ledger.delta),
+        undetermined_runs=undetermined,
+    )
 
 
 def _ranges(rounds: list[int]) -> str:

@@ -10,7 +10,7 @@ import math
 import random
 import secrets
 from collections import defaultdict
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -61,10 +61,13 @@ def extracted(model, tokenizer, canary: Canary, beams: int) -> bool:
     prompt = tokenizer(canary.prefix, return_tensors="pt").to(next(model.parameters()).device)
     secret_tokens = len(tokenizer(" " + canary.secret, add_special_tokens=False)["input_ids"])
     out = model.generate(
-        **prompt, max_new_tokens=secret_tokens + 2, do_sample=False, num_beams=beams,
+        **prompt,
+        max_new_tokens=secret_tokens + 2,
+        do_sample=False,
+        num_beams=beams,
         pad_token_id=tokenizer.eos_token_id,
     )
-    continuation = tokenizer.decode(out[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
+    continuation = tokenizer.decode(out[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True)
     return canary.secret in continuation.replace(" ", "")
 
 
@@ -74,18 +77,31 @@ def sample_texts(model, tokenizer, n: int, max_new_tokens: int = 64) -> list[str
     texts = []
     for i in range(n):
         prompt = PROMPTS[i % len(PROMPTS)]
-        ids = tokenizer(prompt, return_tensors="pt")["input_ids"] if prompt else torch.tensor([[tokenizer.eos_token_id]])
+        ids = (
+            tokenizer(prompt, return_tensors="pt")["input_ids"] if prompt else torch.tensor([[tokenizer.eos_token_id]])
+        )
         out = model.generate(
-            input_ids=ids.to(device), attention_mask=torch.ones_like(ids).to(device), max_new_tokens=max_new_tokens,
-            do_sample=True, top_k=50, pad_token_id=tokenizer.eos_token_id,
+            input_ids=ids.to(device),
+            attention_mask=torch.ones_like(ids).to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=True,
+            top_k=50,
+            pad_token_id=tokenizer.eos_token_id,
         )
         texts.append(tokenizer.decode(out[0], skip_special_tokens=True))
     return texts
 
 
-def audit(model, tokenizer, *, canaries: Sequence[Canary], members: Sequence[Sequence[int]],
-          nonmembers: Sequence[Sequence[int]], train_raw_texts: Sequence[str], settings: AuditConfig,
-          ) -> tuple[dict[str, float], list[str]]:
+def audit(
+    model,
+    tokenizer,
+    *,
+    canaries: Sequence[Canary],
+    members: Sequence[Sequence[int]],
+    nonmembers: Sequence[Sequence[int]],
+    train_raw_texts: Sequence[str],
+    settings: AuditConfig,
+) -> tuple[dict[str, float], list[str]]:
     """All audit numbers for this node, and redacted canary prompts for the report."""
     metrics: dict[str, float] = {}
     examples: list[str] = []
@@ -118,14 +134,16 @@ def audit(model, tokenizer, *, canaries: Sequence[Canary], members: Sequence[Seq
         base_in, base_out = example_losses(model, sample, pad), example_losses(model, list(nonmembers), pad)
     if sample and nonmembers:
         loss_in, loss_out = [-x for x in tuned_in], [-x for x in tuned_out]
-        cal_in = [b - t for b, t in zip(base_in, tuned_in)]
-        cal_out = [b - t for b, t in zip(base_out, tuned_out)]
-        metrics.update({
-            "mia-loss-auc": membership_auc(loss_in, loss_out),
-            "mia-loss-tpr-at-1pct-fpr": tpr_at_fpr(loss_in, loss_out, 0.01),
-            "mia-calibrated-auc": membership_auc(cal_in, cal_out),
-            "mia-calibrated-tpr-at-1pct-fpr": tpr_at_fpr(cal_in, cal_out, 0.01),
-        })
+        cal_in = [b - t for b, t in zip(base_in, tuned_in, strict=True)]
+        cal_out = [b - t for b, t in zip(base_out, tuned_out, strict=True)]
+        metrics.update(
+            {
+                "mia-loss-auc": membership_auc(loss_in, loss_out),
+                "mia-loss-tpr-at-1pct-fpr": tpr_at_fpr(loss_in, loss_out, 0.01),
+                "mia-calibrated-auc": membership_auc(cal_in, cal_out),
+                "mia-calibrated-tpr-at-1pct-fpr": tpr_at_fpr(cal_in, cal_out, 0.01),
+            }
+        )
     metrics["mia-members"] = len(sample)
     metrics["mia-nonmembers"] = len(nonmembers)
 
@@ -134,25 +152,33 @@ def audit(model, tokenizer, *, canaries: Sequence[Canary], members: Sequence[Seq
     # follows the null exactly whatever the prefix, and those canaries measure what "never seen" scores here.
     one_run = [c for c in canaries if c.kind == "one-run"]
     if one_run:
-        bits = [exposure_extrapolated(*canary_losses(model, tokenizer, c, settings.one_run_candidates), c.space_size)
-                for c in one_run]
+        bits = [
+            exposure_extrapolated(*canary_losses(model, tokenizer, c, settings.one_run_candidates), c.space_size)
+            for c in one_run
+        ]
         included = [c.repetitions > 0 for c in one_run]
         guesses, correct = one_run_guesses(bits, included, guesses=round(len(one_run) * settings.one_run_guess_share))
-        never = [b for b, inside in zip(bits, included) if not inside]
-        metrics.update({
-            "one-run-canaries": len(one_run), "one-run-guesses": guesses, "one-run-correct": correct,
-            "one-run-repetitions": max((c.repetitions for c in one_run), default=1) or 1,
-            "canaries-never-inserted": len(never),
-            "exposure-never-inserted-mean": sum(never) / len(never) if never else 0.0,
-        })
+        never = [b for b, inside in zip(bits, included, strict=True) if not inside]
+        metrics.update(
+            {
+                "one-run-canaries": len(one_run),
+                "one-run-guesses": guesses,
+                "one-run-correct": correct,
+                "one-run-repetitions": max((c.repetitions for c in one_run), default=1) or 1,
+                "canaries-never-inserted": len(never),
+                "exposure-never-inserted-mean": sum(never) / len(never) if never else 0.0,
+            }
+        )
 
     # Personal data in generated text, and how much of it is verbatim from this node's records.
     detector = PiiDetector()
     corpus = "\n".join(train_raw_texts)
     spans = [s for text in sample_texts(model, tokenizer, settings.generations) for s in detector.find(text)]
-    metrics.update({
-        "generations": settings.generations,
-        "pii-spans": len(spans),
-        "pii-spans-verbatim-in-training": sum(1 for s in spans if len(s.text) >= 6 and s.text in corpus),
-    })
+    metrics.update(
+        {
+            "generations": settings.generations,
+            "pii-spans": len(spans),
+            "pii-spans-verbatim-in-training": sum(1 for s in spans if len(s.text) >= 6 and s.text in corpus),
+        }
+    )
     return metrics, examples

@@ -9,21 +9,40 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, NoReturn
+from typing import Any, NoReturn
 
 import torch
 
 from client.erasure import ErasureRegister, check_register
 from client.nodedata import NodeData, load_node_data
 from client.retention import enforce_node_retention
+
+# Re-exported: settings live in a light module so light messages need not import torch.
+from client.settings import (  # noqa: F401  (re-exported)
+    AUDIT_FILE,
+    LEDGER_FILE,
+    NodeSettings,
+    PolicyGate,
+    deployment_settings,
+    node_audit,
+    simulation_settings,
+)
 from client.training import DpSettings, heldout_loss, train_locally
 from client.transfers import TransferScope, TransferVolume, check_scope
 from common.audit import EvidenceKey, HashChainLog, TamperedLog
 from common.config import LoraSettings, ModelConfig, load_region_file
 from common.errors import FedsovError, LedgerError, ModelError, PrivacyError
-from common.model.loading import load_base_model, load_tokenizer, model_fingerprint, pick_device, pick_dtype, resolve_model_path
+from common.model.loading import (
+    load_base_model,
+    load_tokenizer,
+    model_fingerprint,
+    pick_device,
+    pick_dtype,
+    resolve_model_path,
+)
 from common.model.lora import attach_lora, load_adapter_state
 from common.policy import (
     PlanTerms,
@@ -37,8 +56,6 @@ from common.privacy.accounting import DpSgdSteps, noise_for_target
 from common.privacy.ledger import PrivacyLedger
 from common.wire import RoundPlan, adapter_digest
 
-# Re-exported: settings live in a light module so light messages need not import torch.
-from client.settings import AUDIT_FILE, LEDGER_FILE, NodeSettings, PolicyGate, deployment_settings, node_audit, simulation_settings  # noqa: E402,F401
 
 @dataclass
 class TrainOutcome:
@@ -77,12 +94,18 @@ class RegionNode:
             enforce_node_retention(settings, self.policy, self.audit)
         except FedsovError as err:
             try:
-                self.audit.record("start", "refused", reason=f"{type(err).__name__}: {err}", policy_hash=self.policy_hash)
+                self.audit.record(
+                    "start", "refused", reason=f"{type(err).__name__}: {err}", policy_hash=self.policy_hash
+                )
             except TamperedLog:
                 pass  # a tampered audit log is itself the reason the node will not start
             raise
-        self.audit.record("start", "accepted", reason=f"{self.policy.law} policy checks passed: {self.data.counts}",
-                          policy_hash=self.policy_hash)
+        self.audit.record(
+            "start",
+            "accepted",
+            reason=f"{self.policy.law} policy checks passed: {self.data.counts}",
+            policy_hash=self.policy_hash,
+        )
         STARTS["node"] += 1
 
     # -- start checks ---------------------------------------------------------------------
@@ -112,8 +135,12 @@ class RegionNode:
         check_register(self._erasures, self.audit.entries())
         if self._erasures.current_head() != self._erasures_seen:
             self.data = self._load_data()
-            self.audit.record("data", "reloaded", reason=f"the erasure register changed: {self.data.counts}",
-                              policy_hash=self.policy_hash)
+            self.audit.record(
+                "data",
+                "reloaded",
+                reason=f"the erasure register changed: {self.data.counts}",
+                policy_hash=self.policy_hash,
+            )
 
     def _note_transfer(self, plan: RoundPlan) -> None:
         """Before a release leaves, count its people in the period's transfer scope (volume rules, abroad only).
@@ -121,25 +148,40 @@ class RegionNode:
         Decided again here, not only before the work: a sibling node's release may have moved the period's count
         into a band whose safeguard is not recorded.
         """
-        details = {"jurisdiction": self.transfers.jurisdiction, "run_id": plan.run_id, "round": plan.round,
-                   "node": self.settings.name}
+        details = {
+            "jurisdiction": self.transfers.jurisdiction,
+            "run_id": plan.run_id,
+            "round": plan.round,
+            "node": self.settings.name,
+        }
         decision, added, added_sensitive = self.transfers.record(self.data.people, self.data.sensitive_people, details)
         if not decision.allowed:
             self._refuse(plan, decision.reason)
         if added or added_sensitive:
             head = self.transfers.scope.head
-            self.audit.record("transfer_scope", "recorded", reason=decision.reason, round=plan.round,
-                              run_id=plan.run_id, policy_hash=self.policy_hash, people_added=added,
-                              sensitive_added=added_sensitive, scope_entries=head.entries, scope_head=head.head,
-                              safeguard=decision.as_dict())
+            self.audit.record(
+                "transfer_scope",
+                "recorded",
+                reason=decision.reason,
+                round=plan.round,
+                run_id=plan.run_id,
+                policy_hash=self.policy_hash,
+                people_added=added,
+                sensitive_added=added_sensitive,
+                scope_entries=head.entries,
+                scope_head=head.head,
+                safeguard=decision.as_dict(),
+            )
 
     # -- protocol ---------------------------------------------------------------------------
     def check_coordinator(self, declared: str, round_number: int | None = None) -> None:
         """The coordinator is where this node's pins say, whatever it declares; the policy decides on that."""
         pinned = self.settings.coordinator_jurisdiction
         if declared != pinned:
-            why = (f"the coordinator declares jurisdiction {declared!r}, but this node's pins place it in {pinned!r} "
-                   "(coordinators.yaml in the node's config folder): a coordinator cannot choose its own jurisdiction")
+            why = (
+                f"the coordinator declares jurisdiction {declared!r}, but this node's pins place it in {pinned!r} "
+                "(coordinators.yaml in the node's config folder): a coordinator cannot choose its own jurisdiction"
+            )
         else:
             ok, why = coordinator_allowed(self.policy, pinned)
             if ok:
@@ -153,11 +195,18 @@ class RegionNode:
     def evidence(self) -> dict[str, Any]:
         """This node's ledger and audit-log heads: the coordinator keeps them as anchors for the next run."""
         ledger, audit = self._ledger.head, self.audit.chain.chain_head()
-        return {"ledger-genesis": ledger.genesis, "ledger-entries": ledger.entries, "ledger-head": ledger.head,
-                "audit-genesis": audit.genesis, "audit-entries": audit.entries, "audit-head": audit.head}
+        return {
+            "ledger-genesis": ledger.genesis,
+            "ledger-entries": ledger.entries,
+            "ledger-head": ledger.head,
+            "audit-genesis": audit.genesis,
+            "audit-entries": audit.entries,
+            "audit-head": audit.head,
+        }
 
     def check_anchor(self, anchor: Mapping[str, Any] | None, round_number: int) -> None:
-        """A ledger that lost what a coordinator saw in an earlier run (reset, rolled back, rewritten) trains nothing."""
+        """A ledger that lost what a coordinator saw in an earlier run (reset, rolled back, rewritten) trains
+        nothing."""
         if anchor is None:
             return
         try:
@@ -204,8 +253,9 @@ class RegionNode:
             },
         )
 
-    def train_round(self, plan: RoundPlan, global_state: Mapping[str, torch.Tensor],
-                    anchor: Mapping[str, Any] | None = None) -> TrainOutcome:
+    def train_round(
+        self, plan: RoundPlan, global_state: Mapping[str, torch.Tensor], anchor: Mapping[str, Any] | None = None
+    ) -> TrainOutcome:
         """Check the plan against this node's policy and budget, train with DP, charge what ran."""
         self.check_anchor(anchor, plan.round)
         self._refresh_data()
@@ -214,29 +264,60 @@ class RegionNode:
         n_units = len(self.data.train_units)
         sample_rate = plan.batch_size / n_units
         if sample_rate >= 1:
-            self._refuse(plan, f"federation.batch_size={plan.batch_size} is not below the {n_units} privacy units "
-                               f"on node {self.settings.name}: Poisson sampling needs rate < 1")
+            self._refuse(
+                plan,
+                f"federation.batch_size={plan.batch_size} is not below the {n_units} privacy units "
+                f"on node {self.settings.name}: Poisson sampling needs rate < 1",
+            )
         fingerprint = self._ledger.register(self.data.train_units)
         dp, planned, projected, adjustments = self._dp_terms(plan, decision, fingerprint, sample_rate)
-        self.audit.record("plan", "adjusted" if adjustments else "accepted",
-                          reason="; ".join(adjustments) or f"plan within the {self.policy.law} policy",
-                          round=plan.round, run_id=plan.run_id, policy_hash=self.policy_hash, epsilon=projected,
-                          noise_multiplier=planned.noise_multiplier, max_grad_norm=decision.max_grad_norm)
+        self.audit.record(
+            "plan",
+            "adjusted" if adjustments else "accepted",
+            reason="; ".join(adjustments) or f"plan within the {self.policy.law} policy",
+            round=plan.round,
+            run_id=plan.run_id,
+            policy_hash=self.policy_hash,
+            epsilon=projected,
+            noise_multiplier=planned.noise_multiplier,
+            max_grad_norm=decision.max_grad_norm,
+        )
 
         model = self._prepared_model(plan, global_state)
-        result = train_locally(model, self.data.train_examples, steps=plan.local_steps, batch_size=plan.batch_size,
-                               learning_rate=plan.learning_rate, dp=dp, pad_id=self._tokenizer.pad_token_id,
-                               optimizer_name=plan.optimizer, max_grad_norm=decision.max_grad_norm)
+        result = train_locally(
+            model,
+            self.data.train_examples,
+            steps=plan.local_steps,
+            batch_size=plan.batch_size,
+            learning_rate=plan.learning_rate,
+            dp=dp,
+            pad_id=self._tokenizer.pad_token_id,
+            optimizer_name=plan.optimizer,
+            max_grad_norm=decision.max_grad_norm,
+        )
         # Charged before the reply leaves, with the steps that ran: a crash after training over-counts, never under.
         ran = DpSgdSteps(planned.noise_multiplier, sample_rate, result.steps)
         charge = self._ledger.charge(
-            fingerprint, ran, budget=self.policy.privacy.epsilon_budget if plan.dp_enabled else None,
-            run_id=plan.run_id, round_number=plan.round, max_grad_norm=decision.max_grad_norm, node=self.settings.name,
+            fingerprint,
+            ran,
+            budget=self.policy.privacy.epsilon_budget if plan.dp_enabled else None,
+            run_id=plan.run_id,
+            round_number=plan.round,
+            max_grad_norm=decision.max_grad_norm,
+            node=self.settings.name,
         )
         head = self._ledger.head
-        self.audit.record("ledger_charge", "recorded", reason=f"{ran.steps} steps at sigma {ran.noise_multiplier:.3g}",
-                          round=plan.round, run_id=plan.run_id, policy_hash=self.policy_hash,
-                          epsilon=charge.epsilon_after, ledger_entries=head.entries, ledger_head=head.head)
+        self.audit.record(
+            "ledger_charge",
+            "recorded",
+            reason=f"{ran.steps} steps at sigma {ran.noise_multiplier:.3g}",
+            round=plan.round,
+            run_id=plan.run_id,
+            policy_hash=self.policy_hash,
+            epsilon=charge.epsilon_after,
+            ledger_entries=head.entries,
+            ledger_head=head.head,
+        )
         self._note_transfer(plan)
         return TrainOutcome(
             update=result.update,
@@ -259,16 +340,24 @@ class RegionNode:
         try:
             sigma = plan.noise_multiplier
             if sigma is None:
-                sigma = noise_for_target(plan.target_epsilon, privacy.delta, sample_rate,
-                                         plan.local_steps * plan.total_rounds)
+                sigma = noise_for_target(
+                    plan.target_epsilon, privacy.delta, sample_rate, plan.local_steps * plan.total_rounds
+                )
             sigma, raised = effective_noise(self.policy, sigma)
             if raised:
                 adjustments.append(raised)
             planned = DpSgdSteps(sigma, sample_rate, plan.local_steps)
             projected = self._ledger.check_budget(fingerprint, planned, privacy.epsilon_budget)
         except PrivacyError as err:
-            self.audit.record("plan", "refused", reason=str(err), round=plan.round, run_id=plan.run_id,
-                              policy_hash=self.policy_hash, epsilon=self._ledger.spent(fingerprint))
+            self.audit.record(
+                "plan",
+                "refused",
+                reason=str(err),
+                round=plan.round,
+                run_id=plan.run_id,
+                policy_hash=self.policy_hash,
+                epsilon=self._ledger.spent(fingerprint),
+            )
             raise
         return DpSettings(noise_multiplier=sigma, max_grad_norm=decision.max_grad_norm), planned, projected, adjustments
 
@@ -277,8 +366,11 @@ class RegionNode:
         if plan.round < 1:
             self._refuse(plan, "training rounds are numbered from 1")
         if done and plan.round <= max(done):
-            self._refuse(plan, f"round {plan.round} of run {plan.run_id} is not after the last round this node "
-                               f"trained in it ({max(done)}): a round number only moves forward within a run")
+            self._refuse(
+                plan,
+                f"round {plan.round} of run {plan.run_id} is not after the last round this node "
+                f"trained in it ({max(done)}): a round number only moves forward within a run",
+            )
 
     def evaluate(self, plan: RoundPlan, global_state: Mapping[str, torch.Tensor]) -> dict[str, float | int]:
         """Held-out loss of an adapter this node may be asked about (see `_check_evaluation`); released outside
@@ -292,8 +384,15 @@ class RegionNode:
             model, self.data.heldout_examples, batch_size=plan.eval_batch_size, pad_id=self._tokenizer.pad_token_id
         )
         self._note_transfer(plan)
-        self.audit.record("evaluate", "completed", reason=f"held-out loss over {tokens} tokens", round=plan.round,
-                          run_id=plan.run_id, policy_hash=self.policy_hash, adapter=digest)
+        self.audit.record(
+            "evaluate",
+            "completed",
+            reason=f"held-out loss over {tokens} tokens",
+            round=plan.round,
+            run_id=plan.run_id,
+            policy_hash=self.policy_hash,
+            adapter=digest,
+        )
         return {"loss-sum": loss_sum, "tokens": tokens, "num-examples": len(self.data.heldout_examples)}
 
     def _check_evaluation(self, plan: RoundPlan, global_state: Mapping[str, torch.Tensor]) -> None:
@@ -306,8 +405,9 @@ class RegionNode:
             if any(bool(v.any()) for k, v in global_state.items() if "lora_B" in k):
                 self._refuse(plan, "a round-0 evaluation must use the initial adapter (all LoRA B matrices zero)")
         elif plan.round not in self._ledger.rounds_charged(plan.run_id, self.settings.name):
-            self._refuse(plan, f"this node did not train round {plan.round} of run {plan.run_id}, so it does not "
-                               "evaluate it")
+            self._refuse(
+                plan, f"this node did not train round {plan.round} of run {plan.run_id}, so it does not evaluate it"
+            )
 
     def _session(self, run_id: str) -> tuple[dict[int, str], bool]:
         """What this node already released for a run: {round: adapter digest} evaluated, and whether it audited."""
@@ -322,7 +422,9 @@ class RegionNode:
                 audited = True
         return evaluated, audited
 
-    def memorisation_audit(self, plan: RoundPlan, global_state: Mapping[str, torch.Tensor]) -> tuple[dict[str, float], list[str]]:
+    def memorisation_audit(
+        self, plan: RoundPlan, global_state: Mapping[str, torch.Tensor]
+    ) -> tuple[dict[str, float], list[str]]:
         """Audit the run's final model here, once, on this node's canaries and records; only numbers leave.
 
         The count of PII spans in generations found verbatim in this node's training data stays in the node's
@@ -342,16 +444,29 @@ class RegionNode:
             self._refuse(plan, "the audit runs only on the run's final adapter (the one this node last evaluated)")
         model = self._prepared_model(plan, global_state)
         metrics, examples = audit(
-            model, self._tokenizer, canaries=self.data.canaries, members=self.data.record_examples,
-            nonmembers=self.data.heldout_examples, train_raw_texts=self.data.train_raw_texts, settings=self.settings.audit,
+            model,
+            self._tokenizer,
+            canaries=self.data.canaries,
+            members=self.data.record_examples,
+            nonmembers=self.data.heldout_examples,
+            train_raw_texts=self.data.train_raw_texts,
+            settings=self.settings.audit,
         )
         verbatim = metrics.pop("pii-spans-verbatim-in-training", None)
         fingerprint = self._ledger.register(self.data.train_units)
         metrics.update(epsilon=self._ledger.spent(fingerprint), delta=self.policy.privacy.delta)
         self._note_transfer(plan)
-        self.audit.record("memorisation_audit", "completed", reason="audit numbers computed on this node",
-                          round=plan.round, run_id=plan.run_id, policy_hash=self.policy_hash,
-                          epsilon=metrics["epsilon"], adapter=digest, pii_spans_verbatim_in_training=verbatim)
+        self.audit.record(
+            "memorisation_audit",
+            "completed",
+            reason="audit numbers computed on this node",
+            round=plan.round,
+            run_id=plan.run_id,
+            policy_hash=self.policy_hash,
+            epsilon=metrics["epsilon"],
+            adapter=digest,
+            pii_spans_verbatim_in_training=verbatim,
+        )
         return metrics, examples
 
     def check_cohort(self, size: int, stage: str, round_number: int | None) -> None:
@@ -361,16 +476,22 @@ class RegionNode:
         self.check_coordinator(plan.coordinator_jurisdiction, plan.round)
         decision = check_plan(
             self.policy,
-            PlanTerms(self.settings.coordinator_jurisdiction, dp_enabled, plan.max_grad_norm, plan.secure_aggregation,
-                      plan.cohort_size),
+            PlanTerms(
+                self.settings.coordinator_jurisdiction,
+                dp_enabled,
+                plan.max_grad_norm,
+                plan.secure_aggregation,
+                plan.cohort_size,
+            ),
         )
         if not decision.accepted:
             self._refuse(plan, decision.explain())
         return decision
 
     def _refuse(self, plan: RoundPlan, why: str) -> NoReturn:
-        self.audit.record("plan", "refused", reason=why, round=plan.round, run_id=plan.run_id,
-                          policy_hash=self.policy_hash)
+        self.audit.record(
+            "plan", "refused", reason=why, round=plan.round, run_id=plan.run_id, policy_hash=self.policy_hash
+        )
         raise PolicyViolation(f"{self.settings.name} refuses round {plan.round}: {why}")
 
     def _prepared_model(self, plan: RoundPlan, global_state: Mapping[str, torch.Tensor]):

@@ -10,9 +10,9 @@ import dataclasses
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from client.settings import NodeSettings
 from client.training import encode_units
@@ -45,8 +45,9 @@ class NodeData:
     sensitive_people: frozenset[str] = frozenset()
 
 
-def load_node_data(s: NodeSettings, policy: RegionPolicy, tokenizer,
-                   erased: Callable[[str], bool] | None = None) -> NodeData:
+def load_node_data(
+    s: NodeSettings, policy: RegionPolicy, tokenizer, erased: Callable[[str], bool] | None = None
+) -> NodeData:
     """Every data check of a node's start; any failure raises and nothing trains.
 
     `erased` tells the user_ids whose erasure was requested (client.erasure): their records are dropped
@@ -64,7 +65,9 @@ def load_node_data(s: NodeSettings, policy: RegionPolicy, tokenizer,
                 "fix policy.residency.storage_roots."
             )
     records = load_records(
-        files, expected_region=s.region, plain_text_consent=s.plain_text_consent,
+        files,
+        expected_region=s.region,
+        plain_text_consent=s.plain_text_consent,
         allowed_regions=policy.residency.allowed_region_tags,
     )
     # This node's users first (partitioning users and filtering records commute): every count the node reports,
@@ -90,13 +93,19 @@ def load_node_data(s: NodeSettings, policy: RegionPolicy, tokenizer,
         )
     canaries: list[Canary] = []
     if s.audit.enabled and (s.synthetic_data or s.audit.canaries_in_real_data):
-        canaries = load_or_create(s.state_dir, s.audit.canary_formats, s.audit.canary_repetitions,
-                                  s.audit.one_run_canaries, s.audit.one_run_repetitions)
+        canaries = load_or_create(
+            s.state_dir,
+            s.audit.canary_formats,
+            s.audit.canary_repetitions,
+            s.audit.one_run_canaries,
+            s.audit.one_run_repetitions,
+        )
     record_examples = encode_units(group_units(train, PrivacyUnitKind.record), tokenizer, s.model.max_length)
     # Each canary copy is its own privacy unit, as a secret repeated in real data would be.
     train = train + [
         Record(c.text, s.region, f"canary-{i}-{copy}", True, {"canary": True})
-        for i, c in enumerate(canaries) for copy in range(c.repetitions)
+        for i, c in enumerate(canaries)
+        for copy in range(c.repetitions)
     ]
     unit = policy.privacy.unit
     units = group_units(train, unit)
@@ -108,12 +117,20 @@ def load_node_data(s: NodeSettings, policy: RegionPolicy, tokenizer,
         )
     max_length = s.model.max_length
     train_examples, truncated_units, truncated_tokens = _encode(units, tokenizer, max_length)
-    heldout_examples, truncated_heldout, _ = _encode(group_units(heldout, PrivacyUnitKind.record), tokenizer,
-                                                     max_length)
-    counts.update(train_units=len(units), heldout_records=len(heldout),
-                  canary_copies=sum(c.repetitions for c in canaries), skipped_files=len(scan.skipped),
-                  truncated_units=truncated_units, truncated_tokens=truncated_tokens,
-                  truncated_heldout=truncated_heldout, people=len(people), sensitive_people=len(sensitive))
+    heldout_examples, truncated_heldout, _ = _encode(
+        group_units(heldout, PrivacyUnitKind.record), tokenizer, max_length
+    )
+    counts.update(
+        train_units=len(units),
+        heldout_records=len(heldout),
+        canary_copies=sum(c.repetitions for c in canaries),
+        skipped_files=len(scan.skipped),
+        truncated_units=truncated_units,
+        truncated_tokens=truncated_tokens,
+        truncated_heldout=truncated_heldout,
+        people=len(people),
+        sensitive_people=len(sensitive),
+    )
     return NodeData(
         train_units=units,
         train_examples=train_examples,
@@ -143,22 +160,34 @@ def apply_data_use(records: list[Record], use: DataUsePolicy, cache_dir: Path) -
     the node anew: the outcome is kept in the node's own state folder, keyed by the exact
     records and the data-use rules, so a changed record or rule recomputes it.
     """
-    key = hashlib.sha256(json.dumps(
-        [dataclasses.asdict(use), [(r.text, r.region, r.user_id, r.consent, dict(r.fields)) for r in records]],
-        sort_keys=True, default=str).encode()).hexdigest()
+    key = hashlib.sha256(
+        json.dumps(
+            [dataclasses.asdict(use), [(r.text, r.region, r.user_id, r.consent, dict(r.fields)) for r in records]],
+            sort_keys=True,
+            default=str,
+        ).encode()
+    ).hexdigest()
     cache = cache_dir / f"data-use-{key[:32]}.json"
     if cache.exists():
         try:
             saved = json.loads(cache.read_text())
             if saved["key"] == key:
-                kept = [records[i] if text is None else Record(text, records[i].region, records[i].user_id,
-                                                                records[i].consent, records[i].fields)
-                        for i, text in saved["kept"]]
+                kept = [
+                    records[i]
+                    if text is None
+                    else Record(text, records[i].region, records[i].user_id, records[i].consent, records[i].fields)
+                    for i, text in saved["kept"]
+                ]
                 return kept, saved["counts"]
         except (ValueError, KeyError, IndexError, TypeError):
             pass  # a damaged cache is recomputed, never trusted
-    counts = {"records": len(records), "excluded_no_consent": 0, "excluded_special": 0, "excluded_fields": 0,
-              "scrubbed_spans": 0}
+    counts = {
+        "records": len(records),
+        "excluded_no_consent": 0,
+        "excluded_special": 0,
+        "excluded_fields": 0,
+        "scrubbed_spans": 0,
+    }
     special = set(use.excluded_special_categories)
     detector = PiiDetector(use.scrub_entities) if use.scrub_pii else None
     kept, kept_index = [], []

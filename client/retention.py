@@ -35,14 +35,18 @@ def backup_ledger(folders: NodeFolders | NodeSettings) -> Path:
     key = EvidenceKey.load(folders.ledger_key_dir)
     logs = [folders.ledger_dir / name for name in BACKED_UP if HashChainLog.files_exist(folders.ledger_dir / name)]
     if folders.ledger_dir / LEDGER_FILE not in logs:
-        raise LedgerError(f"No privacy ledger in {folders.ledger_dir}: nothing to back up. Check --ledger-dir (the "
-                          "node's state folder unless `fedsov node start` was given one).")
+        raise LedgerError(
+            f"No privacy ledger in {folders.ledger_dir}: nothing to back up. Check --ledger-dir (the "
+            "node's state folder unless `fedsov node start` was given one)."
+        )
     heads = {}
     for log in logs:
         checked = HashChainLog(log, key).verify()
         if not checked.ok:
-            raise LedgerError(f"Not backed up: {checked.describe(log)}. A backup of a damaged log would be restored "
-                              "later as if it were sound; restore the log from an earlier backup first.")
+            raise LedgerError(
+                f"Not backed up: {checked.describe(log)}. A backup of a damaged log would be restored "
+                "later as if it were sound; restore the log from an earlier backup first."
+            )
         heads[log.name] = asdict(HashChainLog(log, key).chain_head())
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     target = folders.ledger_dir / BACKUPS / stamp
@@ -57,13 +61,24 @@ def backup_ledger(folders: NodeFolders | NodeSettings) -> Path:
         copied = HashChainLog(target / log.name, key).verify()
         if not copied.ok:
             shutil.rmtree(target)
-            raise LedgerError(f"The backup copy failed verification ({copied.describe(target / log.name)}), perhaps "
-                              "written to while it was copied; nothing was kept. Run `fedsov ledger backup` again.")
-    (target / BACKUP_INFO).write_text(json.dumps(
-        {"created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "source": str(folders.ledger_dir),
-         "key_dir": str(folders.ledger_key_dir), "heads": heads}, indent=1))
-    node_audit(folders).record("ledger_backup", "created", reason=f"{len(logs)} log(s) copied to {target}",
-                               path=str(target), heads=heads)
+            raise LedgerError(
+                f"The backup copy failed verification ({copied.describe(target / log.name)}), perhaps "
+                "written to while it was copied; nothing was kept. Run `fedsov ledger backup` again."
+            )
+    (target / BACKUP_INFO).write_text(
+        json.dumps(
+            {
+                "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "source": str(folders.ledger_dir),
+                "key_dir": str(folders.ledger_key_dir),
+                "heads": heads,
+            },
+            indent=1,
+        )
+    )
+    node_audit(folders).record(
+        "ledger_backup", "created", reason=f"{len(logs)} log(s) copied to {target}", path=str(target), heads=heads
+    )
     return target
 
 
@@ -74,13 +89,18 @@ def ledger_backups(ledger_dir: Path) -> list[Path]:
 
 def expired_backups(folders: NodeFolders | NodeSettings, policy: RegionPolicy, now: float | None = None) -> list[Due]:
     days = policy.retention.ledger_backup_days
-    return due(ledger_backups(folders.ledger_dir), "ledger backup", days,
-               f"{folders.region} ({policy.law}): retention.ledger_backup_days = {days}",
-               time.time() if now is None else now)
+    return due(
+        ledger_backups(folders.ledger_dir),
+        "ledger backup",
+        days,
+        f"{folders.region} ({policy.law}): retention.ledger_backup_days = {days}",
+        time.time() if now is None else now,
+    )
 
 
-def enforce_node_retention(folders: NodeFolders | NodeSettings, policy: RegionPolicy, audit: AuditLog,
-                           now: float | None = None) -> list[Due]:
+def enforce_node_retention(
+    folders: NodeFolders | NodeSettings, policy: RegionPolicy, audit: AuditLog, now: float | None = None
+) -> list[Due]:
     """Delete the ledger backups older than the policy allows, each logged in the node's audit log."""
     expired = expired_backups(folders, policy, now)
     delete(expired, audit)

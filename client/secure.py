@@ -7,7 +7,8 @@ is checked by one schema before the protocol (common.secagg.protocol) sees it.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Mapping
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -29,22 +30,40 @@ NODES = Items(NODE_ID, max_items=MAX_PEERS, distinct=True)
 KEY = Blob(size=32)
 SIGNATURE = Blob(size=SIGNATURE_BYTES)
 SHARES_FIELDS = {
-    "node-ids": NODES, "names": Items(Text(64, NAME.pattern), max_items=MAX_PEERS, distinct=True),
-    "c-pks": Items(KEY, max_items=MAX_PEERS), "s-pks": Items(KEY, max_items=MAX_PEERS),
-    "signatures": Items(SIGNATURE, max_items=MAX_PEERS), "threshold": Int(2, MAX_PEERS),
+    "node-ids": NODES,
+    "names": Items(Text(64, NAME.pattern), max_items=MAX_PEERS, distinct=True),
+    "c-pks": Items(KEY, max_items=MAX_PEERS),
+    "s-pks": Items(KEY, max_items=MAX_PEERS),
+    "signatures": Items(SIGNATURE, max_items=MAX_PEERS),
+    "threshold": Int(2, MAX_PEERS),
 }
 INBOUND_FIELDS = {"senders": NODES, "ciphertexts": Items(Blob(max_size=16 + 32 + 32 * 65 + 28), max_items=MAX_PEERS)}
 TRAIN_MASK_FIELDS = {
-    **INBOUND_FIELDS, "layout": Items(Text(512, r"[A-Za-z0-9_.-]+"), max_items=1 << 16, min_items=1, distinct=True),
-    "clip-range": Float(0.0, 1e6, open_lo=True), "levels": Int(MIN_LEVELS, 2**32 - 1),
+    **INBOUND_FIELDS,
+    "layout": Items(Text(512, r"[A-Za-z0-9_.-]+"), max_items=1 << 16, min_items=1, distinct=True),
+    "clip-range": Float(0.0, 1e6, open_lo=True),
+    "levels": Int(MIN_LEVELS, 2**32 - 1),
 }
 CONFIRM_FIELDS = {"survivors": NODES}
-UNMASK_FIELDS = {"survivors": NODES, "dropped": NODES, "signers": NODES,
-                 "signatures": Items(SIGNATURE, max_items=MAX_PEERS)}
+UNMASK_FIELDS = {
+    "survivors": NODES,
+    "dropped": NODES,
+    "signers": NODES,
+    "signatures": Items(SIGNATURE, max_items=MAX_PEERS),
+}
 
 
-def begin(state, tag: bytes, node_id: int, kind: str, identity: Identity, name: str, plan_digest: str,
-          values: Mapping[str, float], update: Mapping[str, "torch.Tensor"] | None = None) -> dict:
+def begin(
+    state,
+    tag: bytes,
+    node_id: int,
+    kind: str,
+    identity: Identity,
+    name: str,
+    plan_digest: str,
+    values: Mapping[str, float],
+    update: Mapping[str, torch.Tensor] | None = None,
+) -> dict:
     """Keep what this node will contribute, start a session, return its signed public keys."""
     from flwr.app import ConfigRecord
 
@@ -64,7 +83,9 @@ def share(state, content, roster: Roster, min_cohort: int) -> dict:
     c = check_record(content, SHARES_FIELDS, "key list")
     if not len(c["node-ids"]) == len(c["names"]) == len(c["c-pks"]) == len(c["s-pks"]) == len(c["signatures"]):
         raise _error("The key list's columns have different lengths.")
-    adverts = [Advert(*row) for row in zip(c["node-ids"], c["names"], c["c-pks"], c["s-pks"], c["signatures"])]
+    adverts = [
+        Advert(*row) for row in zip(c["node-ids"], c["names"], c["c-pks"], c["s-pks"], c["signatures"], strict=True)
+    ]
     session = _session(state)
     encrypted, commitment = session.share(adverts, c["threshold"], roster, min_cohort)
     _save(state, session)
@@ -88,8 +109,11 @@ def mask(state, content) -> dict:
         layout = [(n, tuple(update[n].shape)) for n in c["layout"]]
         quantization = Quantization(c["clip-range"], c["levels"])
         data, counter = quantization.encode(flatten(update, layout), int(values["units"]))  # counter: clipped values
-        params = {"layout": [[n, list(shape)] for n, shape in layout], "clip-range": c["clip-range"],
-                  "levels": c["levels"]}
+        params = {
+            "layout": [[n, list(shape)] for n, shape in layout],
+            "clip-range": c["clip-range"],
+            "levels": c["levels"],
+        }
     else:
         c = check_record(content, INBOUND_FIELDS, "mask request")
     slots, slot = session.slots()
@@ -112,7 +136,7 @@ def unmask(state, content, roster: Roster) -> dict:
     if len(c["signers"]) != len(c["signatures"]):
         raise _error("The unmask request's signers and signatures differ in length.")
     session = _session(state)
-    shares = session.unmask(c["survivors"], c["dropped"], dict(zip(c["signers"], c["signatures"])), roster)
+    shares = session.unmask(c["survivors"], c["dropped"], dict(zip(c["signers"], c["signatures"], strict=True)), roster)
     clear(state)  # the round is over for this node: drop keys, seed and update
     owners = sorted(shares)
     return {"owners": owners, "shares": [shares[o] for o in owners]}

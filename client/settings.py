@@ -9,9 +9,10 @@ without loading the model and the data.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from common.audit import AuditLog, EvidenceKey
 from common.config import AuditConfig, DataSource, FedsovConfig, ModelConfig, default_config_dir, load_region_file
@@ -123,11 +124,16 @@ def simulation_settings(cfg: FedsovConfig, partition_id: int) -> NodeSettings:
 
 # Keys a deployed SuperNode reads from its --node-config (TOML values; strings quoted).
 NODE_CONFIG_KEYS = {
-    "region": "this node's region (required), e.g. region=\"eu\"",
+    "region": 'this node\'s region (required), e.g. region="eu"',
     "data-path": "its data files or folders, separated by ':' (required)",
     "state-dir": "where its privacy ledger, audit log and canaries live (required, kept across restarts)",
-    "config-dir": "the fedsov configs folder holding regions/<region>.yaml (default: $FEDSOV_CONFIG_DIR or the installed one)",
-    "name": "node name in logs and the audit trail (default: the state folder's name, prefixed with the region unless it starts with it)",
+    "config-dir": (
+        "the fedsov configs folder holding regions/<region>.yaml (default: $FEDSOV_CONFIG_DIR or the installed one)"
+    ),
+    "name": (
+        "node name in logs and the audit trail (default: the state folder's name, prefixed with the region unless "
+        "it starts with it)"
+    ),
     "synthetic-data": "true when data-path holds fedsov's generated demo data (canaries are then inserted)",
     "plain-text-consent": "consent to assume for plain-text files (true/false; default: such files are refused)",
     "model-path": "a local model folder overriding the run's model.name_or_path",
@@ -139,7 +145,7 @@ NODE_CONFIG_KEYS = {
     "ledger-dir": "the privacy ledger's folder, shared by the nodes that split one data folder (default: state-dir)",
     "ledger-key-dir": "the ledger's evidence-key folder (default: key-dir)",
     "coordinator-jurisdiction": "where the coordinator is, from the node's coordinators.yaml (set by `fedsov node "
-                                "start`; required)",
+    "start`; required)",
     "roster": "the federation roster file (default: roster.json in the config folder)",
 }
 
@@ -157,15 +163,17 @@ class NodeFolders:
     policy_file: Path
 
     @classmethod
-    def of(cls, node_config: Mapping[str, Any]) -> "NodeFolders":
+    def of(cls, node_config: Mapping[str, Any]) -> NodeFolders:
         """From the node-config keys region, state-dir and the optional folders, with `fedsov node start`'s defaults."""
         region = str(node_config["region"])
         state_dir = Path(str(node_config["state-dir"])).expanduser()
         config_dir = Path(str(node_config.get("config-dir") or default_config_dir())).expanduser()
         key_dir = Path(str(node_config.get("key-dir") or f"{state_dir}.keys")).expanduser()
         return cls(
-            name=str(node_config.get("name") or (state_dir.name if state_dir.name.startswith(region)
-                                                  else f"{region}-{state_dir.name}")),
+            name=str(
+                node_config.get("name")
+                or (state_dir.name if state_dir.name.startswith(region) else f"{region}-{state_dir.name}")
+            ),
             region=region,
             state_dir=state_dir,
             key_dir=key_dir,
@@ -191,7 +199,7 @@ def deployment_settings(cfg: FedsovConfig, node_config: Mapping[str, Any]) -> No
     if missing:
         raise FederationError(
             f"The SuperNode's --node-config lacks {missing}. Start it with e.g. "
-            "--node-config 'region=\"eu\" data-path=\"/data/eu\" state-dir=\"/var/lib/fedsov/eu-1\"' "
+            '--node-config \'region="eu" data-path="/data/eu" state-dir="/var/lib/fedsov/eu-1"\' '
             "(or use `fedsov node start`)."
         )
     folders = NodeFolders.of(node_config)
@@ -213,7 +221,7 @@ def deployment_settings(cfg: FedsovConfig, node_config: Mapping[str, Any]) -> No
         raise ConfigError(
             "The SuperNode's --node-config has no valid coordinator-jurisdiction: a node decides where its "
             "coordinator is from its own coordinators.yaml. Start it with `fedsov node start`, which looks the "
-            "coordinator's CA up there, or set coordinator-jurisdiction=\"EU\" (your pinned value) yourself."
+            'coordinator\'s CA up there, or set coordinator-jurisdiction="EU" (your pinned value) yourself.'
         )
     return NodeSettings(
         name=folders.name,
@@ -285,6 +293,9 @@ class PolicyGate:
         """The aggregation a node actually joins must be as large as its policy demands."""
         minimum = self.policy.transfers.min_cohort
         if size < minimum:
-            why = f"{stage}: {size} client(s) in this aggregation, below the {self.policy.law} policy's minimum cohort {minimum}"
+            why = (
+                f"{stage}: {size} client(s) in this aggregation, below the {self.policy.law} policy's minimum cohort "
+                f"{minimum}"
+            )
             self.audit.record("cohort", "refused", reason=why, round=round_number, policy_hash=self.policy_hash)
             raise PolicyViolation(why)

@@ -14,9 +14,10 @@ import secrets
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from client.worker import WorkerProcess
 from common.errors import ConfigError, FederationError
@@ -66,16 +67,25 @@ class SuperNodeProcess:
         auth = ["--auth-supernode-private-key", str(self.private_key)] if self.private_key else []
         return [
             # Flower's flower-supernode, polling sooner while a run is active (client.supernode_loop).
-            sys.executable, "-m", "client.supernode_loop",
-            "--superlink", self.superlink,
-            *security, *auth,
+            sys.executable,
+            "-m",
+            "client.supernode_loop",
+            "--superlink",
+            self.superlink,
+            *security,
+            *auth,
             # The node's warm worker, not a process per message, runs the ClientApp (client.worker); only
             # this mode makes the Runtime API, which stays on loopback, require the worker's secret.
-            "--isolation", "process",
-            "--superexec-auth-secret-file", str(secret_file),
-            "--host", "127.0.0.1",
-            "--port", str(self.port),
-            "--node-config", node_config_string(self.node_config),
+            "--isolation",
+            "process",
+            "--superexec-auth-secret-file",
+            str(secret_file),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--node-config",
+            node_config_string(self.node_config),
             *(["--max-wait-time", f"{self.max_wait_s:g}"] if self.max_wait_s is not None else []),
         ]
 
@@ -88,10 +98,12 @@ class SuperNodeProcess:
         secret_file = write_secret(state_dir / SUPEREXEC_SECRET_FILE)
         env = {**flower_environment(flwr_home), **self.extra_env}
         with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(self.args(secret_file), env=env, stdout=log, stderr=subprocess.STDOUT,
-                                            start_new_session=True)
-        self.worker = WorkerProcess(f"127.0.0.1:{self.port}", secret_file, state_dir,
-                                    self.log_path.with_suffix(".worker.log"), env)
+            self.process = subprocess.Popen(
+                self.args(secret_file), env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        self.worker = WorkerProcess(
+            f"127.0.0.1:{self.port}", secret_file, state_dir, self.log_path.with_suffix(".worker.log"), env
+        )
         self.worker.start()
 
     def alive(self) -> bool:
@@ -106,11 +118,15 @@ class SuperNodeProcess:
             # logs its exit code first (and may still start its SuperExec on the way out).
             if "Exit Code:" in text:
                 self.stop(grace=2)
-                raise FederationError(refusal_reason(self.process.returncode if self.process else None, text, self.log_path))
+                raise FederationError(
+                    refusal_reason(self.process.returncode if self.process else None, text, self.log_path)
+                )
             if "SuperNode ID:" in text:
                 return
             if not self.alive():
-                raise FederationError(refusal_reason(self.process.returncode if self.process else None, text, self.log_path))
+                raise FederationError(
+                    refusal_reason(self.process.returncode if self.process else None, text, self.log_path)
+                )
             time.sleep(0.3)
         raise FederationError(f"The SuperNode did not connect within {timeout:.0f}s; see {self.log_path}.")
 
@@ -130,8 +146,9 @@ class SuperNodeProcess:
             stop_process_group(self.process, grace)
 
 
-def wait_for_coordinator(supernode: SuperNodeProcess, address: str, out=print, first_s: float = 5.0,
-                         every_s: float = 60.0) -> None:
+def wait_for_coordinator(
+    supernode: SuperNodeProcess, address: str, out=print, first_s: float = 5.0, every_s: float = 60.0
+) -> None:
     """Until the SuperLink accepts the node; a coordinator not up yet is waited for (Ctrl-C stops), a refusal raises."""
     started = time.monotonic()
     timeout = first_s
@@ -142,8 +159,10 @@ def wait_for_coordinator(supernode: SuperNodeProcess, address: str, out=print, f
         except FederationError:
             if not supernode.alive():  # refused, or flower-supernode gave up: the reason is in the error
                 raise
-        out(f"Waiting for the coordinator at {address} ({(time.monotonic() - started) / 60:.0f} min so far): it is "
-            "not reachable yet and the node keeps trying. Ctrl-C stops the node.")
+        out(
+            f"Waiting for the coordinator at {address} ({(time.monotonic() - started) / 60:.0f} min so far): it is "
+            "not reachable yet and the node keeps trying. Ctrl-C stops the node."
+        )
         timeout = every_s
 
 
@@ -159,9 +178,11 @@ def write_secret(path: Path) -> Path:
 
 def refusal_reason(code: int | None, log_text: str, log_path: Path) -> str:
     if f"Exit Code: {NODE_NOT_REGISTERED}" in log_text or code == NODE_NOT_REGISTERED:
-        return (f"The coordinator refused this node: its public key is not registered (Flower exit code "
-                f"{NODE_NOT_REGISTERED}). Register it on the coordinator with `fedsov coordinator register "
-                f"<key>.pub`, then start the node again. Log: {log_path}")
+        return (
+            f"The coordinator refused this node: its public key is not registered (Flower exit code "
+            f"{NODE_NOT_REGISTERED}). Register it on the coordinator with `fedsov coordinator register "
+            f"<key>.pub`, then start the node again. Log: {log_path}"
+        )
     return f"flower-supernode exited with code {code}; see {log_path}."
 
 
@@ -222,8 +243,9 @@ def start_node(args, out=print) -> int:
     state_dir = writable_folder(args.state_dir.expanduser().resolve(), "--state-dir <folder>")
     node_config = node_config_from_args(args, state_dir)
     # Where the coordinator is comes from this node's pins: the CA that authenticates it, or `local`.
-    node_config["coordinator-jurisdiction"] = (local_jurisdiction(config_dir) if args.insecure
-                                               else jurisdiction_for_ca(config_dir, Path(args.ca).expanduser()))
+    node_config["coordinator-jurisdiction"] = (
+        local_jurisdiction(config_dir) if args.insecure else jurisdiction_for_ca(config_dir, Path(args.ca).expanduser())
+    )
     settings = deployment_settings(load_config(args.overrides, args.config_dir), node_config)
     # Every start check runs before the node connects: wrong-region data never reaches the network.
     out(f"Start checks on {node_config['data-path']} (PII scrubbing reads every record: large data takes a while)")
@@ -240,15 +262,20 @@ def start_node(args, out=print) -> int:
     except ConfigError as err:  # the node still starts; it refuses secure-aggregation rounds until it is listed
         out(f"WARNING: {err}")
     supernode = SuperNodeProcess(
-        superlink=args.superlink, node_config=node_config, log_path=state_dir / "logs" / "supernode.log",
+        superlink=args.superlink,
+        node_config=node_config,
+        log_path=state_dir / "logs" / "supernode.log",
         ca_cert=None if args.insecure else Path(args.ca).expanduser().resolve(),
-        private_key=None if args.insecure else Path(args.key).expanduser().resolve(), max_wait_s=None,
+        private_key=None if args.insecure else Path(args.key).expanduser().resolve(),
+        max_wait_s=None,
     )
     try:
         supernode.start(state_dir / "flower-home")
         wait_for_coordinator(supernode, args.superlink, out)
-        out(f"Connected to the coordinator at {args.superlink}; logs {supernode.log_path} and (the node's warm "
-            f"worker) {supernode.worker.log_path}. Ctrl-C stops the node.")
+        out(
+            f"Connected to the coordinator at {args.superlink}; logs {supernode.log_path} and (the node's warm "
+            f"worker) {supernode.worker.log_path}. Ctrl-C stops the node."
+        )
         while supernode.alive():
             time.sleep(0.5)
         out(refusal_reason(supernode.process.returncode, supernode.log_since_start(), supernode.log_path))

@@ -11,8 +11,8 @@ from __future__ import annotations
 import secrets
 import warnings
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +29,7 @@ class DpSettings:
 
 @dataclass
 class LocalTrainResult:
-    update: "OrderedDict[str, torch.Tensor]"  # trained minus received, trainable tensors, float32 CPU
+    update: OrderedDict[str, torch.Tensor]  # trained minus received, trainable tensors, float32 CPU
     mean_loss: float
     steps: int  # optimiser steps that actually ran (what the ledger charges)
     units_sampled: int
@@ -189,4 +189,3 @@ def unit_losses(model, ids: torch.Tensor, mask: torch.Tensor):
     summed = token_loss.sum(dim=1)
     counts = weight.sum(dim=1)
     return summed / counts.clamp(min=1.0), summed, counts
-

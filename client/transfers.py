@@ -19,8 +19,9 @@ which could neither be unioned nor protected from a quiet edit. People are store
 from __future__ import annotations
 
 import datetime
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from common.audit import EvidenceKey, KeyedRegister, TamperedLog
 from common.errors import LedgerError
@@ -49,8 +50,15 @@ class TransferScope(KeyedRegister):
         """Pseudonyms of the people, and of the people with sensitive data, recorded in the period ending `on`."""
         return _covered(self.entries() if self.exists() else [], rules, on)
 
-    def record(self, people: Iterable[str], sensitive: Iterable[str], *, rules: VolumeRules, on: datetime.date,
-               details: dict[str, Any]) -> tuple[int, int]:
+    def record(
+        self,
+        people: Iterable[str],
+        sensitive: Iterable[str],
+        *,
+        rules: VolumeRules,
+        on: datetime.date,
+        details: dict[str, Any],
+    ) -> tuple[int, int]:
         """Add the people (pseudonyms) the period does not hold yet; return how many people and sensitive were new."""
         known, known_sensitive = self.in_period(rules, on)
         if known.issuperset(people) and known_sensitive.issuperset(sensitive):
@@ -85,19 +93,22 @@ class TransferVolume:
         self.rules = rules if rules is not None and jurisdiction not in rules.domestic_jurisdictions else None
         self._people: tuple[object, frozenset[str], frozenset[str]] | None = None
 
-    def decision(self, people: Iterable[str], sensitive: Iterable[str],
-                 on: datetime.date | None = None) -> SafeguardDecision:
+    def decision(
+        self, people: Iterable[str], sensitive: Iterable[str], on: datetime.date | None = None
+    ) -> SafeguardDecision:
         """The safeguard needed for a release covering these people (user ids), and whether it is recorded."""
         on = on or today()
         if self.rules is None:
             return transfer_safeguard(self.policy, self.jurisdiction, 0, 0, on)
         mine, mine_sensitive = self._pseudonyms(people, sensitive)
         recorded, recorded_sensitive = self.scope.in_period(self.rules, on)
-        return transfer_safeguard(self.policy, self.jurisdiction, len(recorded | mine),
-                                  len(recorded_sensitive | mine_sensitive), on)
+        return transfer_safeguard(
+            self.policy, self.jurisdiction, len(recorded | mine), len(recorded_sensitive | mine_sensitive), on
+        )
 
-    def record(self, people: Iterable[str], sensitive: Iterable[str],
-               details: dict[str, Any]) -> tuple[SafeguardDecision, int, int]:
+    def record(
+        self, people: Iterable[str], sensitive: Iterable[str], details: dict[str, Any]
+    ) -> tuple[SafeguardDecision, int, int]:
         """Before a release leaves: the decision on the period's count, and (if allowed) the people added to it."""
         on = today()
         decision = self.decision(people, sensitive, on)
@@ -108,8 +119,11 @@ class TransferVolume:
 
     def _pseudonyms(self, people, sensitive) -> tuple[frozenset[str], frozenset[str]]:
         if self._people is None or self._people[0] is not people:  # computed once per loaded dataset
-            self._people = (people, frozenset(map(self.scope.pseudonym, people)),
-                            frozenset(map(self.scope.pseudonym, sensitive)))
+            self._people = (
+                people,
+                frozenset(map(self.scope.pseudonym, people)),
+                frozenset(map(self.scope.pseudonym, sensitive)),
+            )
         return self._people[1], self._people[2]
 
 

@@ -33,10 +33,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Callable
 
 from common.flowerproc import ActivityPoll, retry_objects_sooner
 
@@ -60,7 +60,9 @@ def runtime_client(address: str, *interceptors):
     from flwr.supercore.runtime import RuntimeHttpClient
 
     return RuntimeHttpClient.from_server_address(
-        server_address=address, insecure=True, root_certificates=None,
+        server_address=address,
+        insecure=True,
+        root_certificates=None,
         interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"), *interceptors],
     )
 
@@ -74,7 +76,8 @@ class Worker:
         self.runtime, self.state_dir, self.log = runtime, state_dir, log
         self.task_file = state_dir / TASK_FILE
         self.acquirer = runtime_client(
-            runtime, SuperExecAuthHttpInterceptor(master_secret=secret, protected_methods={ACQUIRE_TASK}))
+            runtime, SuperExecAuthHttpInterceptor(master_secret=secret, protected_methods={ACQUIRE_TASK})
+        )
         self.poll = ActivityPoll(FAST_POLL_S, IDLE_POLL_S, ACTIVE_WINDOW_S)
         self._apps: dict[str, str | None] = {}  # app bundle hash -> why it is refused (None: fedsov's)
 
@@ -92,8 +95,10 @@ class Worker:
                 continue
             except httpx.HTTPStatusError as err:
                 if err.response.status_code in (401, 403):
-                    raise SystemExit(f"The SuperNode at {self.runtime} refused this worker's SuperExec secret "
-                                     f"(HTTP {err.response.status_code}): start both with the same secret file.")
+                    raise SystemExit(
+                        f"The SuperNode at {self.runtime} refused this worker's SuperExec secret "
+                        f"(HTTP {err.response.status_code}): start both with the same secret file."
+                    ) from err
                 raise
             if claimed.HasField("task") and claimed.token:
                 self.run_task(claimed.token)
@@ -147,11 +152,20 @@ class Worker:
             else:
                 client.close()
             meta = message.metadata if message is not None else None
-            self.log("task " + json.dumps({
-                "message_type": meta and meta.message_type, "round": meta and meta.group_id,
-                "run_id": meta and meta.run_id, "status": status if replied else "unanswered",
-                "seconds": round(time.monotonic() - started, 3),
-                "node_starts": STARTS["node"], "model_loads": STARTS["model"]}))
+            self.log(
+                "task "
+                + json.dumps(
+                    {
+                        "message_type": meta and meta.message_type,
+                        "round": meta and meta.group_id,
+                        "run_id": meta and meta.run_id,
+                        "status": status if replied else "unanswered",
+                        "seconds": round(time.monotonic() - started, 3),
+                        "node_starts": STARTS["node"],
+                        "model_loads": STARTS["model"],
+                    }
+                )
+            )
 
     def _reply_error(self, client, message, context, reason: str) -> bool:
         """Answer `message` with an error instead of its reply; False when that fails too."""
@@ -162,8 +176,11 @@ class Worker:
         if message is None or context is None:
             return False
         try:
-            push_message(client, Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason),
-                                         reply_to=message), context)
+            push_message(
+                client,
+                Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message),
+                context,
+            )
         except Exception as err:  # noqa: BLE001 - left to Flower's heartbeat timeout
             self.log(f"could not answer the {message.metadata.message_type} with an error: {err}")
             return False
@@ -195,9 +212,14 @@ class Worker:
                 named = get_fab_config(fab.content)["tool"]["flwr"]["app"]["components"]["clientapp"]
             except Exception:  # noqa: BLE001 - any unreadable bundle is simply not fedsov's
                 named = None
-            self._apps[fab.hash_str] = None if named == expected else (
-                f"this node runs only fedsov's installed ClientApp ({expected}); the run's app bundle names "
-                f"{named!r}. Submit the run with `fedsov run submit`.")
+            self._apps[fab.hash_str] = (
+                None
+                if named == expected
+                else (
+                    f"this node runs only fedsov's installed ClientApp ({expected}); the run's app bundle names "
+                    f"{named!r}. Submit the run with `fedsov run submit`."
+                )
+            )
         return self._apps[fab.hash_str]
 
     def _keep_task(self, token: str, message) -> None:
@@ -232,14 +254,20 @@ class Worker:
         client = runtime_client(self.runtime, RuntimeTokenHttpInterceptor(kept["token"]))
         reason = "the node's worker stopped while handling this message and was restarted; nothing was sent"
         try:
-            push_message(client, Message(Error(code=ErrorCode.CLIENT_APP_CRASHED, reason=reason), reply_to=message),
-                         Context(run_id=meta.run_id, node_id=meta.dst_node_id, node_config={}, state=RecordDict(),
-                                 run_config={}))
+            push_message(
+                client,
+                Message(Error(code=ErrorCode.CLIENT_APP_CRASHED, reason=reason), reply_to=message),
+                Context(
+                    run_id=meta.run_id, node_id=meta.dst_node_id, node_config={}, state=RecordDict(), run_config={}
+                ),
+            )
             push_task_output(client, None, SubStatus.FAILED, reason)
             self.log(f"answered the unfinished {meta.message_type} (round {meta.group_id}) with an error")
         except httpx.HTTPError as err:  # its token expired (Flower answered "stopped responding"), or a new SuperNode
-            self.log(f"left the unfinished {meta.message_type} (round {meta.group_id}) to Flower's heartbeat timeout "
-                     f"({type(err).__name__})")
+            self.log(
+                f"left the unfinished {meta.message_type} (round {meta.group_id}) to Flower's heartbeat timeout "
+                f"({type(err).__name__})"
+            )
         finally:
             client.close()
 
@@ -288,8 +316,12 @@ def main(argv: list[str] | None = None) -> int:
 
     retry_objects_sooner(run_clientapp)
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
-    worker = Worker(args.runtime, args.secret_file.read_bytes(), args.state_dir,
-                    log=lambda line: print(f"{_now()} {line}", flush=True))
+    worker = Worker(
+        args.runtime,
+        args.secret_file.read_bytes(),
+        args.state_dir,
+        log=lambda line: print(f"{_now()} {line}", flush=True),
+    )
     try:
         worker.answer_abandoned_task()  # first: the coordinator is waiting for it
         # Imported before the first task so that no message waits for torch.
@@ -326,9 +358,22 @@ class WorkerProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "client.worker", "--runtime", self.runtime, "--secret-file",
-                 str(self.secret_file), "--state-dir", str(self.state_dir)],
-                env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                [
+                    sys.executable,
+                    "-m",
+                    "client.worker",
+                    "--runtime",
+                    self.runtime,
+                    "--secret-file",
+                    str(self.secret_file),
+                    "--state-dir",
+                    str(self.state_dir),
+                ],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         self._started = time.monotonic()
 
     def _watch(self) -> None:
@@ -339,10 +384,12 @@ class WorkerProcess:
                 continue
             lived = time.monotonic() - self._started
             quick_exits = quick_exits + 1 if lived < CRASH_LOOP_S else 0
-            pause = min(30.0, 2.0 ** quick_exits) if quick_exits > 1 else 0.0
+            pause = min(30.0, 2.0**quick_exits) if quick_exits > 1 else 0.0
             with open(self.log_path, "a") as log:
-                log.write(f"{_now()} warm worker exited with code {code} after {lived:.0f} s; "
-                          f"restarting{f' in {pause:.0f} s' if pause else ''}\n")
+                log.write(
+                    f"{_now()} warm worker exited with code {code} after {lived:.0f} s; "
+                    f"restarting{f' in {pause:.0f} s' if pause else ''}\n"
+                )
             if self._stopping.wait(pause):
                 return
             self._spawn()

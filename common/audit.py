@@ -20,10 +20,11 @@ import json
 import os
 import secrets
 import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from common.errors import FedsovError
 
@@ -63,7 +64,7 @@ class EvidenceKey:
         return lambda identifier: hmac.new(derived, identifier.encode(), hashlib.sha256).hexdigest()[:32]
 
     @classmethod
-    def load(cls, folder: Path | str) -> "EvidenceKey":
+    def load(cls, folder: Path | str) -> EvidenceKey:
         folder = Path(folder).expanduser()
         path = folder / KEY_FILE
         try:
@@ -74,13 +75,15 @@ class EvidenceKey:
                 "restore the key folder from its backup (a new key would make the old evidence unverifiable)."
             ) from err
         except (OSError, ValueError) as err:
-            raise EvidenceKeyError(f"The evidence key {path} is unreadable ({err}); restore it from its backup.") from err
+            raise EvidenceKeyError(
+                f"The evidence key {path} is unreadable ({err}); restore it from its backup."
+            ) from err
         if len(secret) != 32:
             raise EvidenceKeyError(f"The evidence key {path} is not 32 bytes; restore it from its backup.")
         return cls(secret, folder)
 
     @classmethod
-    def load_or_create(cls, folder: Path | str, *, logs: tuple[Path, ...] = ()) -> "EvidenceKey":
+    def load_or_create(cls, folder: Path | str, *, logs: tuple[Path, ...] = ()) -> EvidenceKey:
         """The key in `folder`; a new one only while none of `logs` exists yet (else it would reset them)."""
         folder = Path(folder).expanduser()
         if (folder / KEY_FILE).exists() or any(HashChainLog.files_exist(p) for p in logs):
@@ -154,8 +157,12 @@ class HashChainLog:
         """Raise TamperedLog unless entry `entries_count` of this log has hash `head` (an anchor kept elsewhere)."""
         entries = self.entries()
         if entries_count > len(entries):
-            raise _tampered(len(entries) + 1, f"an anchor recorded outside this log (by the coordinator or the node's audit log) records {entries_count} entries, "
-                                              f"the log holds {len(entries)} (it was cut or replaced)")
+            raise _tampered(
+                len(entries) + 1,
+                f"an anchor recorded outside this log (by the coordinator or the node's audit log) records "
+                f"{entries_count} entries, "
+                f"the log holds {len(entries)} (it was cut or replaced)",
+            )
         if entries_count > 0 and entries[entries_count - 1]["hash"] != head:
             raise _tampered(entries_count, "entry does not match the anchor recorded outside this log (rewritten)")
 
@@ -207,8 +214,11 @@ class HashChainLog:
             if entry.get("prev") != prev:
                 raise _tampered(number, "it does not chain to the entry before it (an entry was removed or reordered)")
             if entry.get("key_id") != self.key.key_id:
-                raise _tampered(number, f"it was written under evidence key {entry.get('key_id')}, not under this "
-                                        f"key ({self.key.key_id} in {self.key.folder}): wrong key folder, or a forgery")
+                raise _tampered(
+                    number,
+                    f"it was written under evidence key {entry.get('key_id')}, not under this "
+                    f"key ({self.key.key_id} in {self.key.folder}): wrong key folder, or a forgery",
+                )
             if not hmac.compare_digest(str(entry.get("hash")), entry_hash(entry, self.key)):
                 raise _tampered(number, "its content does not match its keyed hash (it was edited)")
             prev = entry["hash"]
@@ -219,9 +229,12 @@ class HashChainLog:
                 raise _tampered(len(entries), f"the head file {self.head_path.name} is missing")
         elif head["count"] > len(entries):
             raise _tampered(
-                len(entries) + 1, f"the log ends at entry {len(entries)} but its head records {head['count']} (truncated)"
+                len(entries) + 1,
+                f"the log ends at entry {len(entries)} but its head records {head['count']} (truncated)",
             )
-        elif head["count"] < len(entries) - 1 or (head["count"] > 0 and entries[head["count"] - 1]["hash"] != head["hash"]):
+        elif head["count"] < len(entries) - 1 or (
+            head["count"] > 0 and entries[head["count"] - 1]["hash"] != head["hash"]
+        ):
             raise _tampered(max(head["count"], 1), "the head does not match the chain")
         elif head["count"] == len(entries) - 1:
             # Crash between appending an entry and moving the head: the entry is chained, keep it.
@@ -229,8 +242,11 @@ class HashChainLog:
         if self._seen is not None:
             count, last = self._seen
             if count > len(entries) or (count and entries[count - 1]["hash"] != last):
-                raise _tampered(min(count, len(entries) + 1), f"the log changed under this process: it had {count} "
-                                f"entries, it now has {len(entries)} that do not extend them (rolled back or replaced)")
+                raise _tampered(
+                    min(count, len(entries) + 1),
+                    f"the log changed under this process: it had {count} "
+                    f"entries, it now has {len(entries)} that do not extend them (rolled back or replaced)",
+                )
         self._seen = (len(entries), entries[-1]["hash"]) if entries else None
         return entries
 

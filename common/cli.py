@@ -21,12 +21,18 @@ def build_parser() -> argparse.ArgumentParser:
         description="Federated DP-LoRA fine-tuning across jurisdictions. Settings are Hydra "
         "overrides, e.g. `fedsov simulate federation.rounds=3 regions=[eu,us]`.",
     )
-    parser.add_argument("--config-dir", type=Path, default=None, help="fedsov's configs/ folder (default: the bundled one)")
+    parser.add_argument(
+        "--config-dir", type=Path, default=None, help="fedsov's configs/ folder (default: the bundled one)"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     sim = sub.add_parser("simulate", help="run a simulated federation on this machine (Flower + Ray)")
-    sim.add_argument("-m", "--multirun", action="store_true",
-                     help="sweep: one run per combination of comma-separated values, e.g. privacy.target_epsilon=3,8")
+    sim.add_argument(
+        "-m",
+        "--multirun",
+        action="store_true",
+        help="sweep: one run per combination of comma-separated values, e.g. privacy.target_epsilon=3,8",
+    )
     _hydra_flags(sim)
     sim.add_argument("overrides", nargs="*", help="config overrides key=value; resume=<run_dir> continues a run")
 
@@ -45,8 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("files", nargs="+", type=Path)
     verify.add_argument("--key-dir", type=Path, help="the log's evidence-key folder (default: the one its .head names)")
     verify.add_argument("--anchor", help="an anchor kept elsewhere, ENTRIES:HASH: the log must contain it")
-    verify.add_argument("--manifest", type=Path,
-                        help="a run's adapter/fedsov-manifest.json: check the log against the anchors it kept")
+    verify.add_argument(
+        "--manifest", type=Path, help="a run's adapter/fedsov-manifest.json: check the log against the anchors it kept"
+    )
     verify.add_argument("--node", help="with --manifest: the node whose anchors to use (e.g. eu-1)")
     compare = asub.add_parser("compare", help="run the same federation without and with DP (epsilon 8) and audit both")
     compare.add_argument("overrides", nargs="*", help="config overrides for both arms")
@@ -56,8 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="generate text with an adapter; flags PII; prints the privacy card")
     gen.add_argument("adapter", type=Path, help="a run directory, its adapter/ folder, or a `fedsov export` folder")
-    gen.add_argument("--base", type=Path, help="the base model folder (default: the run's own, where it is on this "
-                                               "machine); its fingerprint must match")
+    gen.add_argument(
+        "--base",
+        type=Path,
+        help="the base model folder (default: the run's own, where it is on this machine); its fingerprint must match",
+    )
     gen.add_argument("--prompt", default="", help="text to continue (default: unconditional)")
     gen.add_argument("--samples", type=_positive_int, default=1)
     gen.add_argument("--max-new-tokens", type=_positive_int, default=60)
@@ -72,8 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _hydra_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--cfg", choices=("job",),
-                   help="print the composed, validated config and exit (as Hydra's --cfg job)")
+    p.add_argument(
+        "--cfg", choices=("job",), help="print the composed, validated config and exit (as Hydra's --cfg job)"
+    )
     p.add_argument("--info", action="store_true", help="print where the config comes from and exit (as Hydra's --info)")
 
 
@@ -84,8 +95,9 @@ def _hydra_habits(args) -> int | None:
     if args.info:
         return show_info(args.overrides, args.config_dir)
     if args.cfg:
-        return show_config(expand(args.overrides) if getattr(args, "multirun", False) else [args.overrides],
-                           args.config_dir)
+        return show_config(
+            expand(args.overrides) if getattr(args, "multirun", False) else [args.overrides], args.config_dir
+        )
     return None
 
 
@@ -130,15 +142,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "generate":
             from server.generate import generate
 
-            return generate(args.adapter, args.prompt, samples=args.samples, max_new_tokens=args.max_new_tokens,
-                            base=args.base)
+            return generate(
+                args.adapter, args.prompt, samples=args.samples, max_new_tokens=args.max_new_tokens, base=args.base
+            )
         if args.command == "export":
             from server.provenance import export_adapter
 
             out = export_adapter(args.run_dir, args.destination, args.jurisdiction)
-            print(f"Exported {args.run_dir / 'adapter'} to {out} for deployment in {args.jurisdiction}: adapter, "
-                  f"tokenizer, model card (README.md), manifest and base-model-reference/. Load it with "
-                  f"PeftModel.from_pretrained(<base>, '{out}'), or `fedsov generate {out} --base <base folder>`.")
+            print(
+                f"Exported {args.run_dir / 'adapter'} to {out} for deployment in {args.jurisdiction}: adapter, "
+                f"tokenizer, model card (README.md), manifest and base-model-reference/. Load it with "
+                f"PeftModel.from_pretrained(<base>, '{out}'), or `fedsov generate {out} --base <base folder>`."
+            )
             return 0
         if args.command == "data" and args.action == "check":
             from client.datacheck import check_data
@@ -152,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{region}: {folder} (start its node with --data {folder} --synthetic-data)")
             return 0
         if args.command in ("retention", "ledger", "dpo-record") or (
-                (args.command, getattr(args, "action", None)) in (("node", "erase"), ("run", "branch"))):
+            (args.command, getattr(args, "action", None)) in (("node", "erase"), ("run", "branch"))
+        ):
             return _lifecycle(args)
         if args.command == "roster" or (args.command == "node" and args.action == "identity"):
             return _roster(args)
@@ -194,7 +210,7 @@ class _SigtermAsInterrupt:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def _one_line(err: Exception) -> str:
+def _one_line(err: BaseException | None) -> str:
     # Some messages quote multi-line text from other libraries (YAML parsers); a terminal line stays whole.
     return " ".join(line.strip() for line in str(err).splitlines() if line.strip())
 
@@ -219,8 +235,11 @@ def _internal_error() -> int:
     with os.fdopen(fd, "w") as log:
         traceback.print_exc(file=log)
     err = sys.exc_info()[1]
-    print(f"fedsov: internal error: {type(err).__name__}: {_one_line(err)}. fedsov has no message for this "
-          f"failure yet: please report it with the traceback in {path}", file=sys.stderr)
+    print(
+        f"fedsov: internal error: {type(err).__name__}: {_one_line(err)}. fedsov has no message for this "
+        f"failure yet: please report it with the traceback in {path}",
+        file=sys.stderr,
+    )
     return 1
 
 
@@ -242,24 +261,33 @@ def _node_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--region", required=True)
     p.add_argument("--data", required=True, help="data files or folders, ':'-separated")
     p.add_argument("--synthetic-data", action="store_true", help="data are fedsov's generated demo data")
-    p.add_argument("--plain-text-consent", choices=("true", "false"),
-                   help="consent for every line of the plain-text (.txt) files, which carry none (default: refused)")
+    p.add_argument(
+        "--plain-text-consent",
+        choices=("true", "false"),
+        help="consent for every line of the plain-text (.txt) files, which carry none (default: refused)",
+    )
     p.add_argument("--model-path", help="local base model folder (default: the run's model)")
     p.add_argument("--model-cache", default="~/.cache/fedsov", help="where this node keeps the embedded model")
 
 
 def _connection_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--superlink", default=f"127.0.0.1:9093", help="the coordinator's address HOST:PORT")
+    p.add_argument("--superlink", default="127.0.0.1:9093", help="the coordinator's address HOST:PORT")
     p.add_argument("--ca", help="CA certificate that signed the coordinator's certificate (TLS is on by default)")
     p.add_argument("--insecure", action="store_true", help="plaintext, no TLS: closed test networks only")
     p.add_argument("--home", default=CLI_HOME, help="folder for the flwr CLI's connection settings")
 
 
 def _deployment_parsers(sub) -> None:
-    certs = sub.add_parser("certs", help="make a local CA and the coordinator's TLS certificate (tests, first deployments)")
+    certs = sub.add_parser(
+        "certs", help="make a local CA and the coordinator's TLS certificate (tests, first deployments)"
+    )
     certs.add_argument("--out", type=Path, required=True)
-    certs.add_argument("--host", action="append", default=None,
-                       help="a name or IP the coordinator is reached by (repeat; default localhost, 127.0.0.1)")
+    certs.add_argument(
+        "--host",
+        action="append",
+        default=None,
+        help="a name or IP the coordinator is reached by (repeat; default localhost, 127.0.0.1)",
+    )
     certs.add_argument("--force", action="store_true", help="replace an existing CA and server certificate there")
 
     coord = sub.add_parser("coordinator", help="the coordinator (Flower SuperLink): start it, register node keys")
@@ -270,9 +298,15 @@ def _deployment_parsers(sub) -> None:
     cstart.add_argument("--host", default="0.0.0.0", help="interface to listen on (default all)")
     cstart.add_argument("--port", type=int, default=9093)
     cstart.add_argument("--home", type=Path, default=Path("fedsov-coordinator"), help="runs and logs")
-    cstart.add_argument("--model-cache", type=Path, default=Path("~/.cache/fedsov"),
-                        help="where this machine keeps (or builds) the base model")
-    creg = csub.add_parser("register", help="register a regional node's public key (run where the Control API is reachable)")
+    cstart.add_argument(
+        "--model-cache",
+        type=Path,
+        default=Path("~/.cache/fedsov"),
+        help="where this machine keeps (or builds) the base model",
+    )
+    creg = csub.add_parser(
+        "register", help="register a regional node's public key (run where the Control API is reachable)"
+    )
     creg.add_argument("public_key", type=Path)
     _connection_args(creg)
     cls = csub.add_parser("nodes", help="list registered nodes and whether they are online")
@@ -286,10 +320,16 @@ def _deployment_parsers(sub) -> None:
     _node_data_args(nstart)
     nstart.add_argument("--state-dir", type=Path, required=True, help="ledger, audit log, canaries (keep it)")
     nstart.add_argument("--key", type=Path, help="the node's private key (required unless --insecure)")
-    nstart.add_argument("--name", help="node name (default: the state folder name, with the region in front unless it has it)")
-    nstart.add_argument("--key-dir", help="the node's evidence-key folder, apart from its state (default <state-dir>.keys)")
-    nstart.add_argument("--ledger-dir", help="the privacy ledger's folder, shared by nodes that split one data folder "
-                                             "(default: the state folder)")
+    nstart.add_argument(
+        "--name", help="node name (default: the state folder name, with the region in front unless it has it)"
+    )
+    nstart.add_argument(
+        "--key-dir", help="the node's evidence-key folder, apart from its state (default <state-dir>.keys)"
+    )
+    nstart.add_argument(
+        "--ledger-dir",
+        help="the privacy ledger's folder, shared by nodes that split one data folder (default: the state folder)",
+    )
     nstart.add_argument("--ledger-key-dir", help="the ledger's evidence-key folder (default: --key-dir)")
     nstart.add_argument("--roster", help="the federation roster (default: roster.json in the config folder)")
     nidentity = nsub.add_parser("identity", help="print this node's identity key for the roster (made on first use)")
@@ -323,8 +363,9 @@ def _deployment_parsers(sub) -> None:
     rlogs.add_argument("--follow", "-f", action="store_true", help="keep printing until the run finishes")
     rlogs.add_argument("--raw", action="store_true", help="the log exactly as Flower keeps it")
     _connection_args(rlogs)
-    rpull = rsub.add_parser("pull", help="copy a finished run's outputs from the coordinator, from any machine "
-                                         "holding the CA (flwr pull)")
+    rpull = rsub.add_parser(
+        "pull", help="copy a finished run's outputs from the coordinator, from any machine holding the CA (flwr pull)"
+    )
     rpull.add_argument("run_id", type=int)
     rpull.add_argument("--to", type=Path, required=True, help="folder to write <run name>/ into")
     _connection_args(rpull)
@@ -350,7 +391,9 @@ def _deployment_parsers(sub) -> None:
     dcheck = dsub_data.add_parser("check", help="run a node's start checks on its data (same flags as node start)")
     _node_data_args(dcheck)
     dcheck.add_argument("overrides", nargs="*", help="config overrides, as for node start (e.g. model.max_length=256)")
-    dgen = dsub_data.add_parser("generate", help="write fedsov's synthetic demo data for some regions (data.root=<dir>)")
+    dgen = dsub_data.add_parser(
+        "generate", help="write fedsov's synthetic demo data for some regions (data.root=<dir>)"
+    )
     dgen.add_argument("overrides", nargs="*", help="e.g. regions=[eu] data.root=/data/demo")
 
     deploy = sub.add_parser("deploy", help="deployment on this machine")
@@ -371,8 +414,10 @@ def _deployment(args) -> int:
         if not args.out.is_file():
             writable_folder(args.out, "--out <folder>")
         files = make_certificates(args.out, args.host or ["localhost", "127.0.0.1"], force=args.force)
-        print(f"CA {files.ca_cert} (give it to every node and CLI user); server certificate {files.server_cert} "
-              f"and key {files.server_key} (coordinator only); CA key {args.out / 'ca.key'} (keep offline).")
+        print(
+            f"CA {files.ca_cert} (give it to every node and CLI user); server certificate {files.server_cert} "
+            f"and key {files.server_key} (coordinator only); CA key {args.out / 'ca.key'} (keep offline)."
+        )
         return 0
     if args.command == "deploy" or (args.command == "run" and args.action == "submit"):
         answered = _hydra_habits(args)
@@ -382,8 +427,14 @@ def _deployment(args) -> int:
         return d.local_deployment(args.overrides, insecure=args.insecure, config_dir=args.config_dir)
     if args.command == "coordinator" and args.action == "start":
         writable_folder(args.home, "--home <folder>")
-        superlink = d.start_coordinator(args.home, certs=args.certs, insecure=args.insecure, host=args.host,
-                                        port=args.port, model_cache=args.model_cache)
+        superlink = d.start_coordinator(
+            args.home,
+            certs=args.certs,
+            insecure=args.insecure,
+            host=args.host,
+            port=args.port,
+            model_cache=args.model_cache,
+        )
         return d.serve_coordinator(superlink)
     if args.command == "node" and args.action == "key":
         from common.credentials import make_node_key
@@ -398,8 +449,10 @@ def _deployment(args) -> int:
 
         config_dir = args.config_dir.resolve() if args.config_dir else default_config_dir()
         fingerprint = add_pin(config_dir, args.name, args.ca, args.jurisdiction)
-        print(f"Pinned coordinator '{args.name}' (CA sha256 {fingerprint}) to {args.jurisdiction} in "
-              f"{config_dir / PINS_FILE}. Check the fingerprint with the coordinator's operator.")
+        print(
+            f"Pinned coordinator '{args.name}' (CA sha256 {fingerprint}) to {args.jurisdiction} in "
+            f"{config_dir / PINS_FILE}. Check the fingerprint with the coordinator's operator."
+        )
         return 0
     if args.command == "node":
         from client.supernode import start_node
@@ -449,16 +502,22 @@ def _node_state_args(p: argparse.ArgumentParser, required: bool = True) -> None:
 
 
 def _erase_parser(nsub) -> None:
-    erase = nsub.add_parser("erase", help="record a person's erasure request: their records leave all later training; "
-                                          "reports the runs trained on them")
+    erase = nsub.add_parser(
+        "erase",
+        help="record a person's erasure request: their records leave all later training; "
+        "reports the runs trained on them",
+    )
     erase.add_argument("--user", required=True, help="the user_id the person's records carry")
     erase.add_argument("--reference", required=True, help="the request's reference (e.g. a ticket number), for the log")
     _node_state_args(erase)
 
 
 def _branch_parser(rsub) -> None:
-    branch = rsub.add_parser("branch", help="a new run continuing a run from one of its checkpoints (e.g. one that "
-                                            "predates an erased person); resume it like any run")
+    branch = rsub.add_parser(
+        "branch",
+        help="a new run continuing a run from one of its checkpoints (e.g. one that "
+        "predates an erased person); resume it like any run",
+    )
     branch.add_argument("run_dir", type=Path)
     branch.add_argument("--round", type=_positive_int, required=True, help="the checkpoint's round")
     branch.add_argument("--to", type=Path, help="the new run folder (default: beside the run, named after it)")
@@ -467,8 +526,11 @@ def _branch_parser(rsub) -> None:
 def _lifecycle_parsers(sub) -> None:
     retention = sub.add_parser("retention", help="delete what the regions' retention rules say must go")
     rsub = retention.add_subparsers(dest="action", required=True)
-    enforce = rsub.add_parser("enforce", help="on a coordinator: --runs-dir (checkpoints); on a node: --region and "
-                                              "--state-dir (ledger backups); each deletion is logged")
+    enforce = rsub.add_parser(
+        "enforce",
+        help="on a coordinator: --runs-dir (checkpoints); on a node: --region and "
+        "--state-dir (ledger backups); each deletion is logged",
+    )
     enforce.add_argument("--runs-dir", type=Path, help="the coordinator's runs folder")
     enforce.add_argument("--dry-run", action="store_true", help="list what is due, delete nothing")
     _node_state_args(enforce, required=False)
@@ -485,14 +547,22 @@ def _node_folders(args):
     from client.settings import NodeFolders
 
     if not args.region or not args.state_dir:
-        raise ConfigError("Give the node's --region and --state-dir (as for `fedsov node start`), or --runs-dir on a "
-                          "coordinator.")
+        raise ConfigError(
+            "Give the node's --region and --state-dir (as for `fedsov node start`), or --runs-dir on a coordinator."
+        )
     if not args.state_dir.expanduser().is_dir():
-        raise ConfigError(f"--state-dir {args.state_dir}: no such folder. Give the node's state folder, as for "
-                          "`fedsov node start`.")
-    values = {"region": args.region, "state-dir": str(args.state_dir.expanduser().resolve()), "name": args.name,
-              "key-dir": args.key_dir, "ledger-dir": args.ledger_dir, "ledger-key-dir": args.ledger_key_dir,
-              "config-dir": str(args.config_dir) if args.config_dir else None}
+        raise ConfigError(
+            f"--state-dir {args.state_dir}: no such folder. Give the node's state folder, as for `fedsov node start`."
+        )
+    values = {
+        "region": args.region,
+        "state-dir": str(args.state_dir.expanduser().resolve()),
+        "name": args.name,
+        "key-dir": args.key_dir,
+        "ledger-dir": args.ledger_dir,
+        "ledger-key-dir": args.ledger_key_dir,
+        "config-dir": str(args.config_dir) if args.config_dir else None,
+    }
     return NodeFolders.of({k: v for k, v in values.items() if v})
 
 
@@ -510,9 +580,11 @@ def _lifecycle(args) -> int:
         from server.rundir import branch_run
 
         branch = branch_run(RunDirectory(args.run_dir), args.round, args.to)
-        print(f"{branch.path} continues {args.run_dir} from its round-{args.round} checkpoint. Train it with "
-              f"`fedsov simulate resume={branch.path}` (on a coordinator: `fedsov run submit ... "
-              f"resume={branch.path}`).")
+        print(
+            f"{branch.path} continues {args.run_dir} from its round-{args.round} checkpoint. Train it with "
+            f"`fedsov simulate resume={branch.path}` (on a coordinator: `fedsov run submit ... "
+            f"resume={branch.path}`)."
+        )
         return 0
     if args.command == "retention" and args.runs_dir:
         from server.retention import enforce_runs_retention, expired_checkpoints
@@ -541,8 +613,11 @@ def _lifecycle(args) -> int:
     from common.config import load_region_file
 
     policy = load_region_file(folders.policy_file).policy
-    due = (expired_backups(folders, policy) if args.dry_run
-           else enforce_node_retention(folders, policy, node_audit(folders)))
+    due = (
+        expired_backups(folders, policy)
+        if args.dry_run
+        else enforce_node_retention(folders, policy, node_audit(folders))
+    )
     return _print_retention(due, args.dry_run, f"ledger backups of node {folders.name}")
 
 
@@ -564,8 +639,10 @@ def _roster(args) -> int:
         roster = Roster.load(args.roster)
         for entry in sorted(roster.entries.values(), key=lambda e: (e.region, e.name)):
             print(f"  {entry.name:<16} {entry.region:<8} {entry.public_key.hex()}")
-        print(f"{len(roster.entries)} node(s); roster fingerprint {roster.fingerprint()} (every region's copy must "
-              "show the same)")
+        print(
+            f"{len(roster.entries)} node(s); roster fingerprint {roster.fingerprint()} (every region's copy must "
+            "show the same)"
+        )
         return 0
     if (args.identity is None) == (args.key_dir is None):
         raise FedsovError("Give exactly one of --identity <hex key> and --key-dir <the node's key folder>.")
@@ -574,10 +651,14 @@ def _roster(args) -> int:
     except ValueError:
         key = b""
     if len(key) != 32:
-        raise FedsovError(f"--identity {args.identity!r} is not a 32-byte key in hex (`fedsov node identity` prints it).")
+        raise FedsovError(
+            f"--identity {args.identity!r} is not a 32-byte key in hex (`fedsov node identity` prints it)."
+        )
     roster = add_to_roster(args.roster, args.name, args.region, key)
-    print(f"{args.roster}: {len(roster.entries)} node(s), fingerprint {roster.fingerprint()}. Install the same file on "
-          "every node (the `roster` node-config key, or roster.json in each node's config folder).")
+    print(
+        f"{args.roster}: {len(roster.entries)} node(s), fingerprint {roster.fingerprint()}. Install the same file on "
+        "every node (the `roster` node-config key, or roster.json in each node's config folder)."
+    )
     return 0
 
 
@@ -590,8 +671,10 @@ def _region_file(name_or_path: str) -> Path:
     regions = default_config_dir() / "regions"
     if not (regions / f"{name_or_path}.yaml").is_file():
         known = sorted(f.stem for f in regions.glob("*.yaml") if f.stem != "template")
-        raise ConfigError(f"No region '{name_or_path}': there is no {regions / name_or_path}.yaml. Known regions: "
-                          f"{', '.join(known) or 'none'}; or give a policy file's path (ending in .yaml).")
+        raise ConfigError(
+            f"No region '{name_or_path}': there is no {regions / name_or_path}.yaml. Known regions: "
+            f"{', '.join(known) or 'none'}; or give a policy file's path (ending in .yaml)."
+        )
     return regions / f"{name_or_path}.yaml"
 
 
@@ -608,8 +691,10 @@ def _policy(args) -> int:
                 continue
             try:
                 region = load_region_file(file)
-                print(f"OK {file}: region {region.name} ({region.jurisdiction}), {region.policy.law}, "
-                      f"policy hash {policy_hash(region.policy)[:16]}")
+                print(
+                    f"OK {file}: region {region.name} ({region.jurisdiction}), {region.policy.law}, "
+                    f"policy hash {policy_hash(region.policy)[:16]}"
+                )
             except FedsovError as err:
                 failed += 1
                 print(f"INVALID {err}")
@@ -644,8 +729,9 @@ def _report(run_dir: Path) -> int:
     return 1 if report["bound_violations"] else 0
 
 
-def _verify(files: list[Path], key_dir: Path | None, anchor: str | None, manifest: Path | None,
-            node: str | None) -> int:
+def _verify(
+    files: list[Path], key_dir: Path | None, anchor: str | None, manifest: Path | None, node: str | None
+) -> int:
     if manifest is not None and not node:
         raise FedsovError("--manifest needs --node: the anchors in a manifest are per node (e.g. --node eu-1).")
     bad = 0
@@ -654,8 +740,10 @@ def _verify(files: list[Path], key_dir: Path | None, anchor: str | None, manifes
             # A node's or a run's folder: every hash-chained log in it (the ones with a .head file).
             logs = sorted(f for f in given.glob("*.jsonl") if f.with_name(f.name + ".head").exists())
             if not logs:
-                print(f"{given}: a folder with no hash-chained logs (*.jsonl with a .head file beside it); give the "
-                      "log files, e.g. <workdir>/nodes/<node>/audit.jsonl")
+                print(
+                    f"{given}: a folder with no hash-chained logs (*.jsonl with a .head file beside it); give the "
+                    "log files, e.g. <workdir>/nodes/<node>/audit.jsonl"
+                )
                 bad += 1
         else:
             logs = [given]
@@ -711,7 +799,9 @@ def _anchor_for(file: Path, anchor: str | None, manifest: Path | None, node: str
         return None
     anchors = json.loads(manifest.read_text()).get("evidence_anchors", {})
     if node not in anchors:
-        raise FedsovError(f"{manifest} keeps no anchors for node {node!r}; it has: {', '.join(sorted(anchors)) or 'none'}.")
+        raise FedsovError(
+            f"{manifest} keeps no anchors for node {node!r}; it has: {', '.join(sorted(anchors)) or 'none'}."
+        )
     kind = "ledger" if "ledger" in file.name else "audit"
     return int(anchors[node][f"{kind}-entries"]), str(anchors[node][f"{kind}-head"])
 

@@ -11,14 +11,16 @@ import difflib
 import json
 import os
 import re
+import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, NoReturn
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf import errors as oc_errors
 
 from common.errors import ConfigError
@@ -60,7 +62,7 @@ class LoraSettings:
     alpha: float = 16.0
     dropout: float = 0.0
     # None: PEFT's default target modules for the base model's architecture.
-    target_modules: Optional[List[str]] = None
+    target_modules: list[str] | None = None
     # FFA-LoRA (Sun et al. 2024): A stays frozen at its shared initialisation, only B
     # trains, so averaging the B matrices averages the products BA exactly.
     ffa: bool = False
@@ -104,7 +106,7 @@ class DataConfig:
     seed: int = 0
     root: str = "${workdir}/data"
     users_per_region: int = 300
-    records_per_user: List[int] = field(default_factory=lambda: [2, 6])
+    records_per_user: list[int] = field(default_factory=lambda: [2, 6])
     consent_rate: float = 0.92
     shards: int = 2
     heldout_fraction: float = 0.2
@@ -116,16 +118,16 @@ class DataConfig:
 class RegionData:
     source: DataSource
     # Local files or folders (JSONL, plain text, Parquet) when source=files.
-    paths: List[str]
+    paths: list[str]
     # Plain-text lines carry no consent field: the region attests it for whole files.
-    plain_text_consent: Optional[bool]
+    plain_text_consent: bool | None
 
 
 @dataclass
 class RegionConfig:
     name: str
     jurisdiction: str
-    locales: List[str]
+    locales: list[str]
     clients: int
     data: RegionData
     # The region's compliance rules. Its nodes enforce their own copy of this file; the
@@ -141,8 +143,8 @@ class PrivacyConfig:
     enabled: bool = True
     # Exactly one of noise_multiplier and target_epsilon when enabled. target_epsilon is
     # the epsilon this run may spend; sigma is derived for the run's planned rounds.
-    noise_multiplier: Optional[float] = None
-    target_epsilon: Optional[float] = None
+    noise_multiplier: float | None = None
+    target_epsilon: float | None = None
     max_grad_norm: float = 1.0
 
 
@@ -188,8 +190,8 @@ class AuditConfig:
     # Canaries go into generated data; into real data only when asked (they are fake records
     # added to a production training set).
     canaries_in_real_data: bool = False
-    canary_formats: List[str] = field(default_factory=lambda: ["door-code", "passport"])
-    canary_repetitions: List[int] = field(default_factory=lambda: [1, 4, 16])
+    canary_formats: list[str] = field(default_factory=lambda: ["door-code", "passport"])
+    canary_repetitions: list[int] = field(default_factory=lambda: [1, 4, 16])
     # Canaries for one-run auditing, each inserted with probability 1/2, in one_run_repetitions copies
     # (each its own privacy unit: the audit then measures the epsilon of a group of that many units).
     one_run_canaries: int = 64
@@ -222,10 +224,10 @@ class TrackingConfig:
 class FedsovConfig:
     # Why the model is trained, in the controller's words: the purpose a record of processing names (GDPR
     # Art. 30(1)(b)). fedsov cannot know it; `fedsov dpo-record` marks it for the DPO to fill while it is null.
-    purpose: Optional[str] = None
+    purpose: str | None = None
     workdir: str = "fedsov-work"
-    run_dir: Optional[str] = None
-    resume: Optional[str] = None
+    run_dir: str | None = None
+    resume: str | None = None
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
@@ -234,7 +236,7 @@ class FedsovConfig:
     audit: AuditConfig = field(default_factory=AuditConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    regions: Dict[str, RegionConfig] = field(default_factory=dict)
+    regions: dict[str, RegionConfig] = field(default_factory=dict)
 
 
 def default_config_dir() -> Path:
@@ -248,7 +250,6 @@ def load_config(
     overrides: Sequence[str] = (), config_dir: Path | None = None, config_name: str = "config"
 ) -> FedsovConfig:
     """Compose `configs/` with command-line overrides, then type-check and validate."""
-    import yaml
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
@@ -296,8 +297,11 @@ def _selected_regions(config_name: str, overrides: Sequence[str]) -> list[str]:
     from hydra.types import RunMode
 
     defaults = GlobalHydra.instance().config_loader().compute_defaults_list(config_name, list(overrides), RunMode.RUN)
-    return [d.config_path.split("/", 1)[1] for d in defaults.defaults
-            if d.config_path and d.config_path.startswith("regions/")]
+    return [
+        d.config_path.split("/", 1)[1]
+        for d in defaults.defaults
+        if d.config_path and d.config_path.startswith("regions/")
+    ]
 
 
 def _check_overrides(overrides: Sequence[str], config_dir: Path) -> None:
@@ -324,8 +328,7 @@ def _check_overrides(overrides: Sequence[str], config_dir: Path) -> None:
             for option in chosen:
                 if str(option) not in groups[key]:
                     raise ConfigError(
-                        f"'{option}' is not a {key} config. Available in {config_dir / key}: "
-                        f"{', '.join(groups[key])}."
+                        f"'{option}' is not a {key} config. Available in {config_dir / key}: {', '.join(groups[key])}."
                     )
             continue
         parts = key.split(".")
@@ -357,25 +360,36 @@ def _check_prefix(override, is_group: bool) -> None:
     key = override.key_or_group
     if override.is_delete():
         if is_group:
-            raise ConfigError(f"'{text}': the {key} group cannot be deleted from the defaults; choose its options "
-                              f"instead, e.g. {key}=[eu,us] (every config needs some).")
+            raise ConfigError(
+                f"'{text}': the {key} group cannot be deleted from the defaults; choose its options "
+                f"instead, e.g. {key}=[eu,us] (every config needs some)."
+            )
         default = _schema_default(key)
         if dataclasses.is_dataclass(default):
             field_name = dataclasses.fields(default)[0].name
-            raise ConfigError(f"'{text}' would delete the section '{key}', which fedsov's configuration needs; set its "
-                              f"fields instead, e.g. {key}.{field_name}=<value>.")
+            raise ConfigError(
+                f"'{text}' would delete the section '{key}', which fedsov's configuration needs; set its "
+                f"fields instead, e.g. {key}.{field_name}=<value>."
+            )
         if default is _ANY_VALUE:
-            raise ConfigError(f"'{text}' would delete '{key}', which fedsov's configuration needs; set it instead: "
-                              f"{key}=<value>.")
-        raise ConfigError(f"'{text}' would delete '{key}', and fedsov's schema would put its built-in default "
-                          f"({default!r}) back in silence; set it explicitly instead: {key}=<value>.")
+            raise ConfigError(
+                f"'{text}' would delete '{key}', which fedsov's configuration needs; set it instead: {key}=<value>."
+            )
+        raise ConfigError(
+            f"'{text}' would delete '{key}', and fedsov's schema would put its built-in default "
+            f"({default!r}) back in silence; set it explicitly instead: {key}=<value>."
+        )
     if override.is_add() and is_group:
-        raise ConfigError(f"'{text}': the {key} group is already in the defaults list, so `+` would add nothing; "
-                          f"choose its options with {key}=[...] (no +).")
+        raise ConfigError(
+            f"'{text}': the {key} group is already in the defaults list, so `+` would add nothing; "
+            f"choose its options with {key}=[...] (no +)."
+        )
     # `+regions.<r>.*` is left to composition: it names a region the `regions` list must select.
     if override.is_add() and not _schema_fields(key) and not key.startswith("regions."):
-        raise ConfigError(f"'{text}': '{key}' already exists (every key of fedsov's schema does), so `+` cannot add "
-                          f"it; set it with {key}=<value> (or ++{key}=<value>).")
+        raise ConfigError(
+            f"'{text}': '{key}' already exists (every key of fedsov's schema does), so `+` cannot add "
+            f"it; set it with {key}=<value> (or ++{key}=<value>)."
+        )
 
 
 def _schema_default(full_key: str) -> Any:
@@ -388,8 +402,12 @@ def _schema_default(full_key: str) -> Any:
     return node
 
 
-def config_from_container(raw: DictConfig | dict[str, Any]) -> FedsovConfig:
+def config_from_container(raw: DictConfig | ListConfig | dict[str, Any]) -> FedsovConfig:
     """Merge a plain or composed config onto the schema; errors name the key and the fix."""
+    if not isinstance(raw, (DictConfig, dict)):  # OmegaConf.load of a YAML list
+        raise ConfigError(
+            f"A fedsov config is a mapping of keys, not a {type(raw).__name__}: check the file it came from."
+        )
     cfg: FedsovConfig = _typed(FedsovConfig, raw, "")
     _absolutise_paths(cfg)
     validate(cfg)
@@ -407,36 +425,46 @@ def load_region_file(path: Path | str) -> RegionConfig:
     """
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"No region policy file at {path}. Every node needs its region's file "
-                          f"(start from configs/{TEMPLATE_FILE}).")
+        raise ConfigError(
+            f"No region policy file at {path}. Every node needs its region's file (start from configs/{TEMPLATE_FILE})."
+        )
     region = path.stem
     try:
         raw = OmegaConf.load(path)
     except Exception as err:  # YAML syntax errors come in several types
         raise ConfigError(f"Region policy file {path} is not valid YAML: {err}") from err
     if not isinstance(raw, DictConfig) or not raw:
-        raise ConfigError(f"Region policy file {path} is empty (or not a mapping): it must set every field of region "
-                          f"'{region}' and its policy. Copy configs/{TEMPLATE_FILE} to it and fill in each value.")
+        raise ConfigError(
+            f"Region policy file {path} is empty (or not a mapping): it must set every field of region "
+            f"'{region}' and its policy. Copy configs/{TEMPLATE_FILE} to it and fill in each value."
+        )
     first = path.read_text().splitlines()[0].strip()
     package = f"# @package regions.{region}"
     if "<name>" in first:
-        raise ConfigError(f"{path} is still the template (first line '{first}'): copy it to "
-                          "configs/regions/<name>.yaml, put the region's name in place of <name> in the first line "
-                          "and in `name`, and set every ??? value.")
+        raise ConfigError(
+            f"{path} is still the template (first line '{first}'): copy it to "
+            "configs/regions/<name>.yaml, put the region's name in place of <name> in the first line "
+            "and in `name`, and set every ??? value."
+        )
     if first != package:
         other = first.removeprefix("# @package regions.") if first.startswith("# @package regions.") else None
         found = f"declares region '{other}' (first line '{first}')" if other else f"starts with '{first[:60]}'"
         raise ConfigError(
             f"{path} {found}, but a file named {path.name} must hold the rules of region '{region}' and start with "
             f"'{package}' (Hydra files it under that key; without it the region vanishes or becomes another). "
-            + (f"If these are {other}'s rules, they belong in {other}.yaml; write {region}'s own here."
-               if other else f"Make '{package}' the first line.")
+            + (
+                f"If these are {other}'s rules, they belong in {other}.yaml; write {region}'s own here."
+                if other
+                else f"Make '{package}' the first line."
+            )
         )
     region_cfg: RegionConfig = _typed(RegionConfig, raw, f"{path}: ", file=path)
     if region_cfg.name != region:
-        raise ConfigError(f"{path}: name = {region_cfg.name!r}, but the file is {path.name}: a region's file must be "
-                          f"for that region. Set name: {region} (if these are {region_cfg.name}'s rules, move them to "
-                          f"{region_cfg.name}.yaml).")
+        raise ConfigError(
+            f"{path}: name = {region_cfg.name!r}, but the file is {path.name}: a region's file must be "
+            f"for that region. Set name: {region} (if these are {region_cfg.name}'s rules, move them to "
+            f"{region_cfg.name}.yaml)."
+        )
     validate_region(region_cfg, f"{path.name}: ")
     return region_cfg
 
@@ -445,11 +473,19 @@ def validate_region(region: RegionConfig, where: str) -> None:
     """The checks a region passes whether it comes from its file or from a composed config."""
     validate_policy(region.policy, f"{where}policy")
     if region.name not in region.policy.residency.allowed_region_tags:
-        _fail(f"{where}policy.residency.allowed_region_tags", region.policy.residency.allowed_region_tags,
-              f"does not include the region's own tag '{region.name}'", f"Add {region.name}.")
+        _fail(
+            f"{where}policy.residency.allowed_region_tags",
+            region.policy.residency.allowed_region_tags,
+            f"does not include the region's own tag '{region.name}'",
+            f"Add {region.name}.",
+        )
     if not JURISDICTION.match(region.jurisdiction):
-        _fail(f"{where}jurisdiction", region.jurisdiction, "is not a jurisdiction code",
-              "Use an ISO 3166 code such as GB, CA-QC, or EU.")
+        _fail(
+            f"{where}jurisdiction",
+            region.jurisdiction,
+            "is not a jurisdiction code",
+            "Use an ISO 3166 code such as GB, CA-QC, or EU.",
+        )
 
 
 def _typed(root: type, raw: Any, where: str, file: Path | None = None) -> Any:
@@ -479,8 +515,10 @@ def _typed(root: type, raw: Any, where: str, file: Path | None = None) -> Any:
             ) from err
         raise ConfigError(where + _wrong_value_message(err)) from err
     except oc_errors.MissingMandatoryValue as err:
-        raise ConfigError(f"{where}Config key '{err.full_key}' must be set: it has no default. "
-                          f"{_missing_value_fix(str(err.full_key), where)}") from err
+        raise ConfigError(
+            f"{where}Config key '{err.full_key}' must be set: it has no default. "
+            f"{_missing_value_fix(str(err.full_key), where)}"
+        ) from err
     except oc_errors.InterpolationResolutionError as err:
         raise ConfigError(f"{where}Config key '{err.full_key}': {err.msg}") from err
 
@@ -494,15 +532,22 @@ def _missing_text(keys: list[str], root: type, file: Path | None) -> str:
     listing = "; ".join(described)
     rule = "nothing is filled with a default"
     if file is not None:
-        return (f"{len(keys)} required key(s) missing or unset (???): {listing}. Every field of a region's file must "
-                f"be set in the file itself ({rule}): copy the missing lines from configs/{TEMPLATE_FILE} and set "
-                "each value (the presets cite the article behind theirs).")
+        return (
+            f"{len(keys)} required key(s) missing or unset (???): {listing}. Every field of a region's file must "
+            f"be set in the file itself ({rule}): copy the missing lines from configs/{TEMPLATE_FILE} and set "
+            "each value (the presets cite the article behind theirs)."
+        )
     regions = sorted({k.split(".")[1] for k in keys if k.startswith("regions.") and k.count(".") > 1})
     if regions:
-        return (f"Config keys missing or unset (???): {listing}. Regions come only from their files ({rule}): "
-                f"set them in configs/regions/{{{','.join(regions)}}}.yaml.")
-    return (f"Config key(s) {listing} must be set: they have no default. Add "
-            + " ".join(f"{k}=<value>" for k in keys) + " to the command line.")
+        return (
+            f"Config keys missing or unset (???): {listing}. Regions come only from their files ({rule}): "
+            f"set them in configs/regions/{{{','.join(regions)}}}.yaml."
+        )
+    return (
+        f"Config key(s) {listing} must be set: they have no default. Add "
+        + " ".join(f"{k}=<value>" for k in keys)
+        + " to the command line."
+    )
 
 
 def _section_fields(full_key: str, root: type) -> list[str]:
@@ -523,14 +568,14 @@ _ANY_VALUE = object()
 
 def _locate(node: Any, key: str, value: Any = _ANY_VALUE, prefix: str = "") -> str | None:
     """The dotted path (with [i] for list entries) of the first `key` holding `value` (or any) under `node`."""
-    from omegaconf import ListConfig
-
+    items: list[tuple[str, Any, Any]]
     if isinstance(node, DictConfig):
-        items = [(f"{prefix}{k}", k, node._get_node(k)) for k in node.keys()]
+        items = [(f"{prefix}{k!s}", k, node._get_node(k)) for k in node.keys()]
     elif isinstance(node, ListConfig):
         items = [(f"{prefix[:-1]}[{i}]", None, node._get_node(i)) for i in range(len(node))]
     else:
         return None
+
     def plain(v: Any) -> Any:
         if isinstance(v, (DictConfig, ListConfig)):
             return OmegaConf.to_container(v)
@@ -555,8 +600,10 @@ def _missing_value_fix(key: str, where: str) -> str:
     if parts[0] == "regions" and len(parts) > 2:
         # A node enforces its own file, so a command-line value for it would be refused or ignored.
         region_key = ".".join(parts[2:])
-        return (f"Set '{region_key}' in {default_config_dir() / 'regions' / parts[1]}.yaml "
-                f"(configs/{TEMPLATE_FILE} shows every key).")
+        return (
+            f"Set '{region_key}' in {default_config_dir() / 'regions' / parts[1]}.yaml "
+            f"(configs/{TEMPLATE_FILE} shows every key)."
+        )
     return f"Add {key}=<value> to the command line."
 
 
@@ -619,8 +666,9 @@ def _schema_fields(full_key: str, root: type = FedsovConfig) -> list[str]:
 
 
 def _element_type(hint: Any) -> Any:
-    """The type inside Optional[...] and List[...] (a list entry's keys are checked like a section's)."""
-    while typing.get_origin(hint) in (list, typing.Union):
+    """The type inside `X | None` and `list[X]` (a list entry's keys are checked like a section's)."""
+    # `X | None` is types.UnionType, `Optional[X]` typing.Union: the schema may use either.
+    while typing.get_origin(hint) in (list, typing.Union, types.UnionType):
         hint = next(a for a in typing.get_args(hint) if a is not type(None))
     return hint
 
@@ -657,7 +705,7 @@ def _wrong_value_message(err: oc_errors.ValidationError) -> str:
     return f"Config key '{full_key}' has an invalid value: {detail}.{allowed}"
 
 
-def _fail(key: str, value: Any, rule: str, fix: str) -> None:
+def _fail(key: str, value: Any, rule: str, fix: str) -> NoReturn:
     raise ConfigError(f"Config key '{key}' = {value!r}: {rule}. {fix}")
 
 
@@ -679,18 +727,22 @@ def validate(cfg: FedsovConfig) -> None:
     for key, value in positive_ints.items():
         if value < 1:
             _fail(key, value, "must be at least 1", "Set a positive integer.")
-    for key, value in {
+    for key, rate in {
         "federation.learning_rate": fed.learning_rate,
         "federation.server_learning_rate": fed.server_learning_rate,
         "federation.round_timeout_s": fed.round_timeout_s,
         "federation.node_wait_timeout_s": fed.node_wait_timeout_s,
         "model.lora.alpha": model.lora.alpha,
     }.items():
-        if not value > 0:
-            _fail(key, value, "must be greater than 0", "Set a positive number.")
+        if not rate > 0:
+            _fail(key, rate, "must be greater than 0", "Set a positive number.")
     if fed.keep_checkpoints < 1:
-        _fail("federation.keep_checkpoints", fed.keep_checkpoints, "must be at least 1",
-              "Resuming needs the last checkpoint; keep at least 1.")
+        _fail(
+            "federation.keep_checkpoints",
+            fed.keep_checkpoints,
+            "must be at least 1",
+            "Resuming needs the last checkpoint; keep at least 1.",
+        )
     if not 0 <= model.lora.dropout < 1:
         _fail("model.lora.dropout", model.lora.dropout, "must be in [0, 1)", "Use e.g. 0.05.")
     if not 0 <= data.heldout_fraction < 1:
@@ -699,23 +751,31 @@ def validate(cfg: FedsovConfig) -> None:
         _fail("data.consent_rate", data.consent_rate, "must be in [0, 1]", "Use e.g. 0.92.")
     lo_hi = data.records_per_user
     if len(lo_hi) != 2 or not 1 <= lo_hi[0] <= lo_hi[1]:
-        _fail("data.records_per_user", lo_hi, "must be [min, max] with 1 <= min <= max",
-              "Use e.g. [2, 6].")
+        _fail("data.records_per_user", lo_hi, "must be [min, max] with 1 <= min <= max", "Use e.g. [2, 6].")
     if cfg.simulation.client_gpus < 0:
         _fail("simulation.client_gpus", cfg.simulation.client_gpus, "must be >= 0", "Use 0 on CPU.")
     if model.device == DeviceChoice.cuda:
         import torch
 
         if not torch.cuda.is_available():
-            _fail("model.device", "cuda", "no CUDA device is available on this machine",
-                  "Use model.device=auto or cpu.")
+            _fail(
+                "model.device", "cuda", "no CUDA device is available on this machine", "Use model.device=auto or cpu."
+            )
     sa = cfg.secure_aggregation
     if not 0.5 < sa.threshold_fraction <= 1:
-        _fail("secure_aggregation.threshold_fraction", sa.threshold_fraction, "must be in (0.5, 1]",
-              "At one half or below, two disjoint groups could each unmask; use e.g. 0.6.")
+        _fail(
+            "secure_aggregation.threshold_fraction",
+            sa.threshold_fraction,
+            "must be in (0.5, 1]",
+            "At one half or below, two disjoint groups could each unmask; use e.g. 0.6.",
+        )
     if sa.min_clients < 2:
-        _fail("secure_aggregation.min_clients", sa.min_clients, "must be at least 2",
-              "A secure sum of one update is that update.")
+        _fail(
+            "secure_aggregation.min_clients",
+            sa.min_clients,
+            "must be at least 2",
+            "A secure sum of one update is that update.",
+        )
     if not sa.stage_timeout_s > 0:
         _fail("secure_aggregation.stage_timeout_s", sa.stage_timeout_s, "must be greater than 0", "Use e.g. 120.")
     au = cfg.audit
@@ -727,17 +787,31 @@ def validate(cfg: FedsovConfig) -> None:
     if au.enabled and not au.canary_formats:
         _fail("audit.canary_formats", [], "the audit needs at least one canary format", "Use e.g. [door-code].")
     if au.one_run_repetitions < 1:
-        _fail("audit.one_run_repetitions", au.one_run_repetitions, "must be at least 1",
-              "Use 1 (each included canary once) or a few copies.")
+        _fail(
+            "audit.one_run_repetitions",
+            au.one_run_repetitions,
+            "must be at least 1",
+            "Use 1 (each included canary once) or a few copies.",
+        )
     if any(r < 1 for r in au.canary_repetitions):
-        _fail("audit.canary_repetitions", au.canary_repetitions, "repetitions must be at least 1", "Use e.g. [1, 4, 16].")
+        _fail(
+            "audit.canary_repetitions", au.canary_repetitions, "repetitions must be at least 1", "Use e.g. [1, 4, 16]."
+        )
     if not 0 < au.one_run_guess_share <= 1:
-        _fail("audit.one_run_guess_share", au.one_run_guess_share, "must be in (0, 1]",
-              "Use e.g. 0.5: guess on the half of the canaries with the most and the least extreme scores.")
+        _fail(
+            "audit.one_run_guess_share",
+            au.one_run_guess_share,
+            "must be in (0, 1]",
+            "Use e.g. 0.5: guess on the half of the canaries with the most and the least extreme scores.",
+        )
     if au.one_run_canaries and au.one_run_candidates < 50:
         _fail("audit.one_run_candidates", au.one_run_candidates, "too few for a skew-normal fit", "Use at least 50.")
-    for key, value in {"audit.one_run_canaries": au.one_run_canaries, "audit.exposure_candidates": au.exposure_candidates,
-                       "audit.mia_members": au.mia_members, "audit.generations": au.generations}.items():
+    for key, value in {
+        "audit.one_run_canaries": au.one_run_canaries,
+        "audit.exposure_candidates": au.exposure_candidates,
+        "audit.mia_members": au.mia_members,
+        "audit.generations": au.generations,
+    }.items():
         if value < 0:
             _fail(key, value, "must be >= 0", "Use a non-negative count.")
     if au.exposure_candidates and au.exposure_candidates < 50:
@@ -756,8 +830,12 @@ def _validate_privacy(priv: PrivacyConfig) -> None:
             "Set one and null the other, e.g. privacy.noise_multiplier=null privacy.target_epsilon=8."
         )
     if priv.noise_multiplier is not None and not priv.noise_multiplier > 0:
-        _fail("privacy.noise_multiplier", priv.noise_multiplier, "must be greater than 0",
-              "Use e.g. 1.0, or privacy.enabled=false to train without DP.")
+        _fail(
+            "privacy.noise_multiplier",
+            priv.noise_multiplier,
+            "must be greater than 0",
+            "Use e.g. 1.0, or privacy.enabled=false to train without DP.",
+        )
     if priv.target_epsilon is not None and not priv.target_epsilon > 0:
         _fail("privacy.target_epsilon", priv.target_epsilon, "must be greater than 0", "Use e.g. 8.")
     if not priv.max_grad_norm > 0:
@@ -770,14 +848,26 @@ def _validate_regions(cfg: FedsovConfig) -> None:
     for key, region in cfg.regions.items():
         where = f"regions.{key}"
         if region.name != key:
-            _fail(f"{where}.name", region.name, f"must equal its key '{key}'",
-                  f"Rename the file or set {where}.name={key}.")
+            _fail(
+                f"{where}.name",
+                region.name,
+                f"must equal its key '{key}'",
+                f"Rename the file or set {where}.name={key}.",
+            )
         if region.clients < 1:
             _fail(f"{where}.clients", region.clients, "must be at least 1", "Use e.g. 2.")
         if region.data.source == DataSource.synthetic and not region.locales:
-            _fail(f"{where}.locales", region.locales, "synthetic data needs at least one Faker locale",
-                  "Use e.g. [de_DE, fr_FR].")
+            _fail(
+                f"{where}.locales",
+                region.locales,
+                "synthetic data needs at least one Faker locale",
+                "Use e.g. [de_DE, fr_FR].",
+            )
         validate_region(region, f"{where}.")
         if region.data.source == DataSource.files and not region.data.paths:
-            _fail(f"{where}.data.paths", region.data.paths, "source=files needs at least one path",
-                  f"Set {where}.data.paths=[/data/{key}] or {where}.data.source=synthetic.")
+            _fail(
+                f"{where}.data.paths",
+                region.data.paths,
+                "source=files needs at least one path",
+                f"Set {where}.data.paths=[/data/{key}] or {where}.data.source=synthetic.",
+            )

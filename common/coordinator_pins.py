@@ -37,7 +37,9 @@ def ca_fingerprint(ca_cert: Path) -> str:
     try:
         cert = x509.load_pem_x509_certificate(Path(ca_cert).read_bytes())
     except (OSError, ValueError) as err:
-        raise ConfigError(f"{ca_cert}: not a readable PEM certificate ({err}). Pass the coordinator's CA file.") from err
+        raise ConfigError(
+            f"{ca_cert}: not a readable PEM certificate ({err}). Pass the coordinator's CA file."
+        ) from err
     return hashlib.sha256(cert.public_bytes(Encoding.DER)).hexdigest()
 
 
@@ -72,7 +74,9 @@ def _pin(path: Path, where: str, entry: object, *, ca: bool) -> CoordinatorPin:
         raise ConfigError(f"{path}: {where} must have exactly the keys {sorted(expected)}.")
     jurisdiction = str(entry["jurisdiction"])
     if not JURISDICTION.fullmatch(jurisdiction) or jurisdiction == "*":
-        raise ConfigError(f"{path}: {where}.jurisdiction = {jurisdiction!r} is not a jurisdiction code (e.g. EU, US-CA).")
+        raise ConfigError(
+            f"{path}: {where}.jurisdiction = {jurisdiction!r} is not a jurisdiction code (e.g. EU, US-CA)."
+        )
     fingerprint = None
     if ca:
         fingerprint = str(entry["ca_sha256"]).lower().replace(":", "")
@@ -124,9 +128,9 @@ def add_pin(config_dir: Path, name: str, ca_cert: Path, jurisdiction: str) -> st
     data: dict = {}
     if local:
         data[LOCAL] = {"jurisdiction": local.jurisdiction}
-    data["pinned"] = [{"name": p.name, "jurisdiction": p.jurisdiction, "ca_sha256": p.ca_sha256}
-                      for p in pins if p.ca_sha256] + [{"name": name, "jurisdiction": jurisdiction,
-                                                        "ca_sha256": fingerprint}]
+    data["pinned"] = [
+        {"name": p.name, "jurisdiction": p.jurisdiction, "ca_sha256": p.ca_sha256} for p in pins if p.ca_sha256
+    ] + [{"name": name, "jurisdiction": jurisdiction, "ca_sha256": fingerprint}]
     header = "".join(line + "\n" for line in _header(path))
     path.write_text(header + OmegaConf.to_yaml(OmegaConf.create(data)))
     return fingerprint

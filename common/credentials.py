@@ -15,9 +15,9 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -36,7 +36,7 @@ class TlsFiles:
     server_key: Path
 
     @classmethod
-    def in_dir(cls, directory: Path | str) -> "TlsFiles":
+    def in_dir(cls, directory: Path | str) -> TlsFiles:
         d = Path(directory)
         return cls(d / "ca.crt", d / "server.crt", d / "server.key")
 
@@ -60,8 +60,9 @@ def _write_private(path: Path, data: bytes) -> None:
 
 
 def _name(common_name: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedsov"),
-                      x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    return x509.Name(
+        [x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedsov"), x509.NameAttribute(NameOID.COMMON_NAME, common_name)]
+    )
 
 
 def _san(hosts: Iterable[str]) -> x509.SubjectAlternativeName:
@@ -74,8 +75,9 @@ def _san(hosts: Iterable[str]) -> x509.SubjectAlternativeName:
     return x509.SubjectAlternativeName(names)
 
 
-def make_certificates(out: Path | str, hosts: Iterable[str] = ("localhost", "127.0.0.1"), *,
-                      force: bool = False) -> TlsFiles:
+def make_certificates(
+    out: Path | str, hosts: Iterable[str] = ("localhost", "127.0.0.1"), *, force: bool = False
+) -> TlsFiles:
     """A new CA and a server certificate valid for `hosts` (names or IP addresses); never replaces one unasked."""
     hosts = list(dict.fromkeys(hosts))
     if not hosts:
@@ -85,28 +87,47 @@ def make_certificates(out: Path | str, hosts: Iterable[str] = ("localhost", "127
         raise ConfigError(f"{out} is a file, not a folder: choose a folder for the certificates.")
     existing = [p for p in (Path(out) / "ca.key", files.ca_cert, files.server_key, files.server_cert) if p.exists()]
     if existing and not force:
-        raise ConfigError(f"{', '.join(map(str, existing))} already exist(s): a new CA would make every node's "
-                          "ca.crt and the coordinator's certificate useless. Keep them, choose another --out, or "
-                          "pass --force to replace them deliberately.")
+        raise ConfigError(
+            f"{', '.join(map(str, existing))} already exist(s): a new CA would make every node's "
+            "ca.crt and the coordinator's certificate useless. Keep them, choose another --out, or "
+            "pass --force to replace them deliberately."
+        )
     now = dt.datetime.now(dt.timezone.utc)
     ca_key = ec.generate_private_key(ec.SECP384R1())
     ca_cert = (
         x509.CertificateBuilder()
-        .subject_name(_name("fedsov local CA")).issuer_name(_name("fedsov local CA"))
-        .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=VALID_DAYS))
+        .subject_name(_name("fedsov local CA"))
+        .issuer_name(_name("fedsov local CA"))
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=VALID_DAYS))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                     content_commitment=False, key_encipherment=False, data_encipherment=False,
-                                     key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
         .sign(ca_key, hashes.SHA384())
     )
     server_key = ec.generate_private_key(ec.SECP384R1())
     server_cert = (
         x509.CertificateBuilder()
-        .subject_name(_name(hosts[0])).issuer_name(ca_cert.subject)
-        .public_key(server_key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=VALID_DAYS))
+        .subject_name(_name(hosts[0]))
+        .issuer_name(ca_cert.subject)
+        .public_key(server_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=VALID_DAYS))
         .add_extension(_san(hosts), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
@@ -126,12 +147,19 @@ def make_node_key(path: Path | str) -> tuple[Path, Path]:
     """An ECDSA P-384 key pair in OpenSSH format: `path` (private, 0600) and `path.pub`."""
     private = Path(path)
     if private.exists():
-        raise ConfigError(f"{private} already exists: a node key is never overwritten (its public half may be "
-                          "registered with a coordinator). Choose another path or delete it deliberately.")
+        raise ConfigError(
+            f"{private} already exists: a node key is never overwritten (its public half may be "
+            "registered with a coordinator). Choose another path or delete it deliberately."
+        )
     key = ec.generate_private_key(ec.SECP384R1())
-    _write_private(private, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                              serialization.NoEncryption()))
+    _write_private(
+        private,
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+        ),
+    )
     public = private.with_name(private.name + ".pub")
-    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH,
-                                                     serialization.PublicFormat.OpenSSH) + b"\n")
+    public.write_bytes(
+        key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + b"\n"
+    )
     return private, public

@@ -19,6 +19,8 @@ def writable_folder(path: Path | str, setting: str) -> Path:
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as err:
-        raise ConfigError(f"Cannot write to {folder} ({err.strerror or err}): it or a folder above it is a file, "
-                          f"read-only or not yours. Choose a folder you can write to: {setting}.") from err
+        raise ConfigError(
+            f"Cannot write to {folder} ({err.strerror or err}): it or a folder above it is a file, "
+            f"read-only or not yours. Choose a folder you can write to: {setting}."
+        ) from err
     return folder

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import bisect
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 SUPPORTED_ENTITIES = (
     "EMAIL_ADDRESS",
@@ -52,12 +52,14 @@ def _custom_patterns():
         # International and national phone formats (with separators), whether or not the
         # number is assigned: test data and typos are personal data too.
         "PHONE_NUMBER": recognizer(
-            "PHONE_NUMBER", r"(?<![\w-])(\+\d{1,3}[\s.-]?)?(\(\d{1,5}\)[\s.-]?|\d{2,5}[\s.-])\d{2,5}([\s.-]\d{2,5}){0,3}(?![\w-])", 0.4
+            "PHONE_NUMBER",
+            r"(?<![\w-])(\+\d{1,3}[\s.-]?)?(\(\d{1,5}\)[\s.-]?|\d{2,5}[\s.-])\d{2,5}([\s.-]\d{2,5}){0,3}(?![\w-])",
+            0.4,
         ),
     }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _recognizers(entities: tuple[str, ...]):
     import tldextract
     from presidio_analyzer import predefined_recognizers as pr
@@ -69,6 +71,7 @@ def _recognizers(entities: tuple[str, ...]):
         def validate_result(self, pattern_text: str):  # noqa: D102
             return self._extract(pattern_text).fqdn != ""
 
+    custom = _custom_patterns()
     built = {
         "EMAIL_ADDRESS": lambda: [OfflineEmailRecognizer()],
         "PHONE_NUMBER": lambda: [pr.PhoneRecognizer(supported_regions=PHONE_REGIONS), custom["PHONE_NUMBER"]],
@@ -84,7 +87,6 @@ def _recognizers(entities: tuple[str, ...]):
         "NL_BSN": lambda: [custom["NL_BSN"]],
         "CN_RESIDENT_ID": lambda: [custom["CN_RESIDENT_ID"]],
     }
-    custom = _custom_patterns()
     return [(entity, r) for entity in entities for r in built[entity]()]
 
 

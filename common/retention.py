@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 from common.audit import AuditLog
 from common.errors import RetentionError
@@ -30,8 +30,7 @@ class Due:
     rule: str  # the rule in the policy's words, e.g. "eu (GDPR): retention.checkpoint_days = 30"
 
     def describe(self) -> str:
-        return (f"{self.kind} {self.path}: {self.age_days:.1f} days old, over the {self.limit_days} days of "
-                f"{self.rule}")
+        return f"{self.kind} {self.path}: {self.age_days:.1f} days old, over the {self.limit_days} days of {self.rule}"
 
 
 def age_days(folder: Path, now: float) -> float:
@@ -56,7 +55,16 @@ def delete(items: Iterable[Due], audit: AuditLog) -> None:
         except FileNotFoundError:
             continue  # a node sharing the ledger folder deleted it first, and logged it
         except OSError as err:
-            raise RetentionError(f"Retention: could not delete {item.describe()} ({err}). Fix the folder's permissions "
-                                 "(or remove it yourself) and run `fedsov retention enforce` again.") from err
-        audit.record("retention", "deleted", reason=item.describe(), path=str(item.path), kind=item.kind,
-                     age_days=round(item.age_days, 2), limit_days=item.limit_days)
+            raise RetentionError(
+                f"Retention: could not delete {item.describe()} ({err}). Fix the folder's permissions "
+                "(or remove it yourself) and run `fedsov retention enforce` again."
+            ) from err
+        audit.record(
+            "retention",
+            "deleted",
+            reason=item.describe(),
+            path=str(item.path),
+            kind=item.kind,
+            age_days=round(item.age_days, 2),
+            limit_days=item.limit_days,
+        )

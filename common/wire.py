@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import dataclasses
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # torch is imported where tensors are used: light messages never load it
     import torch
@@ -101,8 +102,12 @@ PLAN_FIELDS: dict[str, Spec] = {
 HASH = FINGERPRINT
 # What a node reports of its evidence, and what a coordinator sends back as the anchor to check.
 EVIDENCE_FIELDS: dict[str, Spec] = {
-    "ledger-genesis": HASH, "ledger-entries": Int(0, 2**40), "ledger-head": HASH,
-    "audit-genesis": HASH, "audit-entries": Int(0, 2**40), "audit-head": HASH,
+    "ledger-genesis": HASH,
+    "ledger-entries": Int(0, 2**40),
+    "ledger-head": HASH,
+    "audit-genesis": HASH,
+    "audit-entries": Int(0, 2**40),
+    "audit-head": HASH,
 }
 ANCHOR_FIELDS: dict[str, Spec] = {"ledger-genesis": HASH, "ledger-entries": Int(1, 2**40), "ledger-head": HASH}
 DESCRIBE_REQUEST_FIELDS: dict[str, Spec] = {"run-id": RUN_ID, "coordinator-jurisdiction": JURISDICTION}
@@ -149,7 +154,7 @@ class RoundPlan:
         return ConfigRecord(values)
 
     @classmethod
-    def from_record(cls, record: Mapping[str, Any]) -> "RoundPlan":
+    def from_record(cls, record: Mapping[str, Any]) -> RoundPlan:
         """The plan, every field typed and ranged by PLAN_FIELDS; anything else is a SchemaError."""
         values = check_record(record, PLAN_FIELDS, "round plan")
         if values["round"] > values["total-rounds"]:
@@ -173,7 +178,7 @@ def plan_digest(record: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(dict(record), sort_keys=True).encode()).hexdigest()
 
 
-def adapter_digest(state: Mapping[str, "torch.Tensor"]) -> str:
+def adapter_digest(state: Mapping[str, torch.Tensor]) -> str:
     """SHA-256 over an adapter's tensor names, shapes and float32 bytes: which adapter a node was shown."""
     import hashlib
 
@@ -202,7 +207,7 @@ def payload_bytes(content) -> int:
     return total
 
 
-def state_to_record(state: Mapping[str, "torch.Tensor"]):
+def state_to_record(state: Mapping[str, torch.Tensor]):
     """Adapter tensors as an ArrayRecord, always float32 (ArrayRecord refuses bfloat16)."""
     import torch
     from flwr.app import ArrayRecord
@@ -210,7 +215,7 @@ def state_to_record(state: Mapping[str, "torch.Tensor"]):
     return ArrayRecord(OrderedDict((k, v.detach().to("cpu", torch.float32).contiguous()) for k, v in state.items()))
 
 
-def record_to_state(record) -> "OrderedDict[str, torch.Tensor]":
+def record_to_state(record) -> OrderedDict[str, torch.Tensor]:
     import torch
 
     state = record.to_torch_state_dict()

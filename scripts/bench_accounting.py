@@ -53,18 +53,34 @@ def seconds(call, repeats: int = 1) -> float:
 
 
 def compare_accountants() -> tuple[list[dict], list[str]]:
-    rows, lines = [], ["| target epsilon | sigma PLD | sigma RDP | sigma RDP / PLD | at sigma PLD: epsilon PLD "
-                       "| epsilon RDP | RDP / PLD | at sigma RDP: epsilon PLD |", "|---|---|---|---|---|---|---|---|"]
+    rows, lines = (
+        [],
+        [
+            "| target epsilon | sigma PLD | sigma RDP | sigma RDP / PLD | at sigma PLD: epsilon PLD "
+            "| epsilon RDP | RDP / PLD | at sigma RDP: epsilon PLD |",
+            "|---|---|---|---|---|---|---|---|",
+        ],
+    )
     for target in TARGETS:
         sigma_pld, sigma_rdp = noise_for_target(target, DELTA, Q, STEPS), rdp_noise_for_target(target)
         history = [DpSgdSteps(sigma_pld, Q, STEPS)]
         eps_pld, eps_rdp = epsilon_spent(history, DELTA), epsilon_rdp(history, DELTA)
         # What a run that took RDP's sigma really spent.
         eps_old = epsilon_spent([DpSgdSteps(sigma_rdp, Q, STEPS)], DELTA)
-        rows.append({"target": target, "sigma_pld": sigma_pld, "sigma_rdp": sigma_rdp, "epsilon_pld": eps_pld,
-                     "epsilon_rdp": eps_rdp, "epsilon_pld_at_sigma_rdp": eps_old})
-        lines.append(f"| {target:g} | {sigma_pld:.4f} | {sigma_rdp:.4f} | {sigma_rdp / sigma_pld:.3f} | "
-                     f"{eps_pld:.4f} | {eps_rdp:.4f} | {eps_rdp / eps_pld:.3f} | {eps_old:.4f} |")
+        rows.append(
+            {
+                "target": target,
+                "sigma_pld": sigma_pld,
+                "sigma_rdp": sigma_rdp,
+                "epsilon_pld": eps_pld,
+                "epsilon_rdp": eps_rdp,
+                "epsilon_pld_at_sigma_rdp": eps_old,
+            }
+        )
+        lines.append(
+            f"| {target:g} | {sigma_pld:.4f} | {sigma_rdp:.4f} | {sigma_rdp / sigma_pld:.3f} | "
+            f"{eps_pld:.4f} | {eps_rdp:.4f} | {eps_rdp / eps_pld:.3f} | {eps_old:.4f} |"
+        )
     return rows, lines
 
 
@@ -100,10 +116,26 @@ def main() -> int:
     timings, timing_lines = time_calls()
     # Seconds scale with what else the machine runs: the load says how much that was.
     machine = f"{os.cpu_count()} cpus, load {os.getloadavg()[0]:.1f}"
-    lines = [f"Privacy accounting (q = 32/230 = {Q:.4f}, {STEPS} steps, delta {DELTA:g}; {machine})", "",
-             *accountant_lines, "", *timing_lines]
-    write_results(args.out, "accounting", {"sample_rate": Q, "steps": STEPS, "delta": DELTA, "machine": machine,
-                                           "accountants": accountants, "timings": timings}, lines)
+    lines = [
+        f"Privacy accounting (q = 32/230 = {Q:.4f}, {STEPS} steps, delta {DELTA:g}; {machine})",
+        "",
+        *accountant_lines,
+        "",
+        *timing_lines,
+    ]
+    write_results(
+        args.out,
+        "accounting",
+        {
+            "sample_rate": Q,
+            "steps": STEPS,
+            "delta": DELTA,
+            "machine": machine,
+            "accountants": accountants,
+            "timings": timings,
+        },
+        lines,
+    )
     return 0
 
 

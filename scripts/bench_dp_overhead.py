@@ -54,8 +54,13 @@ def run_mode(mode: str, overrides: list[str], batch: int, length: int, steps: in
     else:
         peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024  # KiB on Linux
     times.sort()
-    return {"mode": mode, "s_per_step": times[len(times) // 2], "peak_mb": peak_mb, "device": device.type,
-            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+    return {
+        "mode": mode,
+        "s_per_step": times[len(times) // 2],
+        "peak_mb": peak_mb,
+        "device": device.type,
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+    }
 
 
 def main() -> int:
@@ -72,11 +77,17 @@ def main() -> int:
         return 0
     results = []
     for mode in MODES:
-        done = subprocess.run([sys.executable, __file__, "--mode", mode, *(["--quick"] if args.quick else []),
-                               *args.overrides], capture_output=True, text=True, cwd=ROOT)
+        done = subprocess.run(
+            [sys.executable, __file__, "--mode", mode, *(["--quick"] if args.quick else []), *args.overrides],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        )
         if done.returncode != 0:
             # A mode Opacus cannot apply to this model is reported, not hidden.
-            results.append({"mode": mode, "error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed"})
+            results.append(
+                {"mode": mode, "error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed"}
+            )
             continue
         results.append(json.loads(done.stdout.strip().splitlines()[-1]))
     base = next(r for r in results if r["mode"] == "non-private")
@@ -86,20 +97,37 @@ def main() -> int:
             r["memory_ratio"] = r["peak_mb"] / base["peak_mb"] if base["peak_mb"] > 0 else None
     dp = [r for r in results if r["mode"] != "non-private" and "error" not in r]
     best = min(dp, key=lambda r: r["s_per_step"]) if dp else None
-    record = {"benchmark": "dp-overhead", "quick": args.quick, "batch": batch, "sequence_length": length,
-              "steps_timed": steps, "device": device_name(), "results": results,
-              "best_dp_mode": best and best["mode"], "goal": "best DP mode <= 1.15x the non-private step",
-              "goal_met": bool(best and best["time_ratio"] <= 1.15)}
-    lines = [f"DP overhead ({'quick' if args.quick else 'full'}; {device_name()}; batch {batch} x {length} tokens; "
-             f"median of {steps} steps)", "",
-             "| mode | s/step | x non-private | peak memory MB | x non-private |", "|---|---|---|---|---|"]
+    record = {
+        "benchmark": "dp-overhead",
+        "quick": args.quick,
+        "batch": batch,
+        "sequence_length": length,
+        "steps_timed": steps,
+        "device": device_name(),
+        "results": results,
+        "best_dp_mode": best and best["mode"],
+        "goal": "best DP mode <= 1.15x the non-private step",
+        "goal_met": bool(best and best["time_ratio"] <= 1.15),
+    }
+    lines = [
+        f"DP overhead ({'quick' if args.quick else 'full'}; {device_name()}; batch {batch} x {length} tokens; "
+        f"median of {steps} steps)",
+        "",
+        "| mode | s/step | x non-private | peak memory MB | x non-private |",
+        "|---|---|---|---|---|",
+    ]
     for r in results:
         if "error" in r:
             lines.append(f"| {r['mode']} | failed: {r['error'][:80]} | | | |")
         else:
             mem = f"{r['memory_ratio']:.2f}" if r.get("memory_ratio") else "n/a"
-            lines.append(f"| {r['mode']} | {r['s_per_step']:.4f} | {r['time_ratio']:.2f} | {r['peak_mb']:.1f} | {mem} |")
-    lines += ["", f"Best DP mode: {record['best_dp_mode']}; goal (<= 1.15x): {'met' if record['goal_met'] else 'MISSED'}"]
+            lines.append(
+                f"| {r['mode']} | {r['s_per_step']:.4f} | {r['time_ratio']:.2f} | {r['peak_mb']:.1f} | {mem} |"
+            )
+    lines += [
+        "",
+        f"Best DP mode: {record['best_dp_mode']}; goal (<= 1.15x): {'met' if record['goal_met'] else 'MISSED'}",
+    ]
     write_results(args.out, "dp-overhead", record, lines, plot=lambda figure: plot_ratios(figure, results))
     return 0
 

@@ -43,10 +43,21 @@ from benchlib import MICRO, device_name, write_results  # noqa: E402  (scripts/ 
 # model, 64-token records, expected batch 128 and 24 steps keep an arm to a few minutes on 2 shared cores (the
 # embedded default model took 9 min for one no-DP round at expected batch 512 there, and the micro model 3.5 min
 # at batch 256 with the machine loaded); the data scale, not the model's, is what lets DP work.
-SCALE = ["regions=[us,sg]", "regions.us.clients=1", "regions.sg.clients=1", "data.users_per_region=2000",
-         "audit.enabled=false", *MICRO, "model.max_length=64", "model.lora.target_modules=[c_attn,c_proj,c_fc]",
-         "federation.rounds=3", "federation.local_steps=8", "federation.batch_size=128",
-         "federation.eval_batch_size=128", f"simulation.client_cpus={os.cpu_count() or 1}"]
+SCALE = [
+    "regions=[us,sg]",
+    "regions.us.clients=1",
+    "regions.sg.clients=1",
+    "data.users_per_region=2000",
+    "audit.enabled=false",
+    *MICRO,
+    "model.max_length=64",
+    "model.lora.target_modules=[c_attn,c_proj,c_fc]",
+    "federation.rounds=3",
+    "federation.local_steps=8",
+    "federation.batch_size=128",
+    "federation.eval_batch_size=128",
+    f"simulation.client_cpus={os.cpu_count() or 1}",
+]
 QUICK = ["data.users_per_region=60", "federation.rounds=1", "federation.local_steps=2", "federation.batch_size=16"]
 # Learning rates per optimiser: DP-Adam's step is about lr per value whatever the noise; DP-SGD's is
 # lr * C in norm, so its grid sits far higher.
@@ -62,8 +73,15 @@ UTILITY_GOAL = 1.3
 
 
 def setting(optimizer="adamw", ffa=False, lr=1e-2, clip=1.0, rank=8, targets="all", epsilon=None) -> dict:
-    return {"optimizer": optimizer, "ffa": ffa, "lr": lr, "clip": clip, "rank": rank, "targets": targets,
-            "epsilon": epsilon}
+    return {
+        "optimizer": optimizer,
+        "ffa": ffa,
+        "lr": lr,
+        "clip": clip,
+        "rank": rank,
+        "targets": targets,
+        "epsilon": epsilon,
+    }
 
 
 def arm_name(s: dict) -> str:
@@ -73,12 +91,21 @@ def arm_name(s: dict) -> str:
 
 
 def overrides_of(s: dict) -> list[str]:
-    privacy = (["privacy=off"] if s["epsilon"] is None
-               else [f"privacy.target_epsilon={s['epsilon']:g}", "privacy.noise_multiplier=null"])
-    return [*privacy, f"federation.optimizer={s['optimizer']}", f"federation.learning_rate={s['lr']:g}",
-            f"privacy.max_grad_norm={s['clip']:g}", f"model.lora.ffa={str(s['ffa']).lower()}",
-            f"model.lora.rank={s['rank']}", f"model.lora.alpha={2 * s['rank']}",
-            f"model.lora.target_modules={TARGETS[s['targets']]}"]
+    privacy = (
+        ["privacy=off"]
+        if s["epsilon"] is None
+        else [f"privacy.target_epsilon={s['epsilon']:g}", "privacy.noise_multiplier=null"]
+    )
+    return [
+        *privacy,
+        f"federation.optimizer={s['optimizer']}",
+        f"federation.learning_rate={s['lr']:g}",
+        f"privacy.max_grad_norm={s['clip']:g}",
+        f"model.lora.ffa={str(s['ffa']).lower()}",
+        f"model.lora.rank={s['rank']}",
+        f"model.lora.alpha={2 * s['rank']}",
+        f"model.lora.target_modules={TARGETS[s['targets']]}",
+    ]
 
 
 class Sweep:
@@ -92,8 +119,9 @@ class Sweep:
         self.first: Path | None = None
 
     def run(self, stage: str, s: dict) -> dict | None:
-        from common.config import default_config_dir
         from labfed import run_federation
+
+        from common.config import default_config_dir
 
         name = arm_name(s)
         if name in self.arms:
@@ -106,22 +134,41 @@ class Sweep:
             return None
         else:
             policies = self.lab if s["epsilon"] is None else default_config_dir()
-            result = run_federation(self.out / "runs", name, [*self.base, *overrides_of(s)], policies,
-                                    state_from=self.first, evaluate_base=self.first is None, evaluate_every=False,
-                                    out=lambda line: print(line, flush=True))
+            result = run_federation(
+                self.out / "runs",
+                name,
+                [*self.base, *overrides_of(s)],
+                policies,
+                state_from=self.first,
+                evaluate_base=self.first is None,
+                evaluate_every=False,
+                out=lambda line: print(line, flush=True),
+            )
             saved.parent.mkdir(parents=True, exist_ok=True)
             saved.write_text(json.dumps(result, indent=1))
         self.first = self.first or self.out / "runs" / name
         last = result["rounds"][-1]
-        row = {"arm": name, "stage": stage, **s, "perplexity": last["perplexity"]["overall"],
-               "perplexity_by_round": [r["perplexity"]["overall"] for r in result["rounds"]
-                                       if r["round"] > 0 and "perplexity" in r],
-               "epsilon_spent": max(last["epsilon"].values()), "sigma": max(last["noise_multiplier"].values()),
-               "clipped_values": sum(r.get("clipped_values", 0) for r in result["rounds"] if r["round"] > 0),
-               "units": last["units"], "seconds": result["seconds"], "parameters": result["parameters"]}
+        row = {
+            "arm": name,
+            "stage": stage,
+            **s,
+            "perplexity": last["perplexity"]["overall"],
+            "perplexity_by_round": [
+                r["perplexity"]["overall"] for r in result["rounds"] if r["round"] > 0 and "perplexity" in r
+            ],
+            "epsilon_spent": max(last["epsilon"].values()),
+            "sigma": max(last["noise_multiplier"].values()),
+            "clipped_values": sum(r.get("clipped_values", 0) for r in result["rounds"] if r["round"] > 0),
+            "units": last["units"],
+            "seconds": result["seconds"],
+            "parameters": result["parameters"],
+        }
         self.arms[name] = row
-        print(f"[{stage}] {name}: perplexity {row['perplexity']:.2f}, epsilon {row['epsilon_spent']:.2f}, "
-              f"sigma {row['sigma']:.3f}, {row['seconds']:.0f} s", flush=True)
+        print(
+            f"[{stage}] {name}: perplexity {row['perplexity']:.2f}, epsilon {row['epsilon_spent']:.2f}, "
+            f"sigma {row['sigma']:.3f}, {row['seconds']:.0f} s",
+            flush=True,
+        )
         return row
 
     def best(self, **match) -> dict | None:
@@ -167,7 +214,7 @@ def stages(sweep: Sweep, quick: bool) -> None:
                 continue
             # The best epsilon-8 setting and the next lower rate: more noise tends to want smaller steps.
             lower = [lr for lr in LEARNING_RATES[optimizer] if lr < best["lr"]][-1:]
-            for lr in ([best["lr"]] if quick else [best["lr"], *lower]):
+            for lr in [best["lr"]] if quick else [best["lr"], *lower]:
                 sweep.run(f"eps {epsilon:g}", {**{k: best[k] for k in SPARE}, "lr": lr, "epsilon": epsilon})
     tune_clip(sweep, "sgd" if ranked[0][0] == "adamw" else "adamw", pick(CLIP_NORMS))
 
@@ -183,7 +230,6 @@ def confirm(sweep: Sweep, base: list[str]) -> dict:
     """The best epsilon-8 arm and the best arm without DP through `fedsov simulate` (secure aggregation on)."""
     from common.config import default_config_dir
     from server.compare import run_arm
-    from server.report import load_report
 
     confirmed = {}
     for label, row in (("no DP", sweep.best(epsilon=None)), ("eps 8", sweep.best(epsilon=8.0))):
@@ -192,17 +238,28 @@ def confirm(sweep: Sweep, base: list[str]) -> dict:
         name = f"simulate-{row['arm']}"
         policies = sweep.lab if row["epsilon"] is None else default_config_dir()
         started = time.time()
-        code, report = run_arm(sweep.out / "simulate", name, [*base, *overrides_of(row)], policies.resolve(),
-                               canaries_from=None, out=lambda line: None)
+        code, report = run_arm(
+            sweep.out / "simulate",
+            name,
+            [*base, *overrides_of(row)],
+            policies.resolve(),
+            canaries_from=None,
+            out=lambda line: None,
+        )
         if code != 0:
             raise SystemExit(f"`fedsov simulate` for {name} failed (exit {code}); see {sweep.out / 'simulate' / name}")
         eps = [r["epsilon"] for r in report["regions"].values()]
-        confirmed[label] = {"arm": row["arm"], "lab_perplexity": row["perplexity"],
-                            "perplexity": report["perplexity_by_round"][-1]["overall"],
-                            "epsilon": "inf" if "inf" in eps else max(float(e) for e in eps),
-                            "seconds": round(time.time() - started, 1)}
-        print(f"[simulate] {name}: perplexity {confirmed[label]['perplexity']:.2f} (lab "
-              f"{row['perplexity']:.2f})", flush=True)
+        confirmed[label] = {
+            "arm": row["arm"],
+            "lab_perplexity": row["perplexity"],
+            "perplexity": report["perplexity_by_round"][-1]["overall"],
+            "epsilon": "inf" if "inf" in eps else max(float(e) for e in eps),
+            "seconds": round(time.time() - started, 1),
+        }
+        print(
+            f"[simulate] {name}: perplexity {confirmed[label]['perplexity']:.2f} (lab {row['perplexity']:.2f})",
+            flush=True,
+        )
     return confirmed
 
 
@@ -211,8 +268,12 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--no-confirm", action="store_true", help="skip the `fedsov simulate` runs of the winners")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "dp-sweep")
-    parser.add_argument("--minutes", type=float, default=math.inf,
-                        help="start no new arm after this many minutes; summarise the arms that finished")
+    parser.add_argument(
+        "--minutes",
+        type=float,
+        default=math.inf,
+        help="start no new arm after this many minutes; summarise the arms that finished",
+    )
     parser.add_argument("overrides", nargs="*", help="extra config overrides for every arm")
     args = parser.parse_args()
 
@@ -236,17 +297,25 @@ def summarise(sweep: Sweep, base: list[str], confirmed: dict, quick: bool, secon
     arms = list(sweep.arms.values())
     for a in arms:
         a["x_no_dp"] = a["perplexity"] / reference["perplexity"]
-    first = next(iter(json.loads(p.read_text()) for p in sorted((sweep.out / "arms").glob("*.json"))
-                      if json.loads(p.read_text())["rounds"][0]["round"] == 0), None)
+    first = next(
+        iter(
+            json.loads(p.read_text())
+            for p in sorted((sweep.out / "arms").glob("*.json"))
+            if json.loads(p.read_text())["rounds"][0]["round"] == 0
+        ),
+        None,
+    )
     before = first["rounds"][0]["perplexity"]["overall"] if first else math.nan
     units = reference["units"]
     cfg = dict(o.split("=", 1) for o in base if "=" in o)
-    head = (f"Privacy vs utility sweep ({'quick' if quick else 'full'}; {device_name()}; us + sg, one client each, "
-            f"{', '.join(f'{k} {v}' for k, v in units.items())} training units; expected batch "
-            f"{cfg['federation.batch_size']}, {cfg['federation.local_steps']} local steps x "
-            f"{cfg['federation.rounds']} rounds; perplexity before training {before:.1f}; {len(arms)} arms, "
-            f"{sum(a['seconds'] for a in arms) / 60:.0f} min of training and evaluation, this invocation "
-            f"{seconds / 60:.0f} min)")
+    head = (
+        f"Privacy vs utility sweep ({'quick' if quick else 'full'}; {device_name()}; us + sg, one client each, "
+        f"{', '.join(f'{k} {v}' for k, v in units.items())} training units; expected batch "
+        f"{cfg['federation.batch_size']}, {cfg['federation.local_steps']} local steps x "
+        f"{cfg['federation.rounds']} rounds; perplexity before training {before:.1f}; {len(arms)} arms, "
+        f"{sum(a['seconds'] for a in arms) / 60:.0f} min of training and evaluation, this invocation "
+        f"{seconds / 60:.0f} min)"
+    )
 
     def kind(a):
         return "FFA-LoRA" if a["ffa"] else "LoRA"
@@ -254,19 +323,31 @@ def summarise(sweep: Sweep, base: list[str], confirmed: dict, quick: bool, secon
     def eps(a):
         return "no DP" if a["epsilon"] is None else f"{a['epsilon']:g}"
 
-    lines = [head, "", "Best per epsilon:", "",
-             "| target epsilon | optimiser | LoRA | rank | targets | lr | clip | epsilon spent | sigma | "
-             "held-out perplexity | x best no-DP |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        head,
+        "",
+        "Best per epsilon:",
+        "",
+        "| target epsilon | optimiser | LoRA | rank | targets | lr | clip | epsilon spent | sigma | "
+        "held-out perplexity | x best no-DP |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     epsilons = [e for e in EPSILONS if sweep.best(epsilon=e)]
     best_rows = [reference] + [sweep.best(epsilon=e) for e in epsilons]
     for a in best_rows:
         spent = "inf" if a["epsilon"] is None else f"{a['epsilon_spent']:.2f}"
         sigma = "-" if a["epsilon"] is None else f"{a['sigma']:.3f}"
-        lines.append(f"| {eps(a)} | {a['optimizer']} | {kind(a)} | {a['rank']} | {a['targets']} | {a['lr']:g} | "
-                     f"{a['clip']:g} | {spent} | {sigma} | {a['perplexity']:.2f} | {a['x_no_dp']:.2f} |")
-    lines += ["", "Best per epsilon, optimiser and LoRA kind (held-out perplexity, x best no-DP):", "",
-              "| target epsilon | DP-Adam, LoRA | DP-Adam, FFA-LoRA | DP-SGD, LoRA | DP-SGD, FFA-LoRA |",
-              "|---|---|---|---|---|"]
+        lines.append(
+            f"| {eps(a)} | {a['optimizer']} | {kind(a)} | {a['rank']} | {a['targets']} | {a['lr']:g} | "
+            f"{a['clip']:g} | {spent} | {sigma} | {a['perplexity']:.2f} | {a['x_no_dp']:.2f} |"
+        )
+    lines += [
+        "",
+        "Best per epsilon, optimiser and LoRA kind (held-out perplexity, x best no-DP):",
+        "",
+        "| target epsilon | DP-Adam, LoRA | DP-Adam, FFA-LoRA | DP-SGD, LoRA | DP-SGD, FFA-LoRA |",
+        "|---|---|---|---|---|",
+    ]
     for e in epsilons:
         cells = []
         for optimizer in ("adamw", "sgd"):
@@ -275,40 +356,68 @@ def summarise(sweep: Sweep, base: list[str], confirmed: dict, quick: bool, secon
                 b = min(rows, key=lambda a: a["perplexity"]) if rows else None
                 cells.append(f"{b['perplexity']:.2f} ({b['x_no_dp']:.2f}x)" if b else "-")
         lines.append(f"| {e:g} | " + " | ".join(cells) + " |")
-    lines += ["", "Every arm, in the order run:", "",
-              "| stage | target epsilon | optimiser | LoRA | rank | targets | lr | clip | epsilon spent | sigma | "
-              "perplexity by round | x best no-DP | values clipped by the secure sum | s |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "Every arm, in the order run:",
+        "",
+        "| stage | target epsilon | optimiser | LoRA | rank | targets | lr | clip | epsilon spent | sigma | "
+        "perplexity by round | x best no-DP | values clipped by the secure sum | s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for a in arms:
         spent = "inf" if a["epsilon"] is None else f"{a['epsilon_spent']:.2f}"
         sigma = "-" if a["epsilon"] is None else f"{a['sigma']:.3f}"
         curve = " / ".join(f"{p:.1f}" for p in a["perplexity_by_round"])
-        lines.append(f"| {a['stage']} | {eps(a)} | {a['optimizer']} | {kind(a)} | {a['rank']} | {a['targets']} | "
-                     f"{a['lr']:g} | {a['clip']:g} | {spent} | {sigma} | {curve} | {a['x_no_dp']:.2f} | "
-                     f"{a['clipped_values']} | {a['seconds']:.0f} |")
+        lines.append(
+            f"| {a['stage']} | {eps(a)} | {a['optimizer']} | {kind(a)} | {a['rank']} | {a['targets']} | "
+            f"{a['lr']:g} | {a['clip']:g} | {spent} | {sigma} | {curve} | {a['x_no_dp']:.2f} | "
+            f"{a['clipped_values']} | {a['seconds']:.0f} |"
+        )
     at8 = sweep.best(epsilon=8.0)
     goal_met = bool(at8) and at8["x_no_dp"] <= UTILITY_GOAL
     if at8:
-        lines += ["", f"At epsilon 8 the best arm ({at8['arm']}) reaches {at8['x_no_dp']:.2f}x the best no-DP "
-                      f"perplexity ({reference['perplexity']:.2f}); goal <= {UTILITY_GOAL}x: "
-                      f"{'met' if goal_met else 'MISSED'}"]
+        lines += [
+            "",
+            f"At epsilon 8 the best arm ({at8['arm']}) reaches {at8['x_no_dp']:.2f}x the best no-DP "
+            f"perplexity ({reference['perplexity']:.2f}); goal <= {UTILITY_GOAL}x: "
+            f"{'met' if goal_met else 'MISSED'}",
+        ]
     if sweep.skipped:
-        lines += ["", f"Stopped at the deadline: {len(sweep.skipped)} arms of the grid not run "
-                      f"({', '.join(sweep.skipped)})."]
+        lines += [
+            "",
+            f"Stopped at the deadline: {len(sweep.skipped)} arms of the grid not run ({', '.join(sweep.skipped)}).",
+        ]
     if confirmed:
-        lines += ["", "Through `fedsov simulate` (Flower, Ray, secure aggregation; same settings):", "",
-                  "| arm | lab perplexity | simulate perplexity | epsilon | s |", "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "Through `fedsov simulate` (Flower, Ray, secure aggregation; same settings):",
+            "",
+            "| arm | lab perplexity | simulate perplexity | epsilon | s |",
+            "|---|---|---|---|---|",
+        ]
         for label, c in confirmed.items():
             spent = c["epsilon"] if c["epsilon"] == "inf" else f"{c['epsilon']:.2f}"
-            lines.append(f"| {label}: {c['arm']} | {c['lab_perplexity']:.2f} | {c['perplexity']:.2f} | {spent} | "
-                         f"{c['seconds']:.0f} |")
+            lines.append(
+                f"| {label}: {c['arm']} | {c['lab_perplexity']:.2f} | {c['perplexity']:.2f} | {spent} | "
+                f"{c['seconds']:.0f} |"
+            )
         if "no DP" in confirmed and "eps 8" in confirmed:
             ratio = confirmed["eps 8"]["perplexity"] / confirmed["no DP"]["perplexity"]
             lines.append(f"\nThrough `fedsov simulate`, epsilon 8 reaches {ratio:.2f}x the run without DP.")
-    record = {"benchmark": "dp-sweep", "quick": quick, "device": device_name(), "federation": base,
-              "perplexity_before": before, "arms": arms, "best": {eps(a): a for a in best_rows},
-              "goal": f"perplexity at epsilon 8 <= {UTILITY_GOAL}x the best run without DP", "goal_met": goal_met,
-              "confirmed": confirmed, "skipped": sweep.skipped, "minutes": round(seconds / 60, 1)}
+    record = {
+        "benchmark": "dp-sweep",
+        "quick": quick,
+        "device": device_name(),
+        "federation": base,
+        "perplexity_before": before,
+        "arms": arms,
+        "best": {eps(a): a for a in best_rows},
+        "goal": f"perplexity at epsilon 8 <= {UTILITY_GOAL}x the best run without DP",
+        "goal_met": goal_met,
+        "confirmed": confirmed,
+        "skipped": sweep.skipped,
+        "minutes": round(seconds / 60, 1),
+    }
     return record, lines
 
 
@@ -320,13 +429,21 @@ def plot_sweep(figure, sweep: Sweep) -> None:
         for ffa, colour in ((False, "tab:blue"), (True, "tab:orange")):
             points = []
             for e in epsilons:
-                rows = [a for a in sweep.arms.values()
-                        if a["epsilon"] == e and a["optimizer"] == optimizer and a["ffa"] == ffa]
+                rows = [
+                    a
+                    for a in sweep.arms.values()
+                    if a["epsilon"] == e and a["optimizer"] == optimizer and a["ffa"] == ffa
+                ]
                 if rows:
                     points.append((e, min(a["perplexity"] for a in rows)))
             if points:
-                ax.plot(*zip(*points), marker="o", linestyle=style, color=colour,
-                        label=f"DP-{'Adam' if optimizer == 'adamw' else 'SGD'}, {'FFA-LoRA' if ffa else 'LoRA'}")
+                ax.plot(
+                    *zip(*points, strict=True),
+                    marker="o",
+                    linestyle=style,
+                    color=colour,
+                    label=f"DP-{'Adam' if optimizer == 'adamw' else 'SGD'}, {'FFA-LoRA' if ffa else 'LoRA'}",
+                )
     reference = sweep.best(epsilon=None)["perplexity"]
     ax.axhline(reference, color="black", linestyle=":", label="best without DP")
     ax.axhline(reference * UTILITY_GOAL, color="red", linestyle=":", label=f"goal ({UTILITY_GOAL}x)")

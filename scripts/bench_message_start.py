@@ -35,7 +35,11 @@ sys.path.insert(0, str(ROOT))
 
 from benchlib import MICRO, device_name, write_results  # noqa: E402  (scripts/ is on sys.path when run)
 
-STAGE_NAMES = {"light": "secure-aggregation stage", "node": "describe (start checks)", "model": "train/evaluate (model ready)"}
+STAGE_NAMES = {
+    "light": "secure-aggregation stage",
+    "node": "describe (start checks)",
+    "model": "train/evaluate (model ready)",
+}
 
 STAGE_CODE = r"""
 import json, sys, time
@@ -83,16 +87,26 @@ def main() -> int:
     ensure_synthetic_data(cfg, log=print)
     resolve_model_path(cfg.model, log=print)
     scratch = Path(tempfile.mkdtemp(prefix="fedsov-bench-node-"))
-    node_config = {"region": "eu", "data-path": str(Path(cfg.data.root) / "eu"), "state-dir": str(scratch / "state"),
-                   "synthetic-data": True, "model-cache": cfg.model.cache_dir, "threads": 1,
-                   "coordinator-jurisdiction": cfg.federation.coordinator_jurisdiction}
+    node_config = {
+        "region": "eu",
+        "data-path": str(Path(cfg.data.root) / "eu"),
+        "state-dir": str(scratch / "state"),
+        "synthetic-data": True,
+        "model-cache": cfg.model.cache_dir,
+        "threads": 1,
+        "coordinator-jurisdiction": cfg.federation.coordinator_jurisdiction,
+    }
     results = {}
     for stage in ("light", "node", "model"):
         runs = []
         for _ in range(args.repeats):
             started = time.perf_counter()
-            done = subprocess.run([sys.executable, "-c", STAGE_CODE, stage, json.dumps(args.overrides),
-                                   json.dumps(node_config)], cwd=ROOT, capture_output=True, text=True)
+            done = subprocess.run(
+                [sys.executable, "-c", STAGE_CODE, stage, json.dumps(args.overrides), json.dumps(node_config)],
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+            )
             wall = time.perf_counter() - started
             if done.returncode != 0:
                 print(done.stderr[-2000:], file=sys.stderr)
@@ -104,24 +118,42 @@ def main() -> int:
             "warm_s": statistics.median(r["warm_s"] for r in runs),
         }
     runtime = through_runtime_api(cfg, node_config, scratch, args.repeats)
-    record = {"benchmark": "message-start", "quick": args.quick, "device": device_name(),
-              "python": sys.version.split()[0], "model": cfg.model.name_or_path, "repeats": args.repeats,
-              "stages": results, "runtime_api": runtime}
-    lines = [f"Per-message start cost of a deployed ClientApp ({'quick' if args.quick else 'full'}; {device_name()}; "
-             f"median of {args.repeats})", "",
-             "| message kind | new process (wall) | of which fedsov work | same work in a warm process | cold/warm |",
-             "|---|---|---|---|---|"]
+    record = {
+        "benchmark": "message-start",
+        "quick": args.quick,
+        "device": device_name(),
+        "python": sys.version.split()[0],
+        "model": cfg.model.name_or_path,
+        "repeats": args.repeats,
+        "stages": results,
+        "runtime_api": runtime,
+    }
+    lines = [
+        f"Per-message start cost of a deployed ClientApp ({'quick' if args.quick else 'full'}; {device_name()}; "
+        f"median of {args.repeats})",
+        "",
+        "| message kind | new process (wall) | of which fedsov work | same work in a warm process | cold/warm |",
+        "|---|---|---|---|---|",
+    ]
     for stage, r in results.items():
         ratio = r["cold_s"] / max(r["warm_s"], 1e-3)
-        lines.append(f"| {STAGE_NAMES[stage]} | {r['process_wall_s']:.2f} s | {r['cold_s']:.2f} s | "
-                     f"{r['warm_s']:.3f} s | {ratio:.0f}x |")
-    lines += ["", "Through a SuperNode's Runtime API, from the task to its reply (median of "
-                  f"{args.repeats}; the warm worker's first message apart):", "",
-              "| message | a flwr-clientapp process per message | warm worker, first message | warm worker | x |",
-              "|---|---|---|---|---|"]
+        lines.append(
+            f"| {STAGE_NAMES[stage]} | {r['process_wall_s']:.2f} s | {r['cold_s']:.2f} s | "
+            f"{r['warm_s']:.3f} s | {ratio:.0f}x |"
+        )
+    lines += [
+        "",
+        "Through a SuperNode's Runtime API, from the task to its reply (median of "
+        f"{args.repeats}; the warm worker's first message apart):",
+        "",
+        "| message | a flwr-clientapp process per message | warm worker, first message | warm worker | x |",
+        "|---|---|---|---|---|",
+    ]
     for kind, r in runtime.items():
-        lines.append(f"| {kind} | {r['process_s']:.2f} s | {r['warm_first_s']:.2f} s | {r['warm_s']:.3f} s | "
-                     f"{r['process_s'] / max(r['warm_s'], 1e-3):.0f}x |")
+        lines.append(
+            f"| {kind} | {r['process_s']:.2f} s | {r['warm_first_s']:.2f} s | {r['warm_s']:.3f} s | "
+            f"{r['process_s'] / max(r['warm_s'], 1e-3):.0f}x |"
+        )
     write_results(args.out, "message-start", record, lines, plot=lambda fig: plot_stages(fig, results, runtime))
     return 0
 
@@ -177,9 +209,17 @@ class RuntimeApi:
         run.override_config = {CONFIG_KEY: json.dumps(config_to_dict(cfg))}
         self.state.store_run(run)
         self.state.store_fab(Fab(self.fab_hash, fab, {}))
-        self.state.set_run_series_context(run.series_id, Context(
-            run_id=RUN_ID, node_id=NODE_ID, node_config=node_config, state=RecordDict(),
-            run_config=get_fused_config_from_fab(fab, run), series_id=run.series_id))
+        self.state.set_run_series_context(
+            run.series_id,
+            Context(
+                run_id=RUN_ID,
+                node_id=NODE_ID,
+                node_config=node_config,
+                state=RecordDict(),
+                run_config=get_fused_config_from_fab(fab, run),
+                series_id=run.series_id,
+            ),
+        )
 
     def ask(self, message) -> float:
         """Seconds from storing `message` with its task, as the SuperNode does, to the reply being there."""
@@ -220,18 +260,42 @@ def messages(cfg, repeats: int):
     for i in range(repeats + 1):
         session = f"bench-{i}"
         request = ConfigRecord({"run-id": session, "coordinator-jurisdiction": jurisdiction})
-        yield "describe", Message(RecordDict({REQUEST: request}), dst_node_id=NODE_ID, message_type=DESCRIBE,
-                                  group_id="0")
+        yield (
+            "describe",
+            Message(RecordDict({REQUEST: request}), dst_node_id=NODE_ID, message_type=DESCRIBE, group_id="0"),
+        )
         plan = RoundPlan(
-            run_id=session, round=0, total_rounds=fed.rounds, local_steps=fed.local_steps, batch_size=fed.batch_size,
-            learning_rate=fed.learning_rate, max_length=cfg.model.max_length, eval_batch_size=fed.eval_batch_size,
-            model_fingerprint=model.fingerprint, lora_rank=lora.rank, lora_alpha=lora.alpha,
-            lora_dropout=lora.dropout, lora_ffa=lora.ffa, lora_seed=fed.seed,
-            lora_target_modules=tuple(lora.target_modules or ()), dp_enabled=True,
-            max_grad_norm=cfg.privacy.max_grad_norm, coordinator_jurisdiction=jurisdiction, cohort_size=3,
-            secure_aggregation=True, target_epsilon=cfg.privacy.target_epsilon)
-        yield "evaluate", Message(RecordDict({PLAN: plan.to_record(), GLOBAL_ADAPTER: adapter}), dst_node_id=NODE_ID,
-                                  message_type=EVALUATE, group_id="0")
+            run_id=session,
+            round=0,
+            total_rounds=fed.rounds,
+            local_steps=fed.local_steps,
+            batch_size=fed.batch_size,
+            learning_rate=fed.learning_rate,
+            max_length=cfg.model.max_length,
+            eval_batch_size=fed.eval_batch_size,
+            model_fingerprint=model.fingerprint,
+            lora_rank=lora.rank,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            lora_ffa=lora.ffa,
+            lora_seed=fed.seed,
+            lora_target_modules=tuple(lora.target_modules or ()),
+            dp_enabled=True,
+            max_grad_norm=cfg.privacy.max_grad_norm,
+            coordinator_jurisdiction=jurisdiction,
+            cohort_size=3,
+            secure_aggregation=True,
+            target_epsilon=cfg.privacy.target_epsilon,
+        )
+        yield (
+            "evaluate",
+            Message(
+                RecordDict({PLAN: plan.to_record(), GLOBAL_ADAPTER: adapter}),
+                dst_node_id=NODE_ID,
+                message_type=EVALUATE,
+                group_id="0",
+            ),
+        )
 
 
 def through_runtime_api(cfg, node_config: dict, scratch: Path, repeats: int) -> dict:
@@ -254,10 +318,20 @@ def through_runtime_api(cfg, node_config: dict, scratch: Path, repeats: int) -> 
             answerer = WorkerProcess(f"127.0.0.1:{api.port}", secret, home / "state", home / "worker.log", env)
             answerer.start()
         else:
-            answerer = subprocess.Popen([flower_bin("flower-superexec"), "--insecure", "--runtime-api-address",
-                                         f"127.0.0.1:{api.port}", "--parent-pid", str(os.getpid())],
-                                        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
+            answerer = subprocess.Popen(
+                [
+                    flower_bin("flower-superexec"),
+                    "--insecure",
+                    "--runtime-api-address",
+                    f"127.0.0.1:{api.port}",
+                    "--parent-pid",
+                    str(os.getpid()),
+                ],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         try:
             api.open_run(cfg, config)
             for kind, message in messages(cfg, repeats):
@@ -268,16 +342,22 @@ def through_runtime_api(cfg, node_config: dict, scratch: Path, repeats: int) -> 
             else:
                 stop_process_group(answerer)
             api.close()
-    return {kind: {"process_s": statistics.median(seconds["process"][kind]),
-                   "warm_first_s": seconds["warm"][kind][0],
-                   "warm_s": statistics.median(seconds["warm"][kind][1:])} for kind in seconds["warm"]}
+    return {
+        kind: {
+            "process_s": statistics.median(seconds["process"][kind]),
+            "warm_first_s": seconds["warm"][kind][0],
+            "warm_s": statistics.median(seconds["warm"][kind][1:]),
+        }
+        for kind in seconds["warm"]
+    }
 
 
 def plot_stages(figure, results: dict, runtime: dict) -> None:
     """Seconds per message: a fresh process (what Flower's default pays) against a warm one."""
-    panels = (("fedsov's work per message", {STAGE_NAMES[s]: (r["process_wall_s"], r["warm_s"])
-                                             for s, r in results.items()}),
-              ("through a SuperNode, task to reply", {k: (r["process_s"], r["warm_s"]) for k, r in runtime.items()}))
+    panels = (
+        ("fedsov's work per message", {STAGE_NAMES[s]: (r["process_wall_s"], r["warm_s"]) for s, r in results.items()}),
+        ("through a SuperNode, task to reply", {k: (r["process_s"], r["warm_s"]) for k, r in runtime.items()}),
+    )
     for i, (title, bars) in enumerate(panels):
         ax = figure.add_subplot(1, 2, i + 1)
         xs = range(len(bars))

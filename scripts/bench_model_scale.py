@@ -44,16 +44,19 @@ class ScaleShape:
 
 # The CPU ladder keeps the embedded tokenizer's 2048-token vocabulary (a ~1M Llama has no room for a
 # real one); the CUDA shapes are real ones: TinyLlama 1.1B, and Llama 3.2 3B with untied embeddings (3.6B).
-SHAPES = {s.name: s for s in (
-    ScaleShape("micro", 256, 64, 2, 4, 2, 128),
-    ScaleShape("1M", 2048, 128, 2, 4, 2, 344),
-    ScaleShape("10M", 2048, 256, 12, 8, 4, 688),
-    ScaleShape("30M", 2048, 512, 8, 8, 4, 1376),
-    ScaleShape("100M", 2048, 768, 14, 12, 4, 2048),
-    ScaleShape("300M", 2048, 1024, 24, 16, 4, 2816),
-    ScaleShape("1.1B", 32000, 2048, 22, 32, 4, 5632, cuda_only=True),
-    ScaleShape("3.6B", 128256, 3072, 28, 24, 8, 8192, cuda_only=True),
-)}
+SHAPES = {
+    s.name: s
+    for s in (
+        ScaleShape("micro", 256, 64, 2, 4, 2, 128),
+        ScaleShape("1M", 2048, 128, 2, 4, 2, 344),
+        ScaleShape("10M", 2048, 256, 12, 8, 4, 688),
+        ScaleShape("30M", 2048, 512, 8, 8, 4, 1376),
+        ScaleShape("100M", 2048, 768, 14, 12, 4, 2048),
+        ScaleShape("300M", 2048, 1024, 24, 16, 4, 2816),
+        ScaleShape("1.1B", 32000, 2048, 22, 32, 4, 5632, cuda_only=True),
+        ScaleShape("3.6B", 128256, 3072, 28, 24, 8, 8192, cuda_only=True),
+    )
+}
 QUICK_SHAPES = ("micro",)
 CPU_SHAPES = ("1M", "10M", "30M", "100M")
 CUDA_SHAPES = (*CPU_SHAPES, "1.1B", "3.6B")
@@ -66,19 +69,23 @@ def build(shape: ScaleShape, device, dtype, checkpointing: bool = False):
     from transformers import AutoModelForCausalLM
 
     from common.model.families import Shape, family_config
-    from common.model.loading import enable_gradient_checkpointing
+    from common.model.loading import frozen_base
 
-    config = family_config("llama", shape.vocab, Shape(hidden=shape.hidden, layers=shape.layers, heads=shape.heads,
-                                                       kv_heads=shape.kv_heads, intermediate=shape.intermediate,
-                                                       context=4096))
+    config = family_config(
+        "llama",
+        shape.vocab,
+        Shape(
+            hidden=shape.hidden,
+            layers=shape.layers,
+            heads=shape.heads,
+            kv_heads=shape.kv_heads,
+            intermediate=shape.intermediate,
+            context=4096,
+        ),
+    )
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    if checkpointing:
-        enable_gradient_checkpointing(model)
-    return model
+    return frozen_base(model, gradient_checkpointing=checkpointing)
 
 
 def adapter_sizes(shape: ScaleShape) -> dict:
@@ -119,8 +126,9 @@ def run_one(shape: ScaleShape, mode: str, batch: int, length: int, steps: int, w
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         loaded_mb = torch.cuda.memory_allocated() / 2**20
-    times = time_training_steps(model, ids, "hooks" if mode == "hooks+checkpointing" else mode, batch, steps, warmup,
-                                device)
+    times = time_training_steps(
+        model, ids, "hooks" if mode == "hooks+checkpointing" else mode, batch, steps, warmup, device
+    )
     if device.type == "cuda":
         peak_mb = torch.cuda.max_memory_allocated() / 2**20
     else:
@@ -129,10 +137,20 @@ def run_one(shape: ScaleShape, mode: str, batch: int, length: int, steps: int, w
     # Ratios use CPU seconds on a CPU (what this process computed, whoever else shares the cores) and
     # wall seconds on CUDA (the host only waits there).
     s_per_step = wall if device.type == "cuda" else cpu
-    return {"shape": shape.name, "mode": mode, "s_per_step": s_per_step, "wall_s_per_step": wall, "cpu_s_per_step": cpu,
-            "tokens_per_s": batch * length / s_per_step, "peak_mb": peak_mb, "loaded_mb": loaded_mb,
-            "train_mb": peak_mb - loaded_mb, "device": device.type, "dtype": str(dtype).removeprefix("torch."),
-            "threads": torch.get_num_threads()}
+    return {
+        "shape": shape.name,
+        "mode": mode,
+        "s_per_step": s_per_step,
+        "wall_s_per_step": wall,
+        "cpu_s_per_step": cpu,
+        "tokens_per_s": batch * length / s_per_step,
+        "peak_mb": peak_mb,
+        "loaded_mb": loaded_mb,
+        "train_mb": peak_mb - loaded_mb,
+        "device": device.type,
+        "dtype": str(dtype).removeprefix("torch."),
+        "threads": torch.get_num_threads(),
+    }
 
 
 def main() -> int:
@@ -141,8 +159,12 @@ def main() -> int:
     parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), help="default: the CPU or CUDA ladder")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "model-scale")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="CPU threads (default 1: on a shared machine, one thread's CPU time is reproducible)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU threads (default 1: on a shared machine, one thread's CPU time is reproducible)",
+    )
     parser.add_argument("--one", nargs=2, metavar=("SHAPE", "MODE"), help=argparse.SUPPRESS)  # internal
     args = parser.parse_args()
     import torch
@@ -159,20 +181,35 @@ def main() -> int:
     for shape in shapes:
         sizes[shape.name] = adapter_sizes(shape)
         for mode in args.modes:
-            done = subprocess.run([sys.executable, __file__, "--one", shape.name, mode, f"--threads={args.threads}",
-                                   *(["--quick"] if args.quick else [])],
-                                  capture_output=True, text=True, cwd=ROOT)
+            done = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--one",
+                    shape.name,
+                    mode,
+                    f"--threads={args.threads}",
+                    *(["--quick"] if args.quick else []),
+                ],
+                capture_output=True,
+                text=True,
+                cwd=ROOT,
+            )
             if done.returncode != 0:
                 # Killed by the kernel (-9) is how running out of memory shows on Linux.
-                why = ("killed: out of memory?" if done.returncode == -9 else
-                       (done.stderr.strip().splitlines() or ["failed"])[-1])
+                why = (
+                    "killed: out of memory?"
+                    if done.returncode == -9
+                    else (done.stderr.strip().splitlines() or ["failed"])[-1]
+                )
                 results.append({"shape": shape.name, "mode": mode, "error": why[:300]})
             else:
                 results.append(json.loads(done.stdout.strip().splitlines()[-1]))
             print(f"  {shape.name} {mode}: {json.dumps(results[-1])}", file=sys.stderr)
     for r in results:
-        base = next((b for b in results
-                     if b["shape"] == r["shape"] and b["mode"] == "non-private" and "error" not in b), None)
+        base = next(
+            (b for b in results if b["shape"] == r["shape"] and b["mode"] == "non-private" and "error" not in b), None
+        )
         if "error" not in r and base:
             r["time_ratio"] = r["s_per_step"] / base["s_per_step"]
             r["train_memory_ratio"] = r["train_mb"] / base["train_mb"] if base["train_mb"] > 0 else None
@@ -182,11 +219,22 @@ def main() -> int:
     for shape in shapes:
         dp = [r for r in results if r["shape"] == shape.name and r["mode"] in ("hooks", "ghost") and "error" not in r]
         fastest[shape.name] = min(dp, key=lambda r: r["s_per_step"])["mode"] if dp else None
-    record = {"benchmark": "model-scale", "quick": args.quick, "device": device_name(), "batch": batch,
-              "threads": args.threads, "clock": "wall" if cuda else "process CPU",
-              "sequence_length": length, "steps_timed": steps, "lora": {"rank": LORA_RANK, "targets": "all-linear"},
-              "shapes": [{**asdict(s), **sizes[s.name]} for s in shapes], "results": results,
-              "fastest_dp_mode": fastest, "memory_total_mb": total_mb, "memory_runs_out_at_params": limits}
+    record = {
+        "benchmark": "model-scale",
+        "quick": args.quick,
+        "device": device_name(),
+        "batch": batch,
+        "threads": args.threads,
+        "clock": "wall" if cuda else "process CPU",
+        "sequence_length": length,
+        "steps_timed": steps,
+        "lora": {"rank": LORA_RANK, "targets": "all-linear"},
+        "shapes": [{**asdict(s), **sizes[s.name]} for s in shapes],
+        "results": results,
+        "fastest_dp_mode": fastest,
+        "memory_total_mb": total_mb,
+        "memory_runs_out_at_params": limits,
+    }
     write_results(args.out, "model-scale", record, table(record), plot=lambda figure: plot_scale(figure, record))
     return 0
 
@@ -200,8 +248,9 @@ def psutil_total() -> int:
 def memory_limit(results: list[dict], sizes: dict, mode: str, total_mb: float) -> float | None:
     """Parameters at which `mode`'s peak memory reaches `total_mb`, extrapolated along the line through
     the two largest shapes measured (same batch and sequence length); None without two points."""
-    points = sorted((sizes[r["shape"]]["params"], r["peak_mb"])
-                    for r in results if r["mode"] == mode and "error" not in r)
+    points = sorted(
+        (sizes[r["shape"]]["params"], r["peak_mb"]) for r in results if r["mode"] == mode and "error" not in r
+    )
     if len(points) < 2 or points[-1][0] == points[-2][0]:
         return None
     (p0, m0), (p1, m1) = points[-2:]
@@ -211,12 +260,15 @@ def memory_limit(results: list[dict], sizes: dict, mode: str, total_mb: float) -
 
 def table(record: dict) -> list[str]:
     mem = "peak memory MB (CUDA allocated)" if record["device"].startswith("cuda") else "peak RSS MB"
-    lines = [f"Model scale ({'quick' if record['quick'] else 'full'}; {record['device']}; batch {record['batch']} x "
-             f"{record['sequence_length']} tokens; LoRA rank {LORA_RANK} on all linear layers; median of "
-             f"{record['steps_timed']} steps, {record['clock']} seconds"
-             + (f", {record['threads']} thread(s))" if record["clock"] != "wall" else ")"), "",
-             f"| shape | params | mode | s/step | tokens/s | x non-private | {mem} | training MB | x non-private |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Model scale ({'quick' if record['quick'] else 'full'}; {record['device']}; batch {record['batch']} x "
+        f"{record['sequence_length']} tokens; LoRA rank {LORA_RANK} on all linear layers; median of "
+        f"{record['steps_timed']} steps, {record['clock']} seconds"
+        + (f", {record['threads']} thread(s))" if record["clock"] != "wall" else ")"),
+        "",
+        f"| shape | params | mode | s/step | tokens/s | x non-private | {mem} | training MB | x non-private |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     params = {s["name"]: s["params"] for s in record["shapes"]}
     for r in record["results"]:
         head = f"| {r['shape']} | {params[r['shape']] / 1e6:.1f}M | {r['mode']} |"
@@ -224,19 +276,28 @@ def table(record: dict) -> list[str]:
             lines.append(f"{head} failed: {r['error'][:80]} | | | | | |")
             continue
         mem_ratio = f"{r['train_memory_ratio']:.2f}" if r.get("train_memory_ratio") else "n/a"
-        lines.append(f"{head} {r['s_per_step']:.3f} | {r['tokens_per_s']:.0f} | {r.get('time_ratio', 0):.2f} | "
-                     f"{r['peak_mb']:.0f} | {r['train_mb']:.0f} | {mem_ratio} |")
-    lines += ["", "| shape | params | adapter bytes, default targets | share | adapter bytes, all linear | share |",
-              "|---|---|---|---|---|---|"]
+        lines.append(
+            f"{head} {r['s_per_step']:.3f} | {r['tokens_per_s']:.0f} | {r.get('time_ratio', 0):.2f} | "
+            f"{r['peak_mb']:.0f} | {r['train_mb']:.0f} | {mem_ratio} |"
+        )
+    lines += [
+        "",
+        "| shape | params | adapter bytes, default targets | share | adapter bytes, all linear | share |",
+        "|---|---|---|---|---|---|",
+    ]
     for s in record["shapes"]:
         default, every = s["default"], s["all-linear"]
-        lines.append(f"| {s['name']} | {s['params']:,} | {default['adapter_bytes']:,} | {default['share']:.2%} "
-                     f"| {every['adapter_bytes']:,} | {every['share']:.2%} |")
+        lines.append(
+            f"| {s['name']} | {s['params']:,} | {default['adapter_bytes']:,} | {default['share']:.2%} "
+            f"| {every['adapter_bytes']:,} | {every['share']:.2%} |"
+        )
     lines += ["", "Fastest DP mode per shape: " + ", ".join(f"{k}: {v}" for k, v in record["fastest_dp_mode"].items())]
     limits = {m: v for m, v in record["memory_runs_out_at_params"].items() if v}
     if limits:
-        lines.append(f"Memory ({record['memory_total_mb'] / 1024:.0f} GB) runs out at about, extrapolated from the two "
-                     "largest shapes: " + ", ".join(f"{m}: {v / 1e6:,.0f}M parameters" for m, v in limits.items()))
+        lines.append(
+            f"Memory ({record['memory_total_mb'] / 1024:.0f} GB) runs out at about, extrapolated from the two "
+            "largest shapes: " + ", ".join(f"{m}: {v / 1e6:,.0f}M parameters" for m, v in limits.items())
+        )
     return lines
 
 
@@ -246,10 +307,11 @@ def plot_scale(figure, record: dict) -> None:
     for i, (key, title) in enumerate((("time_ratio", "time per step"), ("train_memory_ratio", "training memory"))):
         ax = figure.add_subplot(1, 2, i + 1)
         for mode in MODES[1:]:
-            points = [(params[r["shape"]], r[key]) for r in record["results"]
-                      if r["mode"] == mode and r.get(key) is not None]
+            points = [
+                (params[r["shape"]], r[key]) for r in record["results"] if r["mode"] == mode and r.get(key) is not None
+            ]
             if points:
-                ax.plot(*zip(*points), marker="o", label=mode)
+                ax.plot(*zip(*points, strict=True), marker="o", label=mode)
         ax.axhline(1.0, color="grey", linestyle="--")
         ax.set_xscale("log")
         ax.set_xlabel("parameters")

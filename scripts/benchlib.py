@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 # Quick (smoke) mode: a micro embedded model, same code path as the default (tests/conftest.py uses the same).
-MICRO = ["model.embedded.n_layer=2", "model.embedded.n_head=2", "model.embedded.n_embd=64",
-         "model.embedded.corpus_documents=3000", "model.embedded.steps=150"]
+MICRO = [
+    "model.embedded.n_layer=2",
+    "model.embedded.n_head=2",
+    "model.embedded.n_embd=64",
+    "model.embedded.corpus_documents=3000",
+    "model.embedded.steps=150",
+]
 
 
 def device_name() -> str:
@@ -17,8 +22,9 @@ def device_name() -> str:
     return f"cuda ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else "cpu"
 
 
-def write_results(out_dir: Path, name: str, record: dict, lines: list[str],
-                  plot: Callable[[object], None] | None = None) -> None:
+def write_results(
+    out_dir: Path, name: str, record: dict, lines: list[str], plot: Callable[[object], None] | None = None
+) -> None:
     """`<name>.json` (the record), `<name>.md` (the table) and, given `plot(figure)`, `<name>.png`;
     then the table on stdout."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -61,8 +67,14 @@ def time_training_steps(model, ids, mode: str, batch: int, steps: int, warmup: i
         loader = DataLoader(TensorDataset(ids), batch_size=batch)
         engine = PrivacyEngine(accountant="rdp")
         made = engine.make_private(
-            module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0,
-            criterion=criterion, grad_sample_mode=mode, poisson_sampling=False,
+            module=model,
+            optimizer=optimizer,
+            data_loader=loader,
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            criterion=criterion,
+            grad_sample_mode=mode,
+            poisson_sampling=False,
         )
         # Ghost clipping also wraps the loss; the other modes return (module, optimizer, loader).
         trainer, optimizer = made[0], made[1]
@@ -71,15 +83,18 @@ def time_training_steps(model, ids, mode: str, batch: int, steps: int, warmup: i
     trainer.train()
     times: dict[str, list[float]] = {"wall": [], "cpu": []}
     for step in range(warmup + steps):
-        x = ids[step * batch:(step + 1) * batch].to(device)
+        x = ids[step * batch : (step + 1) * batch].to(device)
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0, c0 = time.perf_counter(), time.process_time()
         logits = trainer(input_ids=x, use_cache=False).logits[:, :-1].float()
         target = x[:, 1:]
         flat_logits, flat_target = logits.reshape(-1, vocab), target.reshape(-1)
-        loss = (criterion(flat_logits, flat_target, shape=target.shape) if mode == "ghost"
-                else criterion(flat_logits, flat_target))
+        loss = (
+            criterion(flat_logits, flat_target, shape=target.shape)
+            if mode == "ghost"
+            else criterion(flat_logits, flat_target)
+        )
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -102,8 +117,13 @@ def noiseless_dp_update(model, ids, mask, max_grad_norm: float = 1.0):
     from common.model.lora import adapter_state
 
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = DPOptimizer(torch.optim.SGD(params, lr=1.0), noise_multiplier=0.0, max_grad_norm=max_grad_norm,
-                            expected_batch_size=ids.shape[0], loss_reduction="mean")
+    optimizer = DPOptimizer(
+        torch.optim.SGD(params, lr=1.0),
+        noise_multiplier=0.0,
+        max_grad_norm=max_grad_norm,
+        expected_batch_size=ids.shape[0],
+        loss_reduction="mean",
+    )
     before = adapter_state(model)
     wrapped = GradSampleModule(model, batch_first=True, loss_reduction="mean")
     model.train()

@@ -70,8 +70,8 @@ class Context:
     def __init__(self, device, rehearsal: bool, workdir: Path):
         import torch
 
-        from common.model.loading import pick_dtype
         from common.config import DtypeChoice
+        from common.model.loading import pick_dtype
 
         self.device = device
         self.dtype = pick_dtype(DtypeChoice.auto, device) if not rehearsal else torch.bfloat16
@@ -107,23 +107,36 @@ def check_families(ctx: Context) -> dict:
         try:
             folder = ctx.tiny_model(name)
             tok = load_tokenizer(folder)
-            model = attach_lora(load_base_model(folder, ctx.device, ctx.dtype),
-                                LoraSettings(rank=4, alpha=8, target_modules=["all-linear"]), seed=0)
+            model = attach_lora(
+                load_base_model(folder, ctx.device, ctx.dtype),
+                LoraSettings(rank=4, alpha=8, target_modules=["all-linear"]),
+                seed=0,
+            )
             trainable = [p for p in model.parameters() if p.requires_grad]
             g = torch.Generator().manual_seed(1)
             examples = [torch.randint(1, len(tok) - 1, (int(n),), generator=g).tolist() for n in [41, 23, 33] * 8]
-            result = train_locally(model, examples, steps=2, batch_size=6, learning_rate=1e-2,
-                                   dp=DpSettings(noise_multiplier=1.0, max_grad_norm=1.0), pad_id=tok.pad_token_id)
+            result = train_locally(
+                model,
+                examples,
+                steps=2,
+                batch_size=6,
+                learning_rate=1e-2,
+                dp=DpSettings(noise_multiplier=1.0, max_grad_norm=1.0),
+                pad_id=tok.pad_token_id,
+            )
             moved = sum(int(u.abs().sum() > 0) for u in result.update.values())
             finite = all(bool(torch.isfinite(u).all()) for u in result.update.values())
             save_adapter(model, adapter_state(model), ctx.workdir / f"{name}-adapter", folder)
-            reloaded = PeftModel.from_pretrained(load_base_model(folder, ctx.device, ctx.dtype),
-                                                 str(ctx.workdir / f"{name}-adapter"))
+            reloaded = PeftModel.from_pretrained(
+                load_base_model(folder, ctx.device, ctx.dtype), str(ctx.workdir / f"{name}-adapter")
+            )
             prompt = tok("hello there", return_tensors="pt").to(ctx.device)
             generated = reloaded.generate(**prompt, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
             out[name] = {
                 "ok": finite and moved == len(result.update) and generated.shape[1] == prompt["input_ids"].shape[1] + 4,
-                "loss": result.mean_loss, "tensors_trained": len(result.update), "tensors_moved": moved,
+                "loss": result.mean_loss,
+                "tensors_trained": len(result.update),
+                "tensors_moved": moved,
                 "lora_dtypes": sorted({str(p.dtype) for p in trainable}),
                 "lora_devices": sorted({p.device.type for p in trainable}),
                 "base_dtypes": sorted({str(p.dtype) for p in model.parameters() if not p.requires_grad}),
@@ -132,8 +145,11 @@ def check_families(ctx: Context) -> dict:
         except TimeUp:
             raise
         except Exception as err:  # one family's failure must not hide the others'
-            out[name] = {"ok": False, "error": f"{type(err).__name__}: {err}",
-                         "traceback": traceback.format_exc()[-1500:]}
+            out[name] = {
+                "ok": False,
+                "error": f"{type(err).__name__}: {err}",
+                "traceback": traceback.format_exc()[-1500:],
+            }
         finally:
             free_memory()
     return {"passed": all(r["ok"] for r in out.values()), "families": out}
@@ -141,8 +157,16 @@ def check_families(ctx: Context) -> dict:
 
 def check_noise(ctx: Context) -> dict:
     folder = ctx.tiny_model("llama")
-    runs = [subprocess.Popen([sys.executable, "-c", NOISE_PROBE, str(folder), ctx.device.type], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, cwd=ROOT) for _ in range(2)]
+    runs = [
+        subprocess.Popen(
+            [sys.executable, "-c", NOISE_PROBE, str(folder), ctx.device.type],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
+        for _ in range(2)
+    ]
     outputs = []
     for run in runs:
         stdout, stderr = run.communicate(timeout=300)
@@ -151,18 +175,24 @@ def check_noise(ctx: Context) -> dict:
         outputs.append(json.loads(stdout.strip().splitlines()[-1]))
     first, second = outputs
     devices = sorted({d["device"] for run in outputs for d in run})
-    differ = len(first) == len(second) > 0 and all(a["values"] != b["values"] for a, b in zip(first, second))
-    return {"passed": differ and devices == [ctx.device.type], "draws_per_process": len(first),
-            "noise_devices": devices, "all_draws_differ": differ,
-            "first_values": [first[0]["values"][:4], second[0]["values"][:4]]}
+    differ = len(first) == len(second) > 0 and all(
+        a["values"] != b["values"] for a, b in zip(first, second, strict=True)
+    )
+    return {
+        "passed": differ and devices == [ctx.device.type],
+        "draws_per_process": len(first),
+        "noise_devices": devices,
+        "all_draws_differ": differ,
+        "first_values": [first[0]["values"][:4], second[0]["values"][:4]],
+    }
 
 
 def check_bf16(ctx: Context, shape_name: str) -> dict:
     import copy
 
     import torch
-
     from bench_model_scale import SHAPES, build
+
     from client.training import collate
     from common.config import LoraSettings
     from common.model.loading import enable_gradient_checkpointing
@@ -176,10 +206,11 @@ def check_bf16(ctx: Context, shape_name: str) -> dict:
     examples = [torch.randint(1, shape.vocab, (n,), generator=g).tolist() for n in lengths]
     ids, mask = collate(examples, 0, ctx.device)
 
-    def update(dtype, checkpointing=False):
+    def update(source, dtype, checkpointing=False):
+        """One noiseless DP-LoRA update of a `dtype` copy of `source` (the float32 base stays untouched)."""
         from benchlib import noiseless_dp_update
 
-        base = copy.deepcopy(reference_base).to(dtype)
+        base = copy.deepcopy(source).to(dtype)
         if checkpointing:
             enable_gradient_checkpointing(base)
         model = attach_lora(base, LoraSettings(rank=16, alpha=32, target_modules=["all-linear"]), seed=0)
@@ -194,18 +225,29 @@ def check_bf16(ctx: Context, shape_name: str) -> dict:
             del model, base
             free_memory()
 
-    reference = update(torch.float32)
-    out = {"shape": shape_name, "params": sum(p.numel() for p in reference_base.parameters()),
-           "batch": len(examples), "tokens": sum(lengths), "tolerance_relative_l2": BF16_TOLERANCE}
-    for label, dtype, checkpointing in (("bfloat16", torch.bfloat16, False), ("float16", torch.float16, False),
-                                        ("bfloat16+checkpointing", torch.bfloat16, True)):
-        u = update(dtype, checkpointing)
-        out[label] = {"relative_l2_error": float((u - reference).norm() / reference.norm()),
-                      "cosine": float(torch.nn.functional.cosine_similarity(u, reference, dim=0)),
-                      "finite": bool(torch.isfinite(u).all())}
-    out["passed"] = all(out[k]["finite"] and out[k]["relative_l2_error"] <= BF16_TOLERANCE
-                        for k in ("bfloat16", "bfloat16+checkpointing"))
-    del reference_base
+    reference = update(reference_base, torch.float32)
+    out = {
+        "shape": shape_name,
+        "params": sum(p.numel() for p in reference_base.parameters()),
+        "batch": len(examples),
+        "tokens": sum(lengths),
+        "tolerance_relative_l2": BF16_TOLERANCE,
+    }
+    for label, dtype, checkpointing in (
+        ("bfloat16", torch.bfloat16, False),
+        ("float16", torch.float16, False),
+        ("bfloat16+checkpointing", torch.bfloat16, True),
+    ):
+        u = update(reference_base, dtype, checkpointing)
+        out[label] = {
+            "relative_l2_error": float((u - reference).norm() / reference.norm()),
+            "cosine": float(torch.nn.functional.cosine_similarity(u, reference, dim=0)),
+            "finite": bool(torch.isfinite(u).all()),
+        }
+    out["passed"] = all(
+        out[k]["finite"] and out[k]["relative_l2_error"] <= BF16_TOLERANCE
+        for k in ("bfloat16", "bfloat16+checkpointing")
+    )
     return out
 
 
@@ -228,8 +270,13 @@ def check_scale(ctx: Context, shape_name: str) -> dict:
         if "error" not in r and "error" not in base:
             r["time_ratio"] = r["s_per_step"] / base["s_per_step"]
             r["memory_ratio"] = r["peak_mb"] / base["peak_mb"]
-    out = {"passed": not any("error" in r for r in results.values()), "shape": shape_name, "batch": batch,
-           "sequence_length": length, "modes": results}
+    out = {
+        "passed": not any("error" in r for r in results.values()),
+        "shape": shape_name,
+        "batch": batch,
+        "sequence_length": length,
+        "modes": results,
+    }
     if ctx.device.type != "cuda":
         out["note"] = "memory per mode is meaningful on CUDA only: a process's peak RSS never goes down between modes"
     return out
@@ -256,32 +303,48 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "device-check" / "device-check.json")
     parser.add_argument("--time-limit", type=float, default=420.0, help="seconds for all checks together")
-    parser.add_argument("--cpu-rehearsal", action="store_true",
-                        help="run every check at micro size on the CPU (to test this script without a GPU)")
+    parser.add_argument(
+        "--cpu-rehearsal",
+        action="store_true",
+        help="run every check at micro size on the CPU (to test this script without a GPU)",
+    )
     args = parser.parse_args()
     import torch
 
     if not torch.cuda.is_available() and not args.cpu_rehearsal:
-        print(f"device_check.py needs a CUDA device and found none (torch {torch.__version__}): nothing was checked "
-              "and nothing written. Run it on a machine with an NVIDIA GPU.")
+        print(
+            f"device_check.py needs a CUDA device and found none (torch {torch.__version__}): nothing was checked "
+            "and nothing written. Run it on a machine with an NVIDIA GPU."
+        )
         return 0
     import opacus
     import peft
     import transformers
-
     from benchlib import device_name
 
     device = torch.device("cpu" if args.cpu_rehearsal else "cuda")
     big = "micro" if args.cpu_rehearsal else "1.1B"
-    checks = [("families", check_families), ("noise", check_noise), ("bf16", lambda c: check_bf16(c, big)),
-              (f"scale-{big}", lambda c: check_scale(c, big))]
+    checks = [
+        ("families", check_families),
+        ("noise", check_noise),
+        ("bf16", lambda c: check_bf16(c, big)),
+        (f"scale-{big}", lambda c: check_scale(c, big)),
+    ]
     if not args.cpu_rehearsal:
         checks.append(("scale-3.6B", lambda c: check_scale(c, "3.6B")))
-    record = {"benchmark": "device-check", "device": device_name() if not args.cpu_rehearsal else "cpu (rehearsal)",
-              "versions": {"torch": torch.__version__, "cuda": torch.version.cuda,
-                           "transformers": transformers.__version__, "peft": peft.__version__,
-                           "opacus": opacus.__version__},
-              "time_limit_s": args.time_limit, "checks": {}}
+    record = {
+        "benchmark": "device-check",
+        "device": device_name() if not args.cpu_rehearsal else "cpu (rehearsal)",
+        "versions": {
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+            "transformers": transformers.__version__,
+            "peft": peft.__version__,
+            "opacus": opacus.__version__,
+        },
+        "time_limit_s": args.time_limit,
+        "checks": {},
+    }
     started = time.monotonic()
 
     def time_up(signum, frame):

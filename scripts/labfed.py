@@ -15,9 +15,9 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -44,8 +44,9 @@ def secure_mean(state, updates: Sequence[tuple[dict, int]], plan) -> tuple[dict,
 
     layout = layout_of(updates[0][0])
     total_weight = sum(w for _, w in updates)
-    q = Quantization.for_cohort(update_range(plan.optimizer, plan.learning_rate, plan.local_steps,
-                                             plan.max_grad_norm), total_weight)
+    q = Quantization.for_cohort(
+        update_range(plan.optimizer, plan.learning_rate, plan.local_steps, plan.max_grad_norm), total_weight
+    )
     total = np.zeros(sum(math.prod(shape) for _, shape in layout), dtype=np.uint32)
     clipped = 0
     for update, weight in updates:
@@ -55,10 +56,18 @@ def secure_mean(state, updates: Sequence[tuple[dict, int]], plan) -> tuple[dict,
     return unflatten(q.decode(total, total_weight), layout), clipped, q.step
 
 
-def run_federation(root: Path, name: str, overrides: Sequence[str], policies: Path, *,
-                   state_from: Path | None = None, evaluate_base: bool = False, evaluate_every: bool = True,
-                   after: Callable[[list, object, dict], dict] | None = None,
-                   out: Callable[[str], None] = print) -> dict:
+def run_federation(
+    root: Path,
+    name: str,
+    overrides: Sequence[str],
+    policies: Path,
+    *,
+    state_from: Path | None = None,
+    evaluate_base: bool = False,
+    evaluate_every: bool = True,
+    after: Callable[[list, object, dict], dict] | None = None,
+    out: Callable[[str], None] = print,
+) -> dict:
     """One arm: a fresh federation in `root/name` on the shared data in `root/data`; returns its numbers.
 
     `state_from` (an earlier arm's folder) lends its nodes' canaries and data-use caches, so every arm trains
@@ -100,20 +109,32 @@ def run_federation(root: Path, name: str, overrides: Sequence[str], policies: Pa
         mean, clipped, step = secure_mean(state, [(o.update, int(o.metrics["num-units"])) for o in outcomes], plan)
         state = apply_update(state, mean, cfg.federation.server_learning_rate)
         evaluated = _evaluate(nodes, plan, state) if evaluate_every or r == cfg.federation.rounds else {}
-        rows.append({
-            "round": r, **evaluated, "clipped_values": clipped, "quantization_step": step,
-            "train_loss": sum(float(o.metrics["train-loss"]) for o in outcomes) / len(outcomes),
-            "epsilon": {n.settings.name: float(o.metrics["epsilon"]) for n, o in zip(nodes, outcomes)},
-            "noise_multiplier": {n.settings.name: float(o.metrics["noise-multiplier"])
-                                 for n, o in zip(nodes, outcomes)},
-            "units": {n.settings.name: int(o.metrics["num-units"]) for n, o in zip(nodes, outcomes)},
-            "seconds": round(time.time() - started, 1),
-        })
+        rows.append(
+            {
+                "round": r,
+                **evaluated,
+                "clipped_values": clipped,
+                "quantization_step": step,
+                "train_loss": sum(float(o.metrics["train-loss"]) for o in outcomes) / len(outcomes),
+                "epsilon": {n.settings.name: float(o.metrics["epsilon"]) for n, o in zip(nodes, outcomes, strict=True)},
+                "noise_multiplier": {
+                    n.settings.name: float(o.metrics["noise-multiplier"]) for n, o in zip(nodes, outcomes, strict=True)
+                },
+                "units": {n.settings.name: int(o.metrics["num-units"]) for n, o in zip(nodes, outcomes, strict=True)},
+                "seconds": round(time.time() - started, 1),
+            }
+        )
         perplexity = f"perplexity {evaluated['perplexity']['overall']:.2f}, " if evaluated else ""
-        out(f"  {name} round {r}: {perplexity}epsilon {max(rows[-1]['epsilon'].values()):.2f}, "
-            f"{rows[-1]['seconds']:.0f} s")
-    result = {"arm": name, "rounds": rows, "seconds": round(time.time() - started, 1),
-              "parameters": sum(v.numel() for v in mean.values())}
+        out(
+            f"  {name} round {r}: {perplexity}epsilon {max(rows[-1]['epsilon'].values()):.2f}, "
+            f"{rows[-1]['seconds']:.0f} s"
+        )
+    result = {
+        "arm": name,
+        "rounds": rows,
+        "seconds": round(time.time() - started, 1),
+        "parameters": sum(v.numel() for v in mean.values()),
+    }
     return {**result, **(after(nodes, plan, state) if after else {})}
 
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common.credentials import make_certificates, make_node_key  # noqa: E402
-from common.errors import FedsovError  # noqa: E402
+from common.credentials import make_certificates, make_node_key
+from common.errors import FedsovError
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--out", type=Path, required=True)

@@ -11,8 +11,9 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 FIELDS = ("ledger-genesis", "ledger-entries", "ledger-head", "audit-genesis", "audit-entries", "audit-head")
 
@@ -32,11 +33,15 @@ class AnchorStore:
             return None
         for log in ("ledger", "audit"):
             if evidence[f"{log}-genesis"] != anchor[f"{log}-genesis"]:
-                return (f"its {log} is not the one it reported in run {anchor['run']} (a different first entry): "
-                        "the node's state was deleted or replaced")
+                return (
+                    f"its {log} is not the one it reported in run {anchor['run']} (a different first entry): "
+                    "the node's state was deleted or replaced"
+                )
             if int(evidence[f"{log}-entries"]) < int(anchor[f"{log}-entries"]):
-                return (f"its {log} has {evidence[f'{log}-entries']} entries, fewer than the {anchor[f'{log}-entries']} "
-                        f"it reported in run {anchor['run']}: entries were cut or an old copy was restored")
+                return (
+                    f"its {log} has {evidence[f'{log}-entries']} entries, fewer than the {anchor[f'{log}-entries']} "
+                    f"it reported in run {anchor['run']}: entries were cut or an old copy was restored"
+                )
         return None
 
     def ledger_anchor(self, node: str) -> dict[str, Any] | None:

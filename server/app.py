@@ -13,8 +13,8 @@ from common.config import config_from_json, config_to_dict, config_to_yaml
 from common.flowerproc import retry_objects_sooner
 from common.runconfig import CONFIG_KEY
 from server.coordinator import Coordinator
-from server.rundir import RunDirectory
 from server.runcontrol import publish_outputs
+from server.rundir import RunDirectory
 from server.tracking import Trackers
 
 app = ServerApp()

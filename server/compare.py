@@ -14,8 +14,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 from common.config import CONFIG_DIR_ENV, default_config_dir, load_config
 from common.errors import FederationError
@@ -45,8 +45,14 @@ def compare(overrides: Sequence[str], out: Callable[[str], None] = print) -> int
     }
     reports = {}
     for name, (arm_overrides, policies) in arms.items():
-        code, report = run_arm(root, name, [*AUDIT_FEDERATION, *overrides, *arm_overrides], policies,
-                               canaries_from=None if name == "no-dp" else root / "no-dp", out=out)
+        code, report = run_arm(
+            root,
+            name,
+            [*AUDIT_FEDERATION, *overrides, *arm_overrides],
+            policies,
+            canaries_from=None if name == "no-dp" else root / "no-dp",
+            out=out,
+        )
         if code != 0:
             return code
         reports[name] = report
@@ -58,8 +64,15 @@ def compare(overrides: Sequence[str], out: Callable[[str], None] = print) -> int
     return 0 if verdict == "DP works and the audit has power" else 1
 
 
-def run_arm(root: Path, name: str, overrides: Sequence[str], policies: Path, *, canaries_from: Path | None,
-            out: Callable[[str], None] = print) -> tuple[int, dict | None]:
+def run_arm(
+    root: Path,
+    name: str,
+    overrides: Sequence[str],
+    policies: Path,
+    *,
+    canaries_from: Path | None,
+    out: Callable[[str], None] = print,
+) -> tuple[int, dict | None]:
     """One arm of a comparison: a federation in `root/name` on the shared data in `root/data`.
 
     Its nodes read their policies from `policies`; with `canaries_from` (an earlier arm's folder)
@@ -76,8 +89,9 @@ def run_arm(root: Path, name: str, overrides: Sequence[str], policies: Path, *, 
     previous = os.environ.get(CONFIG_DIR_ENV)
     os.environ[CONFIG_DIR_ENV] = str(policies)
     try:
-        code = simulate([*overrides, f"workdir={workdir}", f"data.root={root / 'data'}", f"run_dir={workdir / 'run'}"],
-                        out=out)
+        code = simulate(
+            [*overrides, f"workdir={workdir}", f"data.root={root / 'data'}", f"run_dir={workdir / 'run'}"], out=out
+        )
     finally:
         if previous is None:
             os.environ.pop(CONFIG_DIR_ENV, None)
@@ -98,9 +112,11 @@ def judge(reports: dict) -> tuple[str, list[str]]:
     is not held against DP; secrets in one unit, extraction and membership inference are.
     """
     nodp, dp = reports["no-dp"], reports["dp-eps8"]
-    lines = ["| region | arm | epsilon | perplexity after | mean exposure (bits) by repetitions; never inserted | "
-             "extracted | MIA AUC (loss / calibrated) | one-run: right / guesses, lower bound (copies) | verdict |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| region | arm | epsilon | perplexity after | mean exposure (bits) by repetitions; never inserted | "
+        "extracted | MIA AUC (loss / calibrated) | one-run: right / guesses, lower bound (copies) | verdict |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     bounds: dict[str, list[float]] = {"no DP": [], "DP eps=8": []}
     for region in nodp["regions"]:
         for arm, rep in (("no DP", nodp), ("DP eps=8", dp)):
@@ -123,8 +139,10 @@ def judge(reports: dict) -> tuple[str, list[str]]:
                 f"{o['correct']}/{o['guesses']}: {o['epsilon_lower_bound']:.2f} ({copies}) | {r['verdict']['status']} |"
             )
     nodp_detected = any(r["verdict"]["status"] == "memorisation detected" for r in nodp["regions"].values())
-    dp_detected = any(r["verdict"]["status"] == "memorisation detected"
-                      and not r["verdict"].get("repeated_secrets_only") for r in dp["regions"].values())
+    dp_detected = any(
+        r["verdict"]["status"] == "memorisation detected" and not r["verdict"].get("repeated_secrets_only")
+        for r in dp["regions"].values()
+    )
     violations = nodp["bound_violations"] + dp["bound_violations"]
     if violations:
         verdict = "AUDIT FAILED: " + "; ".join(violations)
@@ -134,20 +152,29 @@ def judge(reports: dict) -> tuple[str, list[str]]:
         verdict = "DP did NOT prevent memorisation"
     else:
         verdict = "DP works and the audit has power"
-    notes = [f"{region}: with DP, {'; '.join(r['verdict']['signals'])}" for region, r in dp["regions"].items()
-             if r["verdict"].get("repeated_secrets_only")]
+    notes = [
+        f"{region}: with DP, {'; '.join(r['verdict']['signals'])}"
+        for region, r in dp["regions"].items()
+        if r["verdict"].get("repeated_secrets_only")
+    ]
     power = max(bounds["no DP"], default=0.0)
-    notes.append(f"One-run audit: empirical epsilon lower bound {power:.2f} without DP"
-                 + (" (above 1: the audit can see a single unit's influence)" if power > 1
-                    else " (at most 1: too weak to say much about a single unit)")
-                 + f", {max(bounds['DP eps=8'], default=0.0):.2f} with DP (accounted epsilon "
-                 + ", ".join(f"{float(r['epsilon']):.2f}" for r in dp["regions"].values() if r["epsilon"] != "inf")
-                 + ").")
+    notes.append(
+        f"One-run audit: empirical epsilon lower bound {power:.2f} without DP"
+        + (
+            " (above 1: the audit can see a single unit's influence)"
+            if power > 1
+            else " (at most 1: too weak to say much about a single unit)"
+        )
+        + f", {max(bounds['DP eps=8'], default=0.0):.2f} with DP (accounted epsilon "
+        + ", ".join(f"{float(r['epsilon']):.2f}" for r in dp["regions"].values() if r["epsilon"] != "inf")
+        + ")."
+    )
     return verdict, lines + [""] + [f"- {n}" for n in notes] + ["", f"Verdict: {verdict}."]
 
 
-def write_lab_policies(config_dir: Path, *, why: str, require_dp: bool | None = None,
-                       require_secure_aggregation: bool | None = None) -> Path:
+def write_lab_policies(
+    config_dir: Path, *, why: str, require_dp: bool | None = None, require_secure_aggregation: bool | None = None
+) -> Path:
     """A copy of the configs in which the region policies are relaxed for a lab measurement.
 
     Only the named switches change; everything else (transfers, data use, budgets) stays as the
@@ -165,8 +192,9 @@ def write_lab_policies(config_dir: Path, *, why: str, require_dp: bool | None = 
         if require_secure_aggregation is not None:
             cfg.policy.transfers.require_secure_aggregation = require_secure_aggregation
         # Hydra reads the package directive only from the file's first line.
-        path.write_text(f"# @package regions.{path.stem}\n"
-                        f"# LAB COPY ({why}). Never use with real data.\n" + OmegaConf.to_yaml(cfg))
+        path.write_text(
+            f"# @package regions.{path.stem}\n# LAB COPY ({why}). Never use with real data.\n" + OmegaConf.to_yaml(cfg)
+        )
     return config_dir
 
 

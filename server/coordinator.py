@@ -9,10 +9,11 @@ from __future__ import annotations
 import math
 import time
 from collections import OrderedDict
-from datetime import datetime, timezone
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 
@@ -21,29 +22,28 @@ from common.config import FedsovConfig
 from common.errors import FederationError
 from common.model.loading import load_base_model, model_fingerprint, resolve_model_path
 from common.model.lora import adapter_state, attach_lora, save_adapter
+from common.schema import SchemaError, check_record
 from common.secagg.crypto import SecAggError
-from common.secagg.protocol import Advert
 from common.secagg.encoding import (
     Quantization,
     layout_of,
-    metric_length,
     read_metric_vector,
     unflatten,
     update_range,
 )
-from common.schema import SchemaError, check_record
+from common.secagg.protocol import Advert
 from common.wire import (
-    REFUSED,
     AUDIT,
     DESCRIBE,
+    EVALUATE,
     EVIDENCE,
     EVIDENCE_FIELDS,
     EXAMPLES,
-    EVALUATE,
     GLOBAL_ADAPTER,
     METRICS,
     NODE,
     PLAN,
+    REFUSED,
     REQUEST,
     SECAGG_KEYS,
     TRAIN,
@@ -57,16 +57,24 @@ from common.wire import (
     state_to_record,
 )
 from server.aggregation import apply_update, check_update, weighted_mean
-
-# The counts from a node's start checks that describe carries (so the report shows what was excluded or cut).
-DATA_COUNTS = ("records", "excluded-no-consent", "excluded-special", "heldout-records", "skipped-files",
-               "truncated-units", "truncated-tokens", "truncated-heldout")
 from server.anchors import AnchorStore
 from server.planning import plan_regions
 from server.provenance import write_manifest
 from server.report import write_privacy_report
 from server.rundir import RunDirectory, json_number
 from server.secure import SecureRound, SecureSumResult, secure_sum, threshold_for
+
+# The counts from a node's start checks that describe carries (so the report shows what was excluded or cut).
+DATA_COUNTS = (
+    "records",
+    "excluded-no-consent",
+    "excluded-special",
+    "heldout-records",
+    "skipped-files",
+    "truncated-units",
+    "truncated-tokens",
+    "truncated-heldout",
+)
 
 
 @dataclass
@@ -153,7 +161,7 @@ class ServerModel:
         base = load_base_model(self.path, torch.device("cpu"), torch.float32)
         self.peft_model = attach_lora(base, cfg.model.lora, cfg.federation.seed)
 
-    def initial_state(self) -> "OrderedDict[str, torch.Tensor]":
+    def initial_state(self) -> OrderedDict[str, torch.Tensor]:
         return adapter_state(self.peft_model)
 
     def save(self, state, out_dir: Path) -> None:
@@ -191,7 +199,7 @@ class Coordinator:
             state = self._round(round_number, state, model)
         return self._finish(state, model, started)
 
-    def _start(self, model: "ServerModel") -> tuple["OrderedDict[str, torch.Tensor]", int]:
+    def _start(self, model: ServerModel) -> tuple[OrderedDict[str, torch.Tensor], int]:
         """The adapter to start from and the first round to run (a resumed run continues its checkpoint)."""
         cfg, run = self.cfg, self.run
         state, first_round = model.initial_state(), 1
@@ -212,14 +220,26 @@ class Coordinator:
             state = OrderedDict(load_file(str(checkpoint.path / "adapter_model.safetensors")))
             first_round = checkpoint.round + 1
             run.event("resumed", round=checkpoint.round, checkpoint=str(checkpoint.path))
-        run.event("run_started", run_id=run.run_id, rounds=cfg.federation.rounds, first_round=first_round,
-                  secure_aggregation=cfg.secure_aggregation.enabled)
-        self.audit.record("run", "started", reason=f"coordinator in {cfg.federation.coordinator_jurisdiction}; "
-                          f"regions planned: {', '.join(self.regions.included) or 'none'}", round=first_round,
-                          session=self.session_id)
+        run.event(
+            "run_started",
+            run_id=run.run_id,
+            rounds=cfg.federation.rounds,
+            first_round=first_round,
+            secure_aggregation=cfg.secure_aggregation.enabled,
+        )
+        self.audit.record(
+            "run",
+            "started",
+            reason=f"coordinator in {cfg.federation.coordinator_jurisdiction}; "
+            f"regions planned: {', '.join(self.regions.included) or 'none'}",
+            round=first_round,
+            session=self.session_id,
+        )
         if not cfg.secure_aggregation.enabled:
-            run.event("secure_aggregation_disabled",
-                      reason="secure_aggregation.enabled=false: the coordinator sees every client's update")
+            run.event(
+                "secure_aggregation_disabled",
+                reason="secure_aggregation.enabled=false: the coordinator sees every client's update",
+            )
         for region, why in self.regions.excluded.items():
             run.event("region_excluded", region=region, reason=why)
             self.audit.record("region", "excluded", reason=f"{region}: {why}")
@@ -227,7 +247,7 @@ class Coordinator:
             raise FederationError("Every region's policy rules out this run; see the region_excluded events for why.")
         return state, first_round
 
-    def _round(self, round_number: int, state, model: "ServerModel") -> "OrderedDict[str, torch.Tensor]":
+    def _round(self, round_number: int, state, model: ServerModel) -> OrderedDict[str, torch.Tensor]:
         """Train, aggregate, evaluate, checkpoint and log one round."""
         cfg, run = self.cfg, self.run
         t0 = time.time()
@@ -248,15 +268,18 @@ class Coordinator:
         row = {"round": round_number, **train_row, "perplexity": perplexity, "seconds": round(time.time() - t0, 2)}
         run.metrics(row)
         self.audit.record(
-            "round", "aggregated" if row["aggregated"] else "skipped",
+            "round",
+            "aggregated" if row["aggregated"] else "skipped",
             reason=f"{row['clients_trained']} client(s) aggregated; refused: "
-                   f"{', '.join(row['clients_refused']) or 'none'}; failed: {', '.join(row['clients_failed']) or 'none'}",
-            round=round_number, bytes_received=sum(self.upload_bytes.values()), epsilon_by_region=row["epsilon"],
+            f"{', '.join(row['clients_refused']) or 'none'}; failed: {', '.join(row['clients_failed']) or 'none'}",
+            round=round_number,
+            bytes_received=sum(self.upload_bytes.values()),
+            epsilon_by_region=row["epsilon"],
         )
         run.event("round_finished", **row, checkpoint=str(model_dir))
         return state
 
-    def _finish(self, state, model: "ServerModel", started: float) -> dict[str, Any]:
+    def _finish(self, state, model: ServerModel, started: float) -> dict[str, Any]:
         """Save the adapter; the memorisation audit, summary, privacy report and provenance manifest."""
         cfg, run = self.cfg, self.run
         model.save(state, run.adapter_dir)
@@ -266,14 +289,17 @@ class Coordinator:
         run.write_summary(summary)
         report = write_privacy_report(run, cfg)
         manifest = write_manifest(run.adapter_dir, self._manifest(model, report))
-        self.audit.record("adapter", "saved", reason=f"final adapter with provenance manifest {manifest}",
-                          round=cfg.federation.rounds)
-        run.event("report_written", report=str(run.report_dir / "privacy-report.html"),
-                  violations=report["bound_violations"])
+        self.audit.record(
+            "adapter", "saved", reason=f"final adapter with provenance manifest {manifest}", round=cfg.federation.rounds
+        )
+        run.event(
+            "report_written", report=str(run.report_dir / "privacy-report.html"), violations=report["bound_violations"]
+        )
         if report["bound_violations"]:
             raise FederationError(
                 "PRIVACY AUDIT FAILED: an empirical epsilon lower bound exceeds the accounted epsilon ("
-                + "; ".join(report["bound_violations"]) + "). The accounting or the training is wrong; do not "
+                + "; ".join(report["bound_violations"])
+                + "). The accounting or the training is wrong; do not "
                 f"use this model. See {run.report_dir / 'privacy-report.html'}."
             )
         run.event("run_finished", summary=str(run.summary_path), result=summary)
@@ -310,9 +336,15 @@ class Coordinator:
                 continue
             info, metrics = reply.content[NODE], reply.content[METRICS]
             node = NodeInfo(
-                reply.node_id, str(info["node-name"]), str(info["region"]), int(metrics["num-units"]),
-                float(metrics["epsilon"]), law=str(info["law"]), policy_hash=str(info["policy-hash"]),
-                delta=float(metrics["delta"]), unit=str(info["unit"]),
+                reply.node_id,
+                str(info["node-name"]),
+                str(info["region"]),
+                int(metrics["num-units"]),
+                float(metrics["epsilon"]),
+                law=str(info["law"]),
+                policy_hash=str(info["policy-hash"]),
+                delta=float(metrics["delta"]),
+                unit=str(info["unit"]),
                 allowed_deployment=[str(j) for j in info["allowed-deployment"]],
                 epsilon_budget=float(metrics["epsilon-budget"]),
                 data_counts={k: int(metrics[k]) for k in DATA_COUNTS},
@@ -325,16 +357,31 @@ class Coordinator:
                 continue
             if node.policy_hash != self.regions.included[node.region]:
                 # The node's own policy governs; the coordinator's copy was only for planning.
-                self.run.event("policy_mismatch", node=node.name, region=node.region, node_policy=node.policy_hash,
-                               coordinator_copy=self.regions.included[node.region])
+                self.run.event(
+                    "policy_mismatch",
+                    node=node.name,
+                    region=node.region,
+                    node_policy=node.policy_hash,
+                    coordinator_copy=self.regions.included[node.region],
+                )
             self.nodes[reply.node_id] = node
-            self.audit.record("node", "joined", reason=f"{node.name} ({node.region}, {node.law})",
-                              policy_hash=node.policy_hash, epsilon=node.epsilon)
+            self.audit.record(
+                "node",
+                "joined",
+                reason=f"{node.name} ({node.region}, {node.law})",
+                policy_hash=node.policy_hash,
+                epsilon=node.epsilon,
+            )
             self.run.event(
-                "node_joined", node=node.name, region=node.region, units=node.units,
-                epsilon=json_number(node.epsilon), people=int(metrics["people"]),
+                "node_joined",
+                node=node.name,
+                region=node.region,
+                units=node.units,
+                epsilon=json_number(node.epsilon),
+                people=int(metrics["people"]),
                 excluded_no_consent=int(metrics["excluded-no-consent"]),
-                excluded_special=int(metrics["excluded-special"]), law=node.law,
+                excluded_special=int(metrics["excluded-special"]),
+                law=node.law,
             )
         if not self.nodes:
             raise FederationError("Every node refused or failed to describe itself; see events.jsonl for the reasons.")
@@ -363,8 +410,14 @@ class Coordinator:
             self.run.event("node_evidence_failed", node=node.name, region=node.region, reason=str(err))
             return
         self.anchors.record(node.name, node.region, evidence, self.session_id)
-        self.audit.record("evidence", "anchored", reason=f"{node.name}: ledger at entry {evidence['ledger-entries']}",
-                          round=round_number, node=node.name, **{k.replace("-", "_"): v for k, v in evidence.items()})
+        self.audit.record(
+            "evidence",
+            "anchored",
+            reason=f"{node.name}: ledger at entry {evidence['ledger-entries']}",
+            round=round_number,
+            node=node.name,
+            **{k.replace("-", "_"): v for k, v in evidence.items()},
+        )
 
     def _train_request(self, plan: RoundPlan, global_record):
         """The round's train message for one node: plan, global adapter and the node's ledger anchor."""
@@ -384,8 +437,7 @@ class Coordinator:
     def _plan(self, round_number: int, fingerprint: str) -> RoundPlan:
         return round_plan(self.cfg, self.session_id, round_number, fingerprint, len(self.nodes))
 
-    def _train(self, plan: RoundPlan, state) -> tuple["OrderedDict[str, torch.Tensor]", dict[str, Any]]:
-        from flwr.app import RecordDict
+    def _train(self, plan: RoundPlan, state) -> tuple[OrderedDict[str, torch.Tensor], dict[str, Any]]:
 
         request = self._train_request(plan, state_to_record(state))
         trainable = OrderedDict((k, v) for k, v in state.items() if not (plan.lora_ffa and "lora_A" in k))
@@ -416,9 +468,14 @@ class Coordinator:
             node.rounds_contributed += 1
             losses.setdefault(node.region, []).append((float(metrics["train-loss"]), units))
             self.run.event(
-                "node_trained", round=plan.round, node=node.name, region=node.region,
-                loss=round(float(metrics["train-loss"]), 4), epsilon=json_number(node.epsilon),
-                seconds=round(reply.seconds, 2), units=units,
+                "node_trained",
+                round=plan.round,
+                node=node.name,
+                region=node.region,
+                loss=round(float(metrics["train-loss"]), 4),
+                epsilon=json_number(node.epsilon),
+                seconds=round(reply.seconds, 2),
+                units=units,
             )
 
         self._exchange(list(self.nodes), TRAIN, request, plan.round, on_reply=on_reply)
@@ -426,13 +483,19 @@ class Coordinator:
         if len(updates) >= self.cfg.federation.min_clients:
             state = apply_update(state, weighted_mean(updates, weights), self.cfg.federation.server_learning_rate)
             row["aggregated"] = True
-            row["train_loss"] = {r: sum(l * n for l, n in v) / sum(n for _, n in v) for r, v in losses.items()}
+            row["train_loss"] = {r: sum(loss * n for loss, n in v) / sum(n for _, n in v) for r, v in losses.items()}
         else:
-            self._skip(plan.round, f"{len(updates)} update(s), fewer than federation.min_clients={self.cfg.federation.min_clients}", row)
+            self._skip(
+                plan.round,
+                f"{len(updates)} update(s), fewer than federation.min_clients={self.cfg.federation.min_clients}",
+                row,
+            )
         row["epsilon"] = self._region_epsilon()
         return state, row
 
-    def _train_secure(self, plan: RoundPlan, state, trainable, request) -> tuple["OrderedDict[str, torch.Tensor]", dict[str, Any]]:
+    def _train_secure(
+        self, plan: RoundPlan, state, trainable, request
+    ) -> tuple[OrderedDict[str, torch.Tensor], dict[str, Any]]:
         """Stage 1 rides on the train message; the update is only ever seen summed."""
         adverts, units, missing = self._advertise(plan.round, TRAIN, request)
         row: dict[str, Any] = {"secure_aggregation": True, "clients_trained": 0, **missing.row()}
@@ -442,8 +505,11 @@ class Coordinator:
                 update_range(plan.optimizer, plan.learning_rate, plan.local_steps, plan.max_grad_norm),
                 sum(units.values()),
             )
-            params = {"layout": [[name, list(shape)] for name, shape in layout],
-                      "clip-range": quantization.clip_range, "levels": quantization.levels}
+            params = {
+                "layout": [[name, list(shape)] for name, shape in layout],
+                "clip-range": quantization.clip_range,
+                "levels": quantization.levels,
+            }
             result = self._secure_sum(plan, TRAIN, adverts, params, sum(math.prod(shape) for _, shape in layout))
             weight = sum(units[n] for n in result.survivors)
             per_slot, clipped = read_metric_vector("train", result.slots, result.total.metrics)
@@ -470,24 +536,38 @@ class Coordinator:
         )
         return state, row
 
-    def _secure_sum(self, plan: RoundPlan, category: str, adverts: dict[int, Advert], params: dict[str, Any],
-                    n_data: int) -> SecureSumResult:
+    def _secure_sum(
+        self, plan: RoundPlan, category: str, adverts: dict[int, Advert], params: dict[str, Any], n_data: int
+    ) -> SecureSumResult:
         """Stages 2-5 for one secure sum, with a threshold every participating node accepts."""
         sa = self.cfg.secure_aggregation
         if len(adverts) < sa.min_clients:
-            raise SecAggError(f"{len(adverts)} client(s) took part, fewer than secure_aggregation.min_clients="
-                              f"{sa.min_clients}")
+            raise SecAggError(
+                f"{len(adverts)} client(s) took part, fewer than secure_aggregation.min_clients={sa.min_clients}"
+            )
         regions = {n: self.nodes[n].region for n in adverts}
         cohort = max(self.cfg.regions[r].policy.transfers.min_cohort for r in regions.values())
         threshold = threshold_for(len(adverts), sa.threshold_fraction, cohort)
         if threshold > len(adverts):
             raise SecAggError(f"{len(adverts)} client(s) took part; the threshold every node requires is {threshold}")
-        return secure_sum(self._stage_exchange(plan.round), SecureRound(
-            category, aggregation_tag(plan.run_id, plan.round, category), adverts, regions, threshold,
-            plan_digest(plan.to_record()), params, n_data, sa.stage_timeout_s,
-        ))
+        return secure_sum(
+            self._stage_exchange(plan.round),
+            SecureRound(
+                category,
+                aggregation_tag(plan.run_id, plan.round, category),
+                adverts,
+                regions,
+                threshold,
+                plan_digest(plan.to_record()),
+                params,
+                n_data,
+                sa.stage_timeout_s,
+            ),
+        )
 
-    def _advertise(self, round_number: int, message_type: str, request) -> tuple[dict[int, Advert], dict[int, int], NotContributing]:
+    def _advertise(
+        self, round_number: int, message_type: str, request
+    ) -> tuple[dict[int, Advert], dict[int, int], NotContributing]:
         """Send the round's train/evaluate message; collect the nodes' signed public keys (stage 1)."""
         adverts: dict[int, Advert] = {}
         units: dict[int, int] = {}
@@ -497,8 +577,9 @@ class Coordinator:
             node = self.nodes[reply.node_id]
             if not reply.ok and message_type == EVALUATE:
                 # Not a refusal of the round: a node evaluates only rounds it trained in (and round 0).
-                self.run.event("node_not_evaluating", round=round_number, node=node.name, region=node.region,
-                               reason=reply.reason)
+                self.run.event(
+                    "node_not_evaluating", round=round_number, node=node.name, region=node.region, reason=reply.reason
+                )
                 return
             if not reply.ok:
                 self._not_contributing(round_number, node, reply, missing)
@@ -510,9 +591,16 @@ class Coordinator:
                 metrics = reply.content[METRICS]
                 units[reply.node_id] = int(metrics["num-units"])
                 node.epsilon = float(metrics["epsilon"])
-                self.run.event("node_trained", round=round_number, node=node.name, region=node.region, loss=None,
-                               epsilon=json_number(node.epsilon), seconds=round(reply.seconds, 2),
-                               units=units[reply.node_id])
+                self.run.event(
+                    "node_trained",
+                    round=round_number,
+                    node=node.name,
+                    region=node.region,
+                    loss=None,
+                    epsilon=json_number(node.epsilon),
+                    seconds=round(reply.seconds, 2),
+                    units=units[reply.node_id],
+                )
 
         self._exchange(list(self.nodes), message_type, request, round_number, on_reply=on_reply)
         return adverts, units, missing
@@ -589,7 +677,10 @@ class Coordinator:
             for n in node_ids
         ]
         sent = time.monotonic()
-        pending = {mid: n for mid, n in zip(self.grid.push_messages(messages), node_ids)}
+        # Flower returns the ids in the messages' order, an empty one for a message it could not push, and none
+        # at all when the request was too large: a message without an id is not awaited (its node never replies).
+        pushed = self.grid.push_messages(messages)
+        pending = {mid: n for mid, n in zip(pushed, node_ids, strict=False) if mid}
         timeout = self.cfg.federation.round_timeout_s if timeout is None else timeout
         deadline = sent + timeout
         replies: list[Reply] = []
@@ -599,8 +690,9 @@ class Coordinator:
                 if node_id is None:
                     continue
                 if msg.has_error():
-                    reply = Reply(node_id, False, reason=msg.error.reason, seconds=time.monotonic() - sent,
-                                  code=msg.error.code)
+                    reply = Reply(
+                        node_id, False, reason=msg.error.reason, seconds=time.monotonic() - sent, code=msg.error.code
+                    )
                 else:
                     reply = Reply(node_id, True, content=msg.content, seconds=time.monotonic() - sent)
                     self.upload_bytes[node_id] = self.upload_bytes.get(node_id, 0) + payload_bytes(msg.content)
@@ -633,8 +725,10 @@ class Coordinator:
         results: dict[str, Any] = {}
         self.run.event("audit_started", nodes=len(self.nodes))
         for reply in self._exchange(
-            list(self.nodes), AUDIT, lambda _: RecordDict({PLAN: plan.to_record(), GLOBAL_ADAPTER: record,
-                                                          REQUEST: request}), plan.round
+            list(self.nodes),
+            AUDIT,
+            lambda _: RecordDict({PLAN: plan.to_record(), GLOBAL_ADAPTER: record, REQUEST: request}),
+            plan.round,
         ):
             node = self.nodes[reply.node_id]
             if not reply.ok:
@@ -642,11 +736,15 @@ class Coordinator:
                 results[node.name] = {"region": node.region, "error": reply.reason}
                 continue
             metrics = {k: json_number(float(v)) for k, v in reply.content[METRICS].items()}
-            results[node.name] = {"region": node.region, "metrics": metrics,
-                                  "examples": list(reply.content[EXAMPLES]["examples"])}
+            results[node.name] = {
+                "region": node.region,
+                "metrics": metrics,
+                "examples": list(reply.content[EXAMPLES]["examples"]),
+            }
             self.run.event("audit_node", node=node.name, region=node.region, metrics=metrics)
-        self.audit.record("memorisation_audit", "collected", reason=f"{len(results)} node(s) reported",
-                          round=plan.round)
+        self.audit.record(
+            "memorisation_audit", "collected", reason=f"{len(results)} node(s) reported", round=plan.round
+        )
         return results
 
     def _manifest(self, model: ServerModel, report: dict[str, Any]) -> dict[str, Any]:
@@ -655,10 +753,19 @@ class Coordinator:
         for node in self.nodes.values():
             if node.rounds_contributed == 0:
                 continue
-            entry = contributing.setdefault(node.region, {
-                "law": node.law, "policy_hashes": [], "epsilon": 0.0, "delta": node.delta, "unit": node.unit,
-                "rounds_contributed": 0, "allowed_deployment": node.allowed_deployment, "nodes": [],
-            })
+            entry = contributing.setdefault(
+                node.region,
+                {
+                    "law": node.law,
+                    "policy_hashes": [],
+                    "epsilon": 0.0,
+                    "delta": node.delta,
+                    "unit": node.unit,
+                    "rounds_contributed": 0,
+                    "allowed_deployment": node.allowed_deployment,
+                    "nodes": [],
+                },
+            )
             entry["nodes"].append(node.name)
             if node.policy_hash not in entry["policy_hashes"]:
                 entry["policy_hashes"].append(node.policy_hash)
@@ -690,16 +797,25 @@ class Coordinator:
         lines = []
         for name, region in regions.items():
             if not region["nodes"]:
-                lines.append(f"region {name}: no node of it took part"
-                             + "".join(f"; {why}" for why in self.unavailable if f"(region {name})" in why))
+                lines.append(
+                    f"region {name}: no node of it took part"
+                    + "".join(f"; {why}" for why in self.unavailable if f"(region {name})" in why)
+                )
                 continue
             for node, count in region["rounds_contributed"].items():
                 if count == 0:
                     reasons = [r for r in region["refusals"] if r.startswith(f"{node}: ")]
-                    lines.append(f"node {node} (region {name}) contributed to no round"
-                                 + (f": {reasons[-1].split(': ', 1)[1]}" if reasons else ""))
-        lines += [f"a node did not take part: {why}" for why in self.unavailable
-                  if not any(f"(region {r})" in why for r in regions)]
+                    lines.append(
+                        f"node {node} (region {name}) contributed to no round"
+                        + (f": {reasons[-1].split(': ', 1)[1]}" if reasons else "")
+                    )
+        # A node of a region the plan already excluded (its policy refuses this run, said before round 1) is
+        # the plan, not a shortfall.
+        lines += [
+            f"a node did not take part: {why}"
+            for why in self.unavailable
+            if not any(f"(region {r})" in why for r in [*regions, *self.regions.excluded])
+        ]
         lines += [f"round {r['round']} was not aggregated" for r in rows if r["round"] > 0 and not r.get("aggregated")]
         return lines
 

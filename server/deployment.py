@@ -13,9 +13,9 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 from common.config import FedsovConfig, config_to_yaml
 from common.credentials import TlsFiles, make_certificates, make_node_key
@@ -23,7 +23,7 @@ from common.errors import ConfigError, FederationError
 from common.flowerproc import signals_deferred
 from common.paths import writable_folder
 from common.runconfig import write_flower_app, write_run_config
-from server.rundir import EVENT_LINE, RunDirectory
+from server.rundir import RunDirectory, parse_events
 from server.simulation import partial_verdict, render_event, render_report_lines, render_summary, resolve_run_config
 from server.superlink import FlowerControl, LocalSuperLink, RunStatus
 
@@ -43,8 +43,9 @@ class Connection:
     home: Path  # FLWR_HOME for the flwr CLI calls this command makes
 
     @classmethod
-    def from_args(cls, superlink: str, ca_cert: str | None, insecure: bool, home: str | Path,
-                  out: Callable[[str], None] = print) -> "Connection":
+    def from_args(
+        cls, superlink: str, ca_cert: str | None, insecure: bool, home: str | Path, out: Callable[[str], None] = print
+    ) -> Connection:
         if insecure:
             if ca_cert:
                 raise ConfigError("Both --ca and --insecure given: choose one (TLS with --ca is the default).")
@@ -66,8 +67,17 @@ class Connection:
 
 # -- the coordinator ---------------------------------------------------------------------------
 
-def start_coordinator(home: Path, *, certs: Path | None, insecure: bool, host: str, port: int,
-                      model_cache: Path | str = "~/.cache/fedsov", out: Callable[[str], None] = print) -> LocalSuperLink:
+
+def start_coordinator(
+    home: Path,
+    *,
+    certs: Path | None,
+    insecure: bool,
+    host: str,
+    port: int,
+    model_cache: Path | str = "~/.cache/fedsov",
+    out: Callable[[str], None] = print,
+) -> LocalSuperLink:
     """Start the SuperLink (not waiting for it to end); runs live under `home`, models in `model_cache`."""
     home = home.expanduser().resolve()
     if insecure:
@@ -84,16 +94,25 @@ def start_coordinator(home: Path, *, certs: Path | None, insecure: bool, host: s
             )
         tls = TlsFiles.in_dir(certs.expanduser().resolve())
         tls.check(server=True)
-    superlink = LocalSuperLink(home / "flower-home", home / "logs" / "superlink.log", simulation=False,
-                               host=host, port=port, tls=tls, node_auth=not insecure,
-                               database=home / "superlink.db")
+    superlink = LocalSuperLink(
+        home / "flower-home",
+        home / "logs" / "superlink.log",
+        simulation=False,
+        host=host,
+        port=port,
+        tls=tls,
+        node_auth=not insecure,
+        database=home / "superlink.db",
+    )
     from server.app import MODEL_CACHE_ENV, RUNS_DIR_ENV
 
     cache = Path(model_cache).expanduser().resolve()
     superlink.start(extra_env={RUNS_DIR_ENV: str(home / "runs"), MODEL_CACHE_ENV: str(cache)})
     try:
-        out(f"Coordinator (Flower SuperLink) listening on {host}:{superlink.port}, "
-            f"{'TLS + node authentication' if tls else 'INSECURE'}; runs in {home / 'runs'}; log {superlink.log_path}")
+        out(
+            f"Coordinator (Flower SuperLink) listening on {host}:{superlink.port}, "
+            f"{'TLS + node authentication' if tls else 'INSECURE'}; runs in {home / 'runs'}; log {superlink.log_path}"
+        )
     except BaseException:  # a closed stdout or a Ctrl-C here must not leave the SuperLink running
         superlink.stop()
         raise
@@ -118,8 +137,10 @@ def serve_coordinator(superlink: LocalSuperLink, out: Callable[[str], None] = pr
 
 # -- runs ----------------------------------------------------------------------------------------
 
-def submit_run(connection: Connection, overrides: Sequence[str], out: Callable[[str], None] = print,
-               config_dir: Path | None = None) -> tuple[int, FedsovConfig]:
+
+def submit_run(
+    connection: Connection, overrides: Sequence[str], out: Callable[[str], None] = print, config_dir: Path | None = None
+) -> tuple[int, FedsovConfig]:
     cfg = resolve_run_config(overrides, config_dir)
     staging = connection.home / "submitted" / Path(cfg.run_dir).name
     staging.mkdir(parents=True, exist_ok=True)
@@ -131,9 +152,15 @@ def submit_run(connection: Connection, overrides: Sequence[str], out: Callable[[
     return run_id, cfg
 
 
-def watch_run(connection: Connection, run_id: int, cfg: FedsovConfig | None = None,
-              out: Callable[[str], None] = print, poll_s: float = 3.0, timeout_s: float | None = None,
-              on_event: Callable[[dict], None] | None = None) -> RunStatus:
+def watch_run(
+    connection: Connection,
+    run_id: int,
+    cfg: FedsovConfig | None = None,
+    out: Callable[[str], None] = print,
+    poll_s: float = 3.0,
+    timeout_s: float | None = None,
+    on_event: Callable[[dict], None] | None = None,
+) -> RunStatus:
     """Print the run's progress events as they appear in its Flower log; return its final status."""
     control = connection.control()
     seen = 0
@@ -159,18 +186,6 @@ def watch_run(connection: Connection, run_id: int, cfg: FedsovConfig | None = No
         if timeout_s is not None and time.monotonic() - started > timeout_s:
             raise FederationError(f"Run {run_id} did not finish within {timeout_s:.0f}s (status {status.status}).")
         time.sleep(poll_s)
-
-
-def parse_events(log_text: str) -> list[dict]:
-    events = []
-    for line in log_text.splitlines():
-        at = line.find(EVENT_LINE)
-        if at >= 0:
-            try:
-                events.append(json.loads(line[at + len(EVENT_LINE):]))
-            except json.JSONDecodeError:
-                continue  # a log line cut by Flower's log shipping; the run directory has it whole
-    return events
 
 
 def run_outcome(status: RunStatus, run_dir: Path | None, out: Callable[[str], None]) -> int:
@@ -203,8 +218,9 @@ def fetch_outputs(runs_dir: Path, run_name: str, dest: Path, out: Callable[[str]
         known = sorted(p.name for p in runs_dir.expanduser().glob("*") if (p / "config.yaml").exists())
         raise ConfigError(f"No run '{run_name}' in {runs_dir}. Runs there: {', '.join(known) or 'none'}.")
     if not run.summary_path.exists():
-        raise FederationError(f"Run {run_name} has no summary yet: it is still running or it failed "
-                              f"(see {run.events_path}).")
+        raise FederationError(
+            f"Run {run_name} has no summary yet: it is still running or it failed (see {run.events_path})."
+        )
     dest = writable_folder(dest.expanduser().resolve() / run_name, "--to <folder>")
     for name in ("adapter", "report"):
         if (run.path / name).exists():
@@ -218,6 +234,7 @@ def fetch_outputs(runs_dir: Path, run_name: str, dest: Path, out: Callable[[str]
 
 # -- everything on this machine ----------------------------------------------------------------
 
+
 class LocalDeployment:
     """Coordinator + one SuperNode per configured client, as separate processes on this machine.
 
@@ -226,8 +243,15 @@ class LocalDeployment:
     test put something (a recording proxy) between the nodes and the SuperLink.
     """
 
-    def __init__(self, overrides: Sequence[str], out: Callable[[str], None] = print, *, insecure: bool = False,
-                 config_dir: Path | None = None, node_superlink: Callable[[str], str] | None = None):
+    def __init__(
+        self,
+        overrides: Sequence[str],
+        out: Callable[[str], None] = print,
+        *,
+        insecure: bool = False,
+        config_dir: Path | None = None,
+        node_superlink: Callable[[str], str] | None = None,
+    ):
         self.cfg = resolve_run_config(overrides, config_dir)
         self.overrides = [*overrides, f"run_dir={self.cfg.run_dir}"]
         self.out, self.insecure, self.config_dir = out, insecure, config_dir
@@ -240,7 +264,7 @@ class LocalDeployment:
         self.nodes: dict = {}
         self.connection: Connection | None = None
 
-    def __enter__(self) -> "LocalDeployment":
+    def __enter__(self) -> LocalDeployment:
         try:
             self.start()
         except BaseException:
@@ -261,11 +285,18 @@ class LocalDeployment:
         resolve_model_path(cfg.model, log=lambda m: out(f"  {m}"))
         if not self.insecure and not (self.certs / "server.crt").exists():
             make_certificates(self.certs, ["localhost", "127.0.0.1"], force=True)  # this deployment's own CA
-        self.superlink = start_coordinator(self.coordinator_home, certs=None if self.insecure else self.certs,
-                                           insecure=self.insecure, host="127.0.0.1", port=0,
-                                           model_cache=cfg.model.cache_dir, out=out)
-        self.connection = Connection(self.superlink.address, None if self.insecure else self.certs / "ca.crt",
-                                     self.root / "cli")
+        self.superlink = start_coordinator(
+            self.coordinator_home,
+            certs=None if self.insecure else self.certs,
+            insecure=self.insecure,
+            host="127.0.0.1",
+            port=0,
+            model_cache=cfg.model.cache_dir,
+            out=out,
+        )
+        self.connection = Connection(
+            self.superlink.address, None if self.insecure else self.certs / "ca.crt", self.root / "cli"
+        )
         self.write_roster()
         for region in cfg.regions.values():
             for index in range(region.clients):
@@ -323,8 +354,13 @@ class LocalDeployment:
                 self.superlink.stop()
 
 
-def local_deployment(overrides: Sequence[str], out: Callable[[str], None] = print, *, insecure: bool = False,
-                     config_dir: Path | None = None) -> int:
+def local_deployment(
+    overrides: Sequence[str],
+    out: Callable[[str], None] = print,
+    *,
+    insecure: bool = False,
+    config_dir: Path | None = None,
+) -> int:
     """`fedsov deploy local`: the whole deployment on this machine, one command."""
     with LocalDeployment(overrides, out, insecure=insecure, config_dir=config_dir) as deployment:
         return deployment.run()
@@ -373,5 +409,3 @@ def register_node(connection: Connection, public_key: Path, out: Callable[[str],
     node_id = connection.control().register_node(public_key)
     out(f"  registered node key {public_key.name} (node id {node_id})")
     return node_id
-
-

@@ -53,20 +53,29 @@ def build_dpo_record(run: RunDirectory) -> dict[str, Any]:
         "generated_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "run_started": started,
         "status": summary["status"] if summary else "not finished (no summary.json): the record covers what ran",
-        "rounds_completed": summary["rounds_completed"] if summary else max(
-            (r["round"] for r in run.read_metrics()), default=0),
+        "rounds_completed": summary["rounds_completed"]
+        if summary
+        else max((r["round"] for r in run.read_metrics()), default=0),
         "notice": DISCLAIMER,
-        "controller": to_fill("name and contact details of each controller (each region's organisation), any joint "
-                              "controllers and representatives (Art. 30(1)(a))"),
+        "controller": to_fill(
+            "name and contact details of each controller (each region's organisation), any joint "
+            "controllers and representatives (Art. 30(1)(a))"
+        ),
         "dpo": to_fill("contact details of each data protection officer (Art. 30(1)(a))"),
-        "coordinator_operator": to_fill("who runs the coordinator, and whether as processor (Art. 28 contract) or "
-                                        "joint controller (Art. 26 arrangement)"),
+        "coordinator_operator": to_fill(
+            "who runs the coordinator, and whether as processor (Art. 28 contract) or "
+            "joint controller (Art. 26 arrangement)"
+        ),
         "purposes": _purposes(cfg, manifest),
-        "legal_basis": {name: to_fill(f"{r.policy.law}: the ground for collecting the data and for training a model "
-                                      "on it, and whether training is compatible with the purpose it was collected "
-                                      "for" + (" (Art. 6(1), Art. 9(2) for special categories, Art. 6(4))"
-                                               if "GDPR" in r.policy.law else ""))
-                        for name, r in cfg.regions.items() if name not in excluded},
+        "legal_basis": {
+            name: to_fill(
+                f"{r.policy.law}: the ground for collecting the data and for training a model "
+                "on it, and whether training is compatible with the purpose it was collected "
+                "for" + (" (Art. 6(1), Art. 9(2) for special categories, Art. 6(4))" if "GDPR" in r.policy.law else "")
+            )
+            for name, r in cfg.regions.items()
+            if name not in excluded
+        },
         "data_subjects": {
             "categories": to_fill("who the people are (customers, patients, employees, minors?)"),
             "counted": _counted(cfg, joined, excluded),
@@ -81,25 +90,36 @@ def build_dpo_record(run: RunDirectory) -> dict[str, Any]:
         "security_measures": _measures(cfg, manifest, report),
         "dpia": {
             "description": "see purposes, data_subjects, personal_data, recipients and transfers (Art. 35(7)(a))",
-            "necessity_and_proportionality": to_fill("why a model trained on this data is needed for the purpose, "
-                                                     "and why less data or less identifying data would not do "
-                                                     "(Art. 35(7)(b))"),
+            "necessity_and_proportionality": to_fill(
+                "why a model trained on this data is needed for the purpose, "
+                "and why less data or less identifying data would not do "
+                "(Art. 35(7)(b))"
+            ),
             "risks_measured_by_fedsov": _measured_risks(report),
-            "risks": to_fill("the risks to the people's rights and freedoms, given the measurements above (Art. "
-                             "35(7)(c)): e.g. what a leaked secret or a membership inference would mean for them"),
+            "risks": to_fill(
+                "the risks to the people's rights and freedoms, given the measurements above (Art. "
+                "35(7)(c)): e.g. what a leaked secret or a membership inference would mean for them"
+            ),
             "measures": "see security_measures (Art. 35(7)(d))",
-            "residual_risk_and_consultation": to_fill("the residual risk; the views of the people or their "
-                                                      "representatives where appropriate (Art. 35(9)); prior "
-                                                      "consultation of the authority if the risk stays high (Art. 36)"),
+            "residual_risk_and_consultation": to_fill(
+                "the residual risk; the views of the people or their "
+                "representatives where appropriate (Art. 35(9)); prior "
+                "consultation of the authority if the risk stays high (Art. 36)"
+            ),
         },
-        "erasure": ("Erasure requests are recorded on each region's node (`fedsov node erase`), logged in its audit "
-                    "log, and leave the person's records out of all later training; the node reports which runs "
-                    "trained on them and at what epsilon. Whether to retrain from an earlier checkpoint is the "
-                    "operator's decision."),
-        "sources": {"config": str(run.config_path), "events": str(run.events_path),
-                    "summary": str(run.summary_path) if summary else None,
-                    "manifest": str(run.adapter_dir / MANIFEST) if manifest else None,
-                    "privacy_report": str(run.report_dir / "privacy-report.json") if report else None},
+        "erasure": (
+            "Erasure requests are recorded on each region's node (`fedsov node erase`), logged in its audit "
+            "log, and leave the person's records out of all later training; the node reports which runs "
+            "trained on them and at what epsilon. Whether to retrain from an earlier checkpoint is the "
+            "operator's decision."
+        ),
+        "sources": {
+            "config": str(run.config_path),
+            "events": str(run.events_path),
+            "summary": str(run.summary_path) if summary else None,
+            "manifest": str(run.adapter_dir / MANIFEST) if manifest else None,
+            "privacy_report": str(run.report_dir / "privacy-report.json") if report else None,
+        },
     }
     record["to_fill"] = _unfilled(record)
     return record
@@ -117,21 +137,30 @@ def write_dpo_record(run: RunDirectory, out_dir: Path | None = None) -> tuple[Pa
 
 # -- sections ---------------------------------------------------------------------------------
 
+
 def _purposes(cfg: FedsovConfig, manifest: dict | None) -> dict[str, Any]:
     model = manifest["base_model"] if manifest else {"path": cfg.model.name_or_path, "fingerprint": None}
     operations = [
         f"fine-tuning a LoRA adapter of the base model {model['path']} with DP-SGD, on each region's own node; "
-        "only noised adapter updates leave a node, summed under secure aggregation" if cfg.secure_aggregation.enabled
+        "only noised adapter updates leave a node, summed under secure aggregation"
+        if cfg.secure_aggregation.enabled
         else f"fine-tuning a LoRA adapter of the base model {model['path']} with DP-SGD on each region's own node; "
-             "noised adapter updates are sent to the coordinator one by one (secure aggregation off)",
+        "noised adapter updates are sent to the coordinator one by one (secure aggregation off)",
         "held-out evaluation on each node (the coordinator receives summed losses per region)",
     ]
     if cfg.audit.enabled:
-        operations.append("a memorisation audit of the final adapter on each node (canaries, membership inference, "
-                          "PII in generations); only aggregate numbers and redacted examples leave the node")
-    return {"declared": cfg.purpose or to_fill("the purpose the model serves, in the controller's words (set "
-                                               "`purpose` in the run config to have fedsov record it)"),
-            "processing_operations": operations}
+        operations.append(
+            "a memorisation audit of the final adapter on each node (canaries, membership inference, "
+            "PII in generations); only aggregate numbers and redacted examples leave the node"
+        )
+    return {
+        "declared": cfg.purpose
+        or to_fill(
+            "the purpose the model serves, in the controller's words (set "
+            "`purpose` in the run config to have fedsov record it)"
+        ),
+        "processing_operations": operations,
+    }
 
 
 def _counted(cfg: FedsovConfig, joined: list[dict], excluded: dict[str, str]) -> dict[str, Any]:
@@ -149,35 +178,44 @@ def _counted(cfg: FedsovConfig, joined: list[dict], excluded: dict[str, str]) ->
             "records_excluded_without_consent": sum(int(e["excluded_no_consent"]) for e in nodes),
             "records_excluded_special_category_or_field": sum(int(e["excluded_special"]) for e in nodes),
             "note": "people: distinct user ids in the nodes' training and held-out data, as each node counted them"
-                    + ("; privacy units include the audit's canary copies" if cfg.audit.enabled else ""),
+            + ("; privacy units include the audit's canary copies" if cfg.audit.enabled else ""),
         }
     return counted
 
 
 def _data_use(region) -> dict[str, Any]:
     d = region.policy.data_use
-    return {"law": region.policy.law,
-            "records": "free-text records with a user id and a consent flag (and optional tags)",
-            "consent_required": d.require_consent,
-            "special_categories_excluded": list(d.excluded_special_categories),
-            "fields_excluded": list(d.excluded_fields),
-            "identifiers_scrubbed_before_training": list(d.scrub_entities) if d.scrub_pii else []}
+    return {
+        "law": region.policy.law,
+        "records": "free-text records with a user id and a consent flag (and optional tags)",
+        "consent_required": d.require_consent,
+        "special_categories_excluded": list(d.excluded_special_categories),
+        "fields_excluded": list(d.excluded_fields),
+        "identifiers_scrubbed_before_training": list(d.scrub_entities) if d.scrub_pii else [],
+    }
 
 
 def _recipients(cfg: FedsovConfig, manifest: dict | None) -> list[dict[str, Any]]:
     j = cfg.federation.coordinator_jurisdiction
-    what = ("each round's sum of the nodes' noised adapter updates (never one node's), summed losses per region, "
-            "each node's record and unit counts and epsilon spent" if cfg.secure_aggregation.enabled else
-            "each node's noised adapter update, losses, record and unit counts and epsilon spent")
+    what = (
+        "each round's sum of the nodes' noised adapter updates (never one node's), summed losses per region, "
+        "each node's record and unit counts and epsilon spent"
+        if cfg.secure_aggregation.enabled
+        else "each node's noised adapter update, losses, record and unit counts and epsilon spent"
+    )
     recipients = [
         {"who": "the coordinator", "jurisdiction": j, "receives": what, "organisation": to_fill("who operates it")},
         {"who": "every contributing node", "receives": "the global adapter after each round"},
     ]
     if manifest:
         allowed = {r: info["allowed_deployment"] for r, info in manifest["contributing_regions"].items()}
-        recipients.append({"who": "whoever the final adapter is exported to or deployed for",
-                           "allowed_jurisdictions_by_region": allowed,
-                           "organisations": to_fill("who will use or receive the model")})
+        recipients.append(
+            {
+                "who": "whoever the final adapter is exported to or deployed for",
+                "allowed_jurisdictions_by_region": allowed,
+                "organisations": to_fill("who will use or receive the model"),
+            }
+        )
     return recipients
 
 
@@ -199,12 +237,16 @@ def _transfers(cfg: FedsovConfig, excluded: dict[str, str], on: datetime.date) -
             "rules": transfer_rules(p, on),
         }
         if p.transfers.volume_rules is not None and name not in excluded:
-            entry["volume_rules"] = ("evaluated by each node on the people its releases abroad covered in the period "
-                                     "(its audit log's transfer_scope entries record the band and the safeguard)")
+            entry["volume_rules"] = (
+                "evaluated by each node on the people its releases abroad covered in the period "
+                "(its audit log's transfer_scope entries record the band and the safeguard)"
+            )
         if name not in excluded:
-            entry["assessment"] = to_fill("whether a DP-noised adapter update is personal data of the people it was "
-                                          "trained on, and the transfer tool relied on (adequacy, safeguard, "
-                                          "derogation)")
+            entry["assessment"] = to_fill(
+                "whether a DP-noised adapter update is personal data of the people it was "
+                "trained on, and the transfer tool relied on (adequacy, safeguard, "
+                "derogation)"
+            )
         out[name] = entry
     return out
 
@@ -213,11 +255,20 @@ def _retention(cfg: FedsovConfig, run: RunDirectory, excluded: dict[str, str]) -
     days, rule = checkpoint_rule(run)
     kept = sorted(p.name for p in run.checkpoints_dir.glob("round-*")) if run.checkpoints_dir.is_dir() else []
     return {
-        "by_region": {name: {"checkpoint_days": r.policy.retention.checkpoint_days,
-                             "ledger_backup_days": r.policy.retention.ledger_backup_days}
-                      for name, r in cfg.regions.items() if name not in excluded},
-        "this_run_checkpoints": {"days": days, "rule": rule, "kept_now": kept,
-                                 "enforced_by": "`fedsov retention enforce --runs-dir <runs>` on the coordinator"},
+        "by_region": {
+            name: {
+                "checkpoint_days": r.policy.retention.checkpoint_days,
+                "ledger_backup_days": r.policy.retention.ledger_backup_days,
+            }
+            for name, r in cfg.regions.items()
+            if name not in excluded
+        },
+        "this_run_checkpoints": {
+            "days": days,
+            "rule": rule,
+            "kept_now": kept,
+            "enforced_by": "`fedsov retention enforce --runs-dir <runs>` on the coordinator",
+        },
         "ledger_backups": "deleted on each node by `fedsov retention enforce` and at node start",
         "never_deleted": "the privacy ledgers and audit logs: the evidence of the privacy spent and of every decision",
         "final_adapter": to_fill("how long the released model is kept, and where"),
@@ -229,26 +280,40 @@ def _measures(cfg: FedsovConfig, manifest: dict | None, report: dict | None) -> 
     dp = {}
     for name, info in (manifest["contributing_regions"] if manifest else {}).items():
         p = cfg.regions[name].policy.privacy  # contributing regions are the run's configured ones
-        dp[name] = {"epsilon_spent": info["epsilon"], "delta": info["delta"], "unit": info["unit"],
-                    "rounds": info["rounds_contributed"], "nodes": info["nodes"], "lifetime_budget": p.epsilon_budget,
-                    "min_noise_multiplier": p.min_noise_multiplier, "max_grad_norm": p.max_grad_norm}
+        dp[name] = {
+            "epsilon_spent": info["epsilon"],
+            "delta": info["delta"],
+            "unit": info["unit"],
+            "rounds": info["rounds_contributed"],
+            "nodes": info["nodes"],
+            "lifetime_budget": p.epsilon_budget,
+            "min_noise_multiplier": p.min_noise_multiplier,
+            "max_grad_norm": p.max_grad_norm,
+        }
     cohorts = {n: r.policy.transfers.min_cohort for n, r in cfg.regions.items()}
     return {
-        "differential_privacy": {"enabled": cfg.privacy.enabled, "target_epsilon": cfg.privacy.target_epsilon,
-                                 "noise_multiplier": cfg.privacy.noise_multiplier, "by_region": dp,
-                                 "accounting": "cumulative per dataset across runs, in each region's privacy ledger"},
-        "secure_aggregation": {"enabled": cfg.secure_aggregation.enabled,
-                               "threshold_fraction": cfg.secure_aggregation.threshold_fraction,
-                               "min_clients": cfg.secure_aggregation.min_clients,
-                               "min_cohort_by_region": cohorts},
+        "differential_privacy": {
+            "enabled": cfg.privacy.enabled,
+            "target_epsilon": cfg.privacy.target_epsilon,
+            "noise_multiplier": cfg.privacy.noise_multiplier,
+            "by_region": dp,
+            "accounting": "cumulative per dataset across runs, in each region's privacy ledger",
+        },
+        "secure_aggregation": {
+            "enabled": cfg.secure_aggregation.enabled,
+            "threshold_fraction": cfg.secure_aggregation.threshold_fraction,
+            "min_clients": cfg.secure_aggregation.min_clients,
+            "min_cohort_by_region": cohorts,
+        },
         "residency": "raw records never leave a node; each node reads only its region's records, from its storage "
-                     "roots",
+        "roots",
         "egress_guard": "every reply a node sends is checked against an allow-list of its message type",
         "memorisation_audit": {r: v["verdict"] for r, v in (report or {}).get("regions", {}).items()} or None,
         "audit_log": (report or {}).get("audit_log"),
         "evidence_anchors": (manifest or {}).get("evidence_anchors"),
-        "organisational": to_fill("access control, staff training, incident response and other measures "
-                                  "(Art. 30(1)(g), 32)"),
+        "organisational": to_fill(
+            "access control, staff training, incident response and other measures (Art. 30(1)(g), 32)"
+        ),
     }
 
 
@@ -259,15 +324,19 @@ def _measured_risks(report: dict | None) -> dict[str, Any] | str:
     for name, r in report.get("regions", {}).items():
         audit = r.get("audit") or {}
         exposure = [e["max_bits"] for e in audit.get("exposure", {}).values()]
-        out[name] = {"verdict": r["verdict"]["status"], "signals": r["verdict"]["signals"],
-                     "max_exposure_bits": max(exposure, default=None),
-                     "mia_auc": (audit.get("mia") or {}).get("calibrated-auc"),
-                     "empirical_epsilon_lower_bound": (audit.get("one_run") or {}).get("epsilon_lower_bound"),
-                     "accounted_epsilon": r.get("epsilon")}
+        out[name] = {
+            "verdict": r["verdict"]["status"],
+            "signals": r["verdict"]["signals"],
+            "max_exposure_bits": max(exposure, default=None),
+            "mia_auc": (audit.get("mia") or {}).get("calibrated-auc"),
+            "empirical_epsilon_lower_bound": (audit.get("one_run") or {}).get("epsilon_lower_bound"),
+            "accounted_epsilon": r.get("epsilon"),
+        }
     return out
 
 
 # -- rendering --------------------------------------------------------------------------------
+
 
 def _unfilled(node: Any, path: str = "") -> list[dict[str, str]]:
     if isinstance(node, dict):
@@ -292,99 +361,240 @@ def _cell(value: Any) -> str:
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + [
-        "| " + " | ".join(_cell(v) for v in row) + " |" for row in rows] + [""]
+    return (
+        ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        + ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
+        + [""]
+    )
 
 
 def render_markdown(r: dict[str, Any]) -> str:
     """The record for people: the main facts as tables, every field to fill named; the JSON holds everything."""
-    out = [f"# Record of processing and DPIA inputs: run {r['run_id']}", "",
-           f"Written {r['generated_at']} by `fedsov dpo-record` from the run's own files. Run status: {r['status']}; "
-           f"{r['rounds_completed']} round(s). Sections follow GDPR Art. 30(1) and 35(7); everything below, and each "
-           "region's full transfer rules, is also in `dpo-record.json`.", "", f"*{r['notice']}*", "",
-           "## Fields the DPO must fill", ""]
+    out = [
+        f"# Record of processing and DPIA inputs: run {r['run_id']}",
+        "",
+        f"Written {r['generated_at']} by `fedsov dpo-record` from the run's own files. Run status: {r['status']}; "
+        f"{r['rounds_completed']} round(s). Sections follow GDPR Art. 30(1) and 35(7); everything below, and each "
+        "region's full transfer rules, is also in `dpo-record.json`.",
+        "",
+        f"*{r['notice']}*",
+        "",
+        "## Fields the DPO must fill",
+        "",
+    ]
     out += [f"- `{f['field']}`: {f['what']}" for f in r["to_fill"]]
-    out += ["", "## Controller and contacts (Art. 30(1)(a))", "",
-            f"- Controller: {_cell(r['controller'])}", f"- DPO: {_cell(r['dpo'])}",
-            f"- Coordinator operator: {_cell(r['coordinator_operator'])}", "",
-            "## Purposes (Art. 30(1)(b), 35(7)(a))", "",
-            f"- Declared purpose: {_cell(r['purposes']['declared'])}", "- Processing operations:"]
+    out += [
+        "",
+        "## Controller and contacts (Art. 30(1)(a))",
+        "",
+        f"- Controller: {_cell(r['controller'])}",
+        f"- DPO: {_cell(r['dpo'])}",
+        f"- Coordinator operator: {_cell(r['coordinator_operator'])}",
+        "",
+        "## Purposes (Art. 30(1)(b), 35(7)(a))",
+        "",
+        f"- Declared purpose: {_cell(r['purposes']['declared'])}",
+        "- Processing operations:",
+    ]
     out += [f"  - {op}" for op in r["purposes"]["processing_operations"]]
     out += [f"- Legal basis, {region}: {_cell(v)}" for region, v in r["legal_basis"].items()]
-    out += ["", "## People and data (Art. 30(1)(c))", "",
-            f"- Categories of people: {_cell(r['data_subjects']['categories'])}",
-            f"- Categories of data: {_cell(r['personal_data']['categories'])}", ""]
+    out += [
+        "",
+        "## People and data (Art. 30(1)(c))",
+        "",
+        f"- Categories of people: {_cell(r['data_subjects']['categories'])}",
+        f"- Categories of data: {_cell(r['personal_data']['categories'])}",
+        "",
+    ]
     counted, used = r["data_subjects"]["counted"], r["personal_data"]["processed_by_fedsov"]
-    out += _table(["region", "nodes", "people", "privacy units", "records left out: no consent",
-                   "records left out: special category or field", "special categories excluded",
-                   "identifiers scrubbed"],
-                  [[name, c.get("nodes", "excluded"), c["people"],
-                    f"{c.get('privacy_units', 0)} ({c.get('unit', '-')})",
-                    c.get("records_excluded_without_consent"), c.get("records_excluded_special_category_or_field"),
-                    used.get(name, {}).get("special_categories_excluded"),
-                    used.get(name, {}).get("identifiers_scrubbed_before_training")] for name, c in counted.items()])
-    out += ["People are the distinct user ids in the nodes' training and held-out data; privacy units include the "
-            "memorisation audit's canary copies where it ran.", "", "## Recipients (Art. 30(1)(d))", ""]
+    out += _table(
+        [
+            "region",
+            "nodes",
+            "people",
+            "privacy units",
+            "records left out: no consent",
+            "records left out: special category or field",
+            "special categories excluded",
+            "identifiers scrubbed",
+        ],
+        [
+            [
+                name,
+                c.get("nodes", "excluded"),
+                c["people"],
+                f"{c.get('privacy_units', 0)} ({c.get('unit', '-')})",
+                c.get("records_excluded_without_consent"),
+                c.get("records_excluded_special_category_or_field"),
+                used.get(name, {}).get("special_categories_excluded"),
+                used.get(name, {}).get("identifiers_scrubbed_before_training"),
+            ]
+            for name, c in counted.items()
+        ],
+    )
+    out += [
+        "People are the distinct user ids in the nodes' training and held-out data; privacy units include the "
+        "memorisation audit's canary copies where it ran.",
+        "",
+        "## Recipients (Art. 30(1)(d))",
+        "",
+    ]
     for rec in r["recipients"]:
         where = f" ({rec['jurisdiction']})" if "jurisdiction" in rec else ""
-        extra = "; ".join(f"{k.replace('_', ' ')}: {_cell(v)}" for k, v in rec.items()
-                          if k not in ("who", "jurisdiction", "receives"))
-        out.append(f"- {rec['who']}{where}: {rec.get('receives', '')}{'; ' if extra and 'receives' in rec else ''}"
-                   f"{extra}")
+        extra = "; ".join(
+            f"{k.replace('_', ' ')}: {_cell(v)}" for k, v in rec.items() if k not in ("who", "jurisdiction", "receives")
+        )
+        out.append(
+            f"- {rec['who']}{where}: {rec.get('receives', '')}{'; ' if extra and 'receives' in rec else ''}{extra}"
+        )
     out += ["", "## Transfers (Art. 30(1)(e))", ""]
-    out += _table(["region", "law", "from", "to", "another jurisdiction", "updates sent",
-                   "basis, as evaluated on the run's date"],
-                  [[name, t["law"], t["from"], t["to"], "yes" if t["to_another_jurisdiction"] else "no",
-                    "yes" if t["took_place"] else "no", t["basis_as_evaluated"]] for name, t in r["transfers"].items()])
+    out += _table(
+        [
+            "region",
+            "law",
+            "from",
+            "to",
+            "another jurisdiction",
+            "updates sent",
+            "basis, as evaluated on the run's date",
+        ],
+        [
+            [
+                name,
+                t["law"],
+                t["from"],
+                t["to"],
+                "yes" if t["to_another_jurisdiction"] else "no",
+                "yes" if t["took_place"] else "no",
+                t["basis_as_evaluated"],
+            ]
+            for name, t in r["transfers"].items()
+        ],
+    )
     out += [f"- {name}: volume rules {t['volume_rules']}" for name, t in r["transfers"].items() if "volume_rules" in t]
-    out += [f"- Assessment, {name}: {_cell(t['assessment'])}" for name, t in r["transfers"].items()
-            if "assessment" in t]
+    out += [
+        f"- Assessment, {name}: {_cell(t['assessment'])}" for name, t in r["transfers"].items() if "assessment" in t
+    ]
     keep = r["retention"]
     run_rule = keep["this_run_checkpoints"]
     out += ["", "## Retention (Art. 30(1)(f))", ""]
-    out += _table(["region", "checkpoints kept (days)", "ledger backups kept (days)"],
-                  [[name, v["checkpoint_days"], v["ledger_backup_days"]] for name, v in keep["by_region"].items()])
-    out += [f"- This run's checkpoints: {run_rule['days']} days ({run_rule['rule']}); kept now: "
-            f"{_cell(run_rule['kept_now'])}; enforced by {run_rule['enforced_by']}",
-            f"- Ledger backups: {keep['ledger_backups']}", f"- Never deleted: {keep['never_deleted']}",
-            f"- Final adapter: {_cell(keep['final_adapter'])}", f"- Source data: {_cell(keep['source_data'])}"]
+    out += _table(
+        ["region", "checkpoints kept (days)", "ledger backups kept (days)"],
+        [[name, v["checkpoint_days"], v["ledger_backup_days"]] for name, v in keep["by_region"].items()],
+    )
+    out += [
+        f"- This run's checkpoints: {run_rule['days']} days ({run_rule['rule']}); kept now: "
+        f"{_cell(run_rule['kept_now'])}; enforced by {run_rule['enforced_by']}",
+        f"- Ledger backups: {keep['ledger_backups']}",
+        f"- Never deleted: {keep['never_deleted']}",
+        f"- Final adapter: {_cell(keep['final_adapter'])}",
+        f"- Source data: {_cell(keep['source_data'])}",
+    ]
     m = r["security_measures"]
     dp = m["differential_privacy"]
-    out += ["", "## Security measures (Art. 30(1)(g), 32)", "",
-            f"- Differential privacy: {'on' if dp['enabled'] else 'OFF'} (coordinator's target epsilon "
-            f"{_cell(dp['target_epsilon'])}, noise multiplier {_cell(dp['noise_multiplier'])}); {dp['accounting']}", ""]
-    out += _table(["region", "epsilon spent", "delta", "unit", "lifetime budget", "noise multiplier at least",
-                   "clip norm at most", "rounds"],
-                  [[name, v["epsilon_spent"], v["delta"], v["unit"], v["lifetime_budget"], v["min_noise_multiplier"],
-                    v["max_grad_norm"], v["rounds"]] for name, v in dp["by_region"].items()])
+    out += [
+        "",
+        "## Security measures (Art. 30(1)(g), 32)",
+        "",
+        f"- Differential privacy: {'on' if dp['enabled'] else 'OFF'} (coordinator's target epsilon "
+        f"{_cell(dp['target_epsilon'])}, noise multiplier {_cell(dp['noise_multiplier'])}); {dp['accounting']}",
+        "",
+    ]
+    out += _table(
+        [
+            "region",
+            "epsilon spent",
+            "delta",
+            "unit",
+            "lifetime budget",
+            "noise multiplier at least",
+            "clip norm at most",
+            "rounds",
+        ],
+        [
+            [
+                name,
+                v["epsilon_spent"],
+                v["delta"],
+                v["unit"],
+                v["lifetime_budget"],
+                v["min_noise_multiplier"],
+                v["max_grad_norm"],
+                v["rounds"],
+            ]
+            for name, v in dp["by_region"].items()
+        ],
+    )
     sa = m["secure_aggregation"]
     log = m["audit_log"]
-    out += [f"- Secure aggregation: {'on' if sa['enabled'] else 'OFF'} (unmasking needs "
-            f"{sa['threshold_fraction']:g} of a round's clients; at least {sa['min_clients']} updates per sum; "
-            "smallest cohort by region: "
-            + ", ".join(f"{k} {v}" for k, v in sa["min_cohort_by_region"].items()) + ")",
-            f"- Residency: {m['residency']}", f"- Egress guard: {m['egress_guard']}",
-            "- Coordinator's audit log: " + ("not checked (no privacy report)" if log is None else
-                                            f"verified, {log['entries']} entries" if log["ok"] else
-                                            f"FAILED verification: {log['problem']}"),
-            f"- Evidence anchors kept for nodes: {_cell(sorted(m['evidence_anchors'] or {}))}",
-            f"- Organisational measures: {_cell(m['organisational'])}", "", "## DPIA (Art. 35(7))", ""]
+    out += [
+        f"- Secure aggregation: {'on' if sa['enabled'] else 'OFF'} (unmasking needs "
+        f"{sa['threshold_fraction']:g} of a round's clients; at least {sa['min_clients']} updates per sum; "
+        "smallest cohort by region: " + ", ".join(f"{k} {v}" for k, v in sa["min_cohort_by_region"].items()) + ")",
+        f"- Residency: {m['residency']}",
+        f"- Egress guard: {m['egress_guard']}",
+        "- Coordinator's audit log: "
+        + (
+            "not checked (no privacy report)"
+            if log is None
+            else f"verified, {log['entries']} entries"
+            if log["ok"]
+            else f"FAILED verification: {log['problem']}"
+        ),
+        f"- Evidence anchors kept for nodes: {_cell(sorted(m['evidence_anchors'] or {}))}",
+        f"- Organisational measures: {_cell(m['organisational'])}",
+        "",
+        "## DPIA (Art. 35(7))",
+        "",
+    ]
     d = r["dpia"]
-    out += [f"- (a) Description: {d['description']}", f"- (b) Necessity and proportionality: "
-            f"{_cell(d['necessity_and_proportionality'])}", "- (c) Risks measured by fedsov (memorisation audit):", ""]
+    out += [
+        f"- (a) Description: {d['description']}",
+        f"- (b) Necessity and proportionality: {_cell(d['necessity_and_proportionality'])}",
+        "- (c) Risks measured by fedsov (memorisation audit):",
+        "",
+    ]
     measured = d["risks_measured_by_fedsov"]
     if isinstance(measured, str):
         out += [f"  {measured}", ""]
     else:
-        out += _table(["region", "verdict", "signals", "max canary exposure (bits)", "MIA AUC (calibrated)",
-                       "empirical epsilon lower bound", "accounted epsilon"],
-                      [[name, v["verdict"], v["signals"], v["max_exposure_bits"], v["mia_auc"],
-                        v["empirical_epsilon_lower_bound"], v["accounted_epsilon"]]
-                       for name, v in measured.items() if name != "bound_violations"])
+        out += _table(
+            [
+                "region",
+                "verdict",
+                "signals",
+                "max canary exposure (bits)",
+                "MIA AUC (calibrated)",
+                "empirical epsilon lower bound",
+                "accounted epsilon",
+            ],
+            [
+                [
+                    name,
+                    v["verdict"],
+                    v["signals"],
+                    v["max_exposure_bits"],
+                    v["mia_auc"],
+                    v["empirical_epsilon_lower_bound"],
+                    v["accounted_epsilon"],
+                ]
+                for name, v in measured.items()
+                if name != "bound_violations"
+            ],
+        )
         out += [f"  Lower bounds above the accounted epsilon: {_cell(measured['bound_violations'])}", ""]
-    out += [f"- (c) Risks to the people: {_cell(d['risks'])}", f"- (d) Measures: {d['measures']}",
-            f"- Residual risk and consultation: {_cell(d['residual_risk_and_consultation'])}", "",
-            "## Erasure requests", "", r["erasure"], "", "## Sources", ""]
+    out += [
+        f"- (c) Risks to the people: {_cell(d['risks'])}",
+        f"- (d) Measures: {d['measures']}",
+        f"- Residual risk and consultation: {_cell(d['residual_risk_and_consultation'])}",
+        "",
+        "## Erasure requests",
+        "",
+        r["erasure"],
+        "",
+        "## Sources",
+        "",
+    ]
     out += [f"- {k}: {v or 'absent'}" for k, v in r["sources"].items()]
     return "\n".join(out) + "\n"
 

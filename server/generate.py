@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -14,16 +14,24 @@ from server.provenance import read_manifest
 
 
 def privacy_card(manifest: dict) -> list[str]:
-    lines = [f"Privacy card: adapter of run {manifest['run_id']} ({manifest['rounds_completed']} rounds, coordinator in "
-             f"{manifest['coordinator_jurisdiction']}, DP {'on' if manifest['dp'] else 'OFF'}, secure aggregation "
-             f"{'on' if manifest['secure_aggregation'] else 'OFF'})"]
+    lines = [
+        f"Privacy card: adapter of run {manifest['run_id']} ({manifest['rounds_completed']} rounds, coordinator in "
+        f"{manifest['coordinator_jurisdiction']}, DP {'on' if manifest['dp'] else 'OFF'}, secure aggregation "
+        f"{'on' if manifest['secure_aggregation'] else 'OFF'})"
+    ]
     for region, info in manifest["contributing_regions"].items():
         audit = manifest.get("audit", {}).get(region, {})
         eps = info["epsilon"]
-        eps_text = "no DP guarantee" if eps == "inf" else f"epsilon {float(eps):.2f} at delta {info['delta']:g} per {info['unit']}"
-        lines.append(f"  {region} ({info['law']}): {eps_text}; audit: {audit.get('status', 'not audited')}"
-                     + (f" ({'; '.join(audit['signals'])})" if audit.get("signals") else "")
-                     + f"; deploy only in: {', '.join(info['allowed_deployment'])}")
+        eps_text = (
+            "no DP guarantee"
+            if eps == "inf"
+            else f"epsilon {float(eps):.2f} at delta {info['delta']:g} per {info['unit']}"
+        )
+        lines.append(
+            f"  {region} ({info['law']}): {eps_text}; audit: {audit.get('status', 'not audited')}"
+            + (f" ({'; '.join(audit['signals'])})" if audit.get("signals") else "")
+            + f"; deploy only in: {', '.join(info['allowed_deployment'])}"
+        )
     for region, why in manifest.get("excluded_regions", {}).items():
         lines.append(f"  {region}: not in this model ({why})")
     if manifest.get("privacy_report"):
@@ -48,8 +56,10 @@ def resolve_adapter(path: Path) -> Path:
         return path / "adapter"
     if (path / "adapter_config.json").is_file():
         return path
-    raise ModelError(f"{path} holds no adapter: give a run directory, its adapter/ folder or a `fedsov export` "
-                     "folder (each has adapter_config.json).")
+    raise ModelError(
+        f"{path} holds no adapter: give a run directory, its adapter/ folder or a `fedsov export` "
+        "folder (each has adapter_config.json)."
+    )
 
 
 def resolve_base(manifest: dict, base: Path | None) -> Path:
@@ -60,20 +70,31 @@ def resolve_base(manifest: dict, base: Path | None) -> Path:
     if base is None:
         base = Path(manifest["base_model"]["path"])
         if not (base / "config.json").is_file():
-            raise ModelError(f"The run's base model {base} is not on this machine: pass --base <folder> holding the "
-                             f"same model (fingerprint {expected[:16]}...; see base-model-reference/ in an export).")
+            raise ModelError(
+                f"The run's base model {base} is not on this machine: pass --base <folder> holding the "
+                f"same model (fingerprint {expected[:16]}...; see base-model-reference/ in an export)."
+            )
     elif not (Path(base) / "config.json").is_file():
         raise ModelError(f"--base {base} is not a model folder (no config.json); give the base model's folder.")
     found = model_fingerprint(Path(base))
     if found != expected:
-        raise ModelError(f"--base {base} is not the model this adapter was trained on: its fingerprint is "
-                         f"{found[:16]}..., the adapter's base has {expected[:16]}.... Use a byte-identical copy.")
+        raise ModelError(
+            f"--base {base} is not the model this adapter was trained on: its fingerprint is "
+            f"{found[:16]}..., the adapter's base has {expected[:16]}.... Use a byte-identical copy."
+        )
     return Path(base)
 
 
 @torch.no_grad()
-def generate(path: Path, prompt: str, *, samples: int = 1, max_new_tokens: int = 60, base: Path | None = None,
-             out: Callable[[str], None] = print) -> int:
+def generate(
+    path: Path,
+    prompt: str,
+    *,
+    samples: int = 1,
+    max_new_tokens: int = 60,
+    base: Path | None = None,
+    out: Callable[[str], None] = print,
+) -> int:
     """Text from base + adapter (a run directory, its adapter folder or an export), PII marked, privacy card."""
     from peft import PeftModel
 
@@ -87,8 +108,9 @@ def generate(path: Path, prompt: str, *, samples: int = 1, max_new_tokens: int =
     detector = PiiDetector()
     ids = tokenizer(prompt, return_tensors="pt") if prompt else {"input_ids": torch.tensor([[tokenizer.eos_token_id]])}
     for i in range(samples):
-        output = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=True, top_k=50,
-                                pad_token_id=tokenizer.eos_token_id)
+        output = model.generate(
+            **ids, max_new_tokens=max_new_tokens, do_sample=True, top_k=50, pad_token_id=tokenizer.eos_token_id
+        )
         marked, found = mark_pii(tokenizer.decode(output[0], skip_special_tokens=True), detector)
         out(f"--- sample {i + 1}\n{marked}")
         out(f"    PII flagged: {', '.join(found)}" if found else "    no PII detected")

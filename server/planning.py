@@ -39,7 +39,7 @@ def plan_regions(cfg: FedsovConfig) -> RegionPlan:
         cohort = sum(r.clients for n, r in cfg.regions.items() if n not in excluded)
         too_small = {
             n: f"{r.policy.law} policy needs at least {r.policy.transfers.min_cohort} clients per aggregation; "
-               f"this federation offers {cohort}"
+            f"this federation offers {cohort}"
             for n, r in cfg.regions.items()
             if n not in excluded and r.policy.transfers.min_cohort > cohort
         }
@@ -71,9 +71,14 @@ def dry_run(cfg: FedsovConfig, policies: dict[str, RegionConfig]) -> DryRun:
         cohort_size=regions.cohort or sum(r.clients for r in cfg.regions.values()),
     )
     sigma = (
-        f"sigma {cfg.privacy.noise_multiplier:g}" if cfg.privacy.noise_multiplier is not None
-        else f"sigma derived by each node from target epsilon {cfg.privacy.target_epsilon}"
-    ) if cfg.privacy.enabled else "no DP"
+        (
+            f"sigma {cfg.privacy.noise_multiplier:g}"
+            if cfg.privacy.noise_multiplier is not None
+            else f"sigma derived by each node from target epsilon {cfg.privacy.target_epsilon}"
+        )
+        if cfg.privacy.enabled
+        else "no DP"
+    )
     lines = [
         f"Round plan: coordinator in {terms.coordinator_jurisdiction}, {sigma}, clip norm {terms.max_grad_norm:g}, "
         f"secure aggregation {'on' if terms.secure_aggregation else 'OFF'}, cohort {terms.cohort_size} clients, "
@@ -111,5 +116,8 @@ def _missing_data(region: RegionConfig) -> list[str]:
     """Data paths a node started on this machine would not find (its start checks refuse them)."""
     if region.data.source != DataSource.files:
         return []
-    return [f"data path {p} (regions.{region.name}.data.paths) does not exist; the node would refuse to start"
-            for p in region.data.paths if not Path(p).exists()]
+    return [
+        f"data path {p} (regions.{region.name}.data.paths) does not exist; the node would refuse to start"
+        for p in region.data.paths
+        if not Path(p).exists()
+    ]

@@ -25,9 +25,19 @@ CARD = "README.md"
 ADAPTER_CONFIG = "adapter_config.json"
 # What an export carries of the base model: its config and fingerprint, never its weights.
 BASE_REFERENCE = "base-model-reference"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "merges.txt", "vocab.json", "vocab.txt", "tokenizer.model", "spiece.model", "tokenizer.tiktoken",
-                   "chat_template.jinja")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "merges.txt",
+    "vocab.json",
+    "vocab.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "tokenizer.tiktoken",
+    "chat_template.jinja",
+)
 CARD_TAGS = ("peft", "lora", "differential-privacy", "federated-learning", "fedsov")
 
 
@@ -52,8 +62,10 @@ def read_manifest(adapter_dir: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
     except ValueError as err:
-        raise PolicyViolation(f"{path} is not valid JSON ({err}): the provenance is damaged, so fedsov will not "
-                              "export or use the adapter. Restore it from a copy of the run directory.") from err
+        raise PolicyViolation(
+            f"{path} is not valid JSON ({err}): the provenance is damaged, so fedsov will not "
+            "export or use the adapter. Restore it from a copy of the run directory."
+        ) from err
 
 
 def portable_base_name(path: Path, fingerprint: str) -> str:
@@ -83,8 +95,9 @@ def deployable_in(manifest: dict[str, Any]) -> list[str]:
     return [ANY] if allowed is None else sorted(allowed)
 
 
-def model_card(manifest: dict[str, Any], adapter_config: dict[str, Any] | None = None,
-               exported_for: str | None = None) -> str:
+def model_card(
+    manifest: dict[str, Any], adapter_config: dict[str, Any] | None = None, exported_for: str | None = None
+) -> str:
     """Hugging Face model card (front matter + Markdown) whose body is the adapter's privacy card."""
     base = manifest.get("base_model") or {}
     name = base.get("name") or "unknown"
@@ -94,18 +107,28 @@ def model_card(manifest: dict[str, Any], adapter_config: dict[str, Any] | None =
     allowed = deployable_in(manifest) if regions else []
     front = ["---", f"base_model: {json.dumps(name)}", "library_name: peft", "tags:"]
     front += [f"- {t}" for t in CARD_TAGS]
-    front += [f"fedsov_base_model_fingerprint: {base.get('fingerprint', 'unknown')}",
-              f"fedsov_run_id: {json.dumps(manifest['run_id'])}", "---", ""]
-    dp = "with differentially private SGD (DP-SGD) on the LoRA parameters" if manifest["dp"] else \
-        "WITHOUT differential privacy"
+    front += [
+        f"fedsov_base_model_fingerprint: {base.get('fingerprint', 'unknown')}",
+        f"fedsov_run_id: {json.dumps(manifest['run_id'])}",
+        "---",
+        "",
+    ]
+    dp = (
+        "with differentially private SGD (DP-SGD) on the LoRA parameters"
+        if manifest["dp"]
+        else "WITHOUT differential privacy"
+    )
     lines = [
         f"# fedsov LoRA adapter: run {manifest['run_id']}",
         "",
         f"A LoRA adapter for `{name}`, trained by fedsov, federated across "
         f"{len(regions)} region(s) ({', '.join(regions) or 'none'}) {dp}. The training data never left its "
         f"region; the coordinator ({manifest['coordinator_jurisdiction']}) received only adapter updates"
-        + (", summed under secure aggregation." if manifest["secure_aggregation"] else ", one per client "
-           "(secure aggregation was OFF)."),
+        + (
+            ", summed under secure aggregation."
+            if manifest["secure_aggregation"]
+            else ", one per client (secure aggregation was OFF)."
+        ),
         "",
         "## Privacy card",
         "",
@@ -121,11 +144,14 @@ def model_card(manifest: dict[str, Any], adapter_config: dict[str, Any] | None =
         status = verdict.get("status", "not audited")
         if verdict.get("signals"):
             status += f" ({'; '.join(verdict['signals'])})"
-        lines.append(f"| {region} | {info['law']} | {eps} | {float(info['delta']):.1e} | {info['unit']} | "
-                     f"{info['rounds_contributed']} | {status} | {_places(info['allowed_deployment'])} |")
+        lines.append(
+            f"| {region} | {info['law']} | {eps} | {float(info['delta']):.1e} | {info['unit']} | "
+            f"{info['rounds_contributed']} | {status} | {_places(info['allowed_deployment'])} |"
+        )
     lines.append("")
-    excluded = [f"- {region} did not contribute: {why}"
-                for region, why in (manifest.get("excluded_regions") or {}).items()]
+    excluded = [
+        f"- {region} did not contribute: {why}" for region, why in (manifest.get("excluded_regions") or {}).items()
+    ]
     lines += excluded + ([""] if excluded else [])
     where = "any jurisdiction" if allowed == [ANY] else ", ".join(allowed) or "nowhere (no region allows a common one)"
     lines += [
@@ -143,10 +169,13 @@ def model_card(manifest: dict[str, Any], adapter_config: dict[str, Any] | None =
         f"{', '.join(sorted(lora.get('target_modules') or [])) or '?'}; the base model stayed frozen.",
         "- Each region's own nodes enforced its policy (policy hashes in the manifest) and kept a hash-chained audit "
         "log; the coordinator kept the heads below as anchors.",
-        "- " + ("Each region's nodes audited the final adapter for memorisation on their own data (canaries, "
-                "membership inference, PII in generations): verdicts above."
-                if any(v.get("status") != "not audited" for v in audit.values())
-                else "The memorisation audit was not run (audit.enabled=false): there is no empirical evidence."),
+        "- "
+        + (
+            "Each region's nodes audited the final adapter for memorisation on their own data (canaries, "
+            "membership inference, PII in generations): verdicts above."
+            if any(v.get("status") != "not audited" for v in audit.values())
+            else "The memorisation audit was not run (audit.enabled=false): there is no empirical evidence."
+        ),
     ]
     if manifest.get("privacy_report"):
         lines.append(f"- The full privacy report was written on the coordinator: `{manifest['privacy_report']}`.")
@@ -177,9 +206,11 @@ def model_card(manifest: dict[str, Any], adapter_config: dict[str, Any] | None =
         "",
     ]
     for node, a in sorted((manifest.get("evidence_anchors") or {}).items()):
-        lines.append(f"- {node} ({a.get('region', '?')}): ledger {a.get('ledger-entries')} entries, head "
-                     f"`{str(a.get('ledger-head', ''))[:16]}`; audit log {a.get('audit-entries')} entries, head "
-                     f"`{str(a.get('audit-head', ''))[:16]}`")
+        lines.append(
+            f"- {node} ({a.get('region', '?')}): ledger {a.get('ledger-entries')} entries, head "
+            f"`{str(a.get('ledger-head', ''))[:16]}`; audit log {a.get('audit-entries')} entries, head "
+            f"`{str(a.get('audit-head', ''))[:16]}`"
+        )
     return "\n".join(front + lines) + "\n"
 
 
@@ -233,8 +264,10 @@ def export_adapter(run_dir: Path, destination: Path, jurisdiction: str) -> Path:
     base = manifest["base_model"]
     base_path = Path(base["path"])
     if not (base_path / "config.json").is_file():
-        raise ModelError(f"The run's base model {base_path} is not on this machine: the export needs its tokenizer "
-                         "and config. Run the export where the run trained (the coordinator), or copy the base there.")
+        raise ModelError(
+            f"The run's base model {base_path} is not on this machine: the export needs its tokenizer "
+            "and config. Run the export where the run trained (the coordinator), or copy the base there."
+        )
     name = base.get("name") or portable_base_name(base_path, base["fingerprint"])
     shutil.copytree(adapter, destination, dirs_exist_ok=True)
     # Point the adapter at the base by name: this machine's path means nothing where the model is deployed.
@@ -246,7 +279,9 @@ def export_adapter(run_dir: Path, destination: Path, jurisdiction: str) -> Path:
             shutil.copy2(base_path / file, destination / file)
     _write_base_reference(destination / BASE_REFERENCE, base_path, name, base["fingerprint"], run_dir)
     write_model_card(destination, manifest, exported_for=jurisdiction)
-    audit.record("export", "accepted", reason=f"to {destination} in {jurisdiction}: allowed by every contributing region")
+    audit.record(
+        "export", "accepted", reason=f"to {destination} in {jurisdiction}: allowed by every contributing region"
+    )
     return destination
 
 
@@ -268,13 +303,17 @@ def _write_base_reference(folder: Path, base_path: Path, name: str, fingerprint:
         import yaml
 
         recipe = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("model", {}).get("embedded")
-        obtain = ("fedsov's embedded model, built deterministically from the recipe below: on a machine with fedsov, "
-                  "any command with these model.embedded.* settings builds it into <model.cache_dir>/models/; or copy "
-                  "the folder from the coordinator. Check the fingerprint before use.")
+        obtain = (
+            "fedsov's embedded model, built deterministically from the recipe below: on a machine with fedsov, "
+            "any command with these model.embedded.* settings builds it into <model.cache_dir>/models/; or copy "
+            "the folder from the coordinator. Check the fingerprint before use."
+        )
     else:
         recipe = None
-        obtain = (f"the Hugging Face model folder '{name}' the run trained on: copy it byte for byte (do not re-save, "
-                  "re-shard or convert it: the same weights in other files hash differently).")
+        obtain = (
+            f"the Hugging Face model folder '{name}' the run trained on: copy it byte for byte (do not re-save, "
+            "re-shard or convert it: the same weights in other files hash differently)."
+        )
     reference = {"name": name, "fingerprint": fingerprint, "how_to_obtain": obtain, "files": files}
     if recipe:
         reference["embedded_recipe"] = recipe

@@ -29,10 +29,16 @@ EXPOSURE_ALARM_BITS = 6.0
 MIA_ALARM_AUC = 0.6
 CONFIDENCE = 0.95
 # A node's own data counts as its describe reply carries them (summary.json: regions.<r>.data.<node>), in order.
-DATA_COUNTS = (("records", "records"), ("excluded-no-consent", "excluded: no consent"),
-               ("excluded-special", "excluded: special category or field"), ("heldout-records", "held-out records"),
-               ("skipped-files", "skipped files"), ("truncated-units", "truncated units"),
-               ("truncated-tokens", "truncated tokens"), ("truncated-heldout", "truncated held-out records"))
+DATA_COUNTS = (
+    ("records", "records"),
+    ("excluded-no-consent", "excluded: no consent"),
+    ("excluded-special", "excluded: special category or field"),
+    ("heldout-records", "held-out records"),
+    ("skipped-files", "skipped files"),
+    ("truncated-units", "truncated units"),
+    ("truncated-tokens", "truncated tokens"),
+    ("truncated-heldout", "truncated held-out records"),
+)
 
 
 def build_report(run: RunDirectory, cfg: FedsovConfig) -> dict[str, Any]:
@@ -50,8 +56,10 @@ def build_report(run: RunDirectory, cfg: FedsovConfig) -> dict[str, Any]:
             # A canary in k copies is a group of k units: the bound measures the group's epsilon, at most k x epsilon.
             bound, k = audit["one_run"]["epsilon_lower_bound"], audit["one_run"]["repetitions"]
             if accounted not in (None, "inf") and bound > k * float(accounted) + 1e-9:
-                violations.append(f"{name}: lower bound {bound:.3f} > accounted epsilon {float(accounted):.3f}"
-                                  + (f" x {k} copies" if k > 1 else ""))
+                violations.append(
+                    f"{name}: lower bound {bound:.3f} > accounted epsilon {float(accounted):.3f}"
+                    + (f" x {k} copies" if k > 1 else "")
+                )
         regions[name] = {
             "contribution": _contribution(name, info, manifest, summary.get("not_contributing") or []),
             "data": info.get("data") or {},
@@ -80,18 +88,27 @@ def build_report(run: RunDirectory, cfg: FedsovConfig) -> dict[str, Any]:
         "nodes": node_egress(run.read_events(), rows, results, _anchors(run), cfg.secure_aggregation.enabled),
         "epsilon_by_round": [{"round": r["round"], **(r.get("epsilon") or {})} for r in rows if r["round"] > 0],
         "perplexity_by_round": [{"round": r["round"], **(r.get("perplexity") or {})} for r in rows],
-        "audit_log": {"path": str(run.path / "audit.jsonl"), "ok": log.ok, "entries": log.entries,
-                      "problem": log.problem, "first_bad": log.first_bad},
+        "audit_log": {
+            "path": str(run.path / "audit.jsonl"),
+            "ok": log.ok,
+            "entries": log.entries,
+            "problem": log.problem,
+            "first_bad": log.first_bad,
+        },
         "bound_violations": violations,
-        "thresholds": {"exposure_alarm_bits": EXPOSURE_ALARM_BITS, "mia_alarm_auc": MIA_ALARM_AUC,
-                       "lower_bound_confidence": CONFIDENCE},
+        "thresholds": {
+            "exposure_alarm_bits": EXPOSURE_ALARM_BITS,
+            "mia_alarm_auc": MIA_ALARM_AUC,
+            "lower_bound_confidence": CONFIDENCE,
+        },
     }
     report["plain_summary"] = plain_summary(report)
     return report
 
 
-def _contribution(region: str, info: dict[str, Any], manifest: dict[str, Any] | None,
-                  shortfalls: list[str]) -> dict[str, Any]:
+def _contribution(
+    region: str, info: dict[str, Any], manifest: dict[str, Any] | None, shortfalls: list[str]
+) -> dict[str, Any]:
     """Whether a planned region's nodes contributed: the summary's record, else the manifest's; never the config."""
     rounds = info.get("rounds_contributed")
     if isinstance(rounds, dict):  # per node
@@ -104,8 +121,11 @@ def _contribution(region: str, info: dict[str, Any], manifest: dict[str, Any] | 
     if contributed:
         return {"contributed": True, "rounds": rounds, "status": f"contributed ({rounds} round(s))"}
     why = [line for line in shortfalls if f"region {region}" in line] or info.get("refusals") or []
-    return {"contributed": False, "rounds": 0,
-            "status": f"planned, did NOT contribute: {'; '.join(why) or 'no update of its nodes was aggregated'}"}
+    return {
+        "contributed": False,
+        "rounds": 0,
+        "status": f"planned, did NOT contribute: {'; '.join(why) or 'no update of its nodes was aggregated'}",
+    }
 
 
 def _anchors(run: RunDirectory) -> dict[str, Any]:
@@ -115,8 +135,13 @@ def _anchors(run: RunDirectory) -> dict[str, Any]:
         return {}
 
 
-def node_egress(events: list[dict[str, Any]], rows: list[dict[str, Any]], results: dict[str, Any] | None,
-                anchors: dict[str, Any], secure: bool) -> dict[str, Any]:
+def node_egress(
+    events: list[dict[str, Any]],
+    rows: list[dict[str, Any]],
+    results: dict[str, Any] | None,
+    anchors: dict[str, Any],
+    secure: bool,
+) -> dict[str, Any]:
     """Per node: its own data counts, and what it released each round and once per run, with the guarantee."""
     from common.secagg.encoding import metric_slots
 
@@ -124,9 +149,13 @@ def node_egress(events: list[dict[str, Any]], rows: list[dict[str, Any]], result
     for e in events:
         if e["event"] == "node_joined":
             nodes[e["node"]] = {
-                "region": e["region"], "units": e["units"], "epsilon_at_join": e.get("epsilon"),
-                "excluded_no_consent": e.get("excluded_no_consent"), "excluded_special": e.get("excluded_special"),
-                "rounds": [], "evaluations": [],
+                "region": e["region"],
+                "units": e["units"],
+                "epsilon_at_join": e.get("epsilon"),
+                "excluded_no_consent": e.get("excluded_no_consent"),
+                "excluded_special": e.get("excluded_special"),
+                "rounds": [],
+                "evaluations": [],
             }
     trained: dict[int, list[dict[str, Any]]] = {}
     for e in events:
@@ -139,31 +168,43 @@ def node_egress(events: list[dict[str, Any]], rows: list[dict[str, Any]], result
         slots, slot_of = metric_slots([e["region"] for e in entries])
         sizes = {slot: slot_of.count(slot) for slot in slots}
         revealed = set(row.get("train_loss") or {})
-        for e, slot in zip(entries, slot_of):
-            nodes[e["node"]]["rounds"].append({
-                "round": number, "units": e.get("units", nodes[e["node"]]["units"]), "epsilon": e.get("epsilon"),
-                "slot": slot if secure else None, "slot_clients": sizes[slot] if secure else None,
-                "loss_revealed": slot in revealed if secure else True, "dropped": e["node"] in dropped,
-                "aggregated": bool(row.get("aggregated")),
-            })
+        for e, slot in zip(entries, slot_of, strict=True):
+            nodes[e["node"]]["rounds"].append(
+                {
+                    "round": number,
+                    "units": e.get("units", nodes[e["node"]]["units"]),
+                    "epsilon": e.get("epsilon"),
+                    "slot": slot if secure else None,
+                    "slot_clients": sizes[slot] if secure else None,
+                    "loss_revealed": slot in revealed if secure else True,
+                    "dropped": e["node"] in dropped,
+                    "aggregated": bool(row.get("aggregated")),
+                }
+            )
     # Held-out loss: each node evaluates round 0 (the base model) and every round it trained in.
     for number in [0, *sorted(trained)]:
         entries = [{"node": n, "region": v["region"]} for n, v in nodes.items()] if number == 0 else trained[number]
         slots, slot_of = metric_slots([e["region"] for e in entries])
         sizes = {slot: slot_of.count(slot) for slot in slots}
         shown = set((by_round.get(number) or {}).get("perplexity") or {})
-        for e, slot in zip(entries, slot_of):
+        for e, slot in zip(entries, slot_of, strict=True):
             slot = slot if secure else e["region"]
-            nodes[e["node"]]["evaluations"].append({"round": number, "slot": slot,
-                                                    "slot_clients": sizes.get(slot, 1) if secure else None,
-                                                    "revealed": slot in shown})
+            nodes[e["node"]]["evaluations"].append(
+                {
+                    "round": number,
+                    "slot": slot,
+                    "slot_clients": sizes.get(slot, 1) if secure else None,
+                    "revealed": slot in shown,
+                }
+            )
     for name, node in nodes.items():
         result = (results or {}).get(name) or {}
         node["audit_numbers"] = len(result.get("metrics") or {}) if "metrics" in result else None
         node["audit_examples"] = len(result.get("examples") or [])
         anchor = anchors.get(name) or {}
-        node["evidence"] = {k: anchor[k] for k in ("ledger-entries", "ledger-head", "audit-entries", "audit-head")
-                            if k in anchor}
+        node["evidence"] = {
+            k: anchor[k] for k in ("ledger-entries", "ledger-head", "audit-entries", "audit-head") if k in anchor
+        }
     return nodes
 
 
@@ -206,17 +247,33 @@ def _region_audit(region: str, results: dict[str, Any]) -> dict[str, Any] | None
         "errors": errors,
         "exposure": exposure,
         # One-run canaries left out of training: what exposure a secret the model never saw reaches here.
-        "never_inserted": {"canaries": int(never), "mean_bits": sum(
-            m["exposure-never-inserted-mean"] * m["canaries-never-inserted"] for m in metrics
-            if m.get("canaries-never-inserted")) / never} if never else None,
-        "mia": {key: weighted(f"mia-{key}") for key in
-                ("loss-auc", "loss-tpr-at-1pct-fpr", "calibrated-auc", "calibrated-tpr-at-1pct-fpr")}
+        "never_inserted": {
+            "canaries": int(never),
+            "mean_bits": sum(
+                m["exposure-never-inserted-mean"] * m["canaries-never-inserted"]
+                for m in metrics
+                if m.get("canaries-never-inserted")
+            )
+            / never,
+        }
+        if never
+        else None,
+        "mia": {
+            key: weighted(f"mia-{key}")
+            for key in ("loss-auc", "loss-tpr-at-1pct-fpr", "calibrated-auc", "calibrated-tpr-at-1pct-fpr")
+        }
         | {"members": sum(m["mia-members"] for m in metrics), "nonmembers": sum(m["mia-nonmembers"] for m in metrics)},
-        "one_run": {"canaries": int(sum(m.get("one-run-canaries", 0) for m in metrics)), "guesses": guesses,
-                    "correct": correct, "epsilon_lower_bound": epsilon_lower_bound(guesses, correct, 1 - CONFIDENCE),
-                    "repetitions": int(max((m.get("one-run-repetitions", 1) for m in metrics), default=1))},
-        "generations": {"samples": int(sum(m["generations"] for m in metrics)),
-                        "pii_spans": int(sum(m["pii-spans"] for m in metrics))},
+        "one_run": {
+            "canaries": int(sum(m.get("one-run-canaries", 0) for m in metrics)),
+            "guesses": guesses,
+            "correct": correct,
+            "epsilon_lower_bound": epsilon_lower_bound(guesses, correct, 1 - CONFIDENCE),
+            "repetitions": int(max((m.get("one-run-repetitions", 1) for m in metrics), default=1)),
+        },
+        "generations": {
+            "samples": int(sum(m["generations"] for m in metrics)),
+            "pii_spans": int(sum(m["pii-spans"] for m in metrics)),
+        },
         "examples": [e for n in nodes for e in n["examples"]],
     }
 
@@ -256,8 +313,10 @@ def _verdict(audit: dict[str, Any] | None, accounted: Any) -> dict[str, Any]:
         if e["extracted_greedy"] or e["extracted_beam"]:
             found.append(f"canaries inserted {reps}x were extracted verbatim ({protection(reps)})")
         if e["mean_bits"] >= EXPOSURE_ALARM_BITS:
-            found.append(f"canaries inserted {reps}x reach a mean exposure of {e['mean_bits']:.1f} bits over "
-                         f"{e['canaries']} canaries{reference} ({protection(reps)})")
+            found.append(
+                f"canaries inserted {reps}x reach a mean exposure of {e['mean_bits']:.1f} bits over "
+                f"{e['canaries']} canaries{reference} ({protection(reps)})"
+            )
         signals += found
         repeated += found if reps != "1" else []
     mia = audit["mia"]
@@ -269,8 +328,12 @@ def _verdict(audit: dict[str, Any] | None, accounted: Any) -> dict[str, Any]:
         # Clearly better than a coin: above the alarm level and above chance beyond sampling noise.
         if auc >= MIA_ALARM_AUC and auc - 1.96 * se > 0.5:
             signals.append(f"membership inference ({kind}) AUC {auc:.2f} +/- {1.96 * se:.2f}")
-    return {"status": "memorisation detected" if signals else "no memorisation detected", "signals": signals,
-            "group_epsilon": group, "repeated_secrets_only": bool(signals) and len(repeated) == len(signals)}
+    return {
+        "status": "memorisation detected" if signals else "no memorisation detected",
+        "signals": signals,
+        "group_epsilon": group,
+        "repeated_secrets_only": bool(signals) and len(repeated) == len(signals),
+    }
 
 
 def plain_summary(report: dict[str, Any]) -> list[str]:
@@ -282,31 +345,43 @@ def plain_summary(report: dict[str, Any]) -> list[str]:
     for name, r in regions.items():
         if r["contribution"]["contributed"] is False:
             why = r["contribution"]["status"].split(": ", 1)[1]
-            lines.append(f"Region {name} was planned but did not contribute: {why}. "
-                         "Nothing of its data is in the model.")
+            lines.append(
+                f"Region {name} was planned but did not contribute: {why}. Nothing of its data is in the model."
+            )
         eps = r["epsilon"]
         unit = "person" if r.get("unit") == "user" else "record"
         if eps == "inf" or not report["dp"]:
-            lines.append(f"{name}: trained WITHOUT differential privacy: there is no formal bound on what the model "
-                         "reveals about any individual. Do not release it outside the region.")
+            lines.append(
+                f"{name}: trained WITHOUT differential privacy: there is no formal bound on what the model "
+                "reveals about any individual. Do not release it outside the region."
+            )
         elif eps is not None:
-            lines.append(f"{name}: each {unit}'s influence is bounded by differential privacy, epsilon {float(eps):.2f} "
-                         f"at delta {r['delta']:g} (cumulative over all training on this data; budget {r['epsilon_budget']}).")
+            lines.append(
+                f"{name}: each {unit}'s influence is bounded by differential privacy, epsilon {float(eps):.2f} "
+                f"at delta {r['delta']:g} (cumulative over all training on this data; budget {r['epsilon_budget']})."
+            )
         verdict = r["verdict"]
         if verdict["status"] == "memorisation detected":
-            lines.append(f"{name}: the audit found memorisation ({'; '.join(verdict['signals'])}). Treat the model as "
-                         "containing personal data of this region.")
+            lines.append(
+                f"{name}: the audit found memorisation ({'; '.join(verdict['signals'])}). Treat the model as "
+                "containing personal data of this region."
+            )
         elif verdict["status"] == "no memorisation detected":
-            lines.append(f"{name}: the audit found no sign of memorisation: secret canaries were not extracted, "
-                         "membership inference is close to chance and generated text reused no personal data.")
+            lines.append(
+                f"{name}: the audit found no sign of memorisation: secret canaries were not extracted, "
+                "membership inference is close to chance and generated text reused no personal data."
+            )
     if report["bound_violations"]:
-        lines.append("AUDIT FAILED: an empirical privacy lower bound exceeds the accounted epsilon. Do not use this model.")
+        lines.append(
+            "AUDIT FAILED: an empirical privacy lower bound exceeds the accounted epsilon. Do not use this model."
+        )
     if not report["audit_log"]["ok"]:
         lines.append(f"The coordinator's audit log FAILED verification ({report['audit_log']['problem']}).")
     return lines
 
 
 # -- rendering ---------------------------------------------------------------------------------
+
 
 def write_privacy_report(run: RunDirectory, cfg: FedsovConfig) -> dict[str, Any]:
     report = build_report(run, cfg)
@@ -341,7 +416,7 @@ def _figures(report: dict[str, Any]) -> dict[str, bytes]:
         for r in regions:
             pts = [(row["round"], row[r]) for row in report["epsilon_by_round"] if isinstance(row.get(r), (int, float))]
             if pts:
-                ax.plot(*zip(*pts), marker="o", label=r)
+                ax.plot(*zip(*pts, strict=True), marker="o", label=r)
         ax.set_xlabel("round"), ax.set_ylabel("epsilon (cumulative)"), ax.set_title("Privacy spent per region")
         if ax.get_legend_handles_labels()[0]:
             ax.legend()
@@ -353,7 +428,7 @@ def _figures(report: dict[str, Any]) -> dict[str, bytes]:
         for r in regions + ["overall"]:
             pts = [(row["round"], row[r]) for row in report["perplexity_by_round"] if r in row]
             if pts:
-                ax.plot(*zip(*pts), marker="o", label=r, linestyle="--" if r == "overall" else "-")
+                ax.plot(*zip(*pts, strict=True), marker="o", label=r, linestyle="--" if r == "overall" else "-")
         ax.set_xlabel("round"), ax.set_ylabel("held-out perplexity"), ax.set_title("Utility per region")
         ax.legend()
         figures["perplexity"] = save(fig)
@@ -363,9 +438,12 @@ def _figures(report: dict[str, Any]) -> dict[str, bytes]:
         reps = sorted({int(k) for a in audited.values() for k in a["exposure"]})
         width = 0.8 / max(1, len(audited))
         for i, (r, a) in enumerate(audited.items()):
-            ax.bar([j + i * width for j in range(len(reps))],
-                   [a["exposure"].get(str(k), {}).get("mean_bits", 0) for k in reps],
-                   width=width, label=r)
+            ax.bar(
+                [j + i * width for j in range(len(reps))],
+                [a["exposure"].get(str(k), {}).get("mean_bits", 0) for k in reps],
+                width=width,
+                label=r,
+            )
         ax.axhline(EXPOSURE_ALARM_BITS, color="red", linestyle=":", label="alarm")
         ax.set_xticks([j + width * (len(audited) - 1) / 2 for j in range(len(reps))], [f"{k}x" for k in reps])
         ax.set_xlabel("canary repetitions"), ax.set_ylabel("mean exposure (bits)"), ax.set_title("Canary exposure")
@@ -384,6 +462,14 @@ def _fmt(x: Any, digits: int = 2) -> str:
     return str(x)
 
 
+def _auc(mia: dict[str, Any], kind: str) -> str:
+    """A membership-inference AUC with its 95% interval, or n/a."""
+    value = mia.get(f"{kind}-auc")
+    if value is None:
+        return "n/a"
+    return f"{value:.2f} +/- {1.96 * auc_standard_error(value, mia['members'], mia['nonmembers']):.2f}"
+
+
 def _delta(x: Any) -> str:
     return "n/a" if x is None else f"{float(x):.1e}"  # 1e-5 is not 0.00
 
@@ -391,8 +477,17 @@ def _delta(x: Any) -> str:
 def _tables(report: dict[str, Any]) -> list[tuple[str, str, list[str], list[list[str]]]]:
     """(anchor, title, header, rows) for each table the report shows."""
     regions = report["regions"]
-    policy_rows = [[r, _fmt(v["law"]), (v["policy_hash"] or "n/a")[:16], _delta(v["delta"]), _fmt(v["unit"]),
-                    _fmt(v["epsilon_budget"])] for r, v in regions.items()]
+    policy_rows = [
+        [
+            r,
+            _fmt(v["law"]),
+            (v["policy_hash"] or "n/a")[:16],
+            _delta(v["delta"]),
+            _fmt(v["unit"]),
+            _fmt(v["epsilon_budget"]),
+        ]
+        for r, v in regions.items()
+    ]
     privacy_rows = [[r, _fmt(v["epsilon"]), _delta(v["delta"]), _fmt(v["epsilon_budget"])] for r, v in regions.items()]
     utility_rows = [[r, _fmt(v["perplexity_before"]), _fmt(v["perplexity_after"])] for r, v in regions.items()]
     audit_rows = []
@@ -401,50 +496,91 @@ def _tables(report: dict[str, Any]) -> list[tuple[str, str, list[str], list[list
         if not a or "exposure" not in a:
             audit_rows.append([r, v["verdict"]["status"]] + ["n/a"] * 6)
             continue
-        exp = "; ".join(f"{k}x: mean {e['mean_bits']:.1f} / max {e['max_bits']:.1f} bits, extracted "
-                        f"{e['extracted_greedy']}+{e['extracted_beam']} of {e['canaries']}" for k, e in a["exposure"].items())
+        exp = "; ".join(
+            f"{k}x: mean {e['mean_bits']:.1f} / max {e['max_bits']:.1f} bits, extracted "
+            f"{e['extracted_greedy']}+{e['extracted_beam']} of {e['canaries']}"
+            for k, e in a["exposure"].items()
+        )
         never = a.get("never_inserted")
         exp += f"; never inserted: mean {never['mean_bits']:.1f} bits of {never['canaries']}" if never else ""
         o = a["one_run"]
         copies = f", {o['repetitions']} copies each" if o.get("repetitions", 1) > 1 else ""
-        mia = a["mia"]
-
-        def auc(kind: str) -> str:
-            value = mia.get(f"{kind}-auc")
-            if value is None:
-                return "n/a"
-            return f"{value:.2f} +/- {1.96 * auc_standard_error(value, mia['members'], mia['nonmembers']):.2f}"
-
-        audit_rows.append([
-            r, v["verdict"]["status"], exp, auc("loss"), auc("calibrated"),
-            _fmt(a["mia"]["calibrated-tpr-at-1pct-fpr"]),
-            f"{o['correct']}/{o['guesses']} right{copies}: epsilon >= {o['epsilon_lower_bound']:.2f} "
-            f"(accounted {_fmt(v['epsilon'])})",
-            f"{a['generations']['pii_spans']} in {a['generations']['samples']} samples",
-        ])
+        audit_rows.append(
+            [
+                r,
+                v["verdict"]["status"],
+                exp,
+                _auc(a["mia"], "loss"),
+                _auc(a["mia"], "calibrated"),
+                _fmt(a["mia"]["calibrated-tpr-at-1pct-fpr"]),
+                f"{o['correct']}/{o['guesses']} right{copies}: epsilon >= {o['epsilon_lower_bound']:.2f} "
+                f"(accounted {_fmt(v['epsilon'])})",
+                f"{a['generations']['pii_spans']} in {a['generations']['samples']} samples",
+            ]
+        )
     excluded = [[r, f"excluded: {w}"] for r, w in report["excluded_regions"].items()]
     nodes = report.get("nodes") or {}
     counts = {node: (r, c) for r, v in regions.items() for node, c in v["data"].items()}
     if not counts:  # a run from before describe carried them: what the join events say
-        counts = {n: (v["region"], {"excluded-no-consent": v["excluded_no_consent"],
-                                    "excluded-special": v["excluded_special"]}) for n, v in nodes.items()}
+        counts = {
+            n: (
+                v["region"],
+                {"excluded-no-consent": v["excluded_no_consent"], "excluded-special": v["excluded_special"]},
+            )
+            for n, v in nodes.items()
+        }
     shown = [(k, title) for k, title in DATA_COUNTS if any(k in c for _, c in counts.values())]
-    node_rows = [[n, r, _fmt((nodes.get(n) or {}).get("units"))] + [_fmt(c.get(k)) for k, _ in shown]
-                 for n, (r, c) in counts.items()]
+    node_rows = [
+        [n, r, _fmt((nodes.get(n) or {}).get("units"))] + [_fmt(c.get(k)) for k, _ in shown]
+        for n, (r, c) in counts.items()
+    ]
     return [
-        ("regions", "Contributing and excluded regions", ["region", "status"],
-         [[r, v["contribution"]["status"]] for r, v in regions.items()] + excluded),
-        ("nodes", "Data on each node (its own share of the region's data)",
-         ["node", "region", "training units"] + [title for _, title in shown], node_rows),
-        ("egress", "What left each node, and under which guarantee",
-         ["node", "round", "in the clear", "only inside secure aggregation", "held-out loss (outside epsilon)"],
-         _egress_rows(report)),
-        ("policies", "Policies (as each node reported them)", ["region", "law", "policy hash", "delta", "unit", "budget"], policy_rows),
-        ("privacy", "Privacy spent (each node's ledger, cumulative)", ["region", "epsilon", "delta", "lifetime budget"], privacy_rows),
+        (
+            "regions",
+            "Contributing and excluded regions",
+            ["region", "status"],
+            [[r, v["contribution"]["status"]] for r, v in regions.items()] + excluded,
+        ),
+        (
+            "nodes",
+            "Data on each node (its own share of the region's data)",
+            ["node", "region", "training units"] + [title for _, title in shown],
+            node_rows,
+        ),
+        (
+            "egress",
+            "What left each node, and under which guarantee",
+            ["node", "round", "in the clear", "only inside secure aggregation", "held-out loss (outside epsilon)"],
+            _egress_rows(report),
+        ),
+        (
+            "policies",
+            "Policies (as each node reported them)",
+            ["region", "law", "policy hash", "delta", "unit", "budget"],
+            policy_rows,
+        ),
+        (
+            "privacy",
+            "Privacy spent (each node's ledger, cumulative)",
+            ["region", "epsilon", "delta", "lifetime budget"],
+            privacy_rows,
+        ),
         ("utility", "Utility: held-out perplexity", ["region", "before", "after"], utility_rows),
-        ("audit", "Memorisation audit (run on each region's own nodes)",
-         ["region", "verdict", "canary exposure", "MIA AUC (loss), 95% CI", "MIA AUC (calibrated), 95% CI", "TPR at 1% FPR",
-          "one-run lower bound (95%)", "PII in generations"], audit_rows),
+        (
+            "audit",
+            "Memorisation audit (run on each region's own nodes)",
+            [
+                "region",
+                "verdict",
+                "canary exposure",
+                "MIA AUC (loss), 95% CI",
+                "MIA AUC (calibrated), 95% CI",
+                "TPR at 1% FPR",
+                "one-run lower bound (95%)",
+                "PII in generations",
+            ],
+            audit_rows,
+        ),
     ]
 
 
@@ -480,24 +616,38 @@ def _egress_rows(report: dict[str, Any]) -> list[list[str]]:
                 clear += "; the update and the train loss, in the clear (secure aggregation OFF)"
                 summed = "-"
             else:
-                summed = (f"update + train loss in slot {t['slot']} ({t['slot_clients']} clients); loss "
-                          + ("revealed as the slot's sum" if t["loss_revealed"] else "stayed masked"))
+                summed = f"update + train loss in slot {t['slot']} ({t['slot_clients']} clients); loss " + (
+                    "revealed as the slot's sum" if t["loss_revealed"] else "stayed masked"
+                )
             held = "-"
             if e is not None:
                 where = f"slot {e['slot']} ({e['slot_clients']} clients)" if secure else f"region {e['slot']}"
                 held = f"{where}: " + ("released as the sum" if e["revealed"] else "stayed masked")
             rows.append([name, str(number), clear, summed, held])
-        audit = (f"{n['audit_numbers']} audit numbers and {n['audit_examples']} redacted canary prompts, once, on the "
-                 "final adapter (outside epsilon)" if n.get("audit_numbers") is not None else "no audit numbers")
+        audit = (
+            f"{n['audit_numbers']} audit numbers and {n['audit_examples']} redacted canary prompts, once, on the "
+            "final adapter (outside epsilon)"
+            if n.get("audit_numbers") is not None
+            else "no audit numbers"
+        )
         ev = n.get("evidence") or {}
-        heads = (f"; evidence: ledger {ev['ledger-entries']} entries, head {str(ev['ledger-head'])[:16]}, audit log "
-                 f"{ev['audit-entries']} entries, head {str(ev['audit-head'])[:16]}" if ev else "")
+        heads = (
+            f"; evidence: ledger {ev['ledger-entries']} entries, head {str(ev['ledger-head'])[:16]}, audit log "
+            f"{ev['audit-entries']} entries, head {str(ev['audit-head'])[:16]}"
+            if ev
+            else ""
+        )
         rows.append([name, "end of run", audit + heads, "-", "-"])
     return rows
 
 
 def _examples(report: dict[str, Any]) -> list[tuple[str, str]]:
-    return [(r, e) for r, v in report["regions"].items() if v["audit"] and "examples" in v["audit"] for e in v["audit"]["examples"]]
+    return [
+        (r, e)
+        for r, v in report["regions"].items()
+        if v["audit"] and "examples" in v["audit"]
+        for e in v["audit"]["examples"]
+    ]
 
 
 def _log_status(report: dict[str, Any]) -> str:
@@ -510,8 +660,12 @@ def _log_status(report: dict[str, Any]) -> str:
 def render_markdown(report: dict[str, Any], figures: list[str]) -> str:
     md = [f"# Privacy report: run {report['run_id']}", "", "## Summary", ""]
     md += [f"- {line}" for line in report["plain_summary"]]
-    md += ["", f"Coordinator in {report['coordinator_jurisdiction']}; DP {'on' if report['dp'] else 'OFF'}; secure "
-           f"aggregation {'on' if report['secure_aggregation'] else 'OFF'}; {report['rounds_completed']} rounds.", ""]
+    md += [
+        "",
+        f"Coordinator in {report['coordinator_jurisdiction']}; DP {'on' if report['dp'] else 'OFF'}; secure "
+        f"aggregation {'on' if report['secure_aggregation'] else 'OFF'}; {report['rounds_completed']} rounds.",
+        "",
+    ]
     for anchor, title, header, rows in _tables(report):
         md += [f"## {title}", ""]
         if anchor == "egress":
@@ -522,8 +676,11 @@ def render_markdown(report: dict[str, Any], figures: list[str]) -> str:
     md += ["## Plots", ""] + [f"![{f}]({f}.png)" for f in figures] + [""]
     md += ["## Extraction examples (secrets blacked out)", ""] + [f"- {r}: {e}" for r, e in _examples(report)] + [""]
     md += ["## Audit log", "", _log_status(report), ""]
-    md += ["Thresholds: exposure alarm {exposure_alarm_bits} bits, membership AUC alarm {mia_alarm_auc}, lower bound at "
-           "{lower_bound_confidence:.0%} confidence.".format(**report["thresholds"]), ""]
+    md += [
+        "Thresholds: exposure alarm {exposure_alarm_bits} bits, membership AUC alarm {mia_alarm_auc}, lower bound at "
+        "{lower_bound_confidence:.0%} confidence.".format(**report["thresholds"]),
+        "",
+    ]
     return "\n".join(md)
 
 
@@ -556,20 +713,30 @@ def render_html(report: dict[str, Any], figures: dict[str, bytes]) -> str:
         parts.append("</table></section>")
     parts.append("<section id='plots'><h2>Plots</h2>")
     for name, png in figures.items():
-        parts.append(f"<figure><img alt='{esc(name)}' src='data:image/png;base64,{base64.b64encode(png).decode()}'></figure>")
+        parts.append(
+            f"<figure><img alt='{esc(name)}' src='data:image/png;base64,{base64.b64encode(png).decode()}'></figure>"
+        )
     parts.append("</section><section id='examples'><h2>Extraction examples (secrets blacked out)</h2><ul>")
     parts += [f"<li><b>{esc(r)}</b>: {esc(e)}</li>" for r, e in _examples(report)]
     status = _log_status(report)
-    parts.append(f"</ul></section><section id='audit-log'><h2>Audit log</h2>"
-                 f"<p class='{'ok' if report['audit_log']['ok'] else 'bad'}'>{esc(status)}</p></section>")
+    parts.append(
+        f"</ul></section><section id='audit-log'><h2>Audit log</h2>"
+        f"<p class='{'ok' if report['audit_log']['ok'] else 'bad'}'>{esc(status)}</p></section>"
+    )
     parts.append("<p>Policies are engineering defaults, not legal advice.</p></body></html>")
     return "".join(parts)
 
 
 # How a status cell looks: a verdict is seen before it is read.
-CELL_CLASSES = (("memorisation detected", "verdict-bad"), ("audit failed", "verdict-bad"),
-                ("no memorisation detected", "verdict-ok"), ("not audited", "verdict-none"),
-                ("planned, did NOT contribute", "warn"), ("contributed", "verdict-ok"), ("excluded", "muted"))
+CELL_CLASSES = (
+    ("memorisation detected", "verdict-bad"),
+    ("audit failed", "verdict-bad"),
+    ("no memorisation detected", "verdict-ok"),
+    ("not audited", "verdict-none"),
+    ("planned, did NOT contribute", "warn"),
+    ("contributed", "verdict-ok"),
+    ("excluded", "muted"),
+)
 
 
 def _td(text: str) -> str:

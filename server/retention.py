@@ -28,8 +28,10 @@ def checkpoint_rule(run: RunDirectory, config_dir: Path | None = None) -> tuple[
     try:
         cfg = config_from_container(OmegaConf.load(run.config_path))
     except (FedsovError, OSError, ValueError) as err:
-        raise RetentionError(f"Retention: cannot read the rules of run {run.path} ({err}); nothing was deleted. "
-                             "Restore its config.yaml, or delete the run's checkpoints yourself.") from err
+        raise RetentionError(
+            f"Retention: cannot read the rules of run {run.path} ({err}); nothing was deleted. "
+            "Restore its config.yaml, or delete the run's checkpoints yourself."
+        ) from err
     excluded = {e.get("region") for e in run.read_events() if e.get("event") == "region_excluded"}
     # A run whose every region was excluded trained nothing; its rules still bind whatever it left behind.
     regions = [r for name, r in cfg.regions.items() if name not in excluded] or list(cfg.regions.values())
@@ -45,13 +47,16 @@ def checkpoint_rule(run: RunDirectory, config_dir: Path | None = None) -> tuple[
 
 def runs(runs_dir: Path) -> list[RunDirectory]:
     if not runs_dir.is_dir():
-        raise RetentionError(f"{runs_dir} is not a folder: give the coordinator's runs folder (e.g. "
-                             "fedsov-coordinator/runs, or <workdir>/runs for simulations).")
+        raise RetentionError(
+            f"{runs_dir} is not a folder: give the coordinator's runs folder (e.g. "
+            "fedsov-coordinator/runs, or <workdir>/runs for simulations)."
+        )
     return [RunDirectory(p) for p in sorted(runs_dir.iterdir()) if (p / "config.yaml").is_file()]
 
 
-def expired_checkpoints(runs_dir: Path, config_dir: Path | None = None,
-                        now: float | None = None) -> list[tuple[RunDirectory, list[Due]]]:
+def expired_checkpoints(
+    runs_dir: Path, config_dir: Path | None = None, now: float | None = None
+) -> list[tuple[RunDirectory, list[Due]]]:
     """Per run, the checkpoints older than the binding rule (every run's rule is read before any deletion)."""
     now = time.time() if now is None else now
     plan = []
@@ -72,8 +77,9 @@ def enforce_runs_retention(runs_dir: Path, config_dir: Path | None = None, now: 
         try:
             key = EvidenceKey.load(run.coordinator_key_dir)
         except EvidenceKeyError as err:
-            raise RetentionError(f"Retention: run {run.path}'s audit log cannot record the deletions ({err}); "
-                                 "nothing was deleted.") from err
+            raise RetentionError(
+                f"Retention: run {run.path}'s audit log cannot record the deletions ({err}); nothing was deleted."
+            ) from err
         audits[run.path] = AuditLog(run.path / "audit.jsonl", actor="coordinator", key=key)
     deleted: list[Due] = []
     for run, items in plan:

@@ -15,17 +15,27 @@ import base64
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from common.errors import ConfigError, FederationError
 from common.paths import writable_folder
-from server.rundir import EVENT_LINE, OUTPUT_LINE, RunDirectory
+from server.rundir import EVENT_LINE, OUTPUT_LINE, RunDirectory, parse_events
 
 Out = Callable[[str], None]
 # What a run's outputs are (as `run fetch` copies them), relative to its run directory.
-OUTPUTS = ("adapter", "report", "tensorboard", ".hydra", "config.yaml", "metrics.jsonl", "summary.json",
-           "events.jsonl", "audit-results.json", "audit.jsonl")
+OUTPUTS = (
+    "adapter",
+    "report",
+    "tensorboard",
+    ".hydra",
+    "config.yaml",
+    "metrics.jsonl",
+    "summary.json",
+    "events.jsonl",
+    "audit-results.json",
+    "audit.jsonl",
+)
 CHUNK_BYTES = 48 * 1024  # 64 KiB of base64 per log line
 # A run log lives in the SuperLink's database: larger outputs are left for `run fetch` on the coordinator.
 MAX_PUBLISHED_BYTES = 32 * 1024 * 1024
@@ -54,9 +64,13 @@ def publish_outputs(run: RunDirectory, emit: Out = print) -> None:
             skipped.append(name)
             continue
         total += len(data)
-        chunks = [data[i:i + CHUNK_BYTES] for i in range(0, len(data), CHUNK_BYTES)] or [b""]
-        emit(OUTPUT_LINE + json.dumps({"file": name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
-                                       "chunks": len(chunks)}))
+        chunks = [data[i : i + CHUNK_BYTES] for i in range(0, len(data), CHUNK_BYTES)] or [b""]
+        emit(
+            OUTPUT_LINE
+            + json.dumps(
+                {"file": name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), "chunks": len(chunks)}
+            )
+        )
         for index, chunk in enumerate(chunks):
             emit(OUTPUT_LINE + json.dumps({"file": name, "chunk": index, "data": base64.b64encode(chunk).decode()}))
         published += 1
@@ -75,7 +89,7 @@ def collect_outputs(log_text: str) -> tuple[dict[str, bytes], dict] | None:
         if at < 0:
             continue
         try:
-            entry = json.loads(line[at + len(OUTPUT_LINE):])
+            entry = json.loads(line[at + len(OUTPUT_LINE) :])
         except json.JSONDecodeError:
             continue  # a line cut by log shipping: the file it belongs to then fails its hash check below
         if entry.get("end"):
@@ -91,8 +105,10 @@ def collect_outputs(log_text: str) -> tuple[dict[str, bytes], dict] | None:
         parts = chunks.get(name, {})
         data = b"".join(parts.get(i, b"") for i in range(header["chunks"]))
         if len(parts) != header["chunks"] or hashlib.sha256(data).hexdigest() != header["sha256"]:
-            raise FederationError(f"The run log holds a damaged copy of {name} (missing chunks or a wrong SHA-256): "
-                                  "pull again, or copy the run from the coordinator with `fedsov run fetch`.")
+            raise FederationError(
+                f"The run log holds a damaged copy of {name} (missing chunks or a wrong SHA-256): "
+                "pull again, or copy the run from the coordinator with `fedsov run fetch`."
+            )
         files[name] = data
     return files, end
 
@@ -101,8 +117,10 @@ def pull_outputs(control, run_id: int, dest: Path, out: Out = print, wait_s: flo
     """`fedsov run pull`: the outputs a finished run published in its log, written under dest/<run name>."""
     status = control.status(run_id)
     if not status.finished:
-        raise FederationError(f"Run {run_id} is still {status.status}: pull it when it has finished "
-                              f"(`fedsov run watch {run_id} ...` follows it).")
+        raise FederationError(
+            f"Run {run_id} is still {status.status}: pull it when it has finished "
+            f"(`fedsov run watch {run_id} ...` follows it)."
+        )
     deadline = time.monotonic() + wait_s
     while True:
         found = collect_outputs(control.logs(run_id))
@@ -113,7 +131,8 @@ def pull_outputs(control, run_id: int, dest: Path, out: Out = print, wait_s: flo
         raise FederationError(
             f"Run {run_id} ({status.status}) published no outputs in its log: only runs that reach their summary "
             "on a coordinator started by `fedsov coordinator start` do. On the coordinator machine, `fedsov run "
-            "fetch <run name>` copies what the run directory holds.")
+            "fetch <run name>` copies what the run directory holds."
+        )
     files, end = found
     name = Path(end["run_dir"]).name
     target = writable_folder(dest.expanduser().resolve() / name, "--to <folder>")
@@ -127,8 +146,10 @@ def pull_outputs(control, run_id: int, dest: Path, out: Out = print, wait_s: flo
         path.write_bytes(data)
     out(f"Pulled {len(files)} files of run {name} (Flower run {run_id}, {status.status}) into {target}")
     if end.get("skipped"):
-        out(f"  not in the log (over {MAX_PUBLISHED_BYTES >> 20} MiB in all): {', '.join(end['skipped'])}; copy them "
-            f"on the coordinator with `fedsov run fetch {name} --to <folder>`")
+        out(
+            f"  not in the log (over {MAX_PUBLISHED_BYTES >> 20} MiB in all): {', '.join(end['skipped'])}; copy them "
+            f"on the coordinator with `fedsov run fetch {name} --to <folder>`"
+        )
     return target
 
 
@@ -138,24 +159,18 @@ def stop_run(control, run_id: int, out: Out = print) -> int:
     if status.finished:
         raise FederationError(f"Run {run_id} has already finished ({status.status}): there is nothing to stop.")
     control.stop_run(run_id)
-    run_dir = next((e.get("run_dir") for e in parse_log_events(control.logs(run_id)) if e["event"] == "run_config"),
-                   None)
-    out(f"Run {run_id} stopped." + (f" Its run directory on the coordinator, {run_dir}, keeps the last checkpoint: "
-                                    f"continue it with `fedsov run submit ... resume={run_dir}` on the coordinator "
-                                    "machine." if run_dir else ""))
+    run_dir = next((e.get("run_dir") for e in parse_events(control.logs(run_id)) if e["event"] == "run_config"), None)
+    out(
+        f"Run {run_id} stopped."
+        + (
+            f" Its run directory on the coordinator, {run_dir}, keeps the last checkpoint: "
+            f"continue it with `fedsov run submit ... resume={run_dir}` on the coordinator "
+            "machine."
+            if run_dir
+            else ""
+        )
+    )
     return 0
-
-
-def parse_log_events(log_text: str) -> list[dict]:
-    events = []
-    for line in log_text.splitlines():
-        at = line.find(EVENT_LINE)
-        if at >= 0:
-            try:
-                events.append(json.loads(line[at + len(EVENT_LINE):]))
-            except json.JSONDecodeError:
-                continue
-    return events
 
 
 def readable_log(log_text: str, render: Callable[[dict], str | None] | None = None) -> list[str]:
@@ -170,7 +185,7 @@ def readable_log(log_text: str, render: Callable[[dict], str | None] | None = No
         at = line.find(EVENT_LINE)
         if at >= 0 and render is not None:
             try:
-                shown = render(json.loads(line[at + len(EVENT_LINE):]))
+                shown = render(json.loads(line[at + len(EVENT_LINE) :]))
             except (json.JSONDecodeError, KeyError):
                 shown = line
             if shown:
@@ -180,8 +195,9 @@ def readable_log(log_text: str, render: Callable[[dict], str | None] | None = No
     return lines
 
 
-def show_logs(control, run_id: int, out: Out = print, follow: bool = False, raw: bool = False,
-              poll_s: float = 3.0) -> int:
+def show_logs(
+    control, run_id: int, out: Out = print, follow: bool = False, raw: bool = False, poll_s: float = 3.0
+) -> int:
     """`fedsov run logs`: the run's Flower log; --follow keeps printing until the run finishes."""
     from common.config import config_from_json
     from server.simulation import render_event

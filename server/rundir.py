@@ -21,10 +21,11 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from common.audit import AuditLog, EvidenceKey
 from common.errors import FederationError
@@ -133,7 +134,9 @@ class RunDirectory:
         try:
             info = json.loads((latest / CHECKPOINT_INFO).read_text())
         except (OSError, json.JSONDecodeError) as err:
-            raise FederationError(f"Checkpoint {latest} is unreadable ({err}); remove it to resume from the one before.") from err
+            raise FederationError(
+                f"Checkpoint {latest} is unreadable ({err}); remove it to resume from the one before."
+            ) from err
         return Checkpoint(round=int(info["round"]), path=latest, info=info)
 
     def write_summary(self, summary: dict[str, Any]) -> None:
@@ -193,7 +196,8 @@ def branch_run(origin: RunDirectory, round_number: int, destination: Path | None
     branch.event("branched", from_run=str(origin.path), from_round=round_number, checkpoint=str(checkpoint))
     key = EvidenceKey.load_or_create(branch.coordinator_key_dir, logs=(branch.path / "audit.jsonl",))
     AuditLog(branch.path / "audit.jsonl", actor="coordinator", key=key).record(
-        "run", "branched", reason=f"from {origin.path} at its round-{round_number} checkpoint", round=round_number)
+        "run", "branched", reason=f"from {origin.path} at its round-{round_number} checkpoint", round=round_number
+    )
     return branch
 
 
@@ -229,3 +233,16 @@ def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def parse_events(log_text: str) -> list[dict]:
+    """The run's events as a ServerApp's log carries them (one JSON object after EVENT_LINE per line)."""
+    events = []
+    for line in log_text.splitlines():
+        at = line.find(EVENT_LINE)
+        if at >= 0:
+            try:
+                events.append(json.loads(line[at + len(EVENT_LINE) :]))
+            except json.JSONDecodeError:
+                continue  # a log line cut by Flower's log shipping; the run directory has it whole
+    return events

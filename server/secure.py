@@ -8,8 +8,9 @@ round and keeps the global adapter; a wrong sum is never produced.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 from common.secagg.crypto import SecAggError
 from common.secagg.encoding import metric_length
@@ -58,13 +59,23 @@ def secure_sum(exchange: Exchange, r: SecureRound) -> SecureSumResult:
     agg = ServerAggregation(r.tag, r.threshold, r.plan_digest, {n: r.regions[n] for n in r.adverts}, dict(r.adverts))
     ids = sorted(agg.adverts)
     a = [agg.adverts[n] for n in ids]
-    key_list = ConfigRecord({"node-ids": ids, "names": [x.name for x in a], "c-pks": [x.c_pk for x in a],
-                             "s-pks": [x.s_pk for x in a], "signatures": [x.signature for x in a],
-                             "threshold": r.threshold})
+    key_list = ConfigRecord(
+        {
+            "node-ids": ids,
+            "names": [x.name for x in a],
+            "c-pks": [x.c_pk for x in a],
+            "s-pks": [x.s_pk for x in a],
+            "signatures": [x.signature for x in a],
+            "threshold": r.threshold,
+        }
+    )
     for reply in exchange(ids, f"{r.category}.secagg_shares", lambda _: RecordDict({SECAGG: key_list}), r.timeout):
         if reply.ok:
             c = reply.content[SECAGG]
-            agg.add_shares(reply.node_id, dict(zip((int(x) for x in c["receivers"]), c["ciphertexts"])), c["commitment"])
+            # A node's reply: if its columns differ in length, the receivers left out make add_shares refuse
+            # it by name (a ValueError from zip would not say which node or why).
+            receivers = (int(x) for x in c["receivers"])
+            agg.add_shares(reply.node_id, dict(zip(receivers, c["ciphertexts"], strict=False)), c["commitment"])
     shared = sorted(agg.commitments)
     if len(shared) < r.threshold:
         raise SecAggError(f"Only {len(shared)} clients shared their keys; the threshold is {r.threshold}.")
@@ -87,17 +98,27 @@ def secure_sum(exchange: Exchange, r: SecureRound) -> SecureSumResult:
     survivors = sorted(masked)
     dropped = sorted(set(shared) - set(masked))
     if len(survivors) < r.threshold:
-        raise SecAggError(f"{len(dropped)} of {len(shared)} clients dropped before sending their masked input; "
-                          f"{len(survivors)} left, fewer than the threshold {r.threshold}.")
+        raise SecAggError(
+            f"{len(dropped)} of {len(shared)} clients dropped before sending their masked input; "
+            f"{len(survivors)} left, fewer than the threshold {r.threshold}."
+        )
     signatures = _confirm(exchange, r, survivors)
-    unmask = ConfigRecord({"survivors": survivors, "dropped": dropped, "signers": sorted(signatures),
-                           "signatures": [signatures[n] for n in sorted(signatures)]})
+    unmask = ConfigRecord(
+        {
+            "survivors": survivors,
+            "dropped": dropped,
+            "signers": sorted(signatures),
+            "signatures": [signatures[n] for n in sorted(signatures)],
+        }
+    )
     shares = {}
-    for reply in exchange(sorted(signatures), f"{r.category}.secagg_unmask", lambda _: RecordDict({SECAGG: unmask}),
-                          r.timeout):
+    for reply in exchange(
+        sorted(signatures), f"{r.category}.secagg_unmask", lambda _: RecordDict({SECAGG: unmask}), r.timeout
+    ):
         if reply.ok:
             c = reply.content[SECAGG]
-            shares[reply.node_id] = dict(zip((int(o) for o in c["owners"]), c["shares"]))
+            # As above: owners left out by a short column count as shares not returned (unmask names them).
+            shares[reply.node_id] = dict(zip((int(o) for o in c["owners"]), c["shares"], strict=False))
     total, revealed = agg.unmask(masked, shares)
     return SecureSumResult(total, survivors, dropped, slots, revealed)
 
@@ -108,11 +129,13 @@ def _confirm(exchange: Exchange, r: SecureRound, survivors: list[int]) -> dict[i
 
     request = ConfigRecord({"survivors": survivors})
     signatures = {}
-    for reply in exchange(survivors, f"{r.category}.secagg_confirm", lambda _: RecordDict({SECAGG: request}),
-                          r.timeout):
+    for reply in exchange(
+        survivors, f"{r.category}.secagg_confirm", lambda _: RecordDict({SECAGG: request}), r.timeout
+    ):
         if reply.ok:
             signatures[reply.node_id] = reply.content[SECAGG]["signature"]
     if len(signatures) < r.threshold:
-        raise SecAggError(f"Only {len(signatures)} survivors confirmed the survivor set; the threshold is "
-                          f"{r.threshold}.")
+        raise SecAggError(
+            f"Only {len(signatures)} survivors confirmed the survivor set; the threshold is {r.threshold}."
+        )
     return signatures

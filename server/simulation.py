@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Sequence
 
 from omegaconf import OmegaConf
 
@@ -107,8 +107,10 @@ def simulate(overrides: Sequence[str], config_dir: Path | None = None, out: Call
         status = _watch(superlink, run_id, run, cfg, out)
         superlink.save_logs(run_id, run.logs_dir / "flower-run.log")
     except KeyboardInterrupt:
-        out(f"\nStopping run {run.run_id} and every process it started; continue it later with: "
-            f"fedsov simulate resume={run.path}")
+        out(
+            f"\nStopping run {run.run_id} and every process it started; continue it later with: "
+            f"fedsov simulate resume={run.path}"
+        )
         raise
     finally:
         superlink.stop()
@@ -140,15 +142,19 @@ def partial_verdict(summary: dict) -> tuple[int, list[str]]:
     lines += [f"  - {line}" for line in summary.get("not_contributing", [])]
     if summary.get("allow_partial"):
         return 0, lines + ["  federation.allow_partial=true: this counts as success."]
-    return PARTIAL_EXIT, lines + [f"  Exit code {PARTIAL_EXIT}: fix the reasons above, or accept partial runs with "
-                                  "federation.allow_partial=true."]
+    return PARTIAL_EXIT, lines + [
+        f"  Exit code {PARTIAL_EXIT}: fix the reasons above, or accept partial runs with federation.allow_partial=true."
+    ]
 
 
 def render_report_lines(report: dict, run: RunDirectory) -> str:
     lines = ["", f"Privacy report: {run.report_dir / 'privacy-report.html'} (also .md and .json)"]
     for name, r in report["regions"].items():
         verdict = r["verdict"]
-        lines.append(f"  {name:<8} audit: {verdict['status']}" + (f" ({'; '.join(verdict['signals'])})" if verdict["signals"] else ""))
+        lines.append(
+            f"  {name:<8} audit: {verdict['status']}"
+            + (f" ({'; '.join(verdict['signals'])})" if verdict["signals"] else "")
+        )
     return "\n".join(lines)
 
 
@@ -185,7 +191,9 @@ def _headline(cfg: FedsovConfig, run: RunDirectory, n_nodes: int) -> str:
         dp = f"DP-SGD, sigma {p.noise_multiplier:g}"
     resumed = " (resuming)" if cfg.resume else ""
     if cfg.secure_aggregation.enabled:
-        secure = f"secure aggregation on (threshold {cfg.secure_aggregation.threshold_fraction:.0%} of each round's clients)"
+        secure = (
+            f"secure aggregation on (threshold {cfg.secure_aggregation.threshold_fraction:.0%} of each round's clients)"
+        )
     else:
         secure = "WARNING: secure aggregation OFF (secure_aggregation.enabled=false): the coordinator sees each update"
     return (
@@ -209,16 +217,20 @@ def render_event(event: dict, cfg: FedsovConfig) -> str | None:
     kind = event["event"]
     total = cfg.federation.rounds
     if kind == "node_joined":
-        return (f"  node {event['node']:<6} region {event['region']:<3} ({event['law']}) {event['units']:>5} units; "
-                f"excluded by policy: {event['excluded_no_consent']} without consent, {event['excluded_special']} "
-                f"special-category; epsilon spent so far {_fmt_eps(event['epsilon'])}")
+        return (
+            f"  node {event['node']:<6} region {event['region']:<3} ({event['law']}) {event['units']:>5} units; "
+            f"excluded by policy: {event['excluded_no_consent']} without consent, {event['excluded_special']} "
+            f"special-category; epsilon spent so far {_fmt_eps(event['epsilon'])}"
+        )
     if kind == "node_unavailable":
         return f"  a node refused to take part: {event['reason']}"
     if kind == "region_excluded":
         return f"  region {event['region']} EXCLUDED: {event['reason']}"
     if kind == "policy_mismatch":
-        return (f"  note: {event['node']}'s own policy ({event['node_policy'][:12]}) differs from the coordinator's "
-                f"copy ({event['coordinator_copy'][:12]}); the node's governs")
+        return (
+            f"  note: {event['node']}'s own policy ({event['node_policy'][:12]}) differs from the coordinator's "
+            f"copy ({event['coordinator_copy'][:12]}); the node's governs"
+        )
     if kind == "resumed":
         return f"  resuming after round {event['round']} from {event['checkpoint']}"
     if kind == "evaluated" and event["round"] == 0:
@@ -227,7 +239,9 @@ def render_event(event: dict, cfg: FedsovConfig) -> str | None:
         return f"  round {event['round']}/{total} ..."
     if kind == "node_trained":
         loss = "update masked" if event["loss"] is None else f"loss {event['loss']:.3f}"
-        return f"    {event['node']:<6} trained  {loss}  epsilon {_fmt_eps(event['epsilon'])}  ({event['seconds']:.1f}s)"
+        return (
+            f"    {event['node']:<6} trained  {loss}  epsilon {_fmt_eps(event['epsilon'])}  ({event['seconds']:.1f}s)"
+        )
     if kind == "secure_aggregation_disabled":
         return f"  WARNING: secure aggregation is OFF: {event['reason']}"
     if kind == "node_refused":
@@ -241,17 +255,24 @@ def render_event(event: dict, cfg: FedsovConfig) -> str | None:
     if kind == "round_finished":
         eps = "  ".join(f"{r} {_fmt_eps(e)}" for r, e in event["epsilon"].items())
         loss = "  ".join(f"{r} {v:.3f}" for r, v in event.get("train_loss", {}).items())
-        return (f"  round {event['round']}/{total} done in {event['seconds']:.1f}s  train loss {loss or '-'}"
-                f"  | perplexity {_fmt_ppl(event['perplexity'])}  | epsilon {eps}")
+        return (
+            f"  round {event['round']}/{total} done in {event['seconds']:.1f}s  train loss {loss or '-'}"
+            f"  | perplexity {_fmt_ppl(event['perplexity'])}  | epsilon {eps}"
+        )
     if kind == "audit_started":
-        return f"  memorisation audit on each node (canaries, membership inference, PII in generations) ..."
+        return "  memorisation audit on each node (canaries, membership inference, PII in generations) ..."
     if kind == "audit_node":
         m = event["metrics"]
-        top = max((k for k in m if k.startswith("exposure-rep") and k.endswith("-max")),
-                  key=lambda k: int(k.split("rep")[1].split("-")[0]), default=None)
+        top = max(
+            (k for k in m if k.startswith("exposure-rep") and k.endswith("-max")),
+            key=lambda k: int(k.split("rep")[1].split("-")[0]),
+            default=None,
+        )
         exposure = f"max exposure of the most repeated canaries {m[top]:.1f} bits, " if top else ""
-        return (f"    {event['node']:<6} audited: {exposure}membership AUC {m.get('mia-loss-auc', float('nan')):.2f}, "
-                f"{int(m.get('pii-spans', 0))} PII-like spans in {int(m.get('generations', 0))} generations")
+        return (
+            f"    {event['node']:<6} audited: {exposure}membership AUC {m.get('mia-loss-auc', float('nan')):.2f}, "
+            f"{int(m.get('pii-spans', 0))} PII-like spans in {int(m.get('generations', 0))} generations"
+        )
     if kind == "audit_failed":
         return f"    {event['node']:<6} audit failed: {event['reason']}"
     if kind == "evaluation_failed":
@@ -294,16 +315,19 @@ def render_summary(summary: dict, cfg: FedsovConfig, seconds: float) -> str:
     if not summary["secure_aggregation"]:
         lines.append("  secure aggregation was OFF: the coordinator saw every client's update")
     units = ", ".join(f"{n}: delta {r['delta']:g} per {r['unit']}" for n, r in summary["regions"].items() if r["delta"])
-    privacy = (f"epsilon is cumulative per dataset across runs, kept in each node's privacy ledger ({units})"
-               if p["enabled"] else "NO differential privacy in this run")
+    privacy = (
+        f"epsilon is cumulative per dataset across runs, kept in each node's privacy ledger ({units})"
+        if p["enabled"]
+        else "NO differential privacy in this run"
+    )
     out = summary["outputs"]
     lines += [
         f"  {privacy}",
         f"  adapter : {out['adapter']}   (PeftModel.from_pretrained(base, path); base: {summary['model']['path']})",
-        f"  provenance: {Path(out['adapter']) / 'fedsov-manifest.json'}; audit log: {Path(out['run_dir']) / 'audit.jsonl'}",
+        f"  provenance: {Path(out['adapter']) / 'fedsov-manifest.json'}; "
+        f"audit log: {Path(out['run_dir']) / 'audit.jsonl'}",
         f"  metrics : {out['metrics']}",
         f"  config  : {out['config']}",
         f"  summary : {Path(out['run_dir']) / 'summary.json'}",
     ]
     return "\n".join(lines)
-

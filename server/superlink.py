@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from common.credentials import TlsFiles
 from common.errors import FederationError
@@ -73,7 +74,10 @@ class FlowerControl:
         """Everything the run's ServerApp has logged so far."""
         result = subprocess.run(
             [flower_bin("flwr"), "log", str(run_id), CONNECTION, "--show"],
-            env=self.env, capture_output=True, text=True, timeout=120,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
         return result.stdout + result.stderr
 
@@ -92,7 +96,9 @@ class FlowerControl:
     def register_node(self, public_key: Path) -> int:
         out = self._flwr(["supernode", "register", str(public_key), CONNECTION, "--format", "json"])
         if not out.get("success") or "node-id" not in out:
-            raise FederationError(f"Registering {public_key} with the SuperLink failed: {out.get('error-message', out)}")
+            raise FederationError(
+                f"Registering {public_key} with the SuperLink failed: {out.get('error-message', out)}"
+            )
         return int(out["node-id"])
 
     def nodes(self) -> list[dict[str, Any]]:
@@ -107,7 +113,8 @@ class FlowerControl:
             return json.loads(result.stdout)
         except json.JSONDecodeError as err:
             raise FederationError(
-                f"`flwr {' '.join(args[:2])}` gave no JSON (exit {result.returncode}): {result.stdout[-500:]} {result.stderr[-500:]}"
+                f"`flwr {' '.join(args[:2])}` gave no JSON (exit {result.returncode}): "
+                f"{result.stdout[-500:]} {result.stderr[-500:]}"
             ) from err
 
 
@@ -118,9 +125,19 @@ class LocalSuperLink:
     deployments use; node authentication needs TLS in Flower and is on for deployments.
     """
 
-    def __init__(self, flwr_home: Path, log_path: Path, *, simulation: bool, host: str = "127.0.0.1",
-                 port: int | None = None, tls: TlsFiles | None = None, node_auth: bool = False,
-                 database: Path | None = None, extra_args: Sequence[str] = ()):
+    def __init__(
+        self,
+        flwr_home: Path,
+        log_path: Path,
+        *,
+        simulation: bool,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        tls: TlsFiles | None = None,
+        node_auth: bool = False,
+        database: Path | None = None,
+        extra_args: Sequence[str] = (),
+    ):
         self.flwr_home = flwr_home
         self.log_path = log_path
         self.host = host
@@ -130,13 +147,23 @@ class LocalSuperLink:
         self.tls = tls
         self.env = flower_environment(flwr_home)
         security = (
-            ["--ssl-ca-certfile", str(tls.ca_cert), "--ssl-certfile", str(tls.server_cert),
-             "--ssl-keyfile", str(tls.server_key)] if tls else ["--insecure"]
+            [
+                "--ssl-ca-certfile",
+                str(tls.ca_cert),
+                "--ssl-certfile",
+                str(tls.server_cert),
+                "--ssl-keyfile",
+                str(tls.server_key),
+            ]
+            if tls
+            else ["--insecure"]
         )
         self._args = [
             flower_bin("flower-superlink"),
-            "--host", host,
-            "--port", str(self.port),
+            "--host",
+            host,
+            "--port",
+            str(self.port),
             "--disable-runtime-dependency-installation",
             *(["--simulation"] if simulation else []),
             *security,
@@ -154,7 +181,9 @@ class LocalSuperLink:
         log = open(self.log_path, "ab")
         env = {**self.env, **(extra_env or {})}
         # A new session: stopping the group also stops the simulation process and Ray it spawns.
-        self.process = subprocess.Popen(self._args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.process = subprocess.Popen(
+            self._args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         deadline = time.monotonic() + timeout
         import httpx
 
@@ -163,16 +192,18 @@ class LocalSuperLink:
         try:
             while time.monotonic() < deadline:
                 if self.process.poll() is not None:
-                    raise FederationError(f"flower-superlink exited with code {self.process.returncode}; "
-                                          f"see {self.log_path}.")
+                    raise FederationError(
+                        f"flower-superlink exited with code {self.process.returncode}; see {self.log_path}."
+                    )
                 try:
                     if httpx.get(f"{scheme}://{self.address}/health", timeout=1.0, verify=verify).is_success:
                         return
                 except httpx.HTTPError:
                     pass
                 time.sleep(0.3)
-            raise FederationError(f"flower-superlink did not become healthy within {timeout:.0f}s; "
-                                  f"see {self.log_path}.")
+            raise FederationError(
+                f"flower-superlink did not become healthy within {timeout:.0f}s; see {self.log_path}."
+            )
         except BaseException:  # also Ctrl-C or SIGTERM while waiting: nothing started here may outlive it
             self.stop()
             raise

@@ -8,9 +8,9 @@ config is validated first, then the jobs run one after another, each in its own 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Sequence
 
 from common.config import config_to_yaml, default_config_dir, load_config
 from common.errors import ConfigError, FedsovError
@@ -38,8 +38,9 @@ def swept_keys(overrides: Sequence[str]) -> list[str]:
     return [o.key_or_group for o in OverridesParser.create().parse_overrides(list(overrides)) if o.is_sweep_override()]
 
 
-def sweep(overrides: Sequence[str], config_dir: Path | None, run_one: Callable[[list[str]], int],
-          out: Out = print) -> int:
+def sweep(
+    overrides: Sequence[str], config_dir: Path | None, run_one: Callable[[list[str]], int], out: Out = print
+) -> int:
     """Validate every job, run each with `run_one(overrides)`, print the sweep table; 0 only if every job did."""
     jobs = expand(overrides)
     keys = swept_keys(overrides)
@@ -47,8 +48,10 @@ def sweep(overrides: Sequence[str], config_dir: Path | None, run_one: Callable[[
     if "resume" in given:
         raise ConfigError("resume=<run_dir> continues one run, which a sweep cannot do: drop -m to resume it.")
     if "run_dir" in given and "run_dir" not in keys and len(jobs) > 1:
-        raise ConfigError("run_dir=<folder> names one run, but this sweep makes "
-                          f"{len(jobs)}: drop run_dir (each job gets <workdir>/runs/<time>-job<N>), or sweep it too.")
+        raise ConfigError(
+            "run_dir=<folder> names one run, but this sweep makes "
+            f"{len(jobs)}: drop run_dir (each job gets <workdir>/runs/<time>-job<N>), or sweep it too."
+        )
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     planned = []
     for index, job in enumerate(jobs):
@@ -99,8 +102,15 @@ def render_sweep(results: list[dict], keys: list[str], stamp: str, record: Path)
         else:
             # "partial" (a planned region or node contributed nothing) says more than its exit code alone.
             recorded = summary.get("status", "completed")
-            status = recorded if r["exit_code"] == 0 else (
-                f"{recorded} (exit {r['exit_code']})" if recorded != "completed" else f"FAILED (exit {r['exit_code']})")
+            status = (
+                recorded
+                if r["exit_code"] == 0
+                else (
+                    f"{recorded} (exit {r['exit_code']})"
+                    if recorded != "completed"
+                    else f"FAILED (exit {r['exit_code']})"
+                )
+            )
             rounds = str(summary.get("rounds_completed", "-"))
             eps = " ".join(f"{n} {_eps(v.get('epsilon'))}" for n, v in summary["regions"].items()) or "-"
             o = summary.get("overall") or {}
@@ -108,10 +118,12 @@ def render_sweep(results: list[dict], keys: list[str], stamp: str, record: Path)
             ppl = f"{before:.2f} -> {after:.2f}" if before and after else "n/a"
         rows.append([str(r["job"]), *(values.get(k, "") for k in keys), status, rounds, eps, ppl, r["run_dir"]])
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
-    lines = [f"Sweep {stamp}: {sum(r['exit_code'] == 0 for r in results)}/{len(results)} runs succeeded "
-             f"(record: {record / 'sweep.json'})"]
+    lines = [
+        f"Sweep {stamp}: {sum(r['exit_code'] == 0 for r in results)}/{len(results)} runs succeeded "
+        f"(record: {record / 'sweep.json'})"
+    ]
     for row in rows:
-        lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1])
+        lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(row[:-1], widths, strict=True)) + "  " + row[-1])
     return "\n".join(lines)
 
 
@@ -149,6 +161,8 @@ def show_info(overrides: Sequence[str], config_dir: Path | None, out: Out = prin
     out(f"Overrides: {' '.join(overrides) or '(none)'}")
     if len(jobs) > 1:
         out(f"Sweep (-m): {len(jobs)} jobs over {', '.join(swept_keys(overrides))}")
-    out("A run directory keeps config.yaml (resolved); `fedsov simulate` also writes these overrides to its "
-        ".hydra/overrides.yaml.")
+    out(
+        "A run directory keeps config.yaml (resolved); `fedsov simulate` also writes these overrides to its "
+        ".hydra/overrides.yaml."
+    )
     return 0

@@ -25,8 +25,10 @@ ROUND_SCALARS = ("clients_trained", "upload_bytes_per_client", "clipped_values",
 def check_trackers(cfg: FedsovConfig) -> None:
     """Refuse, before anything starts, a tracker that is asked for but cannot be written."""
     if cfg.tracking.tensorboard and importlib.util.find_spec("tensorboard") is None:
-        raise ConfigError("tracking.tensorboard=true needs the tensorboard package, which is not installed: "
-                          "`pip install tensorboard`, or set tracking.tensorboard=false.")
+        raise ConfigError(
+            "tracking.tensorboard=true needs the tensorboard package, which is not installed: "
+            "`pip install tensorboard`, or set tracking.tensorboard=false."
+        )
 
 
 def scalars(row: dict[str, Any]) -> dict[str, float]:
@@ -82,12 +84,21 @@ def _start_mlflow(cfg: FedsovConfig, run_dir: Path):
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment(MLFLOW_EXPERIMENT)
     mlflow.start_run(run_name=run_dir.name)
-    mlflow.log_params({
-        "regions": ",".join(cfg.regions), "rounds": cfg.federation.rounds,
-        "local_steps": cfg.federation.local_steps, "batch_size": cfg.federation.batch_size,
-        "learning_rate": cfg.federation.learning_rate, "dp": cfg.privacy.enabled,
-        "target_epsilon": cfg.privacy.target_epsilon, "noise_multiplier": cfg.privacy.noise_multiplier,
-        "secure_aggregation": cfg.secure_aggregation.enabled, "model": cfg.model.name_or_path,
-        "lora_rank": cfg.model.lora.rank, "lora_ffa": cfg.model.lora.ffa, "run_dir": str(run_dir),
-    })
+    mlflow.log_params(
+        {
+            "regions": ",".join(cfg.regions),
+            "rounds": cfg.federation.rounds,
+            "local_steps": cfg.federation.local_steps,
+            "batch_size": cfg.federation.batch_size,
+            "learning_rate": cfg.federation.learning_rate,
+            "dp": cfg.privacy.enabled,
+            "target_epsilon": cfg.privacy.target_epsilon,
+            "noise_multiplier": cfg.privacy.noise_multiplier,
+            "secure_aggregation": cfg.secure_aggregation.enabled,
+            "model": cfg.model.name_or_path,
+            "lora_rank": cfg.model.lora.rank,
+            "lora_ffa": cfg.model.lora.ffa,
+            "run_dir": str(run_dir),
+        }
+    )
     return mlflow

@@ -10,6 +10,11 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Each of xdist's workers has a core to itself: one compute thread each (and in the processes a test
+    # starts, which inherit this), not two workers fighting over both cores.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 # A smaller recipe than the default so the suite stays fast; same code path.
 MICRO_MODEL = [
@@ -23,13 +28,21 @@ MICRO_MODEL = [
 
 @pytest.fixture(scope="session")
 def model_cache(tmp_path_factory) -> Path:
-    """Cache folder holding the micro embedded model, built once for the whole session."""
+    """Cache folder holding the micro embedded model, built once for the whole session, shared by all of
+    pytest-xdist's workers (the first to take the lock builds it, the others find it)."""
+    from filelock import FileLock
+
     from common.config import load_config
     from common.model.loading import resolve_model_path
 
-    cache = tmp_path_factory.mktemp("fedsov-cache")
-    cfg = load_config([f"model.cache_dir={cache}", *MICRO_MODEL])
-    resolve_model_path(cfg.model, log=lambda m: None)
+    # Under xdist each worker's base folder sits in the session's shared one.
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent
+    cache = shared / "fedsov-cache"
+    with FileLock(str(shared / "fedsov-cache.lock")):
+        cfg = load_config([f"model.cache_dir={cache}", *MICRO_MODEL])
+        resolve_model_path(cfg.model, log=lambda m: None)
     return cache
 
 

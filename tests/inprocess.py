@@ -7,13 +7,12 @@ exactly what each node sent.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
 from uuid import uuid4
-
-import dataclasses
 
 from flwr.app import Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
@@ -35,7 +34,7 @@ class InProcessGrid:
     after_delivery: Callable[[Message, Context], None] | None = None
 
     @classmethod
-    def for_config(cls, cfg: FedsovConfig, client_app=None) -> "InProcessGrid":
+    def for_config(cls, cfg: FedsovConfig, client_app=None) -> InProcessGrid:
         if client_app is None:
             from client.app import app as client_app
         # Messages take their run id from the process's task identity, as under Flower.

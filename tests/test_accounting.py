@@ -76,8 +76,9 @@ def add_delta(eps, sigma, q):
     if inner <= 0:
         return 0.0
     x = sigma**2 * math.log(inner / q) + 0.5
-    return stats.norm.cdf(x / sigma) - math.exp(eps) * ((1 - q) * stats.norm.cdf(x / sigma)
-                                                        + q * stats.norm.cdf((x - 1) / sigma))
+    return stats.norm.cdf(x / sigma) - math.exp(eps) * (
+        (1 - q) * stats.norm.cdf(x / sigma) + q * stats.norm.cdf((x - 1) / sigma)
+    )
 
 
 def exact_epsilon(delta_of_eps, delta):
@@ -100,8 +101,10 @@ def test_full_batch_epsilon_is_at_least_the_gaussian_mechanisms_and_within_one_p
 @pytest.mark.parametrize("sigma, q", [(0.8, 0.3), (1.0, 0.14), (0.6, 0.05), (2.0, 0.5)])
 def test_one_subsampled_step_is_at_least_its_exact_epsilon_and_within_one_percent(sigma, q):
     delta = 1e-5
-    exact = max(exact_epsilon(lambda e: remove_delta(e, sigma, q), delta),
-                exact_epsilon(lambda e: add_delta(e, sigma, q), delta) if add_delta(0.0, sigma, q) > delta else 0.0)
+    exact = max(
+        exact_epsilon(lambda e: remove_delta(e, sigma, q), delta),
+        exact_epsilon(lambda e: add_delta(e, sigma, q), delta) if add_delta(0.0, sigma, q) > delta else 0.0,
+    )
     ours = epsilon_spent([DpSgdSteps(sigma, q, 1)], delta)
     assert exact <= ours <= 1.01 * exact, (ours, exact)
 
@@ -139,8 +142,10 @@ def test_adding_steps_lowers_epsilon_by_at_most_the_slack(past, added):
     assert after >= before * (1 - MONOTONE_SLACK), (before, after)
 
 
-@pytest.mark.parametrize("target, delta, q, steps", [(3.0, 1e-5, 32 / 230, 50), (1.0, 1e-5, 0.08, 50),
-                                                     (0.3, 1e-6, 0.01, 1000), (8.0, 1e-5, 0.5, 5)])
+@pytest.mark.parametrize(
+    "target, delta, q, steps",
+    [(3.0, 1e-5, 32 / 230, 50), (1.0, 1e-5, 0.08, 50), (0.3, 1e-6, 0.01, 1000), (8.0, 1e-5, 0.5, 5)],
+)
 def test_noise_for_target_is_the_smallest_sigma_within_one_percent(target, delta, q, steps):
     sigma = noise_for_target(target, delta, q, steps)
     assert epsilon_spent([DpSgdSteps(sigma, q, steps)], delta) <= target

@@ -1,5 +1,6 @@
 """Hash-chained audit logs: tamper evidence, and the command that verifies them."""
 
+import itertools
 import json
 
 import pytest
@@ -12,8 +13,15 @@ def filled_log(tmp_path, n=5):
     key = EvidenceKey.load_or_create(tmp_path / "keys", logs=(tmp_path / "audit.jsonl",))
     log = AuditLog(tmp_path / "audit.jsonl", actor="node:eu-1", key=key)
     for i in range(n):
-        log.record("plan", "accepted", reason=f"round {i + 1} within policy", round=i + 1, policy_hash="ab" * 32,
-                   bytes_sent=1000 + i, epsilon=0.5 * (i + 1))
+        log.record(
+            "plan",
+            "accepted",
+            reason=f"round {i + 1} within policy",
+            round=i + 1,
+            policy_hash="ab" * 32,
+            bytes_sent=1000 + i,
+            epsilon=0.5 * (i + 1),
+        )
     return log
 
 
@@ -23,7 +31,7 @@ def test_entries_carry_the_required_fields_and_chain(tmp_path):
     assert [e["seq"] for e in entries] == [1, 2, 3, 4, 5]
     for field in ("time", "round", "decision", "reason", "policy_hash", "bytes_sent", "epsilon", "prev", "hash"):
         assert field in entries[0]
-    assert all(b["prev"] == a["hash"] for a, b in zip(entries, entries[1:]))
+    assert all(b["prev"] == a["hash"] for a, b in itertools.pairwise(entries))
 
 
 @pytest.mark.parametrize(

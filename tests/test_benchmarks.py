@@ -14,8 +14,19 @@ SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 
 
 def test_dp_overhead_quick_writes_every_mode(model_cache, tmp_path):
-    done = subprocess.run([sys.executable, str(SCRIPTS / "bench_dp_overhead.py"), "--quick", "--out", str(tmp_path),
-                           f"model.cache_dir={model_cache}"], capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPTS / "bench_dp_overhead.py"),
+            "--quick",
+            "--out",
+            str(tmp_path),
+            f"model.cache_dir={model_cache}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     record = json.loads((tmp_path / "dp-overhead.json").read_text())
     assert (record["device"] == "cpu" or record["device"].startswith("cuda")) and record["quick"] is True
@@ -30,9 +41,20 @@ def test_dp_overhead_quick_writes_every_mode(model_cache, tmp_path):
 
 
 def test_message_start_quick_measures_each_message_kind(model_cache, tmp_path):
-    done = subprocess.run([sys.executable, str(SCRIPTS / "bench_message_start.py"), "--quick", "--out", str(tmp_path),
-                           f"model.cache_dir={model_cache}", f"workdir={tmp_path / 'work'}"],
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPTS / "bench_message_start.py"),
+            "--quick",
+            "--out",
+            str(tmp_path),
+            f"model.cache_dir={model_cache}",
+            f"workdir={tmp_path / 'work'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     record = json.loads((tmp_path / "message-start.json").read_text())
     assert record["device"] == "cpu" or record["device"].startswith("cuda")
@@ -49,8 +71,19 @@ def test_message_start_quick_measures_each_message_kind(model_cache, tmp_path):
 
 
 def test_federation_quick_compares_secure_and_plain(model_cache, tmp_path):
-    done = subprocess.run([sys.executable, str(SCRIPTS / "bench_federation.py"), "--quick", "--out", str(tmp_path),
-                           f"model.cache_dir={model_cache}"], capture_output=True, text=True, timeout=900)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPTS / "bench_federation.py"),
+            "--quick",
+            "--out",
+            str(tmp_path),
+            f"model.cache_dir={model_cache}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     record = json.loads((tmp_path / "federation.json").read_text())
     assert {(r["clients"], r["secure_aggregation"]) for r in record["runs"]} == {(4, True), (4, False)}
@@ -79,8 +112,19 @@ def test_growth_per_added_client_finds_the_bend():
 
 
 def test_privacy_utility_quick_runs_both_lora_kinds_on_the_same_canaries(model_cache, tmp_path):
-    done = subprocess.run([sys.executable, str(SCRIPTS / "bench_privacy_utility.py"), "--quick", "--out", str(tmp_path),
-                           f"model.cache_dir={model_cache}"], capture_output=True, text=True, timeout=900)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPTS / "bench_privacy_utility.py"),
+            "--quick",
+            "--out",
+            str(tmp_path),
+            f"model.cache_dir={model_cache}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     record = json.loads((tmp_path / "privacy-utility.json").read_text())
     arms = {(a["target_epsilon"], a["ffa"]): a for a in record["arms"]}
@@ -95,7 +139,9 @@ def test_privacy_utility_quick_runs_both_lora_kinds_on_the_same_canaries(model_c
     # The DP arm measured the first arm's canaries: its nodes hold the very same canary files.
     runs = tmp_path / "runs"
     for node in (runs / "lora-no-dp" / "nodes").iterdir():
-        assert (runs / "ffa-lora-eps8" / "nodes" / node.name / "canaries.json").read_bytes() == (node / "canaries.json").read_bytes()
+        assert (runs / "ffa-lora-eps8" / "nodes" / node.name / "canaries.json").read_bytes() == (
+            node / "canaries.json"
+        ).read_bytes()
     # FFA-LoRA kept A at its initialisation: the final adapter's A equals a fresh adapter's, B moved.
     import torch
     from safetensors.torch import load_file
@@ -113,18 +159,40 @@ def test_privacy_utility_quick_runs_both_lora_kinds_on_the_same_canaries(model_c
     assert all(torch.equal(final[k], initial[k]) for k in final if "lora_A" in k)
     assert any(not torch.equal(final[k], initial[k]) for k in final if "lora_B" in k)
     # --report-only re-reads the finished runs and writes the same numbers without running anything.
-    again = subprocess.run([sys.executable, str(SCRIPTS / "bench_privacy_utility.py"), "--quick", "--report-only",
-                            "--out", str(tmp_path), f"model.cache_dir={model_cache}"], capture_output=True, text=True,
-                           timeout=300)
+    again = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPTS / "bench_privacy_utility.py"),
+            "--quick",
+            "--report-only",
+            "--out",
+            str(tmp_path),
+            f"model.cache_dir={model_cache}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads((tmp_path / "privacy-utility.json").read_text())["arms"] == record["arms"]
     table = (tmp_path / "privacy-utility.md").read_text()
-    assert "| FFA-LoRA | 8 |" in table and "| LoRA | no DP |" in table and (tmp_path / "privacy-utility.png").stat().st_size > 0
+    assert (
+        "| FFA-LoRA | 8 |" in table
+        and "| LoRA | no DP |" in table
+        and (tmp_path / "privacy-utility.png").stat().st_size > 0
+    )
 
 
 def test_dp_sweep_quick_runs_every_optimiser_and_lora_kind_and_resumes_from_finished_arms(model_cache, tmp_path):
-    command = [sys.executable, str(SCRIPTS / "bench_dp_sweep.py"), "--quick", "--no-confirm", "--out", str(tmp_path),
-               f"model.cache_dir={model_cache}"]
+    command = [
+        sys.executable,
+        str(SCRIPTS / "bench_dp_sweep.py"),
+        "--quick",
+        "--no-confirm",
+        "--out",
+        str(tmp_path),
+        f"model.cache_dir={model_cache}",
+    ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     record = json.loads((tmp_path / "dp-sweep.json").read_text())
@@ -136,9 +204,11 @@ def test_dp_sweep_quick_runs_every_optimiser_and_lora_kind_and_resumes_from_fini
     assert (shape["optimizer"], shape["ffa"], shape["rank"]) == (at8["optimizer"], at8["ffa"], 16)
     # Epsilon 1 is tried again with the best epsilon-8 setting (a new arm when the rank-16 one won).
     best8 = min((a for a in record["arms"] if a["epsilon"] == 8.0), key=lambda a: a["perplexity"])
-    assert arms == {(None, "adamw", False, 8), (8.0, shape["optimizer"], shape["ffa"], 16),
-                    (1.0, best8["optimizer"], best8["ffa"], best8["rank"])} | {
-        (e, o, f, 8) for e in (8.0, 1.0) for o in ("adamw", "sgd") for f in (False, True)}
+    assert arms == {
+        (None, "adamw", False, 8),
+        (8.0, shape["optimizer"], shape["ffa"], 16),
+        (1.0, best8["optimizer"], best8["ffa"], best8["rank"]),
+    } | {(e, o, f, 8) for e in (8.0, 1.0) for o in ("adamw", "sgd") for f in (False, True)}
     for a in record["arms"]:
         # Perplexity is not bounded above: DP-SGD on 16-record batches at sigma ~1 may wreck the tiny model.
         assert a["perplexity"] > 1 and len(a["perplexity_by_round"]) == 1
@@ -155,8 +225,12 @@ def test_dp_sweep_quick_runs_every_optimiser_and_lora_kind_and_resumes_from_fini
 
 
 def test_model_scale_quick_measures_every_mode(tmp_path):
-    done = subprocess.run([sys.executable, str(SCRIPTS / "bench_model_scale.py"), "--quick", "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, str(SCRIPTS / "bench_model_scale.py"), "--quick", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     record = json.loads((tmp_path / "model-scale.json").read_text())
     assert record["quick"] is True and (record["device"] == "cpu" or record["device"].startswith("cuda"))
@@ -177,8 +251,12 @@ def test_model_scale_quick_measures_every_mode(tmp_path):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine-without-CUDA path")
 def test_device_check_without_cuda_says_so_exits_0_and_writes_nothing(tmp_path):
     out = tmp_path / "device-check.json"
-    done = subprocess.run([sys.executable, str(SCRIPTS / "device_check.py"), "--out", str(out)],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, str(SCRIPTS / "device_check.py"), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "needs a CUDA device" in done.stdout and "nothing was checked" in done.stdout
     assert not out.exists()
@@ -186,8 +264,12 @@ def test_device_check_without_cuda_says_so_exits_0_and_writes_nothing(tmp_path):
 
 def test_accounting_bench_compares_pld_with_rdp_and_times_each_call(tmp_path):
     # No --quick: the whole script takes seconds.
-    done = subprocess.run([sys.executable, str(SCRIPTS / "bench_accounting.py"), "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, str(SCRIPTS / "bench_accounting.py"), "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     record = json.loads((tmp_path / "accounting.json").read_text())
     for row in record["accountants"]:

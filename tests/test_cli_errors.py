@@ -13,9 +13,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import psutil
 import pytest
@@ -38,12 +38,18 @@ def tokenizer_model(tmp_path_factory) -> Path:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=2000, special_tokens=["<|endoftext|>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([r.text for r in generate_region_records("us", ["en_US"], seed=99, num_users=100)],
-                            trainer=trainer)
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
-                            unk_token="<|endoftext|>").save_pretrained(folder)
+    trainer = trainers.BpeTrainer(
+        vocab_size=2000,
+        special_tokens=["<|endoftext|>"],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(
+        [r.text for r in generate_region_records("us", ["en_US"], seed=99, num_users=100)], trainer=trainer
+    )
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>", unk_token="<|endoftext|>"
+    ).save_pretrained(folder)
     config = GPT2Config(vocab_size=2000, n_positions=128, n_embd=16, n_layer=1, n_head=1)
     # Random tiny weights: the start checks refuse a model folder without any (50k values, a few ms to write).
     GPT2LMHeadModel(config).save_pretrained(folder)
@@ -72,8 +78,9 @@ class Ctx:
 
         run = self.tmp / "run"
         (run / "adapter").mkdir(parents=True)
-        (run / "adapter" / "fedsov-manifest.json").write_text(json.dumps(
-            {"contributing_regions": {"eu": {"allowed_deployment": ["EU"], "law": "GDPR"}}}))
+        (run / "adapter" / "fedsov-manifest.json").write_text(
+            json.dumps({"contributing_regions": {"eu": {"allowed_deployment": ["EU"], "law": "GDPR"}}})
+        )
         EvidenceKey.load_or_create(RunDirectory(run).coordinator_key_dir)  # the coordinator's: exports are logged
         return run
 
@@ -84,8 +91,11 @@ class Ctx:
 
     def region_file(self, region: str, drop_line: str) -> Path:
         path = self.configs / "regions" / f"{region}.yaml"
-        path.write_text("".join(line for line in path.read_text().splitlines(keepends=True)
-                                if not line.lstrip().startswith(drop_line)))
+        path.write_text(
+            "".join(
+                line for line in path.read_text().splitlines(keepends=True) if not line.lstrip().startswith(drop_line)
+            )
+        )
         return path
 
 
@@ -159,110 +169,271 @@ def wrong_region(c: Ctx) -> Path:
 
 def bare_tag(c: Ctx) -> Path:
     folder = c.us_data()
-    (folder / "tagged.jsonl").write_text(json.dumps(
-        {"text": "about my health", "region": "us", "user_id": "t", "consent": True, "tags": "special:health"}) + "\n")
+    (folder / "tagged.jsonl").write_text(
+        json.dumps(
+            {"text": "about my health", "region": "us", "user_id": "t", "consent": True, "tags": "special:health"}
+        )
+        + "\n"
+    )
     return folder
 
 
 CASES = [
     # Config files and the command line
-    Case("yaml-syntax-dry-run", lambda c: with_bad_yaml(c, ["policy", "dry-run"]), 2,
-         ("default.yaml line", "is not valid YAML", "Fix the YAML syntax in that file")),
-    Case("yaml-syntax-simulate", lambda c: with_bad_yaml(c, ["simulate", f"workdir={c.tmp / 'w'}"]), 2,
-         ("default.yaml line", "is not valid YAML")),
-    Case("relative-config-dir-simulate", lambda c: relative_configs(c, ["simulate", "federation.rounds=0"]), 2,
-         ("'federation.rounds' = 0: must be at least 1",), ("absolute",)),
-    Case("relative-config-dir-deploy-local", lambda c: relative_configs(c, ["deploy", "local", "federation.rounds=0"]),
-         2, ("'federation.rounds' = 0: must be at least 1",), ("absolute",)),
-    Case("relative-config-dir-node-start", lambda c: relative_configs(c, [
-        "node", "start", "--insecure", "--region", "us", "--data", str(c.tmp / "missing"), "--state-dir",
-        str(c.tmp / "state"), "--model-path", str(c.model)]), 2, ("missing: no such file or folder",), ("absolute",)),
-    Case("missing-config-dir", lambda c: ["--config-dir", str(c.tmp / "nowhere"), "policy", "dry-run"], 2,
-         ("No config.yaml in config folder",)),
+    Case(
+        "yaml-syntax-dry-run",
+        lambda c: with_bad_yaml(c, ["policy", "dry-run"]),
+        2,
+        ("default.yaml line", "is not valid YAML", "Fix the YAML syntax in that file"),
+    ),
+    Case(
+        "yaml-syntax-simulate",
+        lambda c: with_bad_yaml(c, ["simulate", f"workdir={c.tmp / 'w'}"]),
+        2,
+        ("default.yaml line", "is not valid YAML"),
+    ),
+    Case(
+        "relative-config-dir-simulate",
+        lambda c: relative_configs(c, ["simulate", "federation.rounds=0"]),
+        2,
+        ("'federation.rounds' = 0: must be at least 1",),
+        ("absolute",),
+    ),
+    Case(
+        "relative-config-dir-deploy-local",
+        lambda c: relative_configs(c, ["deploy", "local", "federation.rounds=0"]),
+        2,
+        ("'federation.rounds' = 0: must be at least 1",),
+        ("absolute",),
+    ),
+    Case(
+        "relative-config-dir-node-start",
+        lambda c: relative_configs(
+            c,
+            [
+                "node",
+                "start",
+                "--insecure",
+                "--region",
+                "us",
+                "--data",
+                str(c.tmp / "missing"),
+                "--state-dir",
+                str(c.tmp / "state"),
+                "--model-path",
+                str(c.model),
+            ],
+        ),
+        2,
+        ("missing: no such file or folder",),
+        ("absolute",),
+    ),
+    Case(
+        "missing-config-dir",
+        lambda c: ["--config-dir", str(c.tmp / "nowhere"), "policy", "dry-run"],
+        2,
+        ("No config.yaml in config folder",),
+    ),
     Case("override-typo", lambda c: ["policy", "dry-run", "federation.roundz=3"], 2, ("Did you mean 'rounds'?",)),
-    Case("policy-override", lambda c: ["policy", "dry-run", "regions.eu.policy.law=X"], 2,
-         ("would change only the coordinator's copy",)),
-    Case("policy-file-missing-law", lambda c: ["policy", "validate", str(c.region_file("eu", "law:"))], 2,
-         ("missing or unset (???): policy.law", "set in the file itself"), ("command line",)),
-    Case("policy-file-empty", lambda c: ["policy", "validate", str(c.file("empty.yaml", ""))], 2,
-         ("is empty (or not a mapping)", "Copy configs/region-template.yaml"), ("command line",)),
-    Case("region-file-missing-law-in-dry-run", after(lambda c: c.region_file("eu", "law:"),
-                                                     lambda c: ["policy", "dry-run"]), 2,
-         ("missing or unset (???): policy.law", "set in the file itself"), ("command line",)),
+    Case(
+        "policy-override",
+        lambda c: ["policy", "dry-run", "regions.eu.policy.law=X"],
+        2,
+        ("would change only the coordinator's copy",),
+    ),
+    Case(
+        "policy-file-missing-law",
+        lambda c: ["policy", "validate", str(c.region_file("eu", "law:"))],
+        2,
+        ("missing or unset (???): policy.law", "set in the file itself"),
+        ("command line",),
+    ),
+    Case(
+        "policy-file-empty",
+        lambda c: ["policy", "validate", str(c.file("empty.yaml", ""))],
+        2,
+        ("is empty (or not a mapping)", "Copy configs/region-template.yaml"),
+        ("command line",),
+    ),
+    Case(
+        "region-file-missing-law-in-dry-run",
+        after(lambda c: c.region_file("eu", "law:"), lambda c: ["policy", "dry-run"]),
+        2,
+        ("missing or unset (???): policy.law", "set in the file itself"),
+        ("command line",),
+    ),
     Case("policy-validate-folder", lambda c: ["policy", "validate", str(c.tmp)], 2, ("a folder, not a policy file",)),
-    Case("policy-explain-unknown-region", lambda c: ["policy", "explain", "mars"], 2,
-         ("No region 'mars'", "Known regions: br, ca, cn, eu")),
+    Case(
+        "policy-explain-unknown-region",
+        lambda c: ["policy", "explain", "mars"],
+        2,
+        ("No region 'mars'", "Known regions: br, ca, cn, eu"),
+    ),
     Case("typo-in-subcommand", lambda c: ["simulat"], 2, ("invalid choice: 'simulat'",)),
     Case("no-subcommand", lambda c: [], 2, ("required: command",)),
     Case("no-action", lambda c: ["policy"], 2, ("required: action",)),
     # Where fedsov writes
-    Case("workdir-is-a-file", lambda c: ["simulate", f"workdir={c.file()}/w"], 2,
-         ("Cannot write to", "workdir=<folder>")),
-    Case("data-root-is-a-file", lambda c: ["data", "generate", "regions=[us]", f"data.root={c.file()}/d"], 2,
-         ("Cannot write to", "data.root=<folder>")),
-    Case("state-dir-is-a-file", lambda c: ["node", "start", "--insecure", "--region", "us", "--data", str(c.tmp),
-                                           "--state-dir", str(c.file())], 2, ("Cannot write to", "--state-dir")),
-    Case("fetch-to-a-file", after(lambda c: [(c.tmp / "runs" / "r1").mkdir(parents=True)] + [
-        (c.tmp / "runs" / "r1" / name).write_text("{}") for name in ("config.yaml", "summary.json")],
-        lambda c: ["run", "fetch", "r1", "--runs-dir", str(c.tmp / "runs"), "--to", str(c.file())]), 2,
-         ("Cannot write to", "--to <folder>")),
+    Case(
+        "workdir-is-a-file", lambda c: ["simulate", f"workdir={c.file()}/w"], 2, ("Cannot write to", "workdir=<folder>")
+    ),
+    Case(
+        "data-root-is-a-file",
+        lambda c: ["data", "generate", "regions=[us]", f"data.root={c.file()}/d"],
+        2,
+        ("Cannot write to", "data.root=<folder>"),
+    ),
+    Case(
+        "state-dir-is-a-file",
+        lambda c: ["node", "start", "--insecure", "--region", "us", "--data", str(c.tmp), "--state-dir", str(c.file())],
+        2,
+        ("Cannot write to", "--state-dir"),
+    ),
+    Case(
+        "fetch-to-a-file",
+        after(
+            lambda c: (
+                [(c.tmp / "runs" / "r1").mkdir(parents=True)]
+                + [(c.tmp / "runs" / "r1" / name).write_text("{}") for name in ("config.yaml", "summary.json")]
+            ),
+            lambda c: ["run", "fetch", "r1", "--runs-dir", str(c.tmp / "runs"), "--to", str(c.file())],
+        ),
+        2,
+        ("Cannot write to", "--to <folder>"),
+    ),
     Case("resume-nowhere", lambda c: ["simulate", f"resume={c.tmp / 'nowhere'}"], 2, ("not a fedsov run directory",)),
     # Audit logs, runs, exports, generation
     Case("audit-verify-missing-file", lambda c: ["audit", "verify", str(c.tmp / "nope.jsonl")], 1, ("no such file",)),
     Case("audit-verify-empty-folder", lambda c: ["audit", "verify", str(c.tmp)], 1, ("a folder with no hash-chained",)),
-    Case("audit-verify-folder", lambda c: ["audit", "verify", str(with_audit_log(c))], 0,
-         ("audit.jsonl: OK, 1 entries",)),
-    Case("audit-verify-binary-file", after(lambda c: (c.tmp / "x.jsonl").write_bytes(b"\xff\xfe\n"),
-                                           lambda c: ["audit", "verify", str(c.tmp / "x.jsonl")]), 1,
-         ("not a fedsov log",)),
+    Case(
+        "audit-verify-folder", lambda c: ["audit", "verify", str(with_audit_log(c))], 0, ("audit.jsonl: OK, 1 entries",)
+    ),
+    Case(
+        "audit-verify-binary-file",
+        after(
+            lambda c: (c.tmp / "x.jsonl").write_bytes(b"\xff\xfe\n"),
+            lambda c: ["audit", "verify", str(c.tmp / "x.jsonl")],
+        ),
+        1,
+        ("not a fedsov log",),
+    ),
     Case("report-not-a-run", lambda c: ["report", str(c.tmp)], 2, ("not a fedsov run directory",)),
-    Case("export-to-a-file", lambda c: ["export", str(c.run_dir()), "--to", str(c.file()), "--jurisdiction", "EU"], 2,
-         ("is a file; choose an empty or new folder",)),
-    Case("export-damaged-manifest", after(lambda c: (c.run_dir() / "adapter" / "fedsov-manifest.json").write_text("{"),
-                                          lambda c: ["export", str(c.tmp / "run"), "--to", str(c.tmp / "out"),
-                                                     "--jurisdiction", "EU"]), 2, ("is not valid JSON",)),
-    Case("export-forbidden", lambda c: ["export", str(c.run_dir()), "--to", str(c.tmp / "o"), "--jurisdiction", "US"],
-         2, ("Export to US refused", "Nothing was copied")),
-    Case("generate-zero-tokens", lambda c: ["generate", str(c.tmp), "--max-new-tokens", "0"], 2,
-         ("--max-new-tokens: 0 is too small; give 1 or more",)),
-    Case("generate-samples-not-a-number", lambda c: ["generate", str(c.tmp), "--samples", "three"], 2,
-         ("--samples: 'three' is not a whole number",)),
+    Case(
+        "export-to-a-file",
+        lambda c: ["export", str(c.run_dir()), "--to", str(c.file()), "--jurisdiction", "EU"],
+        2,
+        ("is a file; choose an empty or new folder",),
+    ),
+    Case(
+        "export-damaged-manifest",
+        after(
+            lambda c: (c.run_dir() / "adapter" / "fedsov-manifest.json").write_text("{"),
+            lambda c: ["export", str(c.tmp / "run"), "--to", str(c.tmp / "out"), "--jurisdiction", "EU"],
+        ),
+        2,
+        ("is not valid JSON",),
+    ),
+    Case(
+        "export-forbidden",
+        lambda c: ["export", str(c.run_dir()), "--to", str(c.tmp / "o"), "--jurisdiction", "US"],
+        2,
+        ("Export to US refused", "Nothing was copied"),
+    ),
+    Case(
+        "generate-zero-tokens",
+        lambda c: ["generate", str(c.tmp), "--max-new-tokens", "0"],
+        2,
+        ("--max-new-tokens: 0 is too small; give 1 or more",),
+    ),
+    Case(
+        "generate-samples-not-a-number",
+        lambda c: ["generate", str(c.tmp), "--samples", "three"],
+        2,
+        ("--samples: 'three' is not a whole number",),
+    ),
     Case("generate-no-adapter", lambda c: ["generate", str(c.tmp)], 2, ("holds no adapter",)),
-    Case("generate-no-manifest", after(lambda c: (c.tmp / "adapter_config.json").write_text("{}"),
-                                       lambda c: ["generate", str(c.tmp)]), 2, ("has no fedsov-manifest.json",)),
+    Case(
+        "generate-no-manifest",
+        after(lambda c: (c.tmp / "adapter_config.json").write_text("{}"), lambda c: ["generate", str(c.tmp)]),
+        2,
+        ("has no fedsov-manifest.json",),
+    ),
     # Certificates and keys
-    Case("certs-twice", twice(lambda c: ["certs", "--out", str(c.tmp / "certs")]), 2,
-         ("already exist", "pass --force to replace them")),
-    Case("certs-twice-forced", after(lambda c: main(["certs", "--out", str(c.tmp / "certs")]),
-                                     lambda c: ["certs", "--out", str(c.tmp / "certs"), "--force"]), 0, ("CA ",)),
+    Case(
+        "certs-twice",
+        twice(lambda c: ["certs", "--out", str(c.tmp / "certs")]),
+        2,
+        ("already exist", "pass --force to replace them"),
+    ),
+    Case(
+        "certs-twice-forced",
+        after(
+            lambda c: main(["certs", "--out", str(c.tmp / "certs")]),
+            lambda c: ["certs", "--out", str(c.tmp / "certs"), "--force"],
+        ),
+        0,
+        ("CA ",),
+    ),
     Case("certs-out-a-file", lambda c: ["certs", "--out", str(c.file())], 2, ("is a file, not a folder",)),
-    Case("node-key-twice", twice(lambda c: ["node", "key", "--out", str(c.tmp / "k")]), 2,
-         ("already exists: a node key is never overwritten",)),
+    Case(
+        "node-key-twice",
+        twice(lambda c: ["node", "key", "--out", str(c.tmp / "k")]),
+        2,
+        ("already exists: a node key is never overwritten",),
+    ),
     Case("node-key-under-a-file", lambda c: ["node", "key", "--out", f"{c.file()}/k"], 2, ("Cannot write to",)),
-    Case("node-start-without-ca", lambda c: ["node", "start", "--region", "us", "--data", str(c.tmp), "--state-dir",
-                                             str(c.tmp / "s")], 2, ("Missing --ca and --key",)),
+    Case(
+        "node-start-without-ca",
+        lambda c: ["node", "start", "--region", "us", "--data", str(c.tmp), "--state-dir", str(c.tmp / "s")],
+        2,
+        ("Missing --ca and --key",),
+    ),
     # Data check: the node's own start checks
-    Case("data-check-ok", lambda c: c.check(c.us_data()), 0,
-         ("records read", "without consent", "nothing truncated", "The node would start on this data")),
-    Case("data-check-formats", lambda c: c.check(with_files(c)), 0,
-         ("skipped", ".DS_Store: hidden file", "README.md: documentation, not records", "would start")),
-    Case("data-check-csv", after(lambda c: (c.us_data() / "export.csv").write_text("text,region\n"),
-                                 lambda c: c.check(c.tmp / "us")), 2,
-         ("export.csv (CSV cells carry no types", "convert it to JSONL")),
-    Case("data-check-plain-text-refused", lambda c: c.check(plain_text(c)), 2,
-         ("notes.txt: plain-text files carry no consent", "--plain-text-consent true")),
-    Case("data-check-plain-text-attested", lambda c: c.check(plain_text(c), "--plain-text-consent", "true"), 0,
-         ("would start",)),
-    Case("data-check-truncation", lambda c: c.check(long_record(c)), 0,
-         ("TRUNCATED to model.max_length=128 tokens", "tokens dropped", "raise model.max_length")),
-    Case("data-check-wrong-region", lambda c: c.check(wrong_region(c)), 2,
-         ("stray.jsonl line 1: record region 'eu'",)),
+    Case(
+        "data-check-ok",
+        lambda c: c.check(c.us_data()),
+        0,
+        ("records read", "without consent", "nothing truncated", "The node would start on this data"),
+    ),
+    Case(
+        "data-check-formats",
+        lambda c: c.check(with_files(c)),
+        0,
+        ("skipped", ".DS_Store: hidden file", "README.md: documentation, not records", "would start"),
+    ),
+    Case(
+        "data-check-csv",
+        after(lambda c: (c.us_data() / "export.csv").write_text("text,region\n"), lambda c: c.check(c.tmp / "us")),
+        2,
+        ("export.csv (CSV cells carry no types", "convert it to JSONL"),
+    ),
+    Case(
+        "data-check-plain-text-refused",
+        lambda c: c.check(plain_text(c)),
+        2,
+        ("notes.txt: plain-text files carry no consent", "--plain-text-consent true"),
+    ),
+    Case(
+        "data-check-plain-text-attested",
+        lambda c: c.check(plain_text(c), "--plain-text-consent", "true"),
+        0,
+        ("would start",),
+    ),
+    Case(
+        "data-check-truncation",
+        lambda c: c.check(long_record(c)),
+        0,
+        ("TRUNCATED to model.max_length=128 tokens", "tokens dropped", "raise model.max_length"),
+    ),
+    Case("data-check-wrong-region", lambda c: c.check(wrong_region(c)), 2, ("stray.jsonl line 1: record region 'eu'",)),
     Case("data-check-bare-tag", lambda c: c.check(bare_tag(c)), 2, ("field 'tags' must be a list of strings",)),
     Case("data-check-empty-data-flag", lambda c: c.check(":"), 2, ("--data ':' names no file or folder",)),
     Case("data-check-missing-path", lambda c: c.check(c.tmp / "nowhere"), 2, ("nowhere: no such file or folder",)),
-    Case("data-check-policy-of-another-region", lambda c: ["data", "check", "--region", "mars", "--data",
-                                                           str(c.us_data()), "--model-path", str(c.model)], 2,
-         ("No region policy file",)),
+    Case(
+        "data-check-policy-of-another-region",
+        lambda c: ["data", "check", "--region", "mars", "--data", str(c.us_data()), "--model-path", str(c.model)],
+        2,
+        ("No region policy file",),
+    ),
 ]
 
 
@@ -294,10 +465,18 @@ def test_truncation_and_skipped_files_are_in_the_node_counts(tmp_path, config_di
     folder = with_files(ctx)
     write_jsonl([Record("my parcel was late " * 2000, "us", "long-1", True)], folder / "long.jsonl")
     cfg = load_config(["data.heldout_fraction=0"])  # every record trains: the long one is a training unit
-    node = RegionNode(deployment_settings(cfg, {"region": "us", "data-path": str(folder),
-                                                "state-dir": str(tmp_path / "state"),
-                                                "model-path": str(tokenizer_model),
-                                                "coordinator-jurisdiction": "EU"}))
+    node = RegionNode(
+        deployment_settings(
+            cfg,
+            {
+                "region": "us",
+                "data-path": str(folder),
+                "state-dir": str(tmp_path / "state"),
+                "model-path": str(tokenizer_model),
+                "coordinator-jurisdiction": "EU",
+            },
+        )
+    )
     counts = node.data.counts
     assert counts["skipped_files"] == 2
     assert (counts["truncated_units"], counts["truncated_heldout"]) == (1, 0) and counts["truncated_tokens"] > 1000
@@ -320,13 +499,46 @@ def test_an_unexpected_failure_is_one_line_and_a_log_file(monkeypatch, capsys):
     log.unlink()
 
 
-@pytest.mark.parametrize("command", [None, "simulate", "policy validate", "policy explain", "policy dry-run",
-                                     "audit verify", "audit compare", "report", "generate", "export", "certs",
-                                     "coordinator start", "coordinator register", "coordinator nodes", "node key",
-                                     "node start", "node trust", "node identity", "roster add", "roster show", "run submit", "run watch", "run status", "run fetch",
-                                     "run stop", "run logs", "run pull",
-                                     "data check", "data generate", "deploy local",
-                                     "retention enforce", "ledger backup", "node erase", "run branch", "dpo-record"])
+@pytest.mark.parametrize(
+    "command",
+    [
+        None,
+        "simulate",
+        "policy validate",
+        "policy explain",
+        "policy dry-run",
+        "audit verify",
+        "audit compare",
+        "report",
+        "generate",
+        "export",
+        "certs",
+        "coordinator start",
+        "coordinator register",
+        "coordinator nodes",
+        "node key",
+        "node start",
+        "node trust",
+        "node identity",
+        "roster add",
+        "roster show",
+        "run submit",
+        "run watch",
+        "run status",
+        "run fetch",
+        "run stop",
+        "run logs",
+        "run pull",
+        "data check",
+        "data generate",
+        "deploy local",
+        "retention enforce",
+        "ledger backup",
+        "node erase",
+        "run branch",
+        "dpo-record",
+    ],
+)
 def test_help_of_each_command(command, capsys):
     assert main([*(command.split() if command else []), "--help"]) == 0
     assert "usage: fedsov" in capsys.readouterr().out
@@ -348,6 +560,7 @@ def test_every_command_has_a_help_test():
 
 # -- real processes: closed pipes and signals ----------------------------------------------------
 
+
 class FedsovProcess:
     """`fedsov <args>` from this checkout, output in files (a full pipe would stall it)."""
 
@@ -355,8 +568,9 @@ class FedsovProcess:
         env = {**os.environ, "PYTHONPATH": str(REPO), "FLWR_HOME": str(tmp_path / "flwr-home")}
         self.out_path, self.err_path = tmp_path / "fedsov.out", tmp_path / "fedsov.err"
         with open(self.out_path, "w") as out, open(self.err_path, "w") as err:
-            self.proc = subprocess.Popen([sys.executable, "-m", "common.cli", *args], cwd=REPO, env=env,
-                                         stdout=out, stderr=err)
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "common.cli", *args], cwd=REPO, env=env, stdout=out, stderr=err
+            )
 
     def output(self) -> str:
         return self.out_path.read_text() + self.err_path.read_text()
@@ -414,8 +628,15 @@ def test_output_into_a_closed_pipe_exits_quietly():
     read, write = os.pipe()
     os.close(read)  # the reader (`| head`) has gone before fedsov writes
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    done = subprocess.run([sys.executable, "-m", "common.cli", "policy", "explain", "eu"], cwd=REPO, env=env,
-                          stdout=write, stderr=subprocess.PIPE, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "common.cli", "policy", "explain", "eu"],
+        cwd=REPO,
+        env=env,
+        stdout=write,
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=120,
+    )
     os.close(write)
     assert done.returncode == 141 and done.stderr == "", done.stderr
 
@@ -437,18 +658,37 @@ def test_ctrl_c_stops_a_node_at_once_while_it_waits_for_its_coordinator(tmp_path
     from common.flowerproc import free_port
 
     data = Ctx(tmp_path, config_dir, tokenizer_model).us_data()
-    fedsov = FedsovProcess(["--config-dir", str(config_dir), "node", "start", "--insecure", "--region", "us",
-                            "--data", str(data), "--state-dir", str(tmp_path / "state"), "--model-path",
-                            str(tokenizer_model), "--superlink", f"127.0.0.1:{free_port()}"], tmp_path)
-    fedsov.wait_for(lambda: fedsov.started("flower-supernode"), 120, "a SuperNode")
+    fedsov = FedsovProcess(
+        [
+            "--config-dir",
+            str(config_dir),
+            "node",
+            "start",
+            "--insecure",
+            "--region",
+            "us",
+            "--data",
+            str(data),
+            "--state-dir",
+            str(tmp_path / "state"),
+            "--model-path",
+            str(tokenizer_model),
+            "--superlink",
+            f"127.0.0.1:{free_port()}",
+        ],
+        tmp_path,
+    )
+    fedsov.wait_for(lambda: fedsov.started("client.supernode_loop"), 120, "a SuperNode")
     started = time.monotonic()
     fedsov.stop_and_check(signal.SIGINT, 0, "Node stopped.")
     assert time.monotonic() - started < 30  # not the 60 s connection wait
 
 
 def test_sigterm_stops_a_coordinator(tmp_path):
-    fedsov = FedsovProcess(["coordinator", "start", "--insecure", "--port", "0", "--home", str(tmp_path / "coord")],
-                           tmp_path)
-    fedsov.wait_for(lambda: "listening on" in fedsov.output() and fedsov.started("flower-superexec"), 120,
-                    "the SuperLink")
+    fedsov = FedsovProcess(
+        ["coordinator", "start", "--insecure", "--port", "0", "--home", str(tmp_path / "coord")], tmp_path
+    )
+    fedsov.wait_for(
+        lambda: "listening on" in fedsov.output() and fedsov.started("flower-superexec"), 120, "the SuperLink"
+    )
     fedsov.stop_and_check(signal.SIGTERM, 0, "Coordinator stopped.")

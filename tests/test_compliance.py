@@ -4,23 +4,20 @@ hostile coordinator, the egress guard, planning, provenance and exports.
 A hostile coordinator is played by sending hand-made messages through the in-process grid to
 the real ClientApp; every refusal must leave nothing sent (checked at the message level)."""
 
-import dataclasses
 import json
 from collections import OrderedDict
 
 import pytest
 import torch
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import ConfigRecord, RecordDict
 
 from client.node import LEDGER_FILE
 from common.data.prepare import ensure_synthetic_data
 from common.data.records import Record, write_jsonl
-from common.wire import GLOBAL_ADAPTER, PLAN, REQUEST, SECAGG, state_to_record
-from server.coordinator import Coordinator, ServerModel
-from server.rundir import RunDirectory
+from common.wire import REQUEST, SECAGG
 from server.simulation import resolve_run_config
 from tests.conftest import edit_policy
-from tests.inprocess import Federation, InProcessGrid, assert_refused_with_nothing_sent, run_federation
+from tests.inprocess import Federation, assert_refused_with_nothing_sent, run_federation
 
 
 @pytest.fixture
@@ -29,6 +26,7 @@ def federation(small_overrides):
 
 
 # -- hostile coordinator ----------------------------------------------------------------------
+
 
 def test_weaker_sigma_is_raised_to_the_policy_minimum(federation):
     reply = federation.train("eu-1", noise_multiplier=0.1, target_epsilon=None)
@@ -63,8 +61,14 @@ def test_plans_that_break_the_policy_are_refused(federation, changes, fragments)
 
 def test_a_smaller_real_cohort_than_planned_is_refused_at_key_exchange(federation):
     federation.train("eu-1")
-    keys = ConfigRecord({"node-ids": [federation.by_name["eu-1"], federation.by_name["us-1"]],
-                         "c-pks": [b"\x01" * 32] * 2, "s-pks": [b"\x02" * 32] * 2, "threshold": 2})
+    keys = ConfigRecord(
+        {
+            "node-ids": [federation.by_name["eu-1"], federation.by_name["us-1"]],
+            "c-pks": [b"\x01" * 32] * 2,
+            "s-pks": [b"\x02" * 32] * 2,
+            "threshold": 2,
+        }
+    )
     reply = federation.send("eu-1", "train.secagg_shares", RecordDict({SECAGG: keys}))
     assert_refused_with_nothing_sent(reply, "key exchange: 2 client(s)", "minimum cohort 3")
 
@@ -87,6 +91,7 @@ def test_a_forbidden_coordinator_learns_nothing_not_even_counts(small_overrides,
 
 
 # -- egress guard -----------------------------------------------------------------------------
+
 
 @pytest.fixture
 def plaintext_federation(small_overrides, config_dir):
@@ -137,7 +142,9 @@ def test_an_oversized_masked_input_is_blocked(federation, monkeypatch):
     from client import secure
 
     real_mask = secure.mask
-    monkeypatch.setattr(secure, "mask", lambda state, content: {"masked": real_mask(state, content)["masked"] + b"x" * 400})
+    monkeypatch.setattr(
+        secure, "mask", lambda state, content: {"masked": real_mask(state, content)["masked"] + b"x" * 400}
+    )
     from client import app as client_app
 
     monkeypatch.setattr(client_app.secure, "mask", secure.mask)
@@ -150,12 +157,18 @@ def test_an_oversized_masked_input_is_blocked(federation, monkeypatch):
 
 # -- node start -------------------------------------------------------------------------------
 
+
 def test_wrong_region_data_stops_the_node_naming_file_and_record(small_overrides):
     cfg = resolve_run_config(small_overrides)
     ensure_synthetic_data(cfg, log=lambda m: None)
     stray = f"{cfg.data.root}/eu/part-00009.jsonl"
-    write_jsonl([Record("parcel for Jane Roe, 12 Elm St", "us", "us-u99", True),
-                 Record("another US record", "us", "us-u98", True)], stray)
+    write_jsonl(
+        [
+            Record("parcel for Jane Roe, 12 Elm St", "us", "us-u99", True),
+            Record("another US record", "us", "us-u98", True),
+        ],
+        stray,
+    )
     fed = Federation(small_overrides)
     assert set(fed.by_name) == {"us-1", "us-2"}
     refusals = [m for m in fed.grid.received if m.metadata.message_type == "query.describe" and m.has_error()]
@@ -202,6 +215,7 @@ def test_data_use_rules_exclude_count_and_scrub(small_overrides):
 
 # -- planning, summary, provenance, export ---------------------------------------------------
 
+
 def test_coordinator_plans_around_policies(small_overrides):
     from server.planning import plan_regions
 
@@ -221,8 +235,9 @@ def test_run_shows_exclusions_writes_manifest_and_export_obeys_it(small_override
     from common.errors import PolicyViolation
     from server.provenance import MANIFEST, export_adapter
 
-    cfg, run, summary, grid = run_federation(small_overrides + ["regions=[eu,us,cn]", "federation.rounds=1",
-                                                                "federation.local_steps=2"])
+    cfg, run, summary, grid = run_federation(
+        small_overrides + ["regions=[eu,us,cn]", "federation.rounds=1", "federation.local_steps=2"]
+    )
     assert "PIPL" in summary["excluded_regions"]["cn"] and set(summary["regions"]) == {"eu", "us"}
     cn_replies = [m for m in grid.received if m.has_error()]
     assert len(cn_replies) == 2 and all("PIPL policy forbids" in m.error.reason for m in cn_replies)

@@ -152,7 +152,7 @@ def test_every_preset_field_carries_a_cited_rationale(region):
     from common.config import default_config_dir
 
     text = (default_config_dir() / "regions" / f"{region}.yaml").read_text()
-    policy = text[text.index("\npolicy:") + 1:].splitlines()[1:]
+    policy = text[text.index("\npolicy:") + 1 :].splitlines()[1:]
     item_keys_indent = None
     for line in policy:
         stripped = line.strip()

@@ -24,8 +24,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def regions():
-    return {region: generate_region_records(region, locales, seed=7, num_users=150)
-            for region, locales in REGION_LOCALES.items()}
+    return {
+        region: generate_region_records(region, locales, seed=7, num_users=150)
+        for region, locales in REGION_LOCALES.items()
+    }
 
 
 def by_user(records):
@@ -37,15 +39,16 @@ def by_user(records):
 
 # Independent re-implementations of the checksums, so the tests do not trust the generator's own code.
 
+
 def nric_valid(nric):
     prefix, digits, letter = nric[0], nric[1:8], nric[8]
-    total = sum(int(d) * w for d, w in zip(digits, (2, 7, 6, 5, 4, 3, 2))) + (4 if prefix in "TG" else 0)
+    total = sum(int(d) * w for d, w in zip(digits, (2, 7, 6, 5, 4, 3, 2), strict=True)) + (4 if prefix in "TG" else 0)
     table = {"S": "JZIHGFEDCBA", "T": "JZIHGFEDCBA", "F": "XWUTRQPNMLK", "G": "XWUTRQPNMLK"}[prefix]
     return table[total % 11] == letter
 
 
 def bsn_valid(bsn):
-    return len(bsn) == 9 and sum(int(d) * w for d, w in zip(bsn, (9, 8, 7, 6, 5, 4, 3, 2, -1))) % 11 == 0
+    return len(bsn) == 9 and sum(int(d) * w for d, w in zip(bsn, (9, 8, 7, 6, 5, 4, 3, 2, -1), strict=True)) % 11 == 0
 
 
 def dni_valid(dni):
@@ -54,7 +57,7 @@ def dni_valid(dni):
 
 def china_id_valid(cid):
     weights = (7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2)
-    return "10X98765432"[sum(int(d) * w for d, w in zip(cid[:17], weights)) % 11] == cid[17]
+    return "10X98765432"[sum(int(d) * w for d, w in zip(cid[:17], weights, strict=True)) % 11] == cid[17]
 
 
 def steuer_id_valid(tid):
@@ -78,6 +81,7 @@ def iban_valid(iban):
 
 # --- synthetic regional records -------------------------------------------------------------------------
 
+
 def test_same_seed_gives_identical_records_and_other_seed_differs():
     a = generate_region_records("eu", REGION_LOCALES["eu"], seed=3, num_users=30)
     b = generate_region_records("eu", REGION_LOCALES["eu"], seed=3, num_users=30)
@@ -87,17 +91,20 @@ def test_same_seed_gives_identical_records_and_other_seed_differs():
 
 
 def test_output_does_not_depend_on_hash_seed_or_global_random():
-    code = ("import hashlib, json, random; random.seed(12345);"
-            "from common.data.synthetic import generate_region_records as g;"
-            "from common.data.records import record_to_dict as d;"
-            "rs = [r for reg, loc in [('eu', ['de_DE', 'nl_NL']), ('sg', ['en_SG']), ('cn', ['zh_CN'])]"
-            " for r in g(reg, loc, seed=1, num_users=15)];"
-            "print(hashlib.sha256(json.dumps([d(r) for r in rs]).encode()).hexdigest())")
+    code = (
+        "import hashlib, json, random; random.seed(12345);"
+        "from common.data.synthetic import generate_region_records as g;"
+        "from common.data.records import record_to_dict as d;"
+        "rs = [r for reg, loc in [('eu', ['de_DE', 'nl_NL']), ('sg', ['en_SG']), ('cn', ['zh_CN'])]"
+        " for r in g(reg, loc, seed=1, num_users=15)];"
+        "print(hashlib.sha256(json.dumps([d(r) for r in rs]).encode()).hexdigest())"
+    )
     digests = set()
     for hash_seed in ("0", "4242"):
         env = {**os.environ, "PYTHONHASHSEED": hash_seed}
-        out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
-                             check=True)
+        out = subprocess.run(
+            [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, check=True
+        )
         digests.add(out.stdout.strip())
     assert len(digests) == 1
 
@@ -132,8 +139,11 @@ def test_recorded_pii_appears_in_the_text(regions):
 
 
 def national_ids(records, locale=None):
-    return [r.fields["pii"]["national_id"] for r in records
-            if "national_id" in r.fields["pii"] and locale in (None, r.fields["locale"])]
+    return [
+        r.fields["pii"]["national_id"]
+        for r in records
+        if "national_id" in r.fields["pii"] and locale in (None, r.fields["locale"])
+    ]
 
 
 def test_national_id_and_payment_formats(regions):
@@ -172,8 +182,9 @@ def test_region_specific_topics(regions):
 
 
 def test_consent_is_per_user_at_roughly_the_requested_rate():
-    records = generate_region_records("us", ["en_US"], seed=11, num_users=600, records_per_user=(1, 2),
-                                      consent_rate=0.8)
+    records = generate_region_records(
+        "us", ["en_US"], seed=11, num_users=600, records_per_user=(1, 2), consent_rate=0.8
+    )
     users = by_user(records)
     assert all(len({r.consent for r in rs}) == 1 for rs in users.values())
     rate = sum(rs[0].consent for rs in users.values()) / len(users)
@@ -211,6 +222,7 @@ def test_write_region_dataset_shards_by_user_and_replaces_old_shards(tmp_path):
 
 # --- public corpus --------------------------------------------------------------------------------------
 
+
 def test_public_corpus_is_deterministic_varied_and_free_of_pii():
     docs = generate_public_corpus(seed=0, num_documents=800)
     assert docs == generate_public_corpus(seed=0, num_documents=800)
@@ -235,16 +247,26 @@ def test_public_corpus_contains_no_person_names():
     names = set(Names.first_names) | set(Names.last_names)
     words = set(re.findall(r"\b[A-Z][a-z]+\b", " ".join(generate_public_corpus(seed=2, num_documents=1500))))
     # Months, weekdays and the shop's cities and streets are public words, not people.
-    public = {w for phrase in corpus._CITIES + corpus._STREETS + corpus._MONTHS + corpus._WEEKDAYS for w in phrase.split()}
+    public = {
+        w for phrase in corpus._CITIES + corpus._STREETS + corpus._MONTHS + corpus._WEEKDAYS for w in phrase.split()
+    }
     assert (words - public) & names <= {"Best", "Good", "Max"}  # ordinary words that happen to be names too
 
 
 # --- loaders --------------------------------------------------------------------------------------------
 
+
 def make_records(n=3, region="eu"):
-    return [Record(text=f"ticket number {i} about a late parcel", region=region, user_id=f"u{i}", consent=i != 1,
-                   fields={"record_id": f"r{i}", "tags": ["special:health"] if i == 0 else [], "pii": {"x": "ü"}})
-            for i in range(n)]
+    return [
+        Record(
+            text=f"ticket number {i} about a late parcel",
+            region=region,
+            user_id=f"u{i}",
+            consent=i != 1,
+            fields={"record_id": f"r{i}", "tags": ["special:health"] if i == 0 else [], "pii": {"x": "ü"}},
+        )
+        for i in range(n)
+    ]
 
 
 def test_jsonl_round_trip_leaves_no_temp_files(tmp_path):
@@ -273,7 +295,9 @@ def test_plain_text_lines_are_separate_users_with_attested_consent(tmp_path):
     path.write_text("first note about my order\n\n  second note  \n", encoding="utf-8")
     records = load_records([path], expected_region="sg", plain_text_consent=False)
     assert [(r.text, r.region, r.user_id, r.consent) for r in records] == [
-        ("first note about my order", "sg", "notes.txt:1", False), ("second note", "sg", "notes.txt:3", False)]
+        ("first note about my order", "sg", "notes.txt:1", False),
+        ("second note", "sg", "notes.txt:3", False),
+    ]
 
 
 def test_folders_are_searched_recursively_in_sorted_order_ignoring_other_files(tmp_path):
@@ -302,15 +326,21 @@ def write_lines(path, *lines):
 GOOD = '{"text": "hello there", "region": "eu", "user_id": "u1", "consent": true}'
 
 
-@pytest.mark.parametrize("bad_line, expected", [
-    ('{"text": "hi", "region": "eu"', "invalid JSON"),
-    ('["text", "region"]', "expected a JSON object, got list"),
-    ('{"text": "hi", "region": "eu"}', "missing required field(s) ['user_id', 'consent']"),
-    ('{"text": "hi", "region": "eu", "user_id": 42, "consent": true}', "'user_id' must be a non-empty string, got int"),
-    ('{"text": "hi", "region": "eu", "user_id": "u", "consent": "yes"}', "'consent' must be a boolean, got str"),
-    ('{"text": "  ", "region": "eu", "user_id": "u", "consent": true}', "'text' must be a non-empty string"),
-    ('{"text": "hi", "region": "eu", "user_id": "", "consent": true}', "'user_id' must be a non-empty string"),
-])
+@pytest.mark.parametrize(
+    "bad_line, expected",
+    [
+        ('{"text": "hi", "region": "eu"', "invalid JSON"),
+        ('["text", "region"]', "expected a JSON object, got list"),
+        ('{"text": "hi", "region": "eu"}', "missing required field(s) ['user_id', 'consent']"),
+        (
+            '{"text": "hi", "region": "eu", "user_id": 42, "consent": true}',
+            "'user_id' must be a non-empty string, got int",
+        ),
+        ('{"text": "hi", "region": "eu", "user_id": "u", "consent": "yes"}', "'consent' must be a boolean, got str"),
+        ('{"text": "  ", "region": "eu", "user_id": "u", "consent": true}', "'text' must be a non-empty string"),
+        ('{"text": "hi", "region": "eu", "user_id": "", "consent": true}', "'user_id' must be a non-empty string"),
+    ],
+)
 def test_malformed_jsonl_lines_name_file_line_and_problem(tmp_path, bad_line, expected):
     path = write_lines(tmp_path / "bad.jsonl", GOOD, "", bad_line)
     with pytest.raises(DataError) as err:
@@ -325,13 +355,16 @@ def test_non_utf8_bytes_name_the_line(tmp_path):
         load_records([path])
 
 
-@pytest.mark.parametrize("setup, expected", [
-    (lambda d: d / "missing.jsonl", "missing.jsonl: no such file or folder"),
-    (lambda d: (d / "empty_dir").mkdir() or d / "empty_dir", "empty_dir: folder holds no data files"),
-    (lambda d: write_lines(d / "blank.jsonl", "", "  "), "blank.jsonl: the file holds no records"),
-    (lambda d: write_lines(d / "data.csv", "text,region"), "data.csv: CSV cells carry no types"),
-    (lambda d: write_lines(d / "broken.parquet", "not parquet"), "broken.parquet: not a readable Parquet file"),
-])
+@pytest.mark.parametrize(
+    "setup, expected",
+    [
+        (lambda d: d / "missing.jsonl", "missing.jsonl: no such file or folder"),
+        (lambda d: (d / "empty_dir").mkdir() or d / "empty_dir", "empty_dir: folder holds no data files"),
+        (lambda d: write_lines(d / "blank.jsonl", "", "  "), "blank.jsonl: the file holds no records"),
+        (lambda d: write_lines(d / "data.csv", "text,region"), "data.csv: CSV cells carry no types"),
+        (lambda d: write_lines(d / "broken.parquet", "not parquet"), "broken.parquet: not a readable Parquet file"),
+    ],
+)
 def test_bad_paths_and_files_are_named(tmp_path, setup, expected):
     with pytest.raises(DataError, match=re.escape(expected)):
         load_records([setup(tmp_path)], expected_region="eu", plain_text_consent=True)
@@ -341,16 +374,21 @@ def test_parquet_missing_columns_and_bad_row_types(tmp_path):
     pq.write_table(pa.table({"text": ["hi"], "region": ["eu"]}), tmp_path / "cols.parquet")
     with pytest.raises(DataError, match=r"cols\.parquet: .*lacks column\(s\) \['user_id', 'consent'\]"):
         load_records([tmp_path / "cols.parquet"])
-    pq.write_table(pa.table({"text": ["a", "b"], "region": ["eu", "eu"], "user_id": [1, 2],
-                             "consent": [True, True]}), tmp_path / "types.parquet")
+    pq.write_table(
+        pa.table({"text": ["a", "b"], "region": ["eu", "eu"], "user_id": [1, 2], "consent": [True, True]}),
+        tmp_path / "types.parquet",
+    )
     with pytest.raises(DataError, match=r"types\.parquet row 1: field 'user_id' must be a non-empty string, got int"):
         load_records([tmp_path / "types.parquet"])
 
 
 def test_plain_text_needs_attested_consent_and_a_region(tmp_path):
     path = write_lines(tmp_path / "notes.txt", "a note")
-    with pytest.raises(DataError, match=r"notes\.txt: plain-text files carry no consent field.*"
-                                        r"regions\.eu\.data\.plain_text_consent=true"):
+    with pytest.raises(
+        DataError,
+        match=r"notes\.txt: plain-text files carry no consent field.*"
+        r"regions\.eu\.data\.plain_text_consent=true",
+    ):
         load_records([path], expected_region="eu")
     with pytest.raises(DataError, match=r"notes\.txt: plain-text files carry no region"):
         load_records([path], plain_text_consent=True)
@@ -366,15 +404,25 @@ def test_gzipped_jsonl_and_json_arrays_load_like_jsonl(tmp_path):
     assert load_records([tmp_path / "a.jsonl.gz"]) == load_records([tmp_path / "b.json"]) == make_records()
 
 
-@pytest.mark.parametrize("name, content, expected", [
-    ("lines.json", GOOD + "\n" + GOOD + "\n", "lines.json line 2: invalid JSON (Extra data). It looks like JSON Lines"),
-    ("object.json", GOOD, "object.json: expected a JSON array of record objects, got a dict"),
-    ("items.json", "[1]", "items.json item 1: expected a JSON object, got int"),
-    ("empty.json", "  \n", "empty.json: the file holds no records"),
-    ("cut.jsonl.gz", b"\x1f\x8b\x08\x00", "cut.jsonl.gz: not a complete gzip file"),
-    ("tag.jsonl", GOOD[:-1] + ', "tags": "special:health"}',
-     "tag.jsonl line 1: field 'tags' must be a list of strings"),
-])
+@pytest.mark.parametrize(
+    "name, content, expected",
+    [
+        (
+            "lines.json",
+            GOOD + "\n" + GOOD + "\n",
+            "lines.json line 2: invalid JSON (Extra data). It looks like JSON Lines",
+        ),
+        ("object.json", GOOD, "object.json: expected a JSON array of record objects, got a dict"),
+        ("items.json", "[1]", "items.json item 1: expected a JSON object, got int"),
+        ("empty.json", "  \n", "empty.json: the file holds no records"),
+        ("cut.jsonl.gz", b"\x1f\x8b\x08\x00", "cut.jsonl.gz: not a complete gzip file"),
+        (
+            "tag.jsonl",
+            GOOD[:-1] + ', "tags": "special:health"}',
+            "tag.jsonl line 1: field 'tags' must be a list of strings",
+        ),
+    ],
+)
 def test_bad_json_gzip_and_tags_name_the_problem(tmp_path, name, content, expected):
     path = tmp_path / name
     path.write_bytes(content if isinstance(content, bytes) else content.encode())
@@ -391,8 +439,10 @@ def test_a_folder_lists_what_it_skips_and_refuses_what_could_hold_records(tmp_pa
     scan = scan_data_paths([tmp_path])
     assert scan.files == [tmp_path / "a.jsonl"]
     assert {p.name: why for p, why in scan.skipped} == {
-        ".partial.jsonl.tmp": "hidden file", "notes.md": "documentation, not records",
-        "fedsov-data.json": "fedsov's record of how it generated this synthetic data, not records"}
+        ".partial.jsonl.tmp": "hidden file",
+        "notes.md": "documentation, not records",
+        "fedsov-data.json": "fedsov's record of how it generated this synthetic data, not records",
+    }
     for name in ("export.csv", "dump.json.gz", "sheet.xlsx"):
         (tmp_path / name).write_text("x")
     with pytest.raises(DataError) as err:
@@ -425,7 +475,8 @@ def test_pii_overlaps_are_resolved_as_before_longest_first(monkeypatch):
     rng = random.Random(0)
     for _ in range(300):
         spans = [(a, a + rng.randint(1, 15)) for a in (rng.randint(0, 100) for _ in range(rng.randint(0, 40)))]
-        monkeypatch.setattr(pii, "_recognizers", lambda entities: [("X", Found(spans))])
+        found = Found(spans)
+        monkeypatch.setattr(pii, "_recognizers", lambda entities, found=found: [("X", found)])
         expected = all_pairs([pii.PiiSpan("X", a, b, "x" * (b - a)) for a, b in spans])
         assert pii.PiiDetector(["EMAIL_ADDRESS"]).find("x" * 200) == expected
 
@@ -439,10 +490,14 @@ def test_records_from_another_region_are_refused(tmp_path):
 
 # --- partitions -----------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def many_records():
-    return [Record(text=f"text {u}-{k}", region="eu", user_id=f"user-{u}", consent=True)
-            for u in range(400) for k in range(u % 3 + 1)]
+    return [
+        Record(text=f"text {u}-{k}", region="eu", user_id=f"user-{u}", consent=True)
+        for u in range(400)
+        for k in range(u % 3 + 1)
+    ]
 
 
 def test_unit_bucket_is_stable_and_in_range():
@@ -471,13 +526,16 @@ def test_client_partitions_are_disjoint_and_cover_everything(many_records):
     assert client_partition(many_records, client_index=1, num_clients=3) == parts[1]
 
 
-@pytest.mark.parametrize("call, expected", [
-    (lambda rs: split_heldout(rs, fraction=1.0), r"fraction must be in \[0, 1\)"),
-    (lambda rs: split_heldout(rs, fraction=-0.1), r"fraction must be in \[0, 1\)"),
-    (lambda rs: client_partition(rs, client_index=3, num_clients=3), r"client_index must be in \[0, 3\)"),
-    (lambda rs: client_partition(rs, client_index=-1, num_clients=3), r"client_index must be in \[0, 3\)"),
-    (lambda rs: client_partition(rs, client_index=0, num_clients=0), "num_clients must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "call, expected",
+    [
+        (lambda rs: split_heldout(rs, fraction=1.0), r"fraction must be in \[0, 1\)"),
+        (lambda rs: split_heldout(rs, fraction=-0.1), r"fraction must be in \[0, 1\)"),
+        (lambda rs: client_partition(rs, client_index=3, num_clients=3), r"client_index must be in \[0, 3\)"),
+        (lambda rs: client_partition(rs, client_index=-1, num_clients=3), r"client_index must be in \[0, 3\)"),
+        (lambda rs: client_partition(rs, client_index=0, num_clients=0), "num_clients must be >= 1"),
+    ],
+)
 def test_partition_arguments_are_validated(many_records, call, expected):
     with pytest.raises(ValueError, match=expected):
         call(many_records)

@@ -76,6 +76,7 @@ def test_family_trains_with_dp_reloads_and_generates(name, tiny_models, tmp_path
 
     default = lora(path)
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_DEFAULTS
+
     model_type = default.config.model_type
     assert adapted_layers(default) == set(PEFT_DEFAULTS.get(model_type) or FALLBACK_TARGETS[model_type])
     everything = lora(path, target_modules=["all-linear"])
@@ -84,8 +85,9 @@ def test_family_trains_with_dp_reloads_and_generates(name, tiny_models, tmp_path
     assert not any("lm_head" in k or "embed_out" in k for k in adapter_state(everything))  # the output layer stays
     for model in (default, everything):
         before = adapter_state(model)
-        result = train_locally(model, examples, steps=2, batch_size=6, learning_rate=1e-2, dp=dp,
-                               pad_id=tok.pad_token_id)
+        result = train_locally(
+            model, examples, steps=2, batch_size=6, learning_rate=1e-2, dp=dp, pad_id=tok.pad_token_id
+        )
         assert result.steps == 2 and math.isfinite(result.mean_loss)
         assert all(torch.isfinite(u).all() for u in result.update.values())
         # B starts at zero, so step 1 moves only B and step 2 moves A as well: every tensor trained.
@@ -99,8 +101,9 @@ def test_family_trains_with_dp_reloads_and_generates(name, tiny_models, tmp_path
 
     trained = adapter_state(everything)
     save_adapter(everything, trained, tmp_path / "adapter", path)
-    reloaded = PeftModel.from_pretrained(load_base_model(path, torch.device("cpu"), torch.float32),
-                                         str(tmp_path / "adapter"))
+    reloaded = PeftModel.from_pretrained(
+        load_base_model(path, torch.device("cpu"), torch.float32), str(tmp_path / "adapter")
+    )
     assert all(torch.equal(adapter_state(reloaded)[k], v) for k, v in trained.items())
     prompt = tok("hello there", return_tensors="pt")
     out = reloaded.generate(**prompt, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
@@ -151,8 +154,11 @@ def test_per_sample_gradients_are_each_units_own_gradient(name, tiny_models):
                 scale = p.grad.abs().max()
                 assert scale > 0, n
                 assert (batched[n][i] - p.grad).abs().max() <= 1e-4 * scale, (n, i)
-    checkpointed = attach_lora(load_base_model(path, torch.device("cpu"), torch.float32, gradient_checkpointing=True),
-                               LoraSettings(rank=4, alpha=8, target_modules=["all-linear"]), seed=0)
+    checkpointed = attach_lora(
+        load_base_model(path, torch.device("cpu"), torch.float32, gradient_checkpointing=True),
+        LoraSettings(rank=4, alpha=8, target_modules=["all-linear"]),
+        seed=0,
+    )
     randomise_b(checkpointed)
     again = per_sample_gradients(checkpointed, ids, mask)
     assert set(again) == set(batched)
@@ -176,8 +182,10 @@ def test_bfloat16_base_keeps_float32_lora_and_matches_a_float32_update(name, tin
     assert (updates[torch.bfloat16] - reference).norm() <= 0.05 * reference.norm()
 
 
-@pytest.mark.parametrize("name,layer,model_type", [("llama", "embed_tokens", "llama"), ("gpt2", "wte", "gpt2"),
-                                                   ("gemma3", "embed_tokens", "gemma3_text")])
+@pytest.mark.parametrize(
+    "name,layer,model_type",
+    [("llama", "embed_tokens", "llama"), ("gpt2", "wte", "gpt2"), ("gemma3", "embed_tokens", "gemma3_text")],
+)
 def test_lora_on_an_embedding_layer_is_refused_before_training(name, layer, model_type, tiny_models):
     with pytest.raises(ModelError) as err:
         lora(tiny_models.path(name), target_modules=[layer])
@@ -202,12 +210,23 @@ def test_unknown_family_names_the_known_ones(tmp_path):
 def federation_overrides(tmp_path: Path, folder: Path, *extra: str) -> list[str]:
     """One round of a two-client federation on `folder`: secure aggregation and DP as the region policies require."""
     return [
-        f"workdir={tmp_path / 'work'}", "regions=[us]", "data.users_per_region=40", "federation.rounds=1",
-        "federation.local_steps=2", "federation.batch_size=8", "federation.eval_batch_size=64", "model.max_length=64",
+        f"workdir={tmp_path / 'work'}",
+        "regions=[us]",
+        "data.users_per_region=40",
+        "federation.rounds=1",
+        "federation.local_steps=2",
+        "federation.batch_size=8",
+        "federation.eval_batch_size=64",
+        "model.max_length=64",
         "audit.enabled=false",
         # A fixed sigma: deriving it from a target epsilon costs seconds of accounting and proves nothing here.
-        "privacy.target_epsilon=null", "privacy.noise_multiplier=1.0",
-        "model=hf", f"model.name_or_path={folder}", "model.lora.rank=4", "model.lora.alpha=8", *extra,
+        "privacy.target_epsilon=null",
+        "privacy.noise_multiplier=1.0",
+        "model=hf",
+        f"model.name_or_path={folder}",
+        "model.lora.rank=4",
+        "model.lora.alpha=8",
+        *extra,
     ]
 
 
@@ -221,8 +240,9 @@ def check_federated_adapter(cfg, run, summary, folder: Path, unit: str) -> set[s
     us = summary["regions"]["us"]
     assert us["unit"] == unit and us["epsilon"] > 0 and math.isfinite(us["perplexity_after"])
     settings = cfg.model.lora
-    initial = adapter_state(attach_lora(load_base_model(folder, torch.device("cpu"), torch.float32), settings,
-                                        cfg.federation.seed))
+    initial = adapter_state(
+        attach_lora(load_base_model(folder, torch.device("cpu"), torch.float32), settings, cfg.federation.seed)
+    )
     model = PeftModel.from_pretrained(load_base_model(folder, torch.device("cpu"), torch.float32), str(run.adapter_dir))
     saved = adapter_state(model)
     assert set(saved) == set(initial)
@@ -230,8 +250,9 @@ def check_federated_adapter(cfg, run, summary, folder: Path, unit: str) -> set[s
     if settings.ffa:
         assert all(torch.equal(saved[k], initial[k]) for k in saved if "lora_A" in k)
     tok = load_tokenizer(folder)
-    out = model.generate(**tok("my order", return_tensors="pt"), max_new_tokens=4, do_sample=False,
-                         pad_token_id=tok.pad_token_id)
+    out = model.generate(
+        **tok("my order", return_tensors="pt"), max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id
+    )
     assert out.shape[1] == len(tok("my order")["input_ids"]) + 4
     return adapted_layers(model)
 

@@ -69,7 +69,14 @@ def test_saved_adapter_loads_with_peft_and_beats_the_base(small_overrides, confi
     for reply in grid.received:
         if reply.metadata.message_type == "train":
             assert set(reply.content) == {"update", "metrics", "evidence"}
-            assert set(reply.content["metrics"]) == {"num-units", "train-loss", "epsilon", "noise-multiplier", "sample-rate", "steps"}
+            assert set(reply.content["metrics"]) == {
+                "num-units",
+                "train-loss",
+                "epsilon",
+                "noise-multiplier",
+                "sample-rate",
+                "steps",
+            }
     base_path = summary["model"]["path"]
     assert (run.adapter_dir / "adapter_config.json").is_file()
     assert (run.adapter_dir / "adapter_model.safetensors").is_file()
@@ -79,7 +86,9 @@ def test_saved_adapter_loads_with_peft_and_beats_the_base(small_overrides, confi
     ids = encode_units(group_units(heldout, cfg.regions["us"].policy.privacy.unit), tok, 96)
     base = load_base_model(base_path, torch.device("cpu"), torch.float32)
     base_loss, n = heldout_loss(base, ids, batch_size=64, pad_id=tok.pad_token_id)
-    tuned = PeftModel.from_pretrained(load_base_model(base_path, torch.device("cpu"), torch.float32), str(run.adapter_dir))
+    tuned = PeftModel.from_pretrained(
+        load_base_model(base_path, torch.device("cpu"), torch.float32), str(run.adapter_dir)
+    )
     tuned_loss, _ = heldout_loss(tuned, ids, batch_size=64, pad_id=tok.pad_token_id)
     assert tuned_loss / n < base_loss / n
     assert summary["regions"]["us"]["epsilon"] == "inf"
@@ -108,8 +117,13 @@ def test_over_budget_round_is_refused_and_nothing_is_sent(small_overrides, confi
     from common.privacy.accounting import DpSgdSteps, epsilon_spent
 
     edit_policy(config_dir, "eu", "transfers.min_cohort", 2)  # two clients in all
-    overrides = small_overrides + ["regions.eu.clients=1", "regions.us.clients=1", "privacy.target_epsilon=null",
-                                   "privacy.noise_multiplier=1.0", "federation.local_steps=10"]
+    overrides = small_overrides + [
+        "regions.eu.clients=1",
+        "regions.us.clients=1",
+        "privacy.target_epsilon=null",
+        "privacy.noise_multiplier=1.0",
+        "federation.local_steps=10",
+    ]
     cfg = resolve_run_config(overrides)
     ensure_synthetic_data(cfg, log=lambda m: None)
     # A budget that one round fits and two rounds exceed, for every node's sampling rate.

@@ -30,8 +30,9 @@ with torch.no_grad():
 @pytest.fixture
 def finished_run(small_overrides):
     """A real one-round federation (in-process coordinator and ClientApps); the audit is tested elsewhere."""
-    cfg, run, summary, _ = run_federation(small_overrides + ["federation.rounds=1", "federation.local_steps=2",
-                                                             "audit.enabled=false"])
+    cfg, run, summary, _ = run_federation(
+        small_overrides + ["federation.rounds=1", "federation.local_steps=2", "audit.enabled=false"]
+    )
     return cfg, run, summary
 
 
@@ -54,8 +55,10 @@ def test_adapter_card_export_and_generate_work_as_hugging_face_users_expect(fini
     assert "More Information Needed" not in card
     for region in ("eu", "us"):
         info = manifest["contributing_regions"][region]
-        assert (f"| {region} | {info['law']} | {float(info['epsilon']):.2f} | 1.0e-05 | record | 1 | "
-                f"{manifest['audit'][region]['status']}") in card
+        assert (
+            f"| {region} | {info['law']} | {float(info['epsilon']):.2f} | 1.0e-05 | record | 1 | "
+            f"{manifest['audit'][region]['status']}"
+        ) in card
     assert "Allowed deployment jurisdictions** (every contributing region allows them): EU." in card
     for node, anchor in manifest["evidence_anchors"].items():
         assert f"- {node} ({anchor['region']}): ledger {anchor['ledger-entries']} entries" in card
@@ -74,9 +77,14 @@ def test_adapter_card_export_and_generate_work_as_hugging_face_users_expect(fini
     base = elsewhere / "my-base"
     shutil.copytree(manifest["base_model"]["path"], base)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "FEDSOV_CONFIG_DIR")}
-    done = subprocess.run([sys.executable, "-c", LOAD_ELSEWHERE, str(export), str(base)], cwd=elsewhere,
-                          env={**env, "HF_HUB_OFFLINE": "1", "HOME": str(elsewhere)},
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", LOAD_ELSEWHERE, str(export), str(base)],
+        cwd=elsewhere,
+        env={**env, "HF_HUB_OFFLINE": "1", "HOME": str(elsewhere)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     loaded = json.loads(done.stdout.strip().splitlines()[-1])
     # The same numbers as the run's own adapter on the run's own base, and not the base's alone.
@@ -84,8 +92,10 @@ def test_adapter_card_export_and_generate_work_as_hugging_face_users_expect(fini
 
     original = load_base_model(Path(manifest["base_model"]["path"]), torch.device("cpu"), torch.float32)
     ids = torch.tensor([loaded["ids"]])
-    assert loaded["ids"] == AutoTokenizer.from_pretrained(manifest["base_model"]["path"])(
-        "The door code for the office is")["input_ids"]
+    assert (
+        loaded["ids"]
+        == AutoTokenizer.from_pretrained(manifest["base_model"]["path"])("The door code for the office is")["input_ids"]
+    )
     with torch.no_grad():
         base_logits = original(ids).logits[0, -1, :16]
         adapted = PeftModel.from_pretrained(original, str(run.adapter_dir)).eval()(ids).logits[0, -1, :16]
@@ -112,8 +122,16 @@ def test_tensorboard_event_files_hold_every_rounds_metrics(tmp_path):
     cfg = load_config(["regions=[eu,us]", "tracking.mlflow=false"])
     trackers = Trackers(cfg, tmp_path)
     trackers.log({"round": 0, "perplexity": {"eu": 400.0, "us": 300.0, "overall": 350.0}})
-    trackers.log({"round": 1, "perplexity": {"eu": 200.0, "us": 150.0, "overall": 175.0}, "train_loss": {"eu": 5.1},
-                  "epsilon": {"eu": 1.5, "us": "inf"}, "clients_trained": 4, "seconds": 12.5})
+    trackers.log(
+        {
+            "round": 1,
+            "perplexity": {"eu": 200.0, "us": 150.0, "overall": 175.0},
+            "train_loss": {"eu": 5.1},
+            "epsilon": {"eu": 1.5, "us": "inf"},
+            "clients_trained": 4,
+            "seconds": 12.5,
+        }
+    )
     trackers.close()
     events = EventAccumulator(str(tmp_path / TENSORBOARD_DIR))
     events.Reload()
@@ -123,20 +141,27 @@ def test_tensorboard_event_files_hold_every_rounds_metrics(tmp_path):
     assert [(e.step, e.value) for e in events.Scalars("perplexity/eu")] == [(0, 400.0), (1, 200.0)]
     assert [(e.step, e.value) for e in events.Scalars("epsilon/eu")] == [(1, 1.5)]
 
-    off = Trackers(load_config(["regions=[eu]", "tracking.tensorboard=false", "tracking.mlflow=false"]),
-                   tmp_path / "off")
+    off = Trackers(
+        load_config(["regions=[eu]", "tracking.tensorboard=false", "tracking.mlflow=false"]), tmp_path / "off"
+    )
     off.log({"round": 0, "perplexity": {"eu": 1.0}})
     assert not (tmp_path / "off").exists()
 
 
-@pytest.mark.parametrize("override, message", [
-    ("~federation.rounds", "would delete 'federation.rounds', and fedsov's schema would put its built-in default (5)"),
-    ("~audit", "would delete the section 'audit'"),
-    ("+federation.rounds=3", "'federation.rounds' already exists"),
-    ("+regions=[eu]", "the regions group is already in the defaults list"),
-    ("~regions=cn", "the regions group cannot be deleted"),
-    ("privacy.target_epsilon=3,8", "is a sweep (one run per value): add -m"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (
+            "~federation.rounds",
+            "would delete 'federation.rounds', and fedsov's schema would put its built-in default (5)",
+        ),
+        ("~audit", "would delete the section 'audit'"),
+        ("+federation.rounds=3", "'federation.rounds' already exists"),
+        ("+regions=[eu]", "the regions group is already in the defaults list"),
+        ("~regions=cn", "the regions group cannot be deleted"),
+        ("privacy.target_epsilon=3,8", "is a sweep (one run per value): add -m"),
+    ],
+)
 def test_hydra_prefixes_and_sweeps_are_refused_where_they_would_mislead(override, message):
     from common.config import load_config
     from common.errors import ConfigError
@@ -186,49 +211,133 @@ def federated_fake_run(tmp_path):
     AuditLog(run.path / "audit.jsonl", "coordinator", key).record("run", "started", reason="test")
     nodes = {"eu-1": "eu", "eu-2": "eu", "us-1": "us", "sg-1": "sg", "br-1": "br"}
     for name, region in nodes.items():
-        run.event("node_joined", node=name, region=region, units=100 + len(name), epsilon=0.0, law="x",
-                  excluded_no_consent=3 if region == "eu" else 1, excluded_special=2)
+        run.event(
+            "node_joined",
+            node=name,
+            region=region,
+            units=100 + len(name),
+            epsilon=0.0,
+            law="x",
+            excluded_no_consent=3 if region == "eu" else 1,
+            excluded_special=2,
+        )
     run.metrics({"round": 0, "perplexity": {"eu": 400.0, "other-regions": 300.0, "overall": 350.0}})
     for number in (1, 2):
         for name in ("eu-1", "eu-2", "us-1", "sg-1"):
-            run.event("node_trained", round=number, node=name, region=nodes[name], loss=None, epsilon=0.5 * number,
-                      seconds=1.0, units=100)
+            run.event(
+                "node_trained",
+                round=number,
+                node=name,
+                region=nodes[name],
+                loss=None,
+                epsilon=0.5 * number,
+                seconds=1.0,
+                units=100,
+            )
         # Round 2: sg-1 dropped after the key exchange, leaving us-1 alone in the shared slot: it stays masked.
         dropped = ["sg-1"] if number == 2 else []
-        run.metrics({"round": number, "secure_aggregation": True, "aggregated": True, "clients_dropped": dropped,
-                     "train_loss": {"eu": 5.0, **({} if dropped else {"other-regions": 5.5})},
-                     "perplexity": {"eu": 200.0, "overall": 220.0, **({} if dropped else {"other-regions": 240.0})},
-                     "epsilon": {"eu": 0.5 * number, "us": 0.5 * number, "sg": 0.5 * number}})
-    (run.home / "evidence-anchors.json").write_text(json.dumps({
-        "eu-1": {"ledger-genesis": "a" * 64, "ledger-entries": 3, "ledger-head": "b" * 64, "audit-genesis": "c" * 64,
-                 "audit-entries": 9, "audit-head": "d" * 64, "region": "eu", "run": "run#1"}}))
-    region = {"law": "GDPR", "policy_hash": "ab" * 32, "delta": 1e-5, "unit": "record", "epsilon": 1.0,
-              "epsilon_budget": 10.0, "perplexity_before": 400.0, "perplexity_after": 200.0, "refusals": []}
+        run.metrics(
+            {
+                "round": number,
+                "secure_aggregation": True,
+                "aggregated": True,
+                "clients_dropped": dropped,
+                "train_loss": {"eu": 5.0, **({} if dropped else {"other-regions": 5.5})},
+                "perplexity": {"eu": 200.0, "overall": 220.0, **({} if dropped else {"other-regions": 240.0})},
+                "epsilon": {"eu": 0.5 * number, "us": 0.5 * number, "sg": 0.5 * number},
+            }
+        )
+    (run.home / "evidence-anchors.json").write_text(
+        json.dumps(
+            {
+                "eu-1": {
+                    "ledger-genesis": "a" * 64,
+                    "ledger-entries": 3,
+                    "ledger-head": "b" * 64,
+                    "audit-genesis": "c" * 64,
+                    "audit-entries": 9,
+                    "audit-head": "d" * 64,
+                    "region": "eu",
+                    "run": "run#1",
+                }
+            }
+        )
+    )
+    region = {
+        "law": "GDPR",
+        "policy_hash": "ab" * 32,
+        "delta": 1e-5,
+        "unit": "record",
+        "epsilon": 1.0,
+        "epsilon_budget": 10.0,
+        "perplexity_before": 400.0,
+        "perplexity_after": 200.0,
+        "refusals": [],
+    }
 
     def data(node: str) -> dict:  # a node's describe counts, as the summary keeps them
-        return {"records": 200, "excluded-no-consent": 3, "excluded-special": 2, "heldout-records": 40,
-                "skipped-files": int(node == "eu-1"), "truncated-units": 4 if node == "eu-1" else 0,
-                "truncated-tokens": 77 if node == "eu-1" else 0, "truncated-heldout": 0}
+        return {
+            "records": 200,
+            "excluded-no-consent": 3,
+            "excluded-special": 2,
+            "heldout-records": 40,
+            "skipped-files": int(node == "eu-1"),
+            "truncated-units": 4 if node == "eu-1" else 0,
+            "truncated-tokens": 77 if node == "eu-1" else 0,
+            "truncated-heldout": 0,
+        }
 
     def entry(law: str, nodes: dict[str, int], **extra) -> dict:
-        return {**region, "law": law, "contributed": any(nodes.values()), "rounds_contributed": nodes,
-                "data": {n: data(n) for n in nodes}, **extra}
+        return {
+            **region,
+            "law": law,
+            "contributed": any(nodes.values()),
+            "rounds_contributed": nodes,
+            "data": {n: data(n) for n in nodes},
+            **extra,
+        }
 
-    run.write_summary({"rounds_completed": 2, "status": "partial",
-                       "not_contributing": ["node br-1 (region br) contributed to no round: budget exhausted"],
-                       "excluded_regions": {"cn": "PIPL policy forbids a coordinator in EU"},
-                       "regions": {"eu": entry("GDPR", {"eu-1": 2, "eu-2": 2}), "us": entry("CCPA/CPRA", {"us-1": 2}),
-                                   "sg": entry("PDPA", {"sg-1": 1}),
-                                   "br": entry("LGPD", {"br-1": 0}, epsilon=None,
-                                               refusals=["br-1: round 1: budget exhausted"])}})
-    audit = {"exposure-rep16-mean": 3.0, "exposure-rep16-max": 4.0, "extracted-greedy-rep16": 0.0,
-             "extracted-beam-rep16": 0.0, "canaries-rep16": 2.0, "mia-loss-auc": 0.52,
-             "mia-loss-tpr-at-1pct-fpr": 0.01, "mia-calibrated-auc": 0.51, "mia-calibrated-tpr-at-1pct-fpr": 0.02,
-             "mia-members": 200.0, "mia-nonmembers": 50.0, "one-run-canaries": 64.0, "one-run-guesses": 32.0,
-             "one-run-correct": 17.0, "generations": 16.0, "pii-spans": 3.0, "epsilon": 1.0, "delta": 1e-5}
+    run.write_summary(
+        {
+            "rounds_completed": 2,
+            "status": "partial",
+            "not_contributing": ["node br-1 (region br) contributed to no round: budget exhausted"],
+            "excluded_regions": {"cn": "PIPL policy forbids a coordinator in EU"},
+            "regions": {
+                "eu": entry("GDPR", {"eu-1": 2, "eu-2": 2}),
+                "us": entry("CCPA/CPRA", {"us-1": 2}),
+                "sg": entry("PDPA", {"sg-1": 1}),
+                "br": entry("LGPD", {"br-1": 0}, epsilon=None, refusals=["br-1: round 1: budget exhausted"]),
+            },
+        }
+    )
+    audit = {
+        "exposure-rep16-mean": 3.0,
+        "exposure-rep16-max": 4.0,
+        "extracted-greedy-rep16": 0.0,
+        "extracted-beam-rep16": 0.0,
+        "canaries-rep16": 2.0,
+        "mia-loss-auc": 0.52,
+        "mia-loss-tpr-at-1pct-fpr": 0.01,
+        "mia-calibrated-auc": 0.51,
+        "mia-calibrated-tpr-at-1pct-fpr": 0.02,
+        "mia-members": 200.0,
+        "mia-nonmembers": 50.0,
+        "one-run-canaries": 64.0,
+        "one-run-guesses": 32.0,
+        "one-run-correct": 17.0,
+        "generations": 16.0,
+        "pii-spans": 3.0,
+        "epsilon": 1.0,
+        "delta": 1e-5,
+    }
     memorised = {**audit, "exposure-rep16-mean": 12.0, "exposure-rep16-max": 15.0}  # the verdict reads the mean
-    run.write_audit_results({"eu-1": {"region": "eu", "metrics": audit, "examples": ["The code is \u2588\u2588"]},
-                             "us-1": {"region": "us", "metrics": memorised, "examples": []}})
+    run.write_audit_results(
+        {
+            "eu-1": {"region": "eu", "metrics": audit, "examples": ["The code is \u2588\u2588"]},
+            "us-1": {"region": "us", "metrics": memorised, "examples": []},
+        }
+    )
     return run, load_config(["regions=[eu,us,sg,br]"])
 
 
@@ -248,9 +357,11 @@ def test_report_says_what_left_each_node_and_never_calls_a_silent_region_a_contr
     # delta in scientific notation, not 0.00
     assert "| eu | GDPR | abababababababab | 1.0e-05 | record | 10.00 |" in md
     # Each node's own counts, as its describe reply carried them.
-    assert ("| node | region | training units | records | excluded: no consent | excluded: special category or "
-            "field | held-out records | skipped files | truncated units | truncated tokens | truncated held-out "
-            "records |") in md
+    assert (
+        "| node | region | training units | records | excluded: no consent | excluded: special category or "
+        "field | held-out records | skipped files | truncated units | truncated tokens | truncated held-out "
+        "records |"
+    ) in md
     assert "| eu-1 | eu | 104 | 200 | 3 | 2 | 40 | 1 | 4 | 77 | 0 |" in md
     assert "| eu-2 | eu | 104 | 200 | 3 | 2 | 40 | 0 | 0 | 0 | 0 |" in md
     egress = {(row[0], row[1]): row for row in _rows(md, "What left each node")}
@@ -269,8 +380,11 @@ def test_report_says_what_left_each_node_and_never_calls_a_silent_region_a_contr
 
 def _rows(md: str, title: str) -> list[list[str]]:
     section = md.split(f"## {title}")[1].split("\n## ")[0]
-    return [[c.strip() for c in line.strip("|").split("|")] for line in section.splitlines()
-            if line.startswith("| ") and not line.startswith("| node |")]
+    return [
+        [c.strip() for c in line.strip("|").split("|")]
+        for line in section.splitlines()
+        if line.startswith("| ") and not line.startswith("| node |")
+    ]
 
 
 def test_report_renders_in_a_real_browser_with_verdicts_in_colour(tmp_path):
@@ -293,8 +407,12 @@ def test_report_renders_in_a_real_browser_with_verdicts_in_colour(tmp_path):
     assert 'class="verdict-ok">no memorisation detected' in dom.stdout
     assert 'class="warn">planned, did NOT contribute' in dom.stdout
     shot = tmp_path / "report.png"
-    done = subprocess.run([chromium, *flags, f"--screenshot={shot}", "--window-size=1280,5200", page],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [chromium, *flags, f"--screenshot={shot}", "--window-size=1280,5200", page],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0 and shot.is_file(), done.stderr[-2000:]
     colours = Image.open(shot).convert("RGB").getcolors(maxcolors=1 << 20)
     painted = {rgb: n for n, rgb in colours}

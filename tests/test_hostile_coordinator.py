@@ -4,6 +4,7 @@ message hangs a node."""
 
 from __future__ import annotations
 
+import itertools
 import math
 import signal
 from collections import OrderedDict
@@ -13,7 +14,6 @@ import torch
 from flwr.app import ConfigRecord, RecordDict
 
 from common.wire import GLOBAL_ADAPTER, PLAN, REQUEST, state_to_record
-from tests.conftest import edit_policy
 from tests.inprocess import Federation, assert_refused_with_nothing_sent
 
 
@@ -36,12 +36,24 @@ def federation(tmp_path_factory, model_cache):
     from tests.conftest import MICRO_MODEL
 
     work = tmp_path_factory.mktemp("hostile")
-    return Federation([
-        f"workdir={work}", f"model.cache_dir={model_cache}", *MICRO_MODEL, "regions=[eu,us]",
-        "data.users_per_region=60", "federation.rounds=3", "federation.local_steps=2", "federation.batch_size=8",
-        "federation.eval_batch_size=64", "model.max_length=64", "audit.exposure_candidates=60",
-        "audit.one_run_canaries=8", "audit.generations=2", "audit.mia_members=20",
-    ])
+    return Federation(
+        [
+            f"workdir={work}",
+            f"model.cache_dir={model_cache}",
+            *MICRO_MODEL,
+            "regions=[eu,us]",
+            "data.users_per_region=60",
+            "federation.rounds=3",
+            "federation.local_steps=2",
+            "federation.batch_size=8",
+            "federation.eval_batch_size=64",
+            "model.max_length=64",
+            "audit.exposure_candidates=60",
+            "audit.one_run_canaries=8",
+            "audit.generations=2",
+            "audit.mia_members=20",
+        ]
+    )
 
 
 def spent(federation, node: str) -> list[tuple[int, float]]:
@@ -106,13 +118,16 @@ def test_a_hostile_plan_is_refused_and_costs_nothing(federation, changes, fragme
     assert last["action"] == "egress" and last["decision"] == "refusal_sent"
 
 
-@pytest.mark.parametrize("changes, fragment", [
-    ({"coordinator_jurisdiction": "CN"}, "pins place it in 'EU'"),  # a coordinator cannot choose where it is
-    ({"lora_target_modules": ["no_such_layer"]}, "Cannot attach LoRA"),
-    ({"batch_size": 10_000}, "not below the"),
-    ({"round": 0}, "numbered from 1"),
-    ({"model_fingerprint": "0" * 64}, "differs from this node's"),
-])
+@pytest.mark.parametrize(
+    "changes, fragment",
+    [
+        ({"coordinator_jurisdiction": "CN"}, "pins place it in 'EU'"),  # a coordinator cannot choose where it is
+        ({"lora_target_modules": ["no_such_layer"]}, "Cannot attach LoRA"),
+        ({"batch_size": 10_000}, "not below the"),
+        ({"round": 0}, "numbered from 1"),
+        ({"model_fingerprint": "0" * 64}, "differs from this node's"),
+    ],
+)
 def test_plans_a_node_cannot_honour_are_refused_before_training(federation, changes, fragment):
     before = spent(federation, "eu-2")
     reply = federation.train_raw("eu-2", federation.plan_with(**changes))
@@ -123,7 +138,7 @@ def test_plans_a_node_cannot_honour_are_refused_before_training(federation, chan
 def test_a_node_charges_exactly_the_steps_that_ran_and_rounds_only_move_forward(federation):
     reply = federation.train_raw("us-1", federation.plan_with(local_steps=3, round=1))
     assert not reply.has_error(), reply.error.reason
-    (steps, first), = spent(federation, "us-1")
+    ((steps, first),) = spent(federation, "us-1")
     assert steps == 3
     # A replay of round 1, and a rewind to it after round 2, are refused; nothing is charged twice.
     assert_refused_with_nothing_sent(federation.train_raw("us-1", federation.plan_with(round=1)), "only moves forward")
@@ -131,7 +146,7 @@ def test_a_node_charges_exactly_the_steps_that_ran_and_rounds_only_move_forward(
     assert_refused_with_nothing_sent(federation.train_raw("us-1", federation.plan_with(round=1)), "only moves forward")
     history = spent(federation, "us-1")
     assert [s for s, _ in history] == [3, 1]
-    assert all(b > a for (_, a), (_, b) in zip(history, history[1:]))  # epsilon never falls
+    assert all(b > a for (_, a), (_, b) in itertools.pairwise(history))  # epsilon never falls
 
 
 def test_a_forged_or_nan_adapter_is_refused(federation):
@@ -140,8 +155,9 @@ def test_a_forged_or_nan_adapter_is_refused(federation):
     reply = federation.train_raw("eu-1", federation.plan_with(), state=bad)
     assert_refused_with_nothing_sent(reply, "NaN or infinite")
     extra = OrderedDict(state, **{"base_model.model.transformer.wte.weight": torch.zeros(4, 4)})
-    assert_refused_with_nothing_sent(federation.train_raw("eu-1", federation.plan_with(), state=extra),
-                                     "does not match this model")
+    assert_refused_with_nothing_sent(
+        federation.train_raw("eu-1", federation.plan_with(), state=extra), "does not match this model"
+    )
 
 
 def test_unexpected_records_in_a_message_are_refused(federation):
@@ -168,6 +184,7 @@ def test_an_unexpected_error_is_a_logged_refusal_and_its_text_stays_on_the_node(
 
 # -- bounded queries ----------------------------------------------------------------------------
 
+
 def evaluate(federation, node: str, round_number: int, state, run_id: str | None = None):
     import dataclasses
 
@@ -179,10 +196,16 @@ def evaluate(federation, node: str, round_number: int, state, run_id: str | None
 def audit(federation, node: str, state, run_id: str | None = None):
     import dataclasses
 
-    plan = dataclasses.replace(federation.plan, round=federation.plan.total_rounds,
-                               **({"run_id": run_id} if run_id else {}))
-    content = RecordDict({PLAN: plan.to_record(), GLOBAL_ADAPTER: state_to_record(state),
-                          REQUEST: ConfigRecord({"coordinator-jurisdiction": plan.coordinator_jurisdiction})})
+    plan = dataclasses.replace(
+        federation.plan, round=federation.plan.total_rounds, **({"run_id": run_id} if run_id else {})
+    )
+    content = RecordDict(
+        {
+            PLAN: plan.to_record(),
+            GLOBAL_ADAPTER: state_to_record(state),
+            REQUEST: ConfigRecord({"coordinator-jurisdiction": plan.coordinator_jurisdiction}),
+        }
+    )
     return federation.send(node, "query.audit", content, plan.round)
 
 
@@ -213,8 +236,8 @@ def test_evaluation_and_audit_are_bounded_to_the_run_the_node_trained_in(federat
 def test_the_coordinators_jurisdiction_comes_from_the_nodes_pins(small_overrides, config_dir):
     """A PIPL node trains for a CN coordinator only where its own pins say the coordinator is in CN."""
     from client.node import RegionNode, simulation_settings
-    from common.errors import PolicyViolation
     from common.data.prepare import ensure_synthetic_data
+    from common.errors import PolicyViolation
     from server.simulation import resolve_run_config
 
     cfg = resolve_run_config(small_overrides + ["regions=[cn]", "regions.cn.clients=1"])
@@ -246,6 +269,7 @@ def test_a_node_trusts_a_coordinator_ca_only_once_pinned(tmp_path, config_dir, c
 
 # -- evidence across runs -------------------------------------------------------------------------
 
+
 def test_resharding_keeps_histories_and_a_deleted_node_state_is_caught_by_its_anchors(small_overrides):
     import shutil
     from pathlib import Path
@@ -267,7 +291,12 @@ def test_resharding_keeps_histories_and_a_deleted_node_state_is_caught_by_its_an
     from client import app as client_app
 
     work = Path(cfg.workdir)
-    for folder in (work / "nodes" / "us-1", work / "keys" / "us-1", work / "ledgers" / "us", work / "keys" / "ledger-us"):
+    for folder in (
+        work / "nodes" / "us-1",
+        work / "keys" / "us-1",
+        work / "ledgers" / "us",
+        work / "keys" / "ledger-us",
+    ):
         shutil.rmtree(folder)
     for cache in (client_app._NODES, client_app._GATES, client_app._SETTINGS):
         cache.clear()  # new node processes, as after a restart

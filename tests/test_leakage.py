@@ -72,7 +72,9 @@ def test_canaries_are_random_private_and_stable(tmp_path):
     assert "\u2588" * 6 in redact(stored[0]) and stored[0].secret not in redact(stored[0])
     for canary in stored:  # neither the secret nor the made-up name/street in the prefix leaves the node
         shown = redact(canary)
-        assert canary.secret not in shown and canary.prefix not in shown and ("[PERSON]" in shown or "[STREET]" in shown)
+        assert (
+            canary.secret not in shown and canary.prefix not in shown and ("[PERSON]" in shown or "[STREET]" in shown)
+        )
 
 
 @pytest.fixture(scope="module")
@@ -99,10 +101,14 @@ def test_membership_inference_is_at_chance_for_a_model_that_never_saw_the_data(m
 
     tok = load_tokenizer(model_dir)
     model = fresh_lora(model_dir)  # B = 0: exactly the base model, trained on none of these records
-    ids = encode_units(group_units(generate_region_records("us", ["en_US"], seed=11, num_users=150),
-                                   PrivacyUnitKind.record), tok, 96)
+    ids = encode_units(
+        group_units(generate_region_records("us", ["en_US"], seed=11, num_users=150), PrivacyUnitKind.record), tok, 96
+    )
     half = len(ids) // 2
-    losses_a, losses_b = example_losses(model, ids[:half], tok.pad_token_id), example_losses(model, ids[half:], tok.pad_token_id)
+    losses_a, losses_b = (
+        example_losses(model, ids[:half], tok.pad_token_id),
+        example_losses(model, ids[half:], tok.pad_token_id),
+    )
     auc = membership_auc([-x for x in losses_a], [-x for x in losses_b])
     assert abs(auc - 0.5) < 0.1
 
@@ -143,6 +149,7 @@ def test_canaries_are_extracted_from_a_deliberately_overfit_model(model_dir):
 
 # -- the report ---------------------------------------------------------------------------------
 
+
 class Sections(html.parser.HTMLParser):
     def __init__(self):
         super().__init__()
@@ -167,22 +174,56 @@ def fake_run(tmp_path, correct: int, accounted: float, copies: int = 1, mean_bit
     AuditLog(run.path / "audit.jsonl", "coordinator", key).record("run", "started", reason="test")
     run.metrics({"round": 0, "perplexity": {"us": 200.0, "overall": 200.0}})
     run.metrics({"round": 1, "perplexity": {"us": 150.0, "overall": 150.0}, "epsilon": {"us": accounted}})
-    run.write_summary({
-        "rounds_completed": 1, "excluded_regions": {"cn": "PIPL policy forbids a coordinator in EU"},
-        "regions": {"us": {"law": "CCPA/CPRA", "policy_hash": "ab" * 32, "delta": 1e-5, "unit": "record",
-                           "epsilon": accounted, "epsilon_budget": 12.0, "perplexity_before": 200.0,
-                           "perplexity_after": 150.0}},
-    })
-    metrics = {"exposure-rep16-mean": mean_bits, "exposure-rep16-max": 4.0 + mean_bits, "extracted-greedy-rep16": 0.0,
-               "extracted-beam-rep16": 0.0, "canaries-rep16": 2.0, "mia-loss-auc": 0.52, "mia-loss-tpr-at-1pct-fpr": 0.01,
-               "mia-calibrated-auc": 0.51, "mia-calibrated-tpr-at-1pct-fpr": 0.02, "mia-members": 200.0,
-               "mia-nonmembers": 50.0, "one-run-canaries": 64.0, "one-run-guesses": 32.0, "one-run-correct": float(correct),
-               "one-run-repetitions": float(copies), "canaries-never-inserted": 30.0,
-               "exposure-never-inserted-mean": 1.4,
-               "generations": 16.0, "pii-spans": 3.0, "epsilon": accounted,
-               "delta": 1e-5}
-    run.write_audit_results({"us-1": {"region": "us", "metrics": metrics,
-                                      "examples": ["The door code at Oak Lane is \u2588\u2588\u2588\u2588\u2588\u2588 [inserted 16x]"]}})
+    run.write_summary(
+        {
+            "rounds_completed": 1,
+            "excluded_regions": {"cn": "PIPL policy forbids a coordinator in EU"},
+            "regions": {
+                "us": {
+                    "law": "CCPA/CPRA",
+                    "policy_hash": "ab" * 32,
+                    "delta": 1e-5,
+                    "unit": "record",
+                    "epsilon": accounted,
+                    "epsilon_budget": 12.0,
+                    "perplexity_before": 200.0,
+                    "perplexity_after": 150.0,
+                }
+            },
+        }
+    )
+    metrics = {
+        "exposure-rep16-mean": mean_bits,
+        "exposure-rep16-max": 4.0 + mean_bits,
+        "extracted-greedy-rep16": 0.0,
+        "extracted-beam-rep16": 0.0,
+        "canaries-rep16": 2.0,
+        "mia-loss-auc": 0.52,
+        "mia-loss-tpr-at-1pct-fpr": 0.01,
+        "mia-calibrated-auc": 0.51,
+        "mia-calibrated-tpr-at-1pct-fpr": 0.02,
+        "mia-members": 200.0,
+        "mia-nonmembers": 50.0,
+        "one-run-canaries": 64.0,
+        "one-run-guesses": 32.0,
+        "one-run-correct": float(correct),
+        "one-run-repetitions": float(copies),
+        "canaries-never-inserted": 30.0,
+        "exposure-never-inserted-mean": 1.4,
+        "generations": 16.0,
+        "pii-spans": 3.0,
+        "epsilon": accounted,
+        "delta": 1e-5,
+    }
+    run.write_audit_results(
+        {
+            "us-1": {
+                "region": "us",
+                "metrics": metrics,
+                "examples": ["The door code at Oak Lane is \u2588\u2588\u2588\u2588\u2588\u2588 [inserted 16x]"],
+            }
+        }
+    )
     return run, load_config(["regions=[us]"])
 
 
@@ -195,8 +236,19 @@ def test_report_renders_every_section(tmp_path):
     page = (run.report_dir / "privacy-report.html").read_text()
     parser = Sections()
     parser.feed(page)
-    assert parser.ids == ["summary", "regions", "nodes", "egress", "policies", "privacy", "utility", "audit", "plots",
-                          "examples", "audit-log"]
+    assert parser.ids == [
+        "summary",
+        "regions",
+        "nodes",
+        "egress",
+        "policies",
+        "privacy",
+        "utility",
+        "audit",
+        "plots",
+        "examples",
+        "audit-log",
+    ]
     assert len(parser.images) == 3 and all(src.startswith("data:image/png;base64,") for src in parser.images)
     assert "PIPL policy forbids" in page and "not legal advice" in page and "hash chain intact" in page
     assert "no memorisation detected" in page and "\u2588" in page
@@ -252,16 +304,31 @@ def test_compare_verdicts():
     from server.compare import judge
 
     def report(detected_at=(), bound=0.0, violations=()):
-        exposure = {k: {"mean_bits": 12.0 if k in detected_at else 1.5, "max_bits": 14.0, "extracted_greedy": 0,
-                        "extracted_beam": 0} for k in ("1", "16")}
-        audit = {"exposure": exposure, "never_inserted": {"canaries": 30, "mean_bits": 1.4},
-                 "mia": {"loss-auc": 0.6, "calibrated-auc": 0.55},
-                 "one_run": {"epsilon_lower_bound": bound, "correct": 30, "guesses": 32, "repetitions": 1}}
+        exposure = {
+            k: {
+                "mean_bits": 12.0 if k in detected_at else 1.5,
+                "max_bits": 14.0,
+                "extracted_greedy": 0,
+                "extracted_beam": 0,
+            }
+            for k in ("1", "16")
+        }
+        audit = {
+            "exposure": exposure,
+            "never_inserted": {"canaries": 30, "mean_bits": 1.4},
+            "mia": {"loss-auc": 0.6, "calibrated-auc": 0.55},
+            "one_run": {"epsilon_lower_bound": bound, "correct": 30, "guesses": 32, "repetitions": 1},
+        }
         signals = [f"canaries inserted {k}x reach a mean exposure of 12.0 bits" for k in detected_at]
-        verdict = {"status": "memorisation detected" if signals else "no memorisation detected", "signals": signals,
-                   "repeated_secrets_only": bool(signals) and "1" not in detected_at}
-        return {"regions": {"us": {"epsilon": 8.0, "perplexity_after": 30.0, "audit": audit, "verdict": verdict}},
-                "bound_violations": list(violations)}
+        verdict = {
+            "status": "memorisation detected" if signals else "no memorisation detected",
+            "signals": signals,
+            "repeated_secrets_only": bool(signals) and "1" not in detected_at,
+        }
+        return {
+            "regions": {"us": {"epsilon": 8.0, "perplexity_after": 30.0, "audit": audit, "verdict": verdict}},
+            "bound_violations": list(violations),
+        }
 
     ok, lines = judge({"no-dp": report(["16"], bound=1.7), "dp-eps8": report()})
     assert ok == "DP works and the audit has power"

@@ -52,17 +52,40 @@ def node(cfg, partition: int):
 
 # -- transfers abroad: volume rules on the node's own counts ----------------------------------
 
+
 def cn_abroad(config_dir, people_below: int, sensitive_below: int, safeguard: str | None = None) -> None:
     """The CN preset with a coordinator in the EU allowed, its first band bounded as given (the second at 10x)."""
     edit_policy(config_dir, "cn", "transfers.allowed_coordinator_jurisdictions", ["CN", "EU"])
-    edit_policy(config_dir, "cn", "transfers.volume_rules.bands", [
-        {"people_below": people_below, "sensitive_people_below": sensitive_below, "requires": []},
-        {"people_below": people_below * 10, "sensitive_people_below": sensitive_below * 10,
-         "requires": ["standard_contract", "certification"]},
-        {"people_below": None, "sensitive_people_below": None, "requires": ["security_assessment"]}])
-    edit_policy(config_dir, "cn", "transfers.safeguards", [] if safeguard is None else [
-        {"kind": safeguard, "reference": "CN-2026-0042 (filed with the provincial CAC)", "jurisdictions": ["EU"],
-         "recorded_on": "2026-01-05", "expires": "2029-01-05"}])
+    edit_policy(
+        config_dir,
+        "cn",
+        "transfers.volume_rules.bands",
+        [
+            {"people_below": people_below, "sensitive_people_below": sensitive_below, "requires": []},
+            {
+                "people_below": people_below * 10,
+                "sensitive_people_below": sensitive_below * 10,
+                "requires": ["standard_contract", "certification"],
+            },
+            {"people_below": None, "sensitive_people_below": None, "requires": ["security_assessment"]},
+        ],
+    )
+    edit_policy(
+        config_dir,
+        "cn",
+        "transfers.safeguards",
+        []
+        if safeguard is None
+        else [
+            {
+                "kind": safeguard,
+                "reference": "CN-2026-0042 (filed with the provincial CAC)",
+                "jurisdictions": ["EU"],
+                "recorded_on": "2026-01-05",
+                "expires": "2029-01-05",
+            }
+        ],
+    )
 
 
 @pytest.fixture
@@ -83,8 +106,11 @@ def test_a_node_over_the_exempt_band_refuses_a_coordinator_abroad_until_the_safe
     assert decision(accepted).band == 0
     cn_abroad(config_dir, people, sensitive + 1)  # one person too many for it
     refused = node(cn_cfg, 2)
-    with pytest.raises(PolicyViolation, match=f"PIPL: {people} people and {sensitive} with sensitive data "
-                                              r"\(calendar_year\) to EU need a standard contract or certification"):
+    with pytest.raises(
+        PolicyViolation,
+        match=f"PIPL: {people} people and {sensitive} with sensitive data "
+        r"\(calendar_year\) to EU need a standard contract or certification",
+    ):
         refused.describe("EU")
     entry = node_audit_entries(cn_cfg, "cn-1")[-1]
     assert (entry["action"], entry["decision"]) == ("transfer", "refused") and "transfers.safeguards" in entry["reason"]
@@ -112,7 +138,7 @@ def test_people_sent_abroad_this_year_count_across_nodes_and_restarts(small_over
     scope = [e for e in fed.audit("cn-1") if e["action"] == "transfer_scope"]
     assert len(scope) == 1 and scope[0]["people_added"] == len(cn1.data.people)
     assert scope[0]["sensitive_added"] == len(cn1.data.sensitive_people) and scope[0]["safeguard"]["band"] == 1
-    register = (fed.cfg.workdir + "/ledgers/cn/transfer-scope.jsonl")
+    register = fed.cfg.workdir + "/ledgers/cn/transfer-scope.jsonl"
     user = sorted(cn1.data.people)[0]
     assert user not in open(register).read()  # keyed pseudonyms, never user ids
 
@@ -130,14 +156,23 @@ def test_people_sent_abroad_this_year_count_across_nodes_and_restarts(small_over
     assert decision(cn2, next_year).people == len(cn2.data.people)  # a new calendar year starts at 0
 
     # The erasure report names the run that trained on a person, with the epsilon that covered them.
-    folders = ["--region", "cn", "--state-dir", f"{fed.cfg.workdir}/nodes/cn-1", "--key-dir",
-               f"{fed.cfg.workdir}/keys/cn-1", "--ledger-dir", f"{fed.cfg.workdir}/ledgers/cn", "--ledger-key-dir",
-               f"{fed.cfg.workdir}/keys/ledger-cn"]
+    folders = [
+        "--region",
+        "cn",
+        "--state-dir",
+        f"{fed.cfg.workdir}/nodes/cn-1",
+        "--key-dir",
+        f"{fed.cfg.workdir}/keys/cn-1",
+        "--ledger-dir",
+        f"{fed.cfg.workdir}/ledgers/cn",
+        "--ledger-key-dir",
+        f"{fed.cfg.workdir}/keys/ledger-cn",
+    ]
     trained = next(u.user_id for u in cn1.data.train_units if not u.user_id.startswith("canary-"))
     assert main(["node", "erase", *folders, "--user", trained, "--reference", "DSR-2026-17"]) == 0
     out = capsys.readouterr().out
     charge = region_ledger(fed.cfg, "cn").charges()[-1]
-    assert charge.node == "cn-1" and f"run hostile: trained on their data in round(s) 1 on cn-1" in out
+    assert charge.node == "cn-1" and "run hostile: trained on their data in round(s) 1 on cn-1" in out
     assert f"protected at epsilon {charge.epsilon_after:.3g}, delta 1e-05 for them as a whole" in out
 
     # A register deleted with its head does not reset the count: the node's audit log anchors it.
@@ -148,6 +183,7 @@ def test_people_sent_abroad_this_year_count_across_nodes_and_restarts(small_over
 
 
 # -- erasure ----------------------------------------------------------------------------------
+
 
 def test_an_erasure_request_leaves_the_person_out_of_the_next_round(small_overrides):
     from client.erasure import request_erasure
@@ -176,8 +212,11 @@ def test_an_erasure_request_leaves_the_person_out_of_the_next_round(small_overri
     assert reload and reload[-1]["decision"] == "reloaded"
     erasure = [e for e in node_audit_entries(cfg, "eu-1") if e["action"] == "erasure"][-1]
     assert erasure["reference"] == "DSR-2026-3" and erasure["person"] == report.person
-    for kept in (settings.state_dir / "audit.jsonl", settings.ledger_dir / "erasures.jsonl",
-                 *(settings.state_dir / "cache").glob("*.json")):
+    for kept in (
+        settings.state_dir / "audit.jsonl",
+        settings.ledger_dir / "erasures.jsonl",
+        *(settings.state_dir / "cache").glob("*.json"),
+    ):
         text = kept.read_text()
         assert user not in text and not any(t in text for t in own), kept
 
@@ -199,8 +238,9 @@ def test_the_erasure_report_names_every_run_with_the_guarantee_that_covered_the_
 
     def charge(ledger, dataset, run, rounds):
         for r in rounds:
-            ledger.charge(dataset, DpSgdSteps(1.0, 0.02, 10), budget=10, run_id=run, round_number=r,
-                          max_grad_norm=1.0, node="n-1")
+            ledger.charge(
+                dataset, DpSgdSteps(1.0, 0.02, 10), budget=10, run_id=run, round_number=r, max_grad_norm=1.0, node="n-1"
+            )
 
     def units(kind, *users):
         return [PrivacyUnit(kind, u, (f"a record of {u}",)) for u in users]
@@ -215,8 +255,10 @@ def test_the_erasure_report_names_every_run_with_the_guarantee_that_covered_the_
     charge(ledger, second, "run-b#2", [2])  # the run resumed: a second session
 
     bo = request_erasure(folders, "bo", "DSR-1")
-    assert [(r.run, r.rounds, r.sessions) for r in bo.runs] == [("run-a", [1, 2, 3], ["run-a#1"]),
-                                                                  ("run-b", [1, 2], ["run-b#1", "run-b#2"])]
+    assert [(r.run, r.rounds, r.sessions) for r in bo.runs] == [
+        ("run-a", [1, 2, 3], ["run-a#1"]),
+        ("run-b", [1, 2], ["run-b#1", "run-b#2"]),
+    ]
     steps = [c.dp_steps for c in ledger.charges()]
     assert bo.runs[0].epsilon == pytest.approx(epsilon_spent(steps[:3], 1e-5))
     assert bo.lifetime_epsilon == pytest.approx(epsilon_spent(steps, 1e-5))
@@ -232,7 +274,10 @@ def test_the_erasure_report_names_every_run_with_the_guarantee_that_covered_the_
     assert "its checkpoints up to round 3 predate them" in "\n".join(eve.lines())
     audit = AuditLog(folders.state_dir / "audit.jsonl", "test", EvidenceKey.load(folders.key_dir)).entries()
     assert [e["report"]["runs"][0]["run"] for e in audit if e["action"] == "erasure" and e["report"]["runs"]] == [
-        "run-a", "run-b", "run-a"]
+        "run-a",
+        "run-b",
+        "run-a",
+    ]
 
     # Record units: the ledger keeps salted people beside the record digests; a dataset registered before it did
     # cannot tell, so its runs are reported as possibly including the person.
@@ -249,6 +294,7 @@ def test_the_erasure_report_names_every_run_with_the_guarantee_that_covered_the_
 
 # -- retention --------------------------------------------------------------------------------
 
+
 def test_retention_deletes_the_ledger_backups_that_are_due_and_nothing_else(tmp_path, config_dir, capsys):
     from client.retention import backup_ledger
 
@@ -258,22 +304,32 @@ def test_retention_deletes_the_ledger_backups_that_are_due_and_nothing_else(tmp_
     ledger.register([PrivacyUnit(PrivacyUnitKind.record, "ana", ("text",))])
     backups = [backup_ledger(folders) for _ in range(3)]
     assert len(set(backups)) == 3 and all(HashChainLog(b / LEDGER_FILE, key).verify().ok for b in backups)
-    for backup, days in zip(backups, (3651, 3649, 0)):  # the EU preset keeps backups 3650 days
+    for backup, days in zip(backups, (3651, 3649, 0), strict=True):  # the EU preset keeps backups 3650 days
         age(backup, days)
     live = [folders.ledger_dir / LEDGER_FILE, folders.state_dir / "audit.jsonl"]
     for path in live:
         age(path, 5000)  # the live ledger and audit log are never due, however old
-    flags = ["--config-dir", str(config_dir), "retention", "enforce", "--region", "eu", "--state-dir",
-             str(folders.state_dir)]
+    flags = [
+        "--config-dir",
+        str(config_dir),
+        "retention",
+        "enforce",
+        "--region",
+        "eu",
+        "--state-dir",
+        str(folders.state_dir),
+    ]
     assert main([*flags, "--dry-run"]) == 0
     assert capsys.readouterr().out.splitlines() == [
         f"due: ledger backup {backups[0]}: 3651.0 days old, over the 3650 days of eu (GDPR): "
-        "retention.ledger_backup_days = 3650"]
+        "retention.ledger_backup_days = 3650"
+    ]
     assert all(b.exists() for b in backups)
     assert main(flags) == 0
     assert [b.exists() for b in backups] == [False, True, True] and all(p.exists() for p in live)
-    deleted = [e for e in AuditLog(live[1], "test", EvidenceKey.load(folders.key_dir)).entries()
-               if e["action"] == "retention"]
+    deleted = [
+        e for e in AuditLog(live[1], "test", EvidenceKey.load(folders.key_dir)).entries() if e["action"] == "retention"
+    ]
     assert [(e["decision"], e["path"], e["limit_days"]) for e in deleted] == [("deleted", str(backups[0]), 3650)]
     assert main(flags) == 0 and "Nothing is due" in capsys.readouterr().out
 
@@ -320,6 +376,7 @@ def test_retention_deletes_checkpoints_past_the_strictest_contributing_region(sm
 
 # -- branches and the DPO record -------------------------------------------------------------
 
+
 def test_a_run_resumes_from_an_earlier_checkpoint_and_its_dpo_record(small_overrides, capsys):
     cfg, run, summary, _ = run_federation(small_overrides + ["purpose=a support assistant for our customers"])
     assert summary["rounds_completed"] == 2
@@ -329,8 +386,15 @@ def test_a_run_resumes_from_an_earlier_checkpoint_and_its_dpo_record(small_overr
     markdown = (run.report_dir / "dpo-record.md").read_text()
     assert record["purposes"]["declared"] == "a support assistant for our customers"
     fields = [f["field"] for f in record["to_fill"]]
-    for field in ("controller", "dpo", "legal_basis.eu", "data_subjects.categories", "transfers.us.assessment",
-                  "dpia.necessity_and_proportionality", "retention.final_adapter"):
+    for field in (
+        "controller",
+        "dpo",
+        "legal_basis.eu",
+        "data_subjects.categories",
+        "transfers.us.assessment",
+        "dpia.necessity_and_proportionality",
+        "retention.final_adapter",
+    ):
         assert field in fields and f"- `{field}`: " in markdown
     joined = {e["node"]: e["people"] for e in run.read_events() if e["event"] == "node_joined"}
     eu_people = len(node(cfg, 0).data.people) + len(node(cfg, 1).data.people)
@@ -339,8 +403,11 @@ def test_a_run_resumes_from_an_earlier_checkpoint_and_its_dpo_record(small_overr
     assert record["transfers"]["us"]["took_place"] and record["transfers"]["us"]["rules"]["prohibited"]
     assert record["retention"]["this_run_checkpoints"]["days"] == 30
     measures = record["security_measures"]
-    assert measures["secure_aggregation"]["enabled"] and measures["differential_privacy"]["by_region"]["us"][
-        "epsilon_spent"] > 0 and set(measures["memorisation_audit"]) == {"eu", "us"}
+    assert (
+        measures["secure_aggregation"]["enabled"]
+        and measures["differential_privacy"]["by_region"]["us"]["epsilon_spent"] > 0
+        and set(measures["memorisation_audit"]) == {"eu", "us"}
+    )
     assert measures["audit_log"]["ok"] and "## Transfers (Art. 30(1)(e))" in markdown and "**TO FILL:**" in markdown
     assert "| eu | GDPR | EU | EU | no | yes | GDPR allows a coordinator in EU |" in markdown
 

@@ -55,7 +55,8 @@ def test_a_folder_as_users_have_it_loads_and_trains_in_a_federation(good_folder,
     assert chat == "<|user|>my order?<|endoftext|>"
     # A bfloat16 checkpoint becomes the dtype fedsov asks for (float32 on a CPU).
     assert {p.dtype for p in load_base_model(good_folder, torch.device("cpu"), torch.float32).parameters()} == {
-        torch.float32}
+        torch.float32
+    }
     cfg, run, summary, _ = run_federation(federation_overrides(tmp_path, good_folder, "model.lora.target_modules=null"))
     assert check_federated_adapter(cfg, run, summary, good_folder, "record") == {"q_proj", "v_proj"}
 
@@ -82,19 +83,26 @@ def _second_shard(folder: Path) -> str:
 
 
 BROKEN = {
-    "no tokenizer": (lambda f: _drop(f, "tokenizer.json", "tokenizer_config.json"),
-                     ["holds no tokenizer", "tokenizer.save_pretrained"]),
+    "no tokenizer": (
+        lambda f: _drop(f, "tokenizer.json", "tokenizer_config.json"),
+        ["holds no tokenizer", "tokenizer.save_pretrained"],
+    ),
     "not a model folder": (lambda f: _drop(f, "config.json"), ["no config.json there", "never downloads"]),
     "a LoRA adapter, not a base": (_only_adapter, ["is a LoRA adapter", "/models/base", "base model's folder"]),
     "needs trust_remote_code": (
         lambda f: _edit_config(f, model_type="acme_lm", auto_map={"AutoModelForCausalLM": "modeling_acme.AcmeLM"}),
-        ["'acme_lm'", "modeling_acme.AcmeLM", "trust_remote_code=True", "fedsov refuses", "transformers implements"]),
+        ["'acme_lm'", "modeling_acme.AcmeLM", "trust_remote_code=True", "fedsov refuses", "transformers implements"],
+    ),
     "unknown architecture": (lambda f: _edit_config(f, model_type="acme_lm"), ["'acme_lm'", "Upgrade transformers"]),
-    "not a causal LM": (lambda f: _edit_config(f, model_type="t5"),
-                        ["'t5' model is not a causal", "AutoModelForCausalLM"]),
+    "not a causal LM": (
+        lambda f: _edit_config(f, model_type="t5"),
+        ["'t5' model is not a causal", "AutoModelForCausalLM"],
+    ),
     "config not JSON": (lambda f: (f / "config.json").write_text("{model_type: qwen2"), ["not valid JSON"]),
-    "a missing shard": (lambda f: _drop(f, _second_shard(f)), ["1 of the", "weight shards", "are missing",
-                                                              "Copy every shard"]),
+    "a missing shard": (
+        lambda f: _drop(f, _second_shard(f)),
+        ["1 of the", "weight shards", "are missing", "Copy every shard"],
+    ),
     "no weights": (lambda f: [p.unlink() for p in f.glob("model*.safetensors*")], ["holds no weights"]),
 }
 

@@ -61,130 +61,181 @@ def edited(changes: dict) -> str:
     return "# @package regions.eu\n" + OmegaConf.to_yaml(cfg)
 
 
-SAFEGUARD = {"kind": "standard_contract", "reference": "SCC 2021/914 module 2, signed 2026-03-01",
-             "jurisdictions": ["SG"], "recorded_on": "2026-03-01", "expires": None}
+SAFEGUARD = {
+    "kind": "standard_contract",
+    "reference": "SCC 2021/914 module 2, signed 2026-03-01",
+    "jurisdictions": ["SG"],
+    "recorded_on": "2026-03-01",
+    "expires": None,
+}
 
 BROKEN = {
     "missing section privacy": (
         lambda: without_block(eu_text(), "  privacy:"),
-        ["policy.privacy (a section; it must set require_dp, epsilon_budget, delta, min_noise_multiplier",
-         "nothing is filled with a default", "region-template.yaml"]),
+        [
+            "policy.privacy (a section; it must set require_dp, epsilon_budget, delta, min_noise_multiplier",
+            "nothing is filled with a default",
+            "region-template.yaml",
+        ],
+    ),
     "missing section data_use": (
         lambda: without_block(eu_text(), "  data_use:"),
-        ["policy.data_use (a section; it must set require_consent, excluded_special_categories"]),
+        ["policy.data_use (a section; it must set require_consent, excluded_special_categories"],
+    ),
     "missing section transfers": (
         lambda: without_block(eu_text(), "  transfers:"),
-        ["policy.transfers (a section", "adequacy_decisions", "prohibited_coordinator_jurisdictions"]),
+        ["policy.transfers (a section", "adequacy_decisions", "prohibited_coordinator_jurisdictions"],
+    ),
     "missing policy": (
         lambda: without_block(eu_text(), "policy:"),
-        ["policy (a section; it must set law, residency, transfers, privacy, data_use, retention"]),
+        ["policy (a section; it must set law, residency, transfers, privacy, data_use, retention"],
+    ),
     "missing field": (
         lambda: without_block(eu_text(), "    min_noise_multiplier: 0.8"),
-        ["1 required key(s) missing", "policy.privacy.min_noise_multiplier"]),
+        ["1 required key(s) missing", "policy.privacy.min_noise_multiplier"],
+    ),
     "missing fields listed together": (
         lambda: without_block(without_block(eu_text(), "    scrub_pii: true"), "    volume_rules: null"),
-        ["2 required key(s)", "policy.data_use.scrub_pii", "policy.transfers.volume_rules"]),
+        ["2 required key(s)", "policy.data_use.scrub_pii", "policy.transfers.volume_rules"],
+    ),
     "missing field of a list entry": (
         lambda: without_block(eu_text(), "        scope: all transfers to Andorra"),
-        ["policy.transfers.adequacy_decisions[0].scope"]),
+        ["policy.transfers.adequacy_decisions[0].scope"],
+    ),
     "missing description field": (
         lambda: without_block(eu_text(), "jurisdiction: EU"),
-        ["required key(s) missing", "jurisdiction"]),
+        ["required key(s) missing", "jurisdiction"],
+    ),
     "value left unset": (
         lambda: replace_line(eu_text(), "epsilon_budget", "???"),
-        ["policy.privacy.epsilon_budget", "unset (???)"]),
+        ["policy.privacy.epsilon_budget", "unset (???)"],
+    ),
     "section left empty": (
         lambda: without_block(eu_text(), "  privacy:").replace("  data_use:\n", "  privacy:\n  data_use:\n", 1),
-        ["'policy.privacy' is empty or null", "it must set require_dp", "Set it in eu.yaml"]),
+        ["'policy.privacy' is empty or null", "it must set require_dp", "Set it in eu.yaml"],
+    ),
     "not YAML": (
         lambda: eu_text().replace("  retention:\n", "  retention:\n  retention_note: x: y\n", 1),
-        ["eu.yaml", "not valid YAML", "mapping values are not allowed here"]),
+        ["eu.yaml", "not valid YAML", "mapping values are not allowed here"],
+    ),
     "empty file": (lambda: "", ["is empty", "region-template.yaml"]),
     "only comments": (lambda: "# @package regions.eu\n# GDPR\n", ["is empty", "region 'eu'"]),
     "not a mapping": (lambda: "# @package regions.eu\n- eu\n", ["is empty (or not a mapping)"]),
     "wrong region name": (
         lambda: eu_text().replace("name: eu\n", "name: us\n", 1),
-        ["name = 'us'", "the file is eu.yaml", "Set name: eu"]),
+        ["name = 'us'", "the file is eu.yaml", "Set name: eu"],
+    ),
     "another region's rules copied in": (
         lambda: (REGIONS / "us.yaml").read_text(),
-        ["declares region 'us'", "must hold the rules of region 'eu'", "belong in us.yaml"]),
-    "package line missing": (
-        lambda: eu_text().split("\n", 1)[1],
-        ["start with '# @package regions.eu'"]),
+        ["declares region 'us'", "must hold the rules of region 'eu'", "belong in us.yaml"],
+    ),
+    "package line missing": (lambda: eu_text().split("\n", 1)[1], ["start with '# @package regions.eu'"]),
     "the template unfilled": (
         lambda: (default_config_dir() / "region-template.yaml").read_text(),
-        ["is still the template"]),
+        ["is still the template"],
+    ),
     "wrong type: count": (
         lambda: replace_line(eu_text(), "min_cohort", "three"),
-        ["policy.transfers.min_cohort", "three"]),
+        ["policy.transfers.min_cohort", "three"],
+    ),
     "wrong type: switch": (
         lambda: replace_line(eu_text(), "require_dp", "maybe"),
-        ["policy.privacy.require_dp", "maybe"]),
+        ["policy.privacy.require_dp", "maybe"],
+    ),
     "wrong type: list for a number": (
         lambda: replace_line(eu_text(), "epsilon_budget", "[10]"),
-        ["policy.privacy.epsilon_budget"]),
+        ["policy.privacy.epsilon_budget"],
+    ),
     "wrong type: null for a required value": (
         lambda: replace_line(eu_text(), "min_cohort", "null"),
-        ["policy.transfers.min_cohort"]),
-    "wrong enum": (
-        lambda: replace_line(eu_text(), "unit", "household"),
-        ["policy.privacy.unit", "record, user"]),
+        ["policy.transfers.min_cohort"],
+    ),
+    "wrong enum": (lambda: replace_line(eu_text(), "unit", "household"), ["policy.privacy.unit", "record, user"]),
     "wrong safeguard kind": (
         lambda: edited({"policy.transfers.safeguards": [{**SAFEGUARD, "kind": "handshake"}]}),
-        ["policy.transfers.safeguards[0].kind", "'handshake'", "standard_contract", "security_assessment"]),
+        ["policy.transfers.safeguards[0].kind", "'handshake'", "standard_contract", "security_assessment"],
+    ),
     "wrong type in a list entry": (
         lambda: eu_text().replace("        expires: null\n", "        expires: [2030]\n", 1),
-        ["policy.transfers.adequacy_decisions[0].expires"]),
+        ["policy.transfers.adequacy_decisions[0].expires"],
+    ),
     "not a date": (
         lambda: eu_text().replace("adopted: 2010-10-19", "adopted: last autumn", 1),
-        ["adequacy_decisions[0].adopted", "is not a date", "YYYY-MM-DD"]),
+        ["adequacy_decisions[0].adopted", "is not a date", "YYYY-MM-DD"],
+    ),
     "expiry before adoption": (
         lambda: edited({"policy.transfers.safeguards": [{**SAFEGUARD, "expires": "2025-01-01"}]}),
-        ["safeguards[0].expires", "is not after recorded_on"]),
+        ["safeguards[0].expires", "is not after recorded_on"],
+    ),
     "unknown key": (
         lambda: replace_line(eu_text(), "min_cohort", "3\n    min_cohrt: 3"),
-        ["Did you mean 'min_cohort'"]),
+        ["Did you mean 'min_cohort'"],
+    ),
     "unknown key in a list entry": (
-        lambda: eu_text().replace("        scope: all transfers to Andorra\n",
-                                  "        scope: all transfers to Andorra\n        scopes: x\n", 1),
-        ["Unknown config key 'policy.transfers.adequacy_decisions[0].scopes'", "Did you mean 'scope'",
-         "requires_attestation"]),
+        lambda: eu_text().replace(
+            "        scope: all transfers to Andorra\n",
+            "        scope: all transfers to Andorra\n        scopes: x\n",
+            1,
+        ),
+        [
+            "Unknown config key 'policy.transfers.adequacy_decisions[0].scopes'",
+            "Did you mean 'scope'",
+            "requires_attestation",
+        ],
+    ),
     "unknown section": (
         lambda: eu_text().replace("policy:\n", "policy:\n  residence: {}\n", 1),
-        ["Unknown config key", "residence", "Did you mean 'residency'"]),
-    "raw export": (
-        lambda: replace_line(eu_text(), "raw_data_export", "true"),
-        ["raw data export is never possible"]),
-    "impossible delta": (
-        lambda: replace_line(eu_text(), "delta", "1.5"),
-        ["policy.privacy.delta", "[1e-10, 1)"]),
+        ["Unknown config key", "residence", "Did you mean 'residency'"],
+    ),
+    "raw export": (lambda: replace_line(eu_text(), "raw_data_export", "true"), ["raw data export is never possible"]),
+    "impossible delta": (lambda: replace_line(eu_text(), "delta", "1.5"), ["policy.privacy.delta", "[1e-10, 1)"]),
     "nowhere to send updates": (
         lambda: replace_line(eu_text(), "allowed_coordinator_jurisdictions", "[]"),
-        ["no coordinator could ever receive updates"]),
+        ["no coordinator could ever receive updates"],
+    ),
     "Norway unquoted": (
         lambda: eu_text().replace('[EU, IS, LI, "NO"]', "[EU, IS, LI, NO]", 1),
-        ["is a YAML boolean", "Quote the code"]),
+        ["is a YAML boolean", "Quote the code"],
+    ),
     "not a jurisdiction code": (
         lambda: replace_line(eu_text(), "allowed_coordinator_jurisdictions", "[eu]"),
-        ["'eu'", "is not a jurisdiction code"]),
+        ["'eu'", "is not a jurisdiction code"],
+    ),
     "prohibited list without its basis": (
         lambda: replace_line(eu_text(), "prohibited_coordinator_jurisdictions", "[RU]"),
-        ["prohibition_basis", "must cite the rule"]),
+        ["prohibition_basis", "must cite the rule"],
+    ),
     "exemption from nothing": (
-        lambda: edited({"policy.transfers.prohibition_exemptions": [
-            {"jurisdiction": "CN", "basis": "x", "reference": "y", "reviewed_on": "2026-01-01", "expires": None}]}),
-        ["prohibition_exemptions[0].jurisdiction", "not prohibited"]),
+        lambda: edited(
+            {
+                "policy.transfers.prohibition_exemptions": [
+                    {"jurisdiction": "CN", "basis": "x", "reference": "y", "reviewed_on": "2026-01-01", "expires": None}
+                ]
+            }
+        ),
+        ["prohibition_exemptions[0].jurisdiction", "not prohibited"],
+    ),
     "unbounded volume band first": (
-        lambda: edited({"policy.transfers.volume_rules": {
-            "counting_period": "calendar_year", "domestic_jurisdictions": ["EU"], "required_regardless_of_volume": [],
-            "bands": [{"people_below": 10, "sensitive_people_below": 1, "requires": []}]}}),
-        ["volume_rules.bands[0]", "the last band must have no bounds"]),
+        lambda: edited(
+            {
+                "policy.transfers.volume_rules": {
+                    "counting_period": "calendar_year",
+                    "domestic_jurisdictions": ["EU"],
+                    "required_regardless_of_volume": [],
+                    "bands": [{"people_below": 10, "sensitive_people_below": 1, "requires": []}],
+                }
+            }
+        ),
+        ["volume_rules.bands[0]", "the last band must have no bounds"],
+    ),
     "own records not allowed": (
         lambda: replace_line(eu_text(), "allowed_region_tags", "[us]"),
-        ["allowed_region_tags", "own tag 'eu'"]),
+        ["allowed_region_tags", "own tag 'eu'"],
+    ),
     "scrub entities listed but scrubbing off": (
         lambda: replace_line(eu_text(), "scrub_pii", "false"),
-        ["scrub_pii is false"]),
+        ["scrub_pii is false"],
+    ),
 }
 
 
@@ -235,6 +286,7 @@ def test_an_override_cannot_add_a_region_without_its_file():
 
 # -- dry-run ----------------------------------------------------------------------------------
 
+
 def test_dry_run_exits_non_zero_when_every_region_refuses(capsys):
     assert main(["policy", "dry-run", "regions=[eu,cn]", "federation.coordinator_jurisdiction=XX"]) == 1
     out = capsys.readouterr().out
@@ -245,8 +297,19 @@ def test_dry_run_exits_non_zero_when_every_region_refuses(capsys):
 
 def test_dry_run_refuses_data_paths_that_do_not_exist(tmp_path, capsys):
     missing = tmp_path / "no-such-folder"
-    assert main(["policy", "dry-run", "regions=[us]", "regions.us.clients=2", "regions.us.data.source=files",
-                 f"regions.us.data.paths=[{missing}]"]) == 1
+    assert (
+        main(
+            [
+                "policy",
+                "dry-run",
+                "regions=[us]",
+                "regions.us.clients=2",
+                "regions.us.data.source=files",
+                f"regions.us.data.paths=[{missing}]",
+            ]
+        )
+        == 1
+    )
     assert f"data path {missing} (regions.us.data.paths) does not exist" in capsys.readouterr().out
 
 
@@ -257,6 +320,7 @@ def test_dry_run_refuses_a_coordinator_in_a_country_of_concern_for_us_data(capsy
 
 
 # -- transfers --------------------------------------------------------------------------------
+
 
 def policy(region: str, **transfer_changes):
     loaded = load_region_file(REGIONS / f"{region}.yaml").policy
@@ -274,8 +338,13 @@ def test_the_us_preset_refuses_countries_of_concern(jurisdiction):
 def test_a_reviewed_exemption_lifts_a_prohibition_only_while_it_lasts():
     from common.policy import ProhibitionExemption
 
-    exemption = ProhibitionExemption(jurisdiction="CN", basis="28 CFR 202.802 specific license",
-                                     reference="NSD licence 2026-17", reviewed_on="2026-06-01", expires="2027-06-01")
+    exemption = ProhibitionExemption(
+        jurisdiction="CN",
+        basis="28 CFR 202.802 specific license",
+        reference="NSD licence 2026-17",
+        reviewed_on="2026-06-01",
+        expires="2027-06-01",
+    )
     us = policy("us", prohibition_exemptions=[exemption])
     ok, why = coordinator_allowed(us, "CN", on=ON)
     assert ok and "28 CFR 202.802 specific license" in why
@@ -285,10 +354,22 @@ def test_a_reviewed_exemption_lifts_a_prohibition_only_while_it_lasts():
     assert coordinator_allowed(us, "DE", on=ON)[0]  # everywhere else stays allowed
 
 
-@pytest.mark.parametrize("jurisdiction, allowed", [
-    ("EU", True), ("NO", True), ("CH", True), ("JP", True), ("KR", True), ("BR", True), ("GB", True),
-    ("US", False), ("CA", False), ("SG", False), ("CN", False),
-])
+@pytest.mark.parametrize(
+    "jurisdiction, allowed",
+    [
+        ("EU", True),
+        ("NO", True),
+        ("CH", True),
+        ("JP", True),
+        ("KR", True),
+        ("BR", True),
+        ("GB", True),
+        ("US", False),
+        ("CA", False),
+        ("SG", False),
+        ("CN", False),
+    ],
+)
 def test_gdpr_adequacy_decisions(jurisdiction, allowed):
     ok, why = coordinator_allowed(policy("eu"), jurisdiction, on=ON)
     assert ok is allowed, why
@@ -299,8 +380,13 @@ def test_the_dpf_decision_needs_the_coordinators_current_certification():
 
     ok, why = coordinator_allowed(policy("eu"), "US", on=ON)
     assert not ok and "'EU-US DPF'" in why and "no current coordinator attestation" in why
-    dpf = CoordinatorAttestation(scheme="EU-US DPF", organisation="Example Coordinator Inc.",
-                                 reference="DPF List entry, checked", verified_on="2026-10-01", expires="2027-10-01")
+    dpf = CoordinatorAttestation(
+        scheme="EU-US DPF",
+        organisation="Example Coordinator Inc.",
+        reference="DPF List entry, checked",
+        verified_on="2026-10-01",
+        expires="2027-10-01",
+    )
     certified = policy("eu", coordinator_attestations=[dpf])
     ok, why = coordinator_allowed(certified, "US", on=ON)
     assert ok and "(EU) 2023/1795" in why
@@ -314,8 +400,13 @@ def test_an_adequacy_decision_lapses_on_its_expiry():
 
 
 def test_a_recorded_safeguard_allows_its_destinations():
-    safeguard = TransferSafeguard(kind=SafeguardKind.standard_contract, reference="SCC module 2, 2026-03-01",
-                                  jurisdictions=["SG"], recorded_on="2026-03-01", expires=None)
+    safeguard = TransferSafeguard(
+        kind=SafeguardKind.standard_contract,
+        reference="SCC module 2, 2026-03-01",
+        jurisdictions=["SG"],
+        recorded_on="2026-03-01",
+        expires=None,
+    )
     eu = policy("eu", safeguards=[safeguard])
     ok, why = coordinator_allowed(eu, "SG", on=ON)
     assert ok and "standard_contract SCC module 2" in why
@@ -324,21 +415,35 @@ def test_a_recorded_safeguard_allows_its_destinations():
 
 # -- PIPL volume bands ------------------------------------------------------------------------
 
+
 def cn_with(*kinds: str, expires: str | None = None):
-    return policy("cn", safeguards=[
-        TransferSafeguard(kind=SafeguardKind(k), reference=f"{k}-ref", jurisdictions=["SG"], recorded_on="2026-01-05",
-                          expires=expires) for k in kinds])
+    return policy(
+        "cn",
+        safeguards=[
+            TransferSafeguard(
+                kind=SafeguardKind(k),
+                reference=f"{k}-ref",
+                jurisdictions=["SG"],
+                recorded_on="2026-01-05",
+                expires=expires,
+            )
+            for k in kinds
+        ],
+    )
 
 
-@pytest.mark.parametrize("people, sensitive, band, required", [
-    (0, 0, 0, ()),
-    (99_999, 0, 0, ()),
-    (100_000, 0, 1, ("standard_contract", "certification")),
-    (50_000, 1, 1, ("standard_contract", "certification")),
-    (999_999, 9_999, 1, ("standard_contract", "certification")),
-    (1_000_000, 0, 2, ("security_assessment",)),
-    (10, 10_000, 2, ("security_assessment",)),
-])
+@pytest.mark.parametrize(
+    "people, sensitive, band, required",
+    [
+        (0, 0, 0, ()),
+        (99_999, 0, 0, ()),
+        (100_000, 0, 1, ("standard_contract", "certification")),
+        (50_000, 1, 1, ("standard_contract", "certification")),
+        (999_999, 9_999, 1, ("standard_contract", "certification")),
+        (1_000_000, 0, 2, ("security_assessment",)),
+        (10, 10_000, 2, ("security_assessment",)),
+    ],
+)
 def test_pipl_volume_bands(people, sensitive, band, required):
     decision = transfer_safeguard(cn_with(), "SG", people, sensitive, on=ON)
     assert decision.cross_border and decision.band == band and decision.required == required
@@ -375,6 +480,7 @@ def test_pipl_domestic_regardless_and_no_rules():
 
 # -- explain ----------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("region", PRESETS)
 def test_explain_reads_as_a_privacy_officer_expects(region):
     loaded = load_region_file(REGIONS / f"{region}.yaml")
@@ -383,12 +489,17 @@ def test_explain_reads_as_a_privacy_officer_expects(region):
     sections = [line.split(":")[0] for line in text.splitlines() if line.startswith("- ")]
     assert sections == ["- Data", "- Use", "- Transfers", "- Privacy", "- Retention", "- Erasure"]
     retention = p.retention
-    assert (f"deleted once {retention.checkpoint_days} days old" in text
-            and f"ledger backups once {retention.ledger_backup_days} days old" in text
-            and "live privacy ledger and audit logs are never deleted" in text and "not yet" not in text)
+    assert (
+        f"deleted once {retention.checkpoint_days} days old" in text
+        and f"ledger backups once {retention.ledger_backup_days} days old" in text
+        and "live privacy ledger and audit logs are never deleted" in text
+        and "not yet" not in text
+    )
     assert text.startswith(f"Region {region} ({loaded.jurisdiction}), rules under {p.law}:")
-    assert text.rstrip().endswith("not legal advice: your data protection officer and counsel must review every "
-                                  "value before real personal data is used.")
+    assert text.rstrip().endswith(
+        "not legal advice: your data protection officer and counsel must review every "
+        "value before real personal data is used."
+    )
     assert f"epsilon {p.privacy.epsilon_budget:g} at delta {p.privacy.delta:g}" in text
     for decision in p.transfers.adequacy_decisions:
         assert f"in {decision.jurisdiction} under an adequacy finding: {decision.decision}, {decision.adopted}" in text
@@ -402,8 +513,10 @@ def test_explain_shows_the_pipl_bands_and_the_us_prohibition():
     cn = load_region_file(REGIONS / "cn.yaml")
     text = explain_policy("cn", "CN", cn.policy, on=ON)
     assert "fewer than 100,000 people and no sensitive data: no safeguard" in text
-    assert "fewer than 1,000,000 people and fewer than 10,000 with sensitive data: standard contract or " \
-           "certification" in text
+    assert (
+        "fewer than 1,000,000 people and fewer than 10,000 with sensitive data: standard contract or "
+        "certification" in text
+    )
     assert "any larger volume: security assessment" in text
     assert "refuses a coordinator whose required safeguard is not recorded" in text
     us = load_region_file(REGIONS / "us.yaml")

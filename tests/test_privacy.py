@@ -5,20 +5,23 @@ from pathlib import Path
 
 import pytest
 
+from common.audit import EvidenceKey
 from common.config import PrivacyUnitKind
 from common.data.records import Record
 from common.errors import BudgetExhausted, LedgerError, PrivacyError
 from common.privacy.accounting import DpSgdSteps, epsilon_spent
 from common.privacy.ledger import PrivacyLedger
 from common.privacy.units import dataset_fingerprint, group_units
-from common.audit import EvidenceKey
 
 # The node's evidence key (a test key: the folder is never read).
 KEY = EvidenceKey(bytes(range(32)), Path("/keys/test-node"))
 
 
 def records(n, prefix="u", region="eu"):
-    return [Record(text=f"message {i} from {prefix}", region=region, user_id=f"{prefix}{i % 7}", consent=True) for i in range(n)]
+    return [
+        Record(text=f"message {i} from {prefix}", region=region, user_id=f"{prefix}{i % 7}", consent=True)
+        for i in range(n)
+    ]
 
 
 def test_ledger_persists_across_instances_and_continues(tmp_path):
@@ -41,12 +44,14 @@ def test_a_round_that_adds_almost_nothing_is_charged_and_epsilon_does_not_fall(t
     # Composing with a near no-op step moves the PLD's estimate by FFT noise, here about 2e-12 downwards.
     ledger = PrivacyLedger(tmp_path / "ledger.jsonl", delta=1e-5, unit=PrivacyUnitKind.record, key=KEY)
     fp = ledger.register(group_units(records(50), PrivacyUnitKind.record))
-    first = ledger.charge(fp, DpSgdSteps(1.0, 0.1, 17), budget=10, run_id="r", round_number=1, max_grad_norm=1.0,
-                          node="n1").epsilon_after
+    first = ledger.charge(
+        fp, DpSgdSteps(1.0, 0.1, 17), budget=10, run_id="r", round_number=1, max_grad_norm=1.0, node="n1"
+    ).epsilon_after
     almost_nothing = DpSgdSteps(1e4, 1e-6, 1)
     assert epsilon_spent([DpSgdSteps(1.0, 0.1, 17), almost_nothing], 1e-5) < first
-    second = ledger.charge(fp, almost_nothing, budget=10, run_id="r", round_number=2, max_grad_norm=1.0,
-                           node="n1").epsilon_after
+    second = ledger.charge(
+        fp, almost_nothing, budget=10, run_id="r", round_number=2, max_grad_norm=1.0, node="n1"
+    ).epsilon_after
     assert second == first
 
 
@@ -102,7 +107,9 @@ def charged_ledger(tmp_path):
     ledger = PrivacyLedger(path, delta=1e-5, unit=PrivacyUnitKind.record, key=KEY)
     fp = ledger.register(group_units(records(10), PrivacyUnitKind.record))
     for r in range(3):
-        ledger.charge(fp, DpSgdSteps(1.0, 0.1, 10), budget=10, run_id="r", round_number=r + 1, max_grad_norm=1.0, node="n1")
+        ledger.charge(
+            fp, DpSgdSteps(1.0, 0.1, 10), budget=10, run_id="r", round_number=r + 1, max_grad_norm=1.0, node="n1"
+        )
     return path
 
 
@@ -116,10 +123,10 @@ def lower_first_charge(lines):
 @pytest.mark.parametrize(
     "damage, where",
     [
-        (lower_first_charge, "entry 3"),                    # an edited charge
-        (lambda lines: lines[:2] + lines[3:], "entry 3"),   # a charge removed from the middle
-        (lambda lines: lines[:-2], "truncated"),            # the newest charges cut off
-        (lambda lines: [], "truncated"),                    # emptied
+        (lower_first_charge, "entry 3"),  # an edited charge
+        (lambda lines: lines[:2] + lines[3:], "entry 3"),  # a charge removed from the middle
+        (lambda lines: lines[:-2], "truncated"),  # the newest charges cut off
+        (lambda lines: [], "truncated"),  # emptied
         (lambda lines: ["{not json"] + lines[1:], "entry 1"),
     ],
 )
@@ -165,10 +172,13 @@ def rehash(lines: list[str], digest) -> list[str]:
     return out
 
 
-@pytest.mark.parametrize("digest", [
-    lambda b: hashlib.sha256(b).hexdigest(),  # the chain's public hash, as the unkeyed ledger used
-    lambda b: __import__("hmac").new(b"another key" * 3, b, hashlib.sha256).hexdigest(),  # a key of the attacker's
-])
+@pytest.mark.parametrize(
+    "digest",
+    [
+        lambda b: hashlib.sha256(b).hexdigest(),  # the chain's public hash, as the unkeyed ledger used
+        lambda b: __import__("hmac").new(b"another key" * 3, b, hashlib.sha256).hexdigest(),  # a key of the attacker's
+    ],
+)
 def test_a_ledger_rewritten_and_rehashed_without_the_key_is_refused(tmp_path, digest):
     path = charged_ledger(tmp_path)
     lines = lower_first_charge(path.read_text().splitlines())
@@ -212,8 +222,15 @@ def test_a_person_moved_to_another_node_keeps_their_history(tmp_path):
     step = DpSgdSteps(1.0, 0.1, 20)
     for index in range(2):
         shard = group_units(client_partition(people, client_index=index, num_clients=2), PrivacyUnitKind.user)
-        ledger.charge(ledger.register(shard), step, budget=10, run_id="r", round_number=1, max_grad_norm=1.0,
-                      node=f"eu-{index + 1}")
+        ledger.charge(
+            ledger.register(shard),
+            step,
+            budget=10,
+            run_id="r",
+            round_number=1,
+            max_grad_norm=1.0,
+            node=f"eu-{index + 1}",
+        )
     trained_once = epsilon_spent([step], 1e-5)
     for index in range(3):
         shard = group_units(client_partition(people, client_index=index, num_clients=3), PrivacyUnitKind.user)
@@ -227,9 +244,11 @@ def test_a_charge_records_what_ran_and_refuses_a_fractional_or_negative_step_cou
     fp = ledger.register(group_units(records(30), PrivacyUnitKind.record))
     for steps in (-202, 0, 2.5, True):
         with pytest.raises((LedgerError, PrivacyError)):
-            ledger.charge(fp, DpSgdSteps(1.0, 0.1, steps), budget=10, run_id="r", round_number=1, max_grad_norm=1.0,
-                          node="n1")
+            ledger.charge(
+                fp, DpSgdSteps(1.0, 0.1, steps), budget=10, run_id="r", round_number=1, max_grad_norm=1.0, node="n1"
+            )
     assert ledger.charges() == []
-    charge = ledger.charge(fp, DpSgdSteps(1.0, 0.1, 3), budget=10, run_id="r", round_number=1, max_grad_norm=0.5,
-                           node="n1")
+    charge = ledger.charge(
+        fp, DpSgdSteps(1.0, 0.1, 3), budget=10, run_id="r", round_number=1, max_grad_norm=0.5, node="n1"
+    )
     assert (charge.steps, charge.max_grad_norm, charge.node) == (3, 0.5, "n1")

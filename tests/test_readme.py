@@ -51,9 +51,17 @@ def parses(argv: list[str]) -> bool:
 def test_readme_has_the_commands_this_test_runs():
     commands = bash_commands()
     assert len(commands) >= 20
-    for prefix in (["policy", "validate"], ["policy", "explain"], ["policy", "dry-run"], ["audit", "verify"],
-                   ["data", "check"], ["node", "start"], ["deploy", "local"], ["simulate"]):
-        assert any(c[:len(prefix)] == prefix for c in commands), prefix
+    for prefix in (
+        ["policy", "validate"],
+        ["policy", "explain"],
+        ["policy", "dry-run"],
+        ["audit", "verify"],
+        ["data", "check"],
+        ["node", "start"],
+        ["deploy", "local"],
+        ["simulate"],
+    ):
+        assert any(c[: len(prefix)] == prefix for c in commands), prefix
 
 
 @pytest.mark.parametrize("argv", bash_commands(), ids=lambda argv: " ".join(argv)[:60])
@@ -77,7 +85,9 @@ def test_fast_readme_commands_run_as_printed(tmp_path, config_dir, tokenizer_mod
 
     work = tmp_path / "fedsov-work"
     node_key = EvidenceKey.load_or_create(work / "keys" / "eu-1")
-    AuditLog(work / "nodes" / "eu-1" / "audit.jsonl", "node:eu-1", node_key).record("start", "accepted", reason="README")
+    AuditLog(work / "nodes" / "eu-1" / "audit.jsonl", "node:eu-1", node_key).record(
+        "start", "accepted", reason="README"
+    )
     ledger_key = EvidenceKey.load_or_create(work / "keys" / "ledger-eu")
     HashChainLog(work / "ledgers" / "eu" / "privacy-ledger.jsonl", ledger_key).append({"event": "README check"})
     data = tmp_path / "data" / "eu"
@@ -98,8 +108,13 @@ def test_fast_readme_commands_run_as_printed(tmp_path, config_dir, tokenizer_mod
         out, err = capsys.readouterr()
         assert code == 0 and "Traceback" not in out + err, (argv, out[-2000:], err[-2000:])
         ran.append(argv[:2])
-    assert {tuple(a) for a in ran} >= {("policy", "validate"), ("policy", "explain"), ("policy", "dry-run"),
-                                       ("audit", "verify"), ("data", "check")}
+    assert {tuple(a) for a in ran} >= {
+        ("policy", "validate"),
+        ("policy", "explain"),
+        ("policy", "dry-run"),
+        ("audit", "verify"),
+        ("data", "check"),
+    }
 
 
 def test_python_snippets_use_only_names_they_define():

@@ -11,8 +11,12 @@ from tests.inprocess import run_federation
 
 
 def test_a_region_whose_nodes_refuse_makes_the_run_partial_naming_node_file_and_fix(small_overrides):
-    overrides = small_overrides + ["federation.rounds=1", "federation.local_steps=2", "audit.enabled=false",
-                                   "regions=[eu,us,sg]"]
+    overrides = small_overrides + [
+        "federation.rounds=1",
+        "federation.local_steps=2",
+        "audit.enabled=false",
+        "regions=[eu,us,sg]",
+    ]
     cfg = resolve_run_config(overrides)
     ensure_synthetic_data(cfg, log=lambda m: None)
     stray = f"{cfg.data.root}/eu/part-00009.jsonl"  # one bad file among eu's good ones

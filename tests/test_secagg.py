@@ -32,8 +32,9 @@ class Federation:
 
     def server(self, threshold, nodes=None):
         nodes = self.nodes if nodes is None else nodes
-        return ServerAggregation(TAG, threshold, PLAN, {n: self.regions[n] for n in nodes},
-                                 {n: self.adverts[n] for n in nodes})
+        return ServerAggregation(
+            TAG, threshold, PLAN, {n: self.regions[n] for n in nodes}, {n: self.adverts[n] for n in nodes}
+        )
 
     def share(self, n, threshold, adverts=None):
         adverts = list(self.adverts.values()) if adverts is None else adverts
@@ -144,8 +145,8 @@ def test_sum_is_exact_and_inputs_stay_hidden():
     total, received, masked = run_protocol(payloads, threshold=3)
     data, metrics = plain_sum(payloads, payloads)
     assert np.array_equal(total.data, data) and np.array_equal(total.metrics, metrics)
-    for n, y in masked.items():
-        for m, x in payloads.items():
+    for y in masked.values():
+        for x in payloads.values():
             corr = np.corrcoef(y.data.astype(np.float64), x.data.astype(np.float64))[0, 1]
             assert abs(corr) < 0.15  # 1000 values: noise level is about 1/sqrt(1000) = 0.03
 
@@ -215,7 +216,19 @@ def test_tampered_share_is_detected():
         fed.sessions[fed.nodes[0]].unmask(fed.nodes, [], signatures, fed.roster)
 
 
+def test_a_share_list_that_does_not_match_its_senders_is_refused():
+    payloads = random_payloads(3, size=16)
+    fed = Federation(payloads)
+    server = fed.server(2)
+    for n in fed.nodes:
+        server.add_shares(n, *fed.share(n, 2))
+    senders, blobs = server.inbound_for(fed.nodes[0])
+    with pytest.raises(SecAggError, match="relayed 2 shares for 3 senders"):
+        fed.sessions[fed.nodes[0]].mask(senders, blobs[:-1], payloads[fed.nodes[0]], PARAMS)
+
+
 # -- a coordinator that deviates (issue 13) -----------------------------------------------------------
+
 
 def test_duplicate_node_ids_or_identities_never_count_twice():
     fed = Federation([1, 2, 3, 4])
@@ -274,8 +287,12 @@ def test_parameters_that_differ_for_one_node_fail_the_round_without_revealing_it
     for n in fed.nodes:
         server.add_shares(n, *fed.share(n, 3))
     server.set_params(PARAMS)
-    masked = {n: fed.sessions[n].mask(*server.inbound_for(n), payloads[n], {**PARAMS, "levels": 2**31}
-                                      if n == victim else PARAMS) for n in fed.nodes}
+    masked = {
+        n: fed.sessions[n].mask(
+            *server.inbound_for(n), payloads[n], {**PARAMS, "levels": 2**31} if n == victim else PARAMS
+        )
+        for n in fed.nodes
+    }
     signatures = fed.confirm(fed.nodes, fed.nodes)
     # The victim signed another transcript: it finds too few signatures on its own and refuses to unmask.
     with pytest.raises(SecAggError, match="1 survivors signed"):
@@ -316,8 +333,10 @@ def test_a_metric_slot_left_with_one_survivor_stays_masked_while_the_update_is_s
     survive), but nobody reveals that slot's self-mask seeds, so its sums, that survivor's loss, stay hidden."""
     regions = {100: "eu", 101: "eu", 102: "us", 103: "us", 104: "us"}
     rng = np.random.default_rng(3)
-    payloads = {n: Payload(rng.integers(0, 2**20, 64, dtype=np.uint32),
-                           rng.integers(0, 2**40, 5, dtype=np.uint64)) for n in regions}  # 2 slots x 2 + counter
+    payloads = {
+        n: Payload(rng.integers(0, 2**20, 64, dtype=np.uint32), rng.integers(0, 2**40, 5, dtype=np.uint64))
+        for n in regions
+    }  # 2 slots x 2 + counter
     fed = Federation(payloads, regions)
     server = fed.server(3)
     for n in fed.nodes:
@@ -364,12 +383,12 @@ def test_quantized_weighted_mean_is_within_one_step():
     weights = [456, 549, 582, 446, 499, 450]
     q = Quantization.for_cohort(adam_displacement_bound(1e-2, 10), sum(weights))
     total = np.zeros(5000, dtype=np.uint32)
-    for u, w in zip(updates, weights):
+    for u, w in zip(updates, weights, strict=True):
         encoded, clipped = q.encode(u, w)
         assert clipped == 0
         total += encoded
     mean = q.decode(total, sum(weights))
-    plain = sum(w * u.astype(np.float64) for u, w in zip(updates, weights)) / sum(weights)
+    plain = sum(w * u.astype(np.float64) for u, w in zip(updates, weights, strict=True)) / sum(weights)
     error = np.abs(mean - plain).max()
     assert error <= q.step + 1e-9
     assert error <= 1e-3 * np.abs(plain).max()

@@ -70,8 +70,13 @@ def test_empty_poisson_batches_still_release_noise(model_dir, examples):
     model = fresh_lora(model_dir)
     # q = 1e-4 over ~150 units: nearly every batch is empty, yet the noisy step must happen.
     result = train_locally(
-        model, ids, steps=2, batch_size=1e-4 * len(ids), learning_rate=1e-2,
-        dp=DpSettings(noise_multiplier=1.0, max_grad_norm=1.0), pad_id=pad,
+        model,
+        ids,
+        steps=2,
+        batch_size=1e-4 * len(ids),
+        learning_rate=1e-2,
+        dp=DpSettings(noise_multiplier=1.0, max_grad_norm=1.0),
+        pad_id=pad,
     )
     assert result.units_sampled == 0
     assert all(result.update[k].abs().sum() > 0 for k in result.update)
@@ -81,8 +86,7 @@ def test_ffa_lora_trains_only_b(model_dir, examples):
     ids, pad = examples
     model = fresh_lora(model_dir, ffa=True)
     before = adapter_state(model)
-    result = train_locally(model, ids, steps=2, batch_size=8, learning_rate=1e-2,
-                           dp=DpSettings(1.0, 1.0), pad_id=pad)
+    result = train_locally(model, ids, steps=2, batch_size=8, learning_rate=1e-2, dp=DpSettings(1.0, 1.0), pad_id=pad)
     assert result.update and all("lora_B" in k for k in result.update)
     after = adapter_state(model)
     assert all(torch.equal(after[k], before[k]) for k in after if "lora_A" in k)
@@ -111,20 +115,46 @@ def test_dp_sgd_moves_by_the_clipped_mean_and_dp_adam_does_not(model_dir, exampl
     ids, pad = examples
     lr, clip, batch = 1e-2, 1.0, 8
     noiseless = DpSettings(noise_multiplier=0.0, max_grad_norm=clip)
-    sgd = train_locally(fresh_lora(model_dir), ids, steps=3, batch_size=batch, learning_rate=lr, dp=noiseless,
-                        pad_id=pad, optimizer_name="sgd")
-    adam = train_locally(fresh_lora(model_dir), ids, steps=3, batch_size=batch, learning_rate=lr, dp=noiseless,
-                         pad_id=pad, optimizer_name="adamw")
+    sgd = train_locally(
+        fresh_lora(model_dir),
+        ids,
+        steps=3,
+        batch_size=batch,
+        learning_rate=lr,
+        dp=noiseless,
+        pad_id=pad,
+        optimizer_name="sgd",
+    )
+    adam = train_locally(
+        fresh_lora(model_dir),
+        ids,
+        steps=3,
+        batch_size=batch,
+        learning_rate=lr,
+        dp=noiseless,
+        pad_id=pad,
+        optimizer_name="adamw",
+    )
     assert 0 < update_norm(sgd) <= lr * clip * sgd.units_sampled / batch + 1e-6
     assert update_norm(adam) > 10 * lr * clip * adam.units_sampled / batch
 
 
 def test_sgd_without_dp_clips_the_batch_gradient(model_dir, examples):
     ids, pad = examples
-    clipped = train_locally(fresh_lora(model_dir), ids, steps=3, batch_size=8, learning_rate=1.0, dp=None, pad_id=pad,
-                            optimizer_name="sgd", max_grad_norm=1e-3)
-    free = train_locally(fresh_lora(model_dir), ids, steps=3, batch_size=8, learning_rate=1.0, dp=None, pad_id=pad,
-                         optimizer_name="sgd")
+    clipped = train_locally(
+        fresh_lora(model_dir),
+        ids,
+        steps=3,
+        batch_size=8,
+        learning_rate=1.0,
+        dp=None,
+        pad_id=pad,
+        optimizer_name="sgd",
+        max_grad_norm=1e-3,
+    )
+    free = train_locally(
+        fresh_lora(model_dir), ids, steps=3, batch_size=8, learning_rate=1.0, dp=None, pad_id=pad, optimizer_name="sgd"
+    )
     assert 0 < update_norm(clipped) <= 3 * 1e-3 + 1e-7 < update_norm(free)
 
 
@@ -136,8 +166,16 @@ def test_dp_sgd_update_fits_the_secure_sum_range(model_dir, examples):
 
     ids, pad = examples
     lr, steps, clip = 0.5, 5, 0.1
-    result = train_locally(fresh_lora(model_dir), ids, steps=steps, batch_size=8, learning_rate=lr,
-                           dp=DpSettings(noise_multiplier=1.0, max_grad_norm=clip), pad_id=pad, optimizer_name="sgd")
+    result = train_locally(
+        fresh_lora(model_dir),
+        ids,
+        steps=steps,
+        batch_size=8,
+        learning_rate=lr,
+        dp=DpSettings(noise_multiplier=1.0, max_grad_norm=clip),
+        pad_id=pad,
+        optimizer_name="sgd",
+    )
     values = flatten(result.update, layout_of(result.update))
     bound = update_range("sgd", lr, steps, clip)
     assert np.abs(values).max() < bound < update_range("adamw", lr, steps, clip)
@@ -147,8 +185,16 @@ def test_dp_sgd_update_fits_the_secure_sum_range(model_dir, examples):
 def test_unknown_optimizer_is_refused(model_dir, examples):
     ids, pad = examples
     with pytest.raises(ValueError, match="adamw or sgd"):
-        train_locally(fresh_lora(model_dir), ids, steps=1, batch_size=8, learning_rate=1e-2, dp=None, pad_id=pad,
-                      optimizer_name="rmsprop")
+        train_locally(
+            fresh_lora(model_dir),
+            ids,
+            steps=1,
+            batch_size=8,
+            learning_rate=1e-2,
+            dp=None,
+            pad_id=pad,
+            optimizer_name="rmsprop",
+        )
 
 
 NOISE_PROBE = """
@@ -175,16 +221,25 @@ print(json.dumps(drawn))
 """
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="no CUDA device on this machine"))])
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+        ),
+    ],
+)
 def test_two_processes_with_the_same_public_seeds_draw_different_noise(model_dir, device):
     """The DP noise comes from a generator seeded by the OS, not from any seed the coordinator knows."""
     import subprocess
     import sys
 
-    runs = [subprocess.Popen([sys.executable, "-c", NOISE_PROBE, str(model_dir), device], stdout=subprocess.PIPE,
-                             text=True) for _ in range(2)]
+    runs = [
+        subprocess.Popen([sys.executable, "-c", NOISE_PROBE, str(model_dir), device], stdout=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
     first, second = (json.loads(p.communicate(timeout=300)[0]) for p in runs)
     assert first and len(first) == len(second)  # one draw per trained tensor
-    for a, b in zip(first, second):
+    for a, b in zip(first, second, strict=True):
         assert a != b

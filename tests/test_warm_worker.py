@@ -33,7 +33,11 @@ def test_the_flower_internals_the_worker_uses_are_there():
     assert list(inspect.signature(run_clientapp.pull_task_input).parameters) == ["client"]
     assert list(inspect.signature(run_clientapp.push_message).parameters) == ["client", "message", "context"]
     assert list(inspect.signature(run_clientapp.push_task_output).parameters) == [
-        "client", "context", "sub_status", "details"]
+        "client",
+        "context",
+        "sub_status",
+        "details",
+    ]
     assert "supported_task_types" in AcquireTaskRequest.DESCRIPTOR.fields_by_name
     assert TaskType.CLIENT_APP == "flwr-clientapp"
     # Process isolation starts no SuperExec and keeps the secret (subprocess isolation drops it).
@@ -43,8 +47,8 @@ def test_the_flower_internals_the_worker_uses_are_there():
 
 def test_the_waits_fedsov_shortens_are_flowers(monkeypatch):
     """client.supernode_loop and common.flowerproc replace these Flower waits by name: check they are still there."""
-    from flwr.superlink.grid import http_grid
     from flwr.supercore.inflatable import inflatable_utils
+    from flwr.superlink.grid import http_grid
     from flwr.supernode import start_client_internal as loop
     from flwr.supernode.runtime import run_clientapp
 
@@ -116,8 +120,10 @@ def test_the_runtime_api_is_on_loopback_and_claims_need_the_secret(tmp_path):
         secret_file = state / SUPEREXEC_SECRET_FILE
         assert secret_file.stat().st_mode & 0o777 == 0o600 and len(secret_file.read_bytes()) == 32
         request = AcquireTaskRequest(supported_task_types=["flwr-clientapp"])
-        signed = runtime_client(f"127.0.0.1:{node.port}", SuperExecAuthHttpInterceptor(
-            master_secret=secret_file.read_bytes(), protected_methods={ACQUIRE_TASK}))
+        signed = runtime_client(
+            f"127.0.0.1:{node.port}",
+            SuperExecAuthHttpInterceptor(master_secret=secret_file.read_bytes(), protected_methods={ACQUIRE_TASK}),
+        )
         deadline = time.monotonic() + 60
         while True:
             try:
@@ -131,8 +137,11 @@ def test_the_runtime_api_is_on_loopback_and_claims_need_the_secret(tmp_path):
             with pytest.raises(httpx.HTTPStatusError) as refused:
                 runtime_client(f"127.0.0.1:{node.port}", *interceptors).AcquireTask(request)
             assert refused.value.response.status_code == 401
-        listening = [c.laddr for c in psutil.Process(node.process.pid).net_connections()
-                     if c.status == psutil.CONN_LISTEN and c.laddr.port == node.port]
+        listening = [
+            c.laddr
+            for c in psutil.Process(node.process.pid).net_connections()
+            if c.status == psutil.CONN_LISTEN and c.laddr.port == node.port
+        ]
         assert listening and all(address.ip == "127.0.0.1" for address in listening)
         assert node.worker.alive()
     finally:
@@ -150,8 +159,9 @@ def fresh_node_caches(monkeypatch):
     return client_app
 
 
-def test_a_warm_node_follows_policy_edits_and_refuses_logs_rolled_back_under_it(small_overrides, config_dir, tmp_path,
-                                                                               fresh_node_caches):
+def test_a_warm_node_follows_policy_edits_and_refuses_logs_rolled_back_under_it(
+    small_overrides, config_dir, tmp_path, fresh_node_caches
+):
     from flwr.app import Context, RecordDict
 
     from client.node import STARTS
@@ -164,8 +174,13 @@ def test_a_warm_node_follows_policy_edits_and_refuses_logs_rolled_back_under_it(
     client_app = fresh_node_caches
     cfg = load_config(small_overrides)
     ensure_synthetic_data(cfg, log=lambda m: None)
-    context = Context(run_id=1, node_id=1, node_config=local_node_config(cfg, "eu", 0, 1, tmp_path / "node", "eu-1"),
-                      state=RecordDict(), run_config={CONFIG_KEY: json.dumps(config_to_dict(cfg))})
+    context = Context(
+        run_id=1,
+        node_id=1,
+        node_config=local_node_config(cfg, "eu", 0, 1, tmp_path / "node", "eu-1"),
+        state=RecordDict(),
+        run_config={CONFIG_KEY: json.dumps(config_to_dict(cfg))},
+    )
     node = client_app.region_node(context)
     starts = STARTS["node"]
     assert client_app.region_node(context) is node and STARTS["node"] == starts  # warm: started once
@@ -219,8 +234,12 @@ def test_a_worker_killed_mid_round_is_restarted_and_the_ledger_stays_exact(small
     from common.wire import DESCRIBE
     from server.deployment import LocalDeployment
 
-    overrides = [*deployment_overrides(small_overrides, tmp_path), "audit.enabled=false",
-                 "federation.round_timeout_s=120", "secure_aggregation.stage_timeout_s=60"]
+    overrides = [
+        *deployment_overrides(small_overrides, tmp_path),
+        "audit.enabled=false",
+        "federation.round_timeout_s=120",
+        "secure_aggregation.stage_timeout_s=60",
+    ]
     lines: list[str] = []
     done: list[str] = []
     failures: list[BaseException] = []
@@ -232,13 +251,17 @@ def test_a_worker_killed_mid_round_is_restarted_and_the_ledger_stays_exact(small
         def crash_eu_in_round_1() -> None:
             try:
                 audit, worker_log = root / "nodes" / "eu-1" / "state" / "audit.jsonl", eu.worker.log_path
-                _wait_for(lambda: any(e["action"] == "egress" and e.get("message_type") == DESCRIBE
-                                      for e in _entries(audit)), "eu-1 to describe itself")
+                _wait_for(
+                    lambda: any(e["action"] == "egress" and e.get("message_type") == DESCRIBE for e in _entries(audit)),
+                    "eu-1 to describe itself",
+                )
                 with open(root / "ledgers" / "eu" / "privacy-ledger.jsonl.lock", "a+") as lock:
                     fcntl.flock(lock, fcntl.LOCK_EX)
                     assert "task started: train" not in worker_log.read_text(), "the test took the lock too late"
-                    _wait_for(lambda: "task started: train (round 1)" in worker_log.read_text(),
-                              "eu-1 to start round-1 training")
+                    _wait_for(
+                        lambda: "task started: train (round 1)" in worker_log.read_text(),
+                        "eu-1 to start round-1 training",
+                    )
                     # Inside train_round the worker now waits for the ledger: it cannot have charged anything.
                     killed = eu.worker.process
                     os.kill(killed.pid, signal.SIGKILL)
@@ -266,10 +289,13 @@ def test_a_worker_killed_mid_round_is_restarted_and_the_ledger_stays_exact(small
     assert [r["round"] for r in rows] == [0, 1, 2]
     assert rows[1]["aggregated"] and rows[1]["clients_trained"] == 2 and rows[1]["clients_failed"] == ["eu-1"]
     assert rows[2]["aggregated"] and rows[2]["clients_trained"] == 3
-    worker_logs = {name: (root / "logs" / f"supernode-{name}.worker.log").read_text()
-                   for name in ("eu-1", "us-1", "sg-1")}
-    assert "answered the unfinished train (round 1) with an error" in worker_logs["eu-1"] or \
-        "left the unfinished train (round 1) to Flower's heartbeat timeout" in worker_logs["eu-1"]
+    worker_logs = {
+        name: (root / "logs" / f"supernode-{name}.worker.log").read_text() for name in ("eu-1", "us-1", "sg-1")
+    }
+    assert (
+        "answered the unfinished train (round 1) with an error" in worker_logs["eu-1"]
+        or "left the unfinished train (round 1) to Flower's heartbeat timeout" in worker_logs["eu-1"]
+    )
 
     # eu's ledger: round 2 charged once, round 1 never (the worker died before charging); the epsilon the run
     # reports for eu is exactly what its ledger holds.
@@ -278,8 +304,9 @@ def test_a_worker_killed_mid_round_is_restarted_and_the_ledger_stays_exact(small
     def charges(region: str):
         policy = deployment.cfg.regions[region].policy.privacy
         key = EvidenceKey.load(root / "keys" / f"ledger-{region}")
-        ledger = PrivacyLedger(root / "ledgers" / region / "privacy-ledger.jsonl", delta=policy.delta,
-                               unit=policy.unit, key=key)
+        ledger = PrivacyLedger(
+            root / "ledgers" / region / "privacy-ledger.jsonl", delta=policy.delta, unit=policy.unit, key=key
+        )
         return ledger.charges()
 
     eu_charges = charges("eu")

@@ -34,9 +34,24 @@ def test_adapters_travel_as_float32_even_from_bfloat16():
 
 def test_round_plan_round_trips_and_rejects_unknown_fields():
     plan = RoundPlan(
-        run_id="r", round=2, total_rounds=5, local_steps=10, batch_size=32, learning_rate=0.01, max_length=128,
-        eval_batch_size=32, model_fingerprint="ab" * 32, lora_rank=8, lora_alpha=16.0, lora_dropout=0.0,
-        lora_ffa=True, lora_seed=0, dp_enabled=True, max_grad_norm=1.0, coordinator_jurisdiction="EU", cohort_size=6,
+        run_id="r",
+        round=2,
+        total_rounds=5,
+        local_steps=10,
+        batch_size=32,
+        learning_rate=0.01,
+        max_length=128,
+        eval_batch_size=32,
+        model_fingerprint="ab" * 32,
+        lora_rank=8,
+        lora_alpha=16.0,
+        lora_dropout=0.0,
+        lora_ffa=True,
+        lora_seed=0,
+        dp_enabled=True,
+        max_grad_norm=1.0,
+        coordinator_jurisdiction="EU",
+        cohort_size=6,
         target_epsilon=3.0,
         lora_target_modules=("c_attn",),
     )

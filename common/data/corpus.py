@@ -14,43 +14,128 @@ from common.data.templates import COMMON_TEMPLATES
 
 # Vocabulary shared with the synthetic regional records (common/data/synthetic.py).
 PRODUCTS = (
-    "pair of wireless earbuds", "phone case", "USB-C charger", "smartwatch", "laptop stand", "coffee machine",
-    "air fryer", "robot vacuum", "electric kettle", "pair of running shoes", "winter jacket", "yoga mat",
-    "desk lamp", "mechanical keyboard", "gaming mouse", "4K monitor", "tablet", "e-reader",
-    "bluetooth speaker", "pair of noise-cancelling headphones", "baby stroller", "child car seat",
-    "office chair", "blender", "toaster", "hair dryer", "electric toothbrush", "hiking backpack",
-    "carry-on suitcase", "set of bed sheets", "water filter jug", "Wi-Fi router", "mesh Wi-Fi kit",
-    "smartphone", "power bank", "camera tripod", "action camera", "printer ink cartridge", "board game",
-    "kitchen scale", "standing desk", "rice cooker", "microwave oven", "electric scooter", "fitness tracker",
+    "pair of wireless earbuds",
+    "phone case",
+    "USB-C charger",
+    "smartwatch",
+    "laptop stand",
+    "coffee machine",
+    "air fryer",
+    "robot vacuum",
+    "electric kettle",
+    "pair of running shoes",
+    "winter jacket",
+    "yoga mat",
+    "desk lamp",
+    "mechanical keyboard",
+    "gaming mouse",
+    "4K monitor",
+    "tablet",
+    "e-reader",
+    "bluetooth speaker",
+    "pair of noise-cancelling headphones",
+    "baby stroller",
+    "child car seat",
+    "office chair",
+    "blender",
+    "toaster",
+    "hair dryer",
+    "electric toothbrush",
+    "hiking backpack",
+    "carry-on suitcase",
+    "set of bed sheets",
+    "water filter jug",
+    "Wi-Fi router",
+    "mesh Wi-Fi kit",
+    "smartphone",
+    "power bank",
+    "camera tripod",
+    "action camera",
+    "printer ink cartridge",
+    "board game",
+    "kitchen scale",
+    "standing desk",
+    "rice cooker",
+    "microwave oven",
+    "electric scooter",
+    "fitness tracker",
 )
 ARRIVAL_ISSUES = (
-    "with a cracked screen", "with missing parts", "in the wrong colour", "in the wrong size",
-    "in a crushed box", "without the charger", "already opened", "completely dead", "with a broken hinge",
-    "two weeks late", "with deep scratches on the front", "with the manual in the wrong language",
-    "with a leaking seal", "with a faulty battery", "with a bent frame", "soaking wet from the rain",
+    "with a cracked screen",
+    "with missing parts",
+    "in the wrong colour",
+    "in the wrong size",
+    "in a crushed box",
+    "without the charger",
+    "already opened",
+    "completely dead",
+    "with a broken hinge",
+    "two weeks late",
+    "with deep scratches on the front",
+    "with the manual in the wrong language",
+    "with a leaking seal",
+    "with a faulty battery",
+    "with a bent frame",
+    "soaking wet from the rain",
 )
 FAULTS = (
-    "stopped charging", "keeps restarting", "will not turn on", "makes a loud buzzing noise",
-    "overheats after a few minutes", "keeps losing its Bluetooth connection", "has a flickering display",
-    "drains the battery overnight", "stopped connecting to Wi-Fi", "started leaking water",
-    "shows an error light", "smells of burning plastic",
+    "stopped charging",
+    "keeps restarting",
+    "will not turn on",
+    "makes a loud buzzing noise",
+    "overheats after a few minutes",
+    "keeps losing its Bluetooth connection",
+    "has a flickering display",
+    "drains the battery overnight",
+    "stopped connecting to Wi-Fi",
+    "started leaking water",
+    "shows an error light",
+    "smells of burning plastic",
 )
 PLANS = (
-    "Basic 10GB", "Unlimited Plus", "Family Share", "5G Max", "Prepaid Flex", "Fibre 500",
-    "Home Broadband 1Gb", "Student Saver", "Travel Roamer",
+    "Basic 10GB",
+    "Unlimited Plus",
+    "Family Share",
+    "5G Max",
+    "Prepaid Flex",
+    "Fibre 500",
+    "Home Broadband 1Gb",
+    "Student Saver",
+    "Travel Roamer",
 )
 DELIVERY_STATUSES = (
-    "in transit", "out for delivery", "awaiting pickup", "held at the depot", "delivery attempted",
-    "label created", "returned to sender", "in customs clearance",
+    "in transit",
+    "out for delivery",
+    "awaiting pickup",
+    "held at the depot",
+    "delivery attempted",
+    "label created",
+    "returned to sender",
+    "in customs clearance",
 )
 CHANNELS = ("email", "SMS", "phone", "app notifications", "post")
 
-_WHEN = ("last week", "a few days ago", "on Monday", "last month", "over the weekend", "yesterday",
-         "during the sale", "two weeks ago")
+_WHEN = (
+    "last week",
+    "a few days ago",
+    "on Monday",
+    "last month",
+    "over the weekend",
+    "yesterday",
+    "during the sale",
+    "two weeks ago",
+)
 _AMOUNTS = ("the full amount", "the delivery fee", "the price difference", "the deposit", "the extra charge")
 
-_TICKET_GREETINGS = ("Hello,", "Hi there,", "Dear support team,", "Good morning,", "Hi,", "To whom it may concern,",
-                     "Hello again,")
+_TICKET_GREETINGS = (
+    "Hello,",
+    "Hi there,",
+    "Dear support team,",
+    "Good morning,",
+    "Hi,",
+    "To whom it may concern,",
+    "Hello again,",
+)
 _TICKET_PROBLEMS = (
     "I ordered a {product} {when} and it arrived {issue}.",
     "My {product} {fault} after only {n} days of use.",
@@ -68,13 +153,15 @@ _TICKET_PROBLEMS = (
     "The voucher code from your newsletter was rejected at checkout for a {product}.",
 )
 _TICKET_DETAILS = (
-    "The order number is on my receipt.", "I have attached photos of the damage to this message.",
+    "The order number is on my receipt.",
+    "I have attached photos of the damage to this message.",
     "I already tried restarting it and resetting it to factory settings.",
     "This is the second time this has happened in a month.",
     "I contacted the live chat yesterday but nobody replied.",
     "My delivery address and contact details on the account are correct.",
     "The box was still sealed when I opened it, so it must have happened at the warehouse.",
-    "I paid with the card saved in my account.", "The tracking page has not been updated since.",
+    "I paid with the card saved in my account.",
+    "The tracking page has not been updated since.",
     "I need it urgently because it was meant to be a gift.",
 )
 _TICKET_REQUESTS = (
@@ -88,11 +175,21 @@ _TICKET_REQUESTS = (
     "Please send me a copy of all the data you hold about me within the legal deadline.",
     "Please cancel the contract at the end of this billing period.",
 )
-_SIGNOFFS = ("Thanks.", "Kind regards.", "Best wishes.", "Thank you in advance.", "Regards.",
-             "Many thanks for your help.")
+_SIGNOFFS = (
+    "Thanks.",
+    "Kind regards.",
+    "Best wishes.",
+    "Thank you in advance.",
+    "Regards.",
+    "Many thanks for your help.",
+)
 
-_REPLY_OPENINGS = ("Thank you for contacting customer support.", "Thanks for getting in touch with us.",
-                   "Thank you for your message and for your patience.", "Hello, and thanks for reaching out.")
+_REPLY_OPENINGS = (
+    "Thank you for contacting customer support.",
+    "Thanks for getting in touch with us.",
+    "Thank you for your message and for your patience.",
+    "Hello, and thanks for reaching out.",
+)
 _REPLY_APOLOGIES = (
     "We are sorry that your {product} arrived {issue}.",
     "We are sorry to hear that your {product} {fault}.",
@@ -117,8 +214,12 @@ _REPLY_TIMELINES = (
     "If you do not hear from us within {n} days, simply reply to this message.",
     "You can follow the progress at any time in the Orders section of the app.",
 )
-_REPLY_CLOSINGS = ("Kind regards, the customer care team.", "Best regards, customer support.",
-                   "We hope this helps. Have a nice day.", "Thank you for shopping with us.")
+_REPLY_CLOSINGS = (
+    "Kind regards, the customer care team.",
+    "Best regards, customer support.",
+    "We hope this helps. Have a nice day.",
+    "Thank you for shopping with us.",
+)
 
 _FAQ = (
     "Q: How do I request a copy of my personal data? A: Sign in, open Privacy settings and choose Download my "
@@ -148,8 +249,12 @@ _FAQ = (
     "Q: My SIM card is not working. What can I do? A: Restart the phone, check that mobile data is on and that "
     "the {plan} plan is active. If it still fails, request a free replacement SIM in the app.",
 )
-_FAQ_TAILS = ("", " Still need help? Contact us through the app.", " More answers are in the Help Centre.",
-              " Our chat team is available every day.")
+_FAQ_TAILS = (
+    "",
+    " Still need help? Contact us through the app.",
+    " More answers are in the Help Centre.",
+    " Our chat team is available every day.",
+)
 
 _CHAT_OPENERS = (
     "hi, my parcel with the {product} has not arrived yet",
@@ -207,18 +312,75 @@ _NOTICE_TAILS = (
 # base model what digits, dates, prices and addresses look like, so personal data in the
 # regional records is surprising in content but not in form.
 _CITIES = (
-    "Berlin", "Munich", "Hamburg", "Paris", "Lyon", "Madrid", "Barcelona", "Milan", "Rome", "Amsterdam",
-    "Rotterdam", "New York", "Chicago", "Austin", "Seattle", "Los Angeles", "Singapore", "Jurong", "Tampines",
-    "Shanghai", "Beijing", "Shenzhen", "Guangzhou", "Hangzhou", "Vienna", "Brussels", "Dublin", "Lisbon",
+    "Berlin",
+    "Munich",
+    "Hamburg",
+    "Paris",
+    "Lyon",
+    "Madrid",
+    "Barcelona",
+    "Milan",
+    "Rome",
+    "Amsterdam",
+    "Rotterdam",
+    "New York",
+    "Chicago",
+    "Austin",
+    "Seattle",
+    "Los Angeles",
+    "Singapore",
+    "Jurong",
+    "Tampines",
+    "Shanghai",
+    "Beijing",
+    "Shenzhen",
+    "Guangzhou",
+    "Hangzhou",
+    "Vienna",
+    "Brussels",
+    "Dublin",
+    "Lisbon",
 )
-_STREETS = ("Market Street", "Hauptstrasse", "Rue de la Gare", "Via Roma", "Calle Mayor", "Orchard Road",
-            "Nanjing Road", "Main Street", "Station Square", "Harbour Drive", "Kalverstraat", "Broadway")
+_STREETS = (
+    "Market Street",
+    "Hauptstrasse",
+    "Rue de la Gare",
+    "Via Roma",
+    "Calle Mayor",
+    "Orchard Road",
+    "Nanjing Road",
+    "Main Street",
+    "Station Square",
+    "Harbour Drive",
+    "Kalverstraat",
+    "Broadway",
+)
 _CURRENCIES = ("EUR", "USD", "SGD", "CNY", "€", "$", "S$", "¥")
 _WEEKDAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
-_MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September",
-           "October", "November", "December")
-_HOTLINES = ("+49 30 {d4} {d4}", "+33 1 {d2} {d2} {d2} {d2}", "+1 (800) {d3}-{d4}", "+65 6{d3} {d4}",
-             "+86 400 {d3} {d4}", "+39 02 {d4} {d4}", "+34 91 {d3} {d2} {d2}", "+31 20 {d3} {d4}")
+_MONTHS = (
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+)
+_HOTLINES = (
+    "+49 30 {d4} {d4}",
+    "+33 1 {d2} {d2} {d2} {d2}",
+    "+1 (800) {d3}-{d4}",
+    "+65 6{d3} {d4}",
+    "+86 400 {d3} {d4}",
+    "+39 02 {d4} {d4}",
+    "+34 91 {d3} {d2} {d2}",
+    "+31 20 {d3} {d4}",
+)
 
 
 def _digits(rng: random.Random, n: int) -> str:
@@ -229,7 +391,7 @@ def _hotline(rng: random.Random) -> str:
     pattern = rng.choice(_HOTLINES)
     while "{d" in pattern:  # fresh digits for every placeholder
         i = pattern.index("{d")
-        pattern = pattern[:i] + _digits(rng, int(pattern[i + 2])) + pattern[i + 4:]
+        pattern = pattern[:i] + _digits(rng, int(pattern[i + 2])) + pattern[i + 4 :]
     return pattern
 
 
@@ -239,23 +401,32 @@ def _price(rng: random.Random) -> str:
 
 def _date(rng: random.Random) -> str:
     day, month, year = rng.randint(1, 28), rng.randint(1, 12), rng.randint(2019, 2025)
-    return rng.choice((f"{day:02d}.{month:02d}.{year}", f"{month:02d}/{day:02d}/{year}", f"{year}-{month:02d}-{day:02d}",
-                       f"{day} {_MONTHS[month - 1]} {year}", f"{day:02d}/{month:02d}/{year}"))
+    return rng.choice(
+        (
+            f"{day:02d}.{month:02d}.{year}",
+            f"{month:02d}/{day:02d}/{year}",
+            f"{year}-{month:02d}-{day:02d}",
+            f"{day} {_MONTHS[month - 1]} {year}",
+            f"{day:02d}/{month:02d}/{year}",
+        )
+    )
 
 
 def _shop_facts(rng: random.Random) -> str:
     facts = (
         f"Our store at {rng.randint(1, 240)} {rng.choice(_STREETS)}, {rng.choice(_CITIES)} {_digits(rng, 5)} is open "
-        f"{rng.choice(_WEEKDAYS)} to {rng.choice(_WEEKDAYS)} from {rng.randint(7, 10)}:00 to {rng.randint(17, 22)}:{rng.choice(('00', '30'))}.",
-        f"Order {rng.choice(('EU', 'US', 'SG', 'CN', 'WEB'))}-{_digits(rng, 8)} was shipped on {_date(rng)} with tracking "
-        f"number {rng.choice(('JD', 'DHL', '1Z', 'SF', 'PX'))}{_digits(rng, 10)}.",
+        f"{rng.choice(_WEEKDAYS)} to {rng.choice(_WEEKDAYS)} from {rng.randint(7, 10)}:00 to "
+        f"{rng.randint(17, 22)}:{rng.choice(('00', '30'))}.",
+        f"Order {rng.choice(('EU', 'US', 'SG', 'CN', 'WEB'))}-{_digits(rng, 8)} was shipped on {_date(rng)} "
+        f"with tracking number {rng.choice(('JD', 'DHL', '1Z', 'SF', 'PX'))}{_digits(rng, 10)}.",
         f"The {rng.choice(PRODUCTS)} (item {rng.choice('ABCDEFGHK')}{rng.choice('LMNPRSTX')}-{_digits(rng, 4)}) costs "
         f"{_price(rng)} and is in stock in {rng.randint(2, 60)} stores.",
         f"For help call our hotline {_hotline(rng)} between {rng.randint(8, 10)}:00 and {rng.randint(17, 20)}:00 "
         f"or write to support@{rng.choice(('shop', 'help', 'care'))}.example.com.",
         f"Invoice {_digits(rng, 6)} of {_date(rng)}: {rng.randint(1, 4)} x {rng.choice(PRODUCTS)}, total {_price(rng)} "
         f"including {rng.choice((7, 8, 9, 10, 13, 19, 20, 21, 22))}% tax.",
-        f"Parcel locker {rng.randint(10, 999)} at {rng.choice(_CITIES)} {rng.choice(('Central Station', 'Airport', 'Mall', 'Harbour'))} "
+        f"Parcel locker {rng.randint(10, 999)} at {rng.choice(_CITIES)} "
+        f"{rng.choice(('Central Station', 'Airport', 'Mall', 'Harbour'))} "
         f"holds parcels for {rng.randint(3, 10)} days; the pickup code is sent by {rng.choice(CHANNELS)}.",
     )
     return " ".join(rng.sample(facts, rng.randint(3, 5)))
@@ -281,11 +452,20 @@ def _redacted_record(rng: random.Random) -> str:
     _, template = rng.choice(COMMON_TEMPLATES)
     slots = {slot: rng.choice(values) for slot, values in _PLACEHOLDERS.items()}
     slots.update(
-        order=f"WEB-{_digits(rng, 8)}", date=_date(rng), amount=_price(rng), days=str(rng.randint(5, 40)),
-        courier=rng.choice(_COURIERS), tier=rng.choice(("Bronze", "Silver", "Gold", "Platinum")),
-        tax=f"{rng.choice((7, 9, 13, 19, 20, 21))}% tax", opt=rng.choice(("yes", "no")),
-        opt2=rng.choice(("allowed", "not allowed")), product=rng.choice(PRODUCTS), issue=rng.choice(ARRIVAL_ISSUES),
-        fault=rng.choice(FAULTS), plan=rng.choice(PLANS), status=rng.choice(DELIVERY_STATUSES),
+        order=f"WEB-{_digits(rng, 8)}",
+        date=_date(rng),
+        amount=_price(rng),
+        days=str(rng.randint(5, 40)),
+        courier=rng.choice(_COURIERS),
+        tier=rng.choice(("Bronze", "Silver", "Gold", "Platinum")),
+        tax=f"{rng.choice((7, 9, 13, 19, 20, 21))}% tax",
+        opt=rng.choice(("yes", "no")),
+        opt2=rng.choice(("allowed", "not allowed")),
+        product=rng.choice(PRODUCTS),
+        issue=rng.choice(ARRIVAL_ISSUES),
+        fault=rng.choice(FAULTS),
+        plan=rng.choice(PLANS),
+        status=rng.choice(DELIVERY_STATUSES),
         channel=rng.choice(CHANNELS),
     )
     return template.format(**slots)
@@ -308,8 +488,9 @@ def _ticket(rng: random.Random) -> str:
 
 
 def _reply(rng: random.Random) -> str:
-    return " ".join(rng.choice(p) for p in (_REPLY_OPENINGS, _REPLY_APOLOGIES, _REPLY_ACTIONS, _REPLY_TIMELINES,
-                                            _REPLY_CLOSINGS))
+    return " ".join(
+        rng.choice(p) for p in (_REPLY_OPENINGS, _REPLY_APOLOGIES, _REPLY_ACTIONS, _REPLY_TIMELINES, _REPLY_CLOSINGS)
+    )
 
 
 def _faq(rng: random.Random) -> str:
@@ -317,9 +498,13 @@ def _faq(rng: random.Random) -> str:
 
 
 def _chat(rng: random.Random) -> str:
-    turns = [("Customer", rng.choice(_CHAT_OPENERS)), ("Agent", rng.choice(_CHAT_VERIFY)),
-             ("Customer", rng.choice(_CHAT_CONFIRMS)), ("Agent", rng.choice(_CHAT_ACTIONS)),
-             ("Customer", rng.choice(_CHAT_ENDINGS))]
+    turns = [
+        ("Customer", rng.choice(_CHAT_OPENERS)),
+        ("Agent", rng.choice(_CHAT_VERIFY)),
+        ("Customer", rng.choice(_CHAT_CONFIRMS)),
+        ("Agent", rng.choice(_CHAT_ACTIONS)),
+        ("Customer", rng.choice(_CHAT_ENDINGS)),
+    ]
     return " ".join(f"{who}: {said}" for who, said in turns)
 
 
@@ -329,7 +514,13 @@ def _notice(rng: random.Random) -> str:
 
 def _fill(template: str, rng: random.Random) -> str:
     return template.format(
-        product=rng.choice(PRODUCTS), issue=rng.choice(ARRIVAL_ISSUES), fault=rng.choice(FAULTS),
-        plan=rng.choice(PLANS), status=rng.choice(DELIVERY_STATUSES), channel=rng.choice(CHANNELS),
-        when=rng.choice(_WHEN), amount=rng.choice(_AMOUNTS), n=rng.randint(2, 14),
+        product=rng.choice(PRODUCTS),
+        issue=rng.choice(ARRIVAL_ISSUES),
+        fault=rng.choice(FAULTS),
+        plan=rng.choice(PLANS),
+        status=rng.choice(DELIVERY_STATUSES),
+        channel=rng.choice(CHANNELS),
+        when=rng.choice(_WHEN),
+        amount=rng.choice(_AMOUNTS),
+        n=rng.randint(2, 14),
     )

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from common.config import DataSource, FedsovConfig
 from common.data.records import SYNTHETIC_MANIFEST
@@ -44,7 +44,7 @@ def ensure_synthetic_data(cfg: FedsovConfig, log: Callable[[str], None] = print)
             folder,
             seed=cfg.data.seed,
             num_users=cfg.data.users_per_region,
-            records_per_user=tuple(cfg.data.records_per_user),
+            records_per_user=(cfg.data.records_per_user[0], cfg.data.records_per_user[1]),  # [min, max], validated
             consent_rate=cfg.data.consent_rate,
             num_shards=cfg.data.shards,
         )

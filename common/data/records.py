@@ -8,9 +8,10 @@ import gzip
 import json
 import os
 import tempfile
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 from common.errors import DataError, ResidencyViolation
 
@@ -53,8 +54,10 @@ def record_to_dict(r: Record) -> dict:
     row = {"text": r.text, "region": r.region, "user_id": r.user_id, "consent": r.consent}
     clash = sorted(set(row) & set(r.fields))
     if clash:
-        raise ValueError(f"Record {r.user_id!r} repeats required field(s) {clash} inside `fields`; "
-                         f"keep only {list(REQUIRED_FIELDS)} outside `fields` and rename the extra key.")
+        raise ValueError(
+            f"Record {r.user_id!r} repeats required field(s) {clash} inside `fields`; "
+            f"keep only {list(REQUIRED_FIELDS)} outside `fields` and rename the extra key."
+        )
     row.update(r.fields)
     return row
 
@@ -103,8 +106,11 @@ def load_records(
             loaded = _load_text(file, expected_region, plain_text_consent)
         if not loaded:
             raise DataError(f"{file}: the file holds no records; add records or remove the file from the data paths.")
-        allowed = set(allowed_regions) if allowed_regions is not None else (
-            {expected_region} if expected_region is not None else None)
+        allowed = (
+            set(allowed_regions)
+            if allowed_regions is not None
+            else ({expected_region} if expected_region is not None else None)
+        )
         if allowed is not None:
             for where, r in loaded:
                 if r.region not in allowed:
@@ -112,7 +118,8 @@ def load_records(
                         f"{file} {where}: record region {r.region!r} does not match this node's region "
                         f"{expected_region or ''!r} (allowed here: {', '.join(sorted(allowed))}); data must stay in "
                         f"its jurisdiction, so move the record to the {r.region!r} node's data or correct its region "
-                        "field. Nothing was trained.")
+                        "field. Nothing was trained."
+                    )
         records.extend(r for _, r in loaded)
     return records
 
@@ -159,14 +166,18 @@ def scan_data_paths(paths: Sequence[str | os.PathLike]) -> DataScan:
             else:
                 unsupported.append(f"{f} ({_unsupported_why(f)})")
         if not found and not unsupported:
-            raise DataError(f"{p}: folder holds no data files ({', '.join('*' + s for s in SUPPORTED_SUFFIXES)}, "
-                            f"searched recursively); put the region's data there or fix data.paths.")
+            raise DataError(
+                f"{p}: folder holds no data files ({', '.join('*' + s for s in SUPPORTED_SUFFIXES)}, "
+                f"searched recursively); put the region's data there or fix data.paths."
+            )
         files.extend(found)
     if unsupported:
         shown = "; ".join(unsupported[:5]) + (f"; and {len(unsupported) - 5} more" if len(unsupported) > 5 else "")
-        raise DataError(f"{len(unsupported)} file(s) in the data folders are not in a format fedsov reads, and could "
-                        f"hold records: {shown}. fedsov reads {', '.join(SUPPORTED_SUFFIXES)}; convert them or move "
-                        "them out of the data folders.")
+        raise DataError(
+            f"{len(unsupported)} file(s) in the data folders are not in a format fedsov reads, and could "
+            f"hold records: {shown}. fedsov reads {', '.join(SUPPORTED_SUFFIXES)}; convert them or move "
+            "them out of the data folders."
+        )
     return DataScan(files, skipped)
 
 
@@ -177,8 +188,10 @@ def _suffix(path: Path) -> str:
 
 def _unsupported_why(path: Path) -> str:
     suffix = path.suffix.lower()
-    return _UNSUPPORTED_WHY.get(suffix, f"not a data file type fedsov reads ({suffix or 'no suffix'}); "
-                                        "convert it to JSONL (one object per line)")
+    return _UNSUPPORTED_WHY.get(
+        suffix,
+        f"not a data file type fedsov reads ({suffix or 'no suffix'}); convert it to JSONL (one object per line)",
+    )
 
 
 def _load_jsonl(file: Path) -> list[tuple[str, Record]]:
@@ -191,8 +204,10 @@ def _load_jsonl(file: Path) -> list[tuple[str, Record]]:
         except json.JSONDecodeError as e:
             raise DataError(f"{file} line {lineno}: invalid JSON ({e}); write exactly one JSON object per line.") from e
         if not isinstance(row, dict):
-            raise DataError(f"{file} line {lineno}: expected a JSON object, got {type(row).__name__}; write one "
-                            f'object per line like {{"text": ..., "region": ..., "user_id": ..., "consent": ...}}.')
+            raise DataError(
+                f"{file} line {lineno}: expected a JSON object, got {type(row).__name__}; write one "
+                f'object per line like {{"text": ..., "region": ..., "user_id": ..., "consent": ...}}.'
+            )
         loaded.append((f"line {lineno}", _to_record(row, file, f"line {lineno}")))
     return loaded
 
@@ -204,17 +219,24 @@ def _load_json(file: Path) -> list[tuple[str, Record]]:
     try:
         rows = json.loads(text)
     except json.JSONDecodeError as e:
-        hint = (" It looks like JSON Lines (one object per line): rename it to .jsonl." if e.msg == "Extra data"
-                else " Write one JSON array of record objects, or use JSON Lines (.jsonl).")
+        hint = (
+            " It looks like JSON Lines (one object per line): rename it to .jsonl."
+            if e.msg == "Extra data"
+            else " Write one JSON array of record objects, or use JSON Lines (.jsonl)."
+        )
         raise DataError(f"{file} line {e.lineno}: invalid JSON ({e.msg}).{hint}") from e
     if not isinstance(rows, list):
-        raise DataError(f"{file}: expected a JSON array of record objects, got a {type(rows).__name__}; write "
-                        f'[{{"text": ..., "region": ..., "user_id": ..., "consent": ...}}, ...] or use JSON Lines.')
+        raise DataError(
+            f"{file}: expected a JSON array of record objects, got a {type(rows).__name__}; write "
+            f'[{{"text": ..., "region": ..., "user_id": ..., "consent": ...}}, ...] or use JSON Lines.'
+        )
     loaded = []
     for number, row in enumerate(rows, start=1):
         if not isinstance(row, dict):
-            raise DataError(f"{file} item {number}: expected a JSON object, got {type(row).__name__}; every item "
-                            f'is a record like {{"text": ..., "region": ..., "user_id": ..., "consent": ...}}.')
+            raise DataError(
+                f"{file} item {number}: expected a JSON object, got {type(row).__name__}; every item "
+                f'is a record like {{"text": ..., "region": ..., "user_id": ..., "consent": ...}}.'
+            )
         loaded.append((f"item {number}", _to_record(row, file, f"item {number}")))
     return loaded
 
@@ -226,30 +248,42 @@ def _load_parquet(file: Path) -> list[tuple[str, Record]]:
     try:
         table = pq.read_table(file)
     except (pa.ArrowException, OSError) as e:
-        raise DataError(f"{file}: not a readable Parquet file ({e}); re-export it as Parquet or convert it "
-                        f"to JSONL.") from e
+        raise DataError(
+            f"{file}: not a readable Parquet file ({e}); re-export it as Parquet or convert it to JSONL."
+        ) from e
     missing = [c for c in REQUIRED_FIELDS if c not in table.column_names]
     if missing:
-        raise DataError(f"{file}: Parquet file lacks column(s) {missing} (has {table.column_names}); every file "
-                        f"needs columns {list(REQUIRED_FIELDS)}.")
+        raise DataError(
+            f"{file}: Parquet file lacks column(s) {missing} (has {table.column_names}); every file "
+            f"needs columns {list(REQUIRED_FIELDS)}."
+        )
     return [(f"row {i}", _to_record(row, file, f"row {i}")) for i, row in enumerate(table.to_pylist(), start=1)]
 
 
 def _load_text(file: Path, expected_region: str | None, consent: bool | None) -> list[tuple[str, Record]]:
     region_key = expected_region or "<region>"
     if consent is None:
-        raise DataError(f"{file}: plain-text files carry no consent field; attest consent for all its lines with "
-                        f"--plain-text-consent true (fedsov node start, fedsov data check), "
-                        f"regions.{region_key}.data.plain_text_consent=true (fedsov simulate, fedsov deploy local) or "
-                        f"plain-text-consent=true (a SuperNode's --node-config); false excludes its lines from "
-                        f"training. Or convert it to JSONL with a consent field per record.")
+        raise DataError(
+            f"{file}: plain-text files carry no consent field; attest consent for all its lines with "
+            f"--plain-text-consent true (fedsov node start, fedsov data check), "
+            f"regions.{region_key}.data.plain_text_consent=true (fedsov simulate, fedsov deploy local) or "
+            f"plain-text-consent=true (a SuperNode's --node-config); false excludes its lines from "
+            f"training. Or convert it to JSONL with a consent field per record."
+        )
     if expected_region is None:
-        raise DataError(f"{file}: plain-text files carry no region field; load them with expected_region set to "
-                        f"the node's region, or convert them to JSONL with a region field per record.")
+        raise DataError(
+            f"{file}: plain-text files carry no region field; load them with expected_region set to "
+            f"the node's region, or convert them to JSONL with a region field per record."
+        )
     # Each line is its own privacy unit: nothing links two lines to the same person.
-    return [(f"line {lineno}", Record(text=line.strip(), region=expected_region,
-                                      user_id=f"{file.name}:{lineno}", consent=consent))
-            for lineno, line in _utf8_lines(file) if line.strip()]
+    return [
+        (
+            f"line {lineno}",
+            Record(text=line.strip(), region=expected_region, user_id=f"{file.name}:{lineno}", consent=consent),
+        )
+        for lineno, line in _utf8_lines(file)
+        if line.strip()
+    ]
 
 
 def _utf8_lines(file: Path) -> Iterator[tuple[int, str]]:
@@ -260,34 +294,41 @@ def _utf8_lines(file: Path) -> Iterator[tuple[int, str]]:
                 try:
                     line = raw.decode("utf-8")
                 except UnicodeDecodeError as e:
-                    raise DataError(f"{file} line {lineno}: bytes are not valid UTF-8 ({e.reason} at byte {e.start}); "
-                                    f"the file must be UTF-8, so re-save it with UTF-8 encoding.") from e
+                    raise DataError(
+                        f"{file} line {lineno}: bytes are not valid UTF-8 ({e.reason} at byte {e.start}); "
+                        f"the file must be UTF-8, so re-save it with UTF-8 encoding."
+                    ) from e
                 yield lineno, (line.removeprefix("\ufeff") if lineno == 1 else line)
     except (gzip.BadGzipFile, EOFError) as e:
         raise DataError(f"{file}: not a complete gzip file ({e}); compress the JSONL again with gzip.") from e
     except OSError as e:
-        raise DataError(f"{file}: cannot read it ({e.strerror or e}); fix its permissions or remove it from "
-                        "the data paths.") from e
+        raise DataError(
+            f"{file}: cannot read it ({e.strerror or e}); fix its permissions or remove it from the data paths."
+        ) from e
 
 
 def _to_record(row: dict, file: Path, where: str) -> Record:
     missing = [k for k in REQUIRED_FIELDS if k not in row]
     if missing:
-        raise DataError(f"{file} {where}: missing required field(s) {missing}; every record needs "
-                        f"{list(REQUIRED_FIELDS)}.")
+        raise DataError(
+            f"{file} {where}: missing required field(s) {missing}; every record needs {list(REQUIRED_FIELDS)}."
+        )
     for name, (valid, expected, example) in _FIELD_TYPES.items():
         value = row[name]
         if not valid(value):
-            raise DataError(f"{file} {where}: field {name!r} must be {expected}, got {type(value).__name__} "
-                            f"({value!r:.40}); write it like {example}.")
+            raise DataError(
+                f"{file} {where}: field {name!r} must be {expected}, got {type(value).__name__} "
+                f"({value!r:.40}); write it like {example}."
+            )
     tags = row.get("tags")
     if tags is not None and not (isinstance(tags, list) and all(isinstance(t, str) for t in tags)):
         # A tag given as a bare string would be matched letter by letter and escape the special-category rule.
-        raise DataError(f"{file} {where}: field 'tags' must be a list of strings, got {type(tags).__name__} "
-                        f'({tags!r:.40}); write it like "tags": ["special:health"].')
+        raise DataError(
+            f"{file} {where}: field 'tags' must be a list of strings, got {type(tags).__name__} "
+            f'({tags!r:.40}); write it like "tags": ["special:health"].'
+        )
     extra = {k: _json_value(v, file, where, k) for k, v in row.items() if k not in REQUIRED_FIELDS}
-    return Record(text=row["text"], region=row["region"], user_id=row["user_id"], consent=row["consent"],
-                  fields=extra)
+    return Record(text=row["text"], region=row["region"], user_id=row["user_id"], consent=row["consent"], fields=extra)
 
 
 def _json_value(value: Any, file: Path, where: str, name: str) -> Any:
@@ -302,5 +343,7 @@ def _json_value(value: Any, file: Path, where: str, name: str) -> Any:
         return {k: _json_value(v, file, where, name) for k, v in value.items()}
     if value is None or isinstance(value, (str, int, float, bool)):
         return value
-    raise DataError(f"{file} {where}: field {name!r} holds a {type(value).__name__}, which JSON cannot store; "
-                    f"convert that column to text or numbers.")
+    raise DataError(
+        f"{file} {where}: field {name!r} holds a {type(value).__name__}, which JSON cannot store; "
+        f"convert that column to text or numbers."
+    )

@@ -14,9 +14,9 @@ import os
 import random
 import string
 import unicodedata
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 from faker import Faker
 from faker.config import AVAILABLE_LOCALES
@@ -51,19 +51,32 @@ class _LocaleStyle:
 
 _LOCALE_STYLES = {
     "de_DE": _LocaleStyle("Germany", "%d.%m.%Y", ("DHL", "DPD", "Hermes"), "19% VAT", "ver.di", "Steuer-ID"),
-    "fr_FR": _LocaleStyle("France", "%d/%m/%Y", ("Colissimo", "Chronopost", "DPD"), "20% VAT", "CGT",
-                          "social security number (NIR)"),
+    "fr_FR": _LocaleStyle(
+        "France", "%d/%m/%Y", ("Colissimo", "Chronopost", "DPD"), "20% VAT", "CGT", "social security number (NIR)"
+    ),
     "it_IT": _LocaleStyle("Italy", "%d/%m/%Y", ("Poste Italiane", "BRT", "GLS"), "22% VAT", "CGIL", "codice fiscale"),
     "es_ES": _LocaleStyle("Spain", "%d/%m/%Y", ("SEUR", "Correos", "MRW"), "21% VAT", "CCOO", "DNI"),
     "nl_NL": _LocaleStyle("the Netherlands", "%d-%m-%Y", ("PostNL", "DHL", "DPD"), "21% VAT", "FNV", "BSN"),
     "en_US": _LocaleStyle("the United States", "%m/%d/%Y", ("UPS", "USPS", "FedEx"), "sales tax", "Teamsters", "SSN"),
-    "en_SG": _LocaleStyle("Singapore", "%d/%m/%Y", ("SingPost", "Ninja Van", "J&T Express"), "9% GST", "NTUC",
-                          "NRIC"),
-    "zh_CN": _LocaleStyle("China", "%Y-%m-%d", ("SF Express", "ZTO Express", "JD Logistics"), "13% VAT", "ACFTU",
-                          "resident ID"),
+    "en_SG": _LocaleStyle("Singapore", "%d/%m/%Y", ("SingPost", "Ninja Van", "J&T Express"), "9% GST", "NTUC", "NRIC"),
+    "zh_CN": _LocaleStyle(
+        "China", "%Y-%m-%d", ("SF Express", "ZTO Express", "JD Logistics"), "13% VAT", "ACFTU", "resident ID"
+    ),
 }
-_EU_COUNTRIES = ("Austria", "Belgium", "Croatia", "Germany", "France", "Greece", "Italy", "Portugal", "Spain",
-                 "the Netherlands", "Poland", "Sweden")
+_EU_COUNTRIES = (
+    "Austria",
+    "Belgium",
+    "Croatia",
+    "Germany",
+    "France",
+    "Greece",
+    "Italy",
+    "Portugal",
+    "Spain",
+    "the Netherlands",
+    "Poland",
+    "Sweden",
+)
 _TIERS = ("Bronze", "Silver", "Gold", "Platinum")
 # Person slots that only some locales have (no national ID, no IBAN, no US state); templates needing them
 # are skipped for people without them.
@@ -72,119 +85,230 @@ _OPTIONAL_PERSON_SLOTS = {"national_id", "iban", "state"}
 
 _REGION_TEMPLATES = {
     "eu": (
-        ("ticket", "Subject: GDPR access request (Article 15). I, {name}, ask for a copy of all personal data you "
-                   "hold about me, including my order history, call recordings and any profiling. My account email "
-                   "is {email}. Please reply within one month, as the GDPR requires."),
-        ("ticket", "Under Article 17 of the GDPR I ask you to erase my account and all data linked to {email} and "
-                   "to my phone number {phone}. Keep only what tax law requires and confirm by email once it is "
-                   "done. {name}, {address}"),
-        ("ticket", "I returned the {product} from order {order} within the 14-day withdrawal period. Please send "
-                   "the refund of {amount} by SEPA transfer to IBAN {iban}, account holder {name}. The return was "
-                   "signed for by {courier} on {date}."),
-        ("ticket", "The {product} I received has a UK plug instead of an EU plug, so it does not fit the sockets "
-                   "here in {country}. Order {order}, delivery address {address}. Please exchange it for the EU "
-                   "version, not an adapter."),
-        ("chat", "Customer: my direct debit failed this month. Agent: I see the SEPA mandate was cancelled. Can "
-                 "you confirm your IBAN? Customer: {iban}. Agent: Thank you {first_name}, I have set up a new "
-                 "mandate and the {amount} will be collected on {date}."),
-        ("ticket", "I was charged {amount} in roaming fees on my number {phone} while I was in {other_country} "
-                   "last week, although roaming inside the EU should cost the same as at home. Please refund it. "
-                   "Account holder {name}."),
-        ("ticket", "I object to direct marketing and withdraw my consent for profiling under the GDPR. Please stop "
-                   "all newsletters to {email} and tell me which partners received my data. Name: {name}, date of "
-                   "birth {dob}."),
-        ("ticket", "My parcel for order {order} was sent back to the {courier} depot although I was at home at "
-                   "{address} all day. Please redeliver it and send a tracking link by SMS to {phone}. {name}"),
-        ("chat", "Customer: I need a proper VAT invoice for order {order}, with my name {name} and address "
-                 "{address}. Agent: Of course. The invoice for {amount} including {tax} is now in your account. "
-                 "Customer: thanks, that is what I needed."),
-        ("profile", "EU customer profile. Name: {name}. Country: {country}. {id_label}: {national_id}. IBAN for "
-                    "refunds: {iban}. Email: {email}. Phone: {phone}. GDPR marketing consent: {opt}. Data export "
-                    "last requested on {date}."),
+        (
+            "ticket",
+            "Subject: GDPR access request (Article 15). I, {name}, ask for a copy of all personal data you "
+            "hold about me, including my order history, call recordings and any profiling. My account email "
+            "is {email}. Please reply within one month, as the GDPR requires.",
+        ),
+        (
+            "ticket",
+            "Under Article 17 of the GDPR I ask you to erase my account and all data linked to {email} and "
+            "to my phone number {phone}. Keep only what tax law requires and confirm by email once it is "
+            "done. {name}, {address}",
+        ),
+        (
+            "ticket",
+            "I returned the {product} from order {order} within the 14-day withdrawal period. Please send "
+            "the refund of {amount} by SEPA transfer to IBAN {iban}, account holder {name}. The return was "
+            "signed for by {courier} on {date}.",
+        ),
+        (
+            "ticket",
+            "The {product} I received has a UK plug instead of an EU plug, so it does not fit the sockets "
+            "here in {country}. Order {order}, delivery address {address}. Please exchange it for the EU "
+            "version, not an adapter.",
+        ),
+        (
+            "chat",
+            "Customer: my direct debit failed this month. Agent: I see the SEPA mandate was cancelled. Can "
+            "you confirm your IBAN? Customer: {iban}. Agent: Thank you {first_name}, I have set up a new "
+            "mandate and the {amount} will be collected on {date}.",
+        ),
+        (
+            "ticket",
+            "I was charged {amount} in roaming fees on my number {phone} while I was in {other_country} "
+            "last week, although roaming inside the EU should cost the same as at home. Please refund it. "
+            "Account holder {name}.",
+        ),
+        (
+            "ticket",
+            "I object to direct marketing and withdraw my consent for profiling under the GDPR. Please stop "
+            "all newsletters to {email} and tell me which partners received my data. Name: {name}, date of "
+            "birth {dob}.",
+        ),
+        (
+            "ticket",
+            "My parcel for order {order} was sent back to the {courier} depot although I was at home at "
+            "{address} all day. Please redeliver it and send a tracking link by SMS to {phone}. {name}",
+        ),
+        (
+            "chat",
+            "Customer: I need a proper VAT invoice for order {order}, with my name {name} and address "
+            "{address}. Agent: Of course. The invoice for {amount} including {tax} is now in your account. "
+            "Customer: thanks, that is what I needed.",
+        ),
+        (
+            "profile",
+            "EU customer profile. Name: {name}. Country: {country}. {id_label}: {national_id}. IBAN for "
+            "refunds: {iban}. Email: {email}. Phone: {phone}. GDPR marketing consent: {opt}. Data export "
+            "last requested on {date}.",
+        ),
     ),
     "us": (
-        ("ticket", "I am a California resident and I want to opt out of the sale or sharing of my personal "
-                   "information under the CCPA (Do Not Sell or Share My Personal Information). Account email "
-                   "{email}, phone {phone}. Please also delete my browsing history. {name}"),
-        ("ticket", "Why was I charged {state} sales tax on order {order}? The tax was added to the {amount} total, "
-                   "but my ZIP code has a different rate. The shipping address is {address}. Please correct it. "
-                   "{first_name}"),
-        ("ticket", "Your store asked for my {id_label} ({national_id}) to run a credit check for the {plan} "
-                   "financing plan. I am not comfortable with that. Can you verify me another way? Name {name}, "
-                   "date of birth {dob}."),
-        ("chat", "Customer: {courier} says my package was delivered but it is not on my porch. Agent: I'm sorry! "
-                 "Can you confirm the address? Customer: {address}. Agent: Thanks {first_name}, I have filed a "
-                 "missing package claim and a replacement {product} ships today."),
-        ("ticket", "Please port my number {phone} from my old carrier to your {plan} plan. The account holder is "
-                   "{name}, born {dob}. I will give the transfer PIN over the phone, not in this form. Thanks."),
-        ("ticket", "Price adjustment request: I bought a {product} on {date} for {amount} (order {order}) and it "
-                   "went on sale for Black Friday two days later. Please refund the difference to my card {card}. "
-                   "Thanks, {name}"),
-        ("ticket", "Under the CPRA I want to limit the use of my sensitive personal information. Please do not use "
-                   "my precise location or my {id_label} {national_id} for anything except the service. Account "
-                   "{email}, {name}."),
-        ("chat", "Customer: I filed a chargeback with my bank for {amount} on card {card}. Agent: I see it, order "
-                 "{order} was never delivered, so we will not contest it. Customer: great. Agent: You will get an "
-                 "email at {email} when the case closes."),
-        ("profile", "Customer profile (US). Name: {name}. Ship to: {address}. Phone: {phone}. Email: {email}. "
-                    "{id_label} on file for financing: {national_id}. DOB: {dob}. CCPA opt-out: {opt}. Loyalty "
-                    "tier: {tier}."),
+        (
+            "ticket",
+            "I am a California resident and I want to opt out of the sale or sharing of my personal "
+            "information under the CCPA (Do Not Sell or Share My Personal Information). Account email "
+            "{email}, phone {phone}. Please also delete my browsing history. {name}",
+        ),
+        (
+            "ticket",
+            "Why was I charged {state} sales tax on order {order}? The tax was added to the {amount} total, "
+            "but my ZIP code has a different rate. The shipping address is {address}. Please correct it. "
+            "{first_name}",
+        ),
+        (
+            "ticket",
+            "Your store asked for my {id_label} ({national_id}) to run a credit check for the {plan} "
+            "financing plan. I am not comfortable with that. Can you verify me another way? Name {name}, "
+            "date of birth {dob}.",
+        ),
+        (
+            "chat",
+            "Customer: {courier} says my package was delivered but it is not on my porch. Agent: I'm sorry! "
+            "Can you confirm the address? Customer: {address}. Agent: Thanks {first_name}, I have filed a "
+            "missing package claim and a replacement {product} ships today.",
+        ),
+        (
+            "ticket",
+            "Please port my number {phone} from my old carrier to your {plan} plan. The account holder is "
+            "{name}, born {dob}. I will give the transfer PIN over the phone, not in this form. Thanks.",
+        ),
+        (
+            "ticket",
+            "Price adjustment request: I bought a {product} on {date} for {amount} (order {order}) and it "
+            "went on sale for Black Friday two days later. Please refund the difference to my card {card}. "
+            "Thanks, {name}",
+        ),
+        (
+            "ticket",
+            "Under the CPRA I want to limit the use of my sensitive personal information. Please do not use "
+            "my precise location or my {id_label} {national_id} for anything except the service. Account "
+            "{email}, {name}.",
+        ),
+        (
+            "chat",
+            "Customer: I filed a chargeback with my bank for {amount} on card {card}. Agent: I see it, order "
+            "{order} was never delivered, so we will not contest it. Customer: great. Agent: You will get an "
+            "email at {email} when the case closes.",
+        ),
+        (
+            "profile",
+            "Customer profile (US). Name: {name}. Ship to: {address}. Phone: {phone}. Email: {email}. "
+            "{id_label} on file for financing: {national_id}. DOB: {dob}. CCPA opt-out: {opt}. Loyalty "
+            "tier: {tier}.",
+        ),
     ),
     "sg": (
-        ("ticket", "Under the PDPA I am requesting access to my personal data and information about how it was used "
-                   "or disclosed in the past year. My {id_label} is {national_id} and my email is {email}. Please "
-                   "reply within 30 days. {name}"),
-        ("ticket", "Why does your app ask for my full {id_label} ({national_id}) just to join the loyalty "
-                   "programme? Under the PDPC advisory guidelines you should not collect it. Please mask it in your "
-                   "records and confirm. {name}, {phone}"),
-        ("ticket", "Please refund {amount} for order {order} by PayNow to my mobile number {phone}, registered "
-                   "under {name}. The {product} arrived {issue}, and I already returned it at the POPStation near "
-                   "my block."),
-        ("ticket", "Delivery for order {order} failed: the {courier} driver said the lift at my HDB block was under "
-                   "maintenance. Please redeliver to {address} on Saturday, I will meet the driver at the void "
-                   "deck. Contact {phone}."),
-        ("chat", "Customer: my invoice for order {order} shows {tax} on {amount}. Can I claim a tourist refund? "
-                 "Agent: Sorry, the tourist refund scheme is only for visitors, and your account {email} has a "
-                 "local address. Customer: ok noted, thanks."),
-        ("ticket", "I registered {phone} with the Do Not Call Registry but I still get telemarketing SMS about your "
-                   "{plan} promotions. Please stop immediately and remove my number from your lists. Account "
-                   "holder {name}, email {email}."),
-        ("chat", "Customer: I want to sign up for the {plan} plan. Agent: Sure! For a new line we need your "
-                 "{id_label} and address for verification. Customer: {national_id}, {address}. Agent: Thank you "
-                 "{first_name}, your SIM will arrive in two working days."),
-        ("ticket", "My NETS payment for order {order} went through twice and both {amount} charges appear on my "
-                   "card {card}. Please refund the duplicate. I live at {address} and can be reached at {phone}. "
-                   "{name}"),
-        ("profile", "Customer profile (SG). Name: {name}. {id_label}: {national_id}. Date of birth: {dob}. Address: "
-                    "{address}. Mobile: {phone}. Email: {email}. PayNow refunds: {opt}. PDPA marketing consent: "
-                    "{opt2}. Tier: {tier}."),
+        (
+            "ticket",
+            "Under the PDPA I am requesting access to my personal data and information about how it was used "
+            "or disclosed in the past year. My {id_label} is {national_id} and my email is {email}. Please "
+            "reply within 30 days. {name}",
+        ),
+        (
+            "ticket",
+            "Why does your app ask for my full {id_label} ({national_id}) just to join the loyalty "
+            "programme? Under the PDPC advisory guidelines you should not collect it. Please mask it in your "
+            "records and confirm. {name}, {phone}",
+        ),
+        (
+            "ticket",
+            "Please refund {amount} for order {order} by PayNow to my mobile number {phone}, registered "
+            "under {name}. The {product} arrived {issue}, and I already returned it at the POPStation near "
+            "my block.",
+        ),
+        (
+            "ticket",
+            "Delivery for order {order} failed: the {courier} driver said the lift at my HDB block was under "
+            "maintenance. Please redeliver to {address} on Saturday, I will meet the driver at the void "
+            "deck. Contact {phone}.",
+        ),
+        (
+            "chat",
+            "Customer: my invoice for order {order} shows {tax} on {amount}. Can I claim a tourist refund? "
+            "Agent: Sorry, the tourist refund scheme is only for visitors, and your account {email} has a "
+            "local address. Customer: ok noted, thanks.",
+        ),
+        (
+            "ticket",
+            "I registered {phone} with the Do Not Call Registry but I still get telemarketing SMS about your "
+            "{plan} promotions. Please stop immediately and remove my number from your lists. Account "
+            "holder {name}, email {email}.",
+        ),
+        (
+            "chat",
+            "Customer: I want to sign up for the {plan} plan. Agent: Sure! For a new line we need your "
+            "{id_label} and address for verification. Customer: {national_id}, {address}. Agent: Thank you "
+            "{first_name}, your SIM will arrive in two working days.",
+        ),
+        (
+            "ticket",
+            "My NETS payment for order {order} went through twice and both {amount} charges appear on my "
+            "card {card}. Please refund the duplicate. I live at {address} and can be reached at {phone}. "
+            "{name}",
+        ),
+        (
+            "profile",
+            "Customer profile (SG). Name: {name}. {id_label}: {national_id}. Date of birth: {dob}. Address: "
+            "{address}. Mobile: {phone}. Email: {email}. PayNow refunds: {opt}. PDPA marketing consent: "
+            "{opt2}. Tier: {tier}.",
+        ),
     ),
     "cn": (
-        ("ticket", "Under the Personal Information Protection Law (PIPL) I request a copy of my personal "
-                   "information and a list of the third parties you shared it with. My {id_label} is "
-                   "{national_id} and my mobile number is {phone}. {name}"),
-        ("ticket", "Please confirm that my data is stored in mainland China and is not transferred abroad without "
-                   "my separate consent, as PIPL requires. My account is {email}, registered under {name}. Please "
-                   "reply in writing."),
-        ("ticket", "Please refund {amount} for order {order} to the Alipay account linked to my mobile {phone}. "
-                   "The {product} arrived {issue}. If Alipay does not work, WeChat Pay is fine too. {name}"),
-        ("ticket", "Delivery note for {courier}: please leave the parcel for order {order} at the parcel locker or "
-                   "with the building guard at {address}. Do not call before 9 am. If there is a problem, message "
-                   "{phone} on WeChat."),
-        ("chat", "Customer: please issue an electronic fapiao for order {order}. Agent: Sure, personal or company "
-                 "title? Customer: personal, name {name}. Agent: The fapiao for {amount} including {tax} has been "
-                 "sent to {email}."),
-        ("ticket", "For the real-name registration of my new SIM on the {plan} plan I provide my details: name "
-                   "{name}, {id_label} {national_id}, address {address}. Please activate the number quickly, I "
-                   "need it for work."),
-        ("chat", "Customer: the Double 11 discount was not applied to order {order}. Agent: Let me check. The "
-                 "coupon expired at midnight, but I can refund {amount} as a goodwill gesture to your WeChat Pay. "
-                 "Customer: ok, my WeChat is linked to {phone}."),
-        ("ticket", "The {courier} courier called {phone} and said my {product} was in the smart locker, but the "
-                   "pickup code does not work. I live at {address}. Please send a new code or redeliver. {name}"),
-        ("profile", "Customer profile (CN). Name: {name}. {id_label}: {national_id}. Date of birth: {dob}. Mobile: "
-                    "{phone}. Email: {email}. Address: {address}. Payment card: {card}. PIPL separate consent for "
-                    "marketing: {opt}."),
+        (
+            "ticket",
+            "Under the Personal Information Protection Law (PIPL) I request a copy of my personal "
+            "information and a list of the third parties you shared it with. My {id_label} is "
+            "{national_id} and my mobile number is {phone}. {name}",
+        ),
+        (
+            "ticket",
+            "Please confirm that my data is stored in mainland China and is not transferred abroad without "
+            "my separate consent, as PIPL requires. My account is {email}, registered under {name}. Please "
+            "reply in writing.",
+        ),
+        (
+            "ticket",
+            "Please refund {amount} for order {order} to the Alipay account linked to my mobile {phone}. "
+            "The {product} arrived {issue}. If Alipay does not work, WeChat Pay is fine too. {name}",
+        ),
+        (
+            "ticket",
+            "Delivery note for {courier}: please leave the parcel for order {order} at the parcel locker or "
+            "with the building guard at {address}. Do not call before 9 am. If there is a problem, message "
+            "{phone} on WeChat.",
+        ),
+        (
+            "chat",
+            "Customer: please issue an electronic fapiao for order {order}. Agent: Sure, personal or company "
+            "title? Customer: personal, name {name}. Agent: The fapiao for {amount} including {tax} has been "
+            "sent to {email}.",
+        ),
+        (
+            "ticket",
+            "For the real-name registration of my new SIM on the {plan} plan I provide my details: name "
+            "{name}, {id_label} {national_id}, address {address}. Please activate the number quickly, I "
+            "need it for work.",
+        ),
+        (
+            "chat",
+            "Customer: the Double 11 discount was not applied to order {order}. Agent: Let me check. The "
+            "coupon expired at midnight, but I can refund {amount} as a goodwill gesture to your WeChat Pay. "
+            "Customer: ok, my WeChat is linked to {phone}.",
+        ),
+        (
+            "ticket",
+            "The {courier} courier called {phone} and said my {product} was in the smart locker, but the "
+            "pickup code does not work. I live at {address}. Please send a new code or redeliver. {name}",
+        ),
+        (
+            "profile",
+            "Customer profile (CN). Name: {name}. {id_label}: {national_id}. Date of birth: {dob}. Mobile: "
+            "{phone}. Email: {email}. Address: {address}. Payment card: {card}. PIPL separate consent for "
+            "marketing: {opt}.",
+        ),
     ),
 }
 _CURRENCIES = {"eu": "€", "us": "$", "sg": "S$", "cn": "¥"}
@@ -236,20 +360,80 @@ _SG_HDB_TOWNS = (
     ("53", ("Hougang Ave 8", "Hougang St 91", "Upper Serangoon Rd")),
     ("65", ("Bukit Batok West Ave 6", "Bukit Batok St 31", "Bukit Batok East Ave 3")),
 )
-_SG_CONDO_STREETS = (("26", "Bukit Timah Road"), ("27", "Holland Road"), ("24", "Orchard Boulevard"),
-                     ("08", "Tanjong Pagar Road"), ("42", "East Coast Road"), ("57", "Upper Thomson Road"))
+_SG_CONDO_STREETS = (
+    ("26", "Bukit Timah Road"),
+    ("27", "Holland Road"),
+    ("24", "Orchard Boulevard"),
+    ("08", "Tanjong Pagar Road"),
+    ("42", "East Coast Road"),
+    ("57", "Upper Thomson Road"),
+)
 _SG_CONDOS = ("Emerald Residences", "Seaview Heights", "Palm Court", "Orchid Suites", "Parkview Towers")
-_SG_CHINESE_SURNAMES = ("Tan", "Lim", "Lee", "Ng", "Ong", "Wong", "Goh", "Chua", "Chan", "Koh", "Teo", "Ang", "Yeo",
-                        "Tay", "Ho", "Low", "Toh", "Sim", "Chong", "Chia", "Seah", "Foo", "Leong", "Lau")
-_SG_CHINESE_GIVEN = ("Wei", "Jie", "Hui", "Min", "Xin", "Jun", "Kai", "Ling", "Mei", "Yi", "Zhi", "Hao", "Jia",
-                     "Shu", "Ying", "Kiat", "Boon", "Seng", "Hock", "Siew", "Li", "En", "Xuan", "Yong")
-_SG_ENGLISH_NAMES = {"M": ("Jonathan", "Darren", "Gabriel", "Marcus", "Ryan", "Nicholas", "Benjamin"),
-                     "F": ("Rachel", "Michelle", "Cheryl", "Vanessa", "Joanne", "Charmaine", "Valerie")}
-_SG_MALAY_GIVEN = {"M": ("Muhammad Faizal", "Ahmad Hafiz", "Mohamed Irfan", "Muhammad Danial", "Hairul Azman"),
-                   "F": ("Nur Aisyah", "Siti Nurhaliza", "Nurul Huda", "Farah Nadia", "Siti Khadijah")}
+_SG_CHINESE_SURNAMES = (
+    "Tan",
+    "Lim",
+    "Lee",
+    "Ng",
+    "Ong",
+    "Wong",
+    "Goh",
+    "Chua",
+    "Chan",
+    "Koh",
+    "Teo",
+    "Ang",
+    "Yeo",
+    "Tay",
+    "Ho",
+    "Low",
+    "Toh",
+    "Sim",
+    "Chong",
+    "Chia",
+    "Seah",
+    "Foo",
+    "Leong",
+    "Lau",
+)
+_SG_CHINESE_GIVEN = (
+    "Wei",
+    "Jie",
+    "Hui",
+    "Min",
+    "Xin",
+    "Jun",
+    "Kai",
+    "Ling",
+    "Mei",
+    "Yi",
+    "Zhi",
+    "Hao",
+    "Jia",
+    "Shu",
+    "Ying",
+    "Kiat",
+    "Boon",
+    "Seng",
+    "Hock",
+    "Siew",
+    "Li",
+    "En",
+    "Xuan",
+    "Yong",
+)
+_SG_ENGLISH_NAMES = {
+    "M": ("Jonathan", "Darren", "Gabriel", "Marcus", "Ryan", "Nicholas", "Benjamin"),
+    "F": ("Rachel", "Michelle", "Cheryl", "Vanessa", "Joanne", "Charmaine", "Valerie"),
+}
+_SG_MALAY_GIVEN = {
+    "M": ("Muhammad Faizal", "Ahmad Hafiz", "Mohamed Irfan", "Muhammad Danial", "Hairul Azman"),
+    "F": ("Nur Aisyah", "Siti Nurhaliza", "Nurul Huda", "Farah Nadia", "Siti Khadijah"),
+}
 _SG_MALAY_FATHERS = ("Abdullah", "Rahman", "Ismail", "Osman", "Hassan", "Yusof", "Salleh", "Ibrahim")
-_SG_INDIAN_GIVEN = {"M": ("Rajesh", "Arun", "Suresh", "Vikram", "Karthik", "Ganesh", "Prakash"),
-                    "F": ("Priya", "Kavitha", "Deepa", "Lakshmi", "Anitha", "Divya", "Meena")}
+_SG_INDIAN_GIVEN = {
+    "M": ("Rajesh", "Arun", "Suresh", "Vikram", "Karthik", "Ganesh", "Prakash"),
+    "F": ("Priya", "Kavitha", "Deepa", "Lakshmi", "Anitha", "Divya", "Meena"),
+}
 _SG_INDIAN_FATHERS = ("Kumar", "Subramaniam", "Ramasamy", "Krishnan", "Pillai", "Nair", "Raju", "Gopal")
 
 # China: cities with their postcode prefix and districts, for English-format addresses.
@@ -265,10 +449,48 @@ _CN_CITIES = (
     ("Xi'an", "710", ("Yanta", "Beilin", "Lianhu", "Weiyang")),
     ("Chongqing", "400", ("Yuzhong", "Jiangbei", "Nan'an", "Shapingba")),
 )
-_CN_STREETS = ("Zhongshan", "Renmin", "Jiefang", "Huaihai", "Jianguo", "Heping", "Xinhua", "Changjiang", "Yan'an",
-               "Wenhua", "Dongfeng", "Shengli", "Chunxi", "Binhai")
-_CN_GIVEN_SYLLABLES = ("Wei", "Xiao", "Jia", "Zi", "Hao", "Yu", "Ming", "Hui", "Jun", "Lin", "Tian", "Xin", "Yi",
-                       "Chen", "Rui", "Ting", "Qing", "Li", "Yan", "Bo", "Fang", "Lei", "Na", "Tao")
+_CN_STREETS = (
+    "Zhongshan",
+    "Renmin",
+    "Jiefang",
+    "Huaihai",
+    "Jianguo",
+    "Heping",
+    "Xinhua",
+    "Changjiang",
+    "Yan'an",
+    "Wenhua",
+    "Dongfeng",
+    "Shengli",
+    "Chunxi",
+    "Binhai",
+)
+_CN_GIVEN_SYLLABLES = (
+    "Wei",
+    "Xiao",
+    "Jia",
+    "Zi",
+    "Hao",
+    "Yu",
+    "Ming",
+    "Hui",
+    "Jun",
+    "Lin",
+    "Tian",
+    "Xin",
+    "Yi",
+    "Chen",
+    "Rui",
+    "Ting",
+    "Qing",
+    "Li",
+    "Yan",
+    "Bo",
+    "Fang",
+    "Lei",
+    "Na",
+    "Tao",
+)
 
 
 def generate_region_records(
@@ -283,21 +505,28 @@ def generate_region_records(
     """Generate num_users synthetic users of a region, each with several records that reuse their PII."""
     lo, hi = records_per_user
     if num_users < 0 or not 1 <= lo <= hi:
-        raise ValueError(f"need num_users >= 0 and 1 <= records_per_user[0] <= records_per_user[1], got "
-                         f"num_users={num_users}, records_per_user={records_per_user}; fix data.users_per_region or "
-                         f"data.records_per_user.")
+        raise ValueError(
+            f"need num_users >= 0 and 1 <= records_per_user[0] <= records_per_user[1], got "
+            f"num_users={num_users}, records_per_user={records_per_user}; fix data.users_per_region or "
+            f"data.records_per_user."
+        )
     if not 0.0 <= consent_rate <= 1.0:
-        raise ValueError(f"consent_rate must be in [0, 1], got {consent_rate}; set data.consent_rate to a share "
-                         f"such as 0.92.")
+        raise ValueError(
+            f"consent_rate must be in [0, 1], got {consent_rate}; set data.consent_rate to a share such as 0.92."
+        )
     locales = tuple(locales) or REGION_LOCALES.get(region, ())
     if not locales:
-        raise DataError(f"region {region!r} has no default locales; list Faker locales for it, e.g. "
-                        f"regions.{region}.locales=[en_GB].")
+        raise DataError(
+            f"region {region!r} has no default locales; list Faker locales for it, e.g. "
+            f"regions.{region}.locales=[en_GB]."
+        )
     for locale in locales:
         if locale != SINGAPORE_LOCALE and locale not in AVAILABLE_LOCALES:
-            raise DataError(f"region {region!r}: unknown Faker locale {locale!r}; see the valid ones with "
-                            f"`python -c \"from faker.config import AVAILABLE_LOCALES; print(AVAILABLE_LOCALES)\"` "
-                            f"(or use {SINGAPORE_LOCALE!r} for Singapore).")
+            raise DataError(
+                f"region {region!r}: unknown Faker locale {locale!r}; see the valid ones with "
+                f'`python -c "from faker.config import AVAILABLE_LOCALES; print(AVAILABLE_LOCALES)"` '
+                f"(or use {SINGAPORE_LOCALE!r} for Singapore)."
+            )
 
     rng = random.Random(_derive_seed(seed, region))
     fakers, styles = {}, {}
@@ -320,8 +549,9 @@ def generate_region_records(
         # Distinct templates per user where possible, so one person never files the same text twice.
         picks = rng.sample(usable, count) if count <= len(usable) else [rng.choice(usable) for _ in range(count)]
         for k, template in enumerate(picks):
-            records.append(_make_record(region, user_id, k, consent, locale, styles[locale], person, template,
-                                        currency, rng))
+            records.append(
+                _make_record(region, user_id, k, consent, locale, styles[locale], person, template, currency, rng)
+            )
     return records
 
 
@@ -338,10 +568,13 @@ def write_region_dataset(
 ) -> list[Path]:
     """Write a region's records as out_dir/part-NNNNN.jsonl shards (users never split) and return the paths."""
     if not 1 <= num_shards <= num_users:
-        raise ValueError(f"num_shards must be between 1 and num_users ({num_users}) so no shard is empty, got "
-                         f"{num_shards}; lower data.shards or raise users_per_region.")
-    records = generate_region_records(region, locales, seed=seed, num_users=num_users,
-                                      records_per_user=records_per_user, consent_rate=consent_rate)
+        raise ValueError(
+            f"num_shards must be between 1 and num_users ({num_users}) so no shard is empty, got "
+            f"{num_shards}; lower data.shards or raise users_per_region."
+        )
+    records = generate_region_records(
+        region, locales, seed=seed, num_users=num_users, records_per_user=records_per_user, consent_rate=consent_rate
+    )
     users = list(dict.fromkeys(r.user_id for r in records))
     # Contiguous blocks of users per shard, so one person's records never span two files.
     shard_of = {u: i * num_shards // len(users) for i, u in enumerate(users)}
@@ -363,29 +596,48 @@ def _derive_seed(*parts: object) -> int:
     return int.from_bytes(hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()[:8], "big")
 
 
-def _make_record(region: str, user_id: str, k: int, consent: bool, locale: str, style: _LocaleStyle,
-                 person: dict[str, str], template: tuple[str, str], currency: str, rng: random.Random) -> Record:
+def _make_record(
+    region: str,
+    user_id: str,
+    k: int,
+    consent: bool,
+    locale: str,
+    style: _LocaleStyle,
+    person: dict[str, str],
+    template: tuple[str, str],
+    currency: str,
+    rng: random.Random,
+) -> Record:
     created = datetime.date(2023, 1, 1) + datetime.timedelta(days=rng.randint(0, 900))
     slots = dict(person)
     slots.update(
         order=f"{region.upper()}-{rng.randint(10_000_000, 99_999_999)}",
-        product=rng.choice(PRODUCTS), issue=rng.choice(ARRIVAL_ISSUES), fault=rng.choice(FAULTS),
-        plan=rng.choice(PLANS), status=rng.choice(DELIVERY_STATUSES), channel=rng.choice(CHANNELS),
-        courier=rng.choice(style.couriers), tier=rng.choice(_TIERS), tax=style.tax, country=style.country,
+        product=rng.choice(PRODUCTS),
+        issue=rng.choice(ARRIVAL_ISSUES),
+        fault=rng.choice(FAULTS),
+        plan=rng.choice(PLANS),
+        status=rng.choice(DELIVERY_STATUSES),
+        channel=rng.choice(CHANNELS),
+        courier=rng.choice(style.couriers),
+        tier=rng.choice(_TIERS),
+        tax=style.tax,
+        country=style.country,
         other_country=rng.choice([c for c in _EU_COUNTRIES if c != style.country]),
-        amount=f"{currency}{rng.randint(500, 90_000) / 100:,.2f}", days=str(rng.randint(5, 40)),
+        amount=f"{currency}{rng.randint(500, 90_000) / 100:,.2f}",
+        days=str(rng.randint(5, 40)),
         date=(created - datetime.timedelta(days=rng.randint(1, 20))).strftime(style.date_format),
-        opt=rng.choice(("yes", "no")), opt2=rng.choice(("allowed", "not allowed")),
+        opt=rng.choice(("yes", "no")),
+        opt2=rng.choice(("allowed", "not allowed")),
     )
-    kind, template = template
-    text = template.format(**slots)
+    kind, text_template = template
+    text = text_template.format(**slots)
     tags = []
     if rng.random() < SPECIAL_CATEGORY_RATE:
         category = rng.choice(sorted(_SPECIAL_CATEGORIES))
         sentence = rng.choice(_SPECIAL_CATEGORIES[category]).format(union=style.union)
         text += f" Customer: {sentence}" if kind == "chat" else f" {sentence}"
         tags.append(f"special:{category}")
-    used = _slots_of(template)
+    used = _slots_of(text_template)
     fields = {
         "record_id": f"{user_id}-r{k}",
         "locale": locale,
@@ -404,12 +656,14 @@ def _slots_of(template: str) -> set[str]:
 def _locale_style(locale: str, fake: Faker | None) -> _LocaleStyle:
     if locale in _LOCALE_STYLES:
         return _LOCALE_STYLES[locale]
+    assert fake is not None, f"no Faker for locale {locale}"  # every locale without a preset style has one
     try:
         country = fake.current_country()
     except ValueError:  # Faker cannot name the country of some language-only locales
         country = locale
-    return _LocaleStyle(country, "%Y-%m-%d", ("DHL", "UPS", "the national post"), "VAT", "trade union",
-                        "national ID number")
+    return _LocaleStyle(
+        country, "%Y-%m-%d", ("DHL", "UPS", "the national post"), "VAT", "trade union", "national ID number"
+    )
 
 
 def _make_person(locale: str, fake: Faker | None, style: _LocaleStyle, rng: random.Random) -> dict[str, str]:
@@ -418,10 +672,12 @@ def _make_person(locale: str, fake: Faker | None, style: _LocaleStyle, rng: rand
     dob = datetime.date(1950, 1, 1) + datetime.timedelta(days=rng.randint(0, 20_000))
     if locale == SINGAPORE_LOCALE:
         person = _singapore_person(rng, gender, dob)
-    elif locale == "zh_CN":
-        person = _chinese_person(fake, rng, gender, dob)
     else:
-        person = _faker_person(locale, fake, rng, gender)
+        assert fake is not None, f"no Faker for locale {locale}"  # only Singapore's identities are fedsov's own
+        if locale == "zh_CN":
+            person = _chinese_person(fake, rng, gender, dob)
+        else:
+            person = _faker_person(locale, fake, rng, gender)
     person.setdefault("id_label", style.id_label)
     person["dob"] = dob.strftime(style.date_format)
     person["card"] = _card_number("62" if locale == "zh_CN" else rng.choice(("4", "51", "53", "55")), rng)
@@ -431,8 +687,12 @@ def _make_person(locale: str, fake: Faker | None, style: _LocaleStyle, rng: rand
 def _faker_person(locale: str, fake: Faker, rng: random.Random, gender: str) -> dict[str, str]:
     first = fake.first_name_female() if gender == "F" else fake.first_name_male()
     last = fake.last_name()
-    person = {"name": f"{first} {last}", "first_name": first, "phone": fake.phone_number(),
-              "email": _email(first, last, locale, rng) or fake.email(safe=True)}
+    person = {
+        "name": f"{first} {last}",
+        "first_name": first,
+        "phone": fake.phone_number(),
+        "email": _email(first, last, locale, rng) or fake.email(safe=True),
+    }
     if locale == "en_US":
         state = fake.state_abbr(include_territories=False, include_freely_associated_states=False)
         person["address"] = f"{fake.street_address()}, {fake.city()}, {state} {fake.zipcode_in_state(state)}"
@@ -472,19 +732,29 @@ def _singapore_person(rng: random.Random, gender: str, dob: datetime.date) -> di
     citizen = rng.random() < 0.85
     prefix = ("S" if dob.year < 2000 else "T") if citizen else ("F" if dob.year < 2000 else "G")
     # Citizens' NRIC digits start with the birth year for those born from 1968 on.
-    digits = f"{dob.year % 100:02d}{rng.randint(0, 99_999):05d}" if citizen and dob.year >= 1968 \
+    digits = (
+        f"{dob.year % 100:02d}{rng.randint(0, 99_999):05d}"
+        if citizen and dob.year >= 1968
         else f"{rng.randint(0, 9_999_999):07d}"
+    )
     if rng.random() < 0.8:
         sector, streets = rng.choice(_SG_HDB_TOWNS)
         block = rng.randint(100, 899)
-        address = (f"Blk {block} {rng.choice(streets)}, #{rng.randint(2, 25):02d}-{rng.randint(1, 350):02d}, "
-                   f"Singapore {sector}{block:04d}")
+        address = (
+            f"Blk {block} {rng.choice(streets)}, #{rng.randint(2, 25):02d}-{rng.randint(1, 350):02d}, "
+            f"Singapore {sector}{block:04d}"
+        )
     else:
         sector, street = rng.choice(_SG_CONDO_STREETS)
-        address = (f"{rng.randint(1, 450)} {street}, #{rng.randint(2, 30):02d}-{rng.randint(1, 12):02d}, "
-                   f"{rng.choice(_SG_CONDOS)}, Singapore {sector}{rng.randint(0, 9999):04d}")
+        address = (
+            f"{rng.randint(1, 450)} {street}, #{rng.randint(2, 30):02d}-{rng.randint(1, 12):02d}, "
+            f"{rng.choice(_SG_CONDOS)}, Singapore {sector}{rng.randint(0, 9999):04d}"
+        )
     return {
-        "name": name, "first_name": first, "email": _email(first, last, SINGAPORE_LOCALE, rng), "address": address,
+        "name": name,
+        "first_name": first,
+        "email": _email(first, last, SINGAPORE_LOCALE, rng),
+        "address": address,
         "phone": f"+65 {rng.choice('89')}{rng.randint(0, 999):03d} {rng.randint(0, 9999):04d}",
         "national_id": prefix + digits + nric_check_letter(prefix, digits),
         "id_label": "NRIC" if citizen else "FIN",
@@ -495,17 +765,22 @@ def _chinese_person(fake: Faker, rng: random.Random, gender: str, dob: datetime.
     surname = fake.last_romanized_name()
     given = "".join(rng.sample(_CN_GIVEN_SYLLABLES, rng.randint(1, 2))).capitalize()
     city, postcode, districts = rng.choice(_CN_CITIES)
-    address = (f"Room {rng.randint(1, 32)}{rng.randint(1, 8):02d}, Building {rng.randint(1, 20)}, "
-               f"No. {rng.randint(1, 999)} {rng.choice(_CN_STREETS)} Road, {rng.choice(districts)} District, "
-               f"{city} {postcode}{rng.randint(0, 999):03d}")
+    address = (
+        f"Room {rng.randint(1, 32)}{rng.randint(1, 8):02d}, Building {rng.randint(1, 20)}, "
+        f"No. {rng.randint(1, 999)} {rng.choice(_CN_STREETS)} Road, {rng.choice(districts)} District, "
+        f"{city} {postcode}{rng.randint(0, 999):03d}"
+    )
     # Faker's zh_CN ssn() draws the birth date relative to today, which breaks reproducibility; build the
     # ID from Faker's area codes and this person's birth date instead. The 17th digit is odd for men.
     sequence = f"{rng.randint(0, 99):02d}{rng.choice('13579' if gender == 'M' else '02468')}"
     body = rng.choice(ChineseIdProvider.area_codes) + dob.strftime("%Y%m%d") + sequence
     return {
-        "name": f"{surname} {given}", "first_name": given, "email": _email(given, surname, "zh_CN", rng),
+        "name": f"{surname} {given}",
+        "first_name": given,
+        "email": _email(given, surname, "zh_CN", rng),
         "address": address,
-        "phone": fake.phone_number(), "national_id": body + china_id_check_char(body),
+        "phone": fake.phone_number(),
+        "national_id": body + china_id_check_char(body),
     }
 
 
@@ -513,8 +788,15 @@ def _email(first: str, last: str, locale: str, rng: random.Random) -> str:
     first, last = _ascii_word(first), _ascii_word(last)
     if not first or not last:
         return ""
-    local = rng.choice((f"{first}.{last}", f"{first[0]}{last}", f"{first}{last}{rng.randint(1, 99)}",
-                        f"{last}.{first}", f"{first}_{last}{rng.randint(70, 99)}"))
+    local = rng.choice(
+        (
+            f"{first}.{last}",
+            f"{first[0]}{last}",
+            f"{first}{last}{rng.randint(1, 99)}",
+            f"{last}.{first}",
+            f"{first}_{last}{rng.randint(70, 99)}",
+        )
+    )
     domain = rng.choice(("example.com", "example.net", "example.org", f"mail.example.{locale[-2:].lower()}"))
     return f"{local}@{domain}"
 
@@ -527,7 +809,7 @@ def _ascii_word(name: str) -> str:
 def _card_number(prefix: str, rng: random.Random) -> str:
     payload = prefix + "".join(str(rng.randint(0, 9)) for _ in range(15 - len(prefix)))
     digits = payload + luhn_check_digit(payload)
-    return " ".join(digits[i:i + 4] for i in range(0, 16, 4))
+    return " ".join(digits[i : i + 4] for i in range(0, 16, 4))
 
 
 def luhn_check_digit(payload: str) -> str:
@@ -541,7 +823,7 @@ def luhn_check_digit(payload: str) -> str:
 
 def nric_check_letter(prefix: str, digits: str) -> str:
     """Singapore NRIC/FIN check letter for prefix S, T, F or G and seven digits."""
-    total = sum(int(d) * w for d, w in zip(digits, (2, 7, 6, 5, 4, 3, 2)))
+    total = sum(int(d) * w for d, w in zip(digits, (2, 7, 6, 5, 4, 3, 2), strict=True))
     total += 4 if prefix in "TG" else 0
     return ("JZIHGFEDCBA" if prefix in "ST" else "XWUTRQPNMLK")[total % 11]
 

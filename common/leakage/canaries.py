@@ -2,8 +2,8 @@
 
 Each canary is a sentence with a random secret in a realistic format. Exposure canaries are
 inserted 1, 4 or 16 times; one-run audit canaries (Steinke et al. 2023) are each inserted with
-probability 1/2, k times (k = 1 by default) when they are. Secrets come from os.urandom and are kept only in the node's own state
-folder, so nobody else knows which canaries exist.
+probability 1/2, k times (k = 1 by default) when they are. Secrets come from os.urandom and are kept
+only in the node's own state folder, so nobody else knows which canaries exist.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import json
 import os
 import secrets
 import string
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
 
 from common.errors import DataError
 
@@ -58,8 +58,9 @@ class Canary:
         return "".join(rng.choice(alphabet) for _ in range(length))
 
 
-def make_canaries(formats: Sequence[str], repetitions: Sequence[int], one_run: int,
-                  one_run_repetitions: int = 1) -> list[Canary]:
+def make_canaries(
+    formats: Sequence[str], repetitions: Sequence[int], one_run: int, one_run_repetitions: int = 1
+) -> list[Canary]:
     """Fresh canaries with secrets from the operating system's random source."""
     unknown = sorted(set(formats) - set(FORMATS))
     if unknown:
@@ -80,8 +81,9 @@ def make_canaries(formats: Sequence[str], repetitions: Sequence[int], one_run: i
     return [Canary(c.kind, c.format, c.prefix, c.random_secret(rng), c.repetitions) for c in canaries]
 
 
-def load_or_create(state_dir: Path, formats: Sequence[str], repetitions: Sequence[int], one_run: int,
-                   one_run_repetitions: int = 1) -> list[Canary]:
+def load_or_create(
+    state_dir: Path, formats: Sequence[str], repetitions: Sequence[int], one_run: int, one_run_repetitions: int = 1
+) -> list[Canary]:
     """The node's canaries: created once, then the same ones every run (stable dataset fingerprint)."""
     path = Path(state_dir) / CANARY_FILE
     if path.exists():

@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -61,7 +61,7 @@ def one_run_guesses(scores: Sequence[float], included: Sequence[bool], guesses: 
     """Guess 'in' for the top guesses/2 scores and 'out' for the bottom guesses/2; return (guesses, correct)."""
     order = np.argsort(np.asarray(scores, dtype=float))
     half = min(guesses // 2, len(order) // 2)
-    out_guesses, in_guesses = order[:half], order[len(order) - half:]
+    out_guesses, in_guesses = order[:half], order[len(order) - half :]
     correct = sum(bool(included[i]) for i in in_guesses) + sum(not included[i] for i in out_guesses)
     return 2 * half, int(correct)
 

@@ -16,11 +16,10 @@ import math
 import shutil
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
-
 
 from common.config import EmbeddedRecipe
 from common.data.corpus import generate_public_corpus
@@ -41,9 +40,7 @@ def embedded_model_dir(cache_dir: Path | str, recipe: EmbeddedRecipe) -> Path:
     return Path(cache_dir) / "models" / f"embedded-{digest}"
 
 
-def ensure_embedded_model(
-    cache_dir: Path | str, recipe: EmbeddedRecipe, log: Callable[[str], None] = print
-) -> Path:
+def ensure_embedded_model(cache_dir: Path | str, recipe: EmbeddedRecipe, log: Callable[[str], None] = print) -> Path:
     """Return the cached model folder, building it first if needed (once, under a lock)."""
     target = embedded_model_dir(cache_dir, recipe)
     if (target / BUILD_INFO).is_file():
@@ -130,7 +127,9 @@ def build_embedded_model(out_dir: Path, recipe: EmbeddedRecipe, log: Callable[[s
         for chunk in val_blocks.split(32):
             logits = model(input_ids=chunk).logits[:, :-1]
             targets = chunk[:, 1:].reshape(-1)
-            total += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), targets, reduction="sum").item()
+            total += torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.size(-1)), targets, reduction="sum"
+            ).item()
             count += targets.numel()
         val_loss = total / count
         prompt = tokenizer("Hello, I am writing about my order", return_tensors="pt")
@@ -169,9 +168,7 @@ def train_tokenizer(documents: list[str], vocab_size: int):
         show_progress=False,
     )
     tok.train_from_iterator(documents, trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=EOS, eos_token=EOS, unk_token=EOS, pad_token=EOS
-    )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS, unk_token=EOS, pad_token=EOS)
 
 
 def _pack(tokenizer, documents: list[str], context: int) -> torch.Tensor:

@@ -8,9 +8,9 @@ users bring, not only its own GPT-2.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -50,15 +50,34 @@ class Family:
 def _gpt2(s: Shape, vocab: int, ids: TokenIds):
     from transformers import GPT2Config
 
-    return GPT2Config(vocab_size=vocab, n_positions=s.context, n_embd=s.hidden, n_layer=s.layers, n_head=s.heads,
-                      n_inner=s.intermediate, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                      bos_token_id=ids.bos, eos_token_id=ids.eos, pad_token_id=ids.pad)
+    return GPT2Config(
+        vocab_size=vocab,
+        n_positions=s.context,
+        n_embd=s.hidden,
+        n_layer=s.layers,
+        n_head=s.heads,
+        n_inner=s.intermediate,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=ids.bos,
+        eos_token_id=ids.eos,
+        pad_token_id=ids.pad,
+    )
 
 
 def _common(s: Shape, vocab: int, ids: TokenIds) -> dict:
-    return dict(vocab_size=vocab, hidden_size=s.hidden, num_hidden_layers=s.layers, num_attention_heads=s.heads,
-                intermediate_size=s.intermediate, max_position_embeddings=s.context,
-                bos_token_id=ids.bos, eos_token_id=ids.eos, pad_token_id=ids.pad)
+    return dict(
+        vocab_size=vocab,
+        hidden_size=s.hidden,
+        num_hidden_layers=s.layers,
+        num_attention_heads=s.heads,
+        intermediate_size=s.intermediate,
+        max_position_embeddings=s.context,
+        bos_token_id=ids.bos,
+        eos_token_id=ids.eos,
+        pad_token_id=ids.pad,
+    )
 
 
 def _llama(s: Shape, vocab: int, ids: TokenIds):
@@ -70,8 +89,13 @@ def _llama(s: Shape, vocab: int, ids: TokenIds):
 def _mistral(s: Shape, vocab: int, ids: TokenIds):
     from transformers import MistralConfig
 
-    return MistralConfig(**_common(s, vocab, ids), num_key_value_heads=s.kv_heads, sliding_window=s.window,
-                         head_dim=s.hidden // s.heads, tie_word_embeddings=False)
+    return MistralConfig(
+        **_common(s, vocab, ids),
+        num_key_value_heads=s.kv_heads,
+        sliding_window=s.window,
+        head_dim=s.hidden // s.heads,
+        tie_word_embeddings=False,
+    )
 
 
 def _qwen2(s: Shape, vocab: int, ids: TokenIds):
@@ -86,17 +110,24 @@ def _gemma3(s: Shape, vocab: int, ids: TokenIds):
 
     head = s.hidden // s.heads
     layer_types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(s.layers)]
-    return Gemma3TextConfig(**_common(s, vocab, ids), num_key_value_heads=s.kv_heads, head_dim=head,
-                            query_pre_attn_scalar=head, sliding_window=s.window, layer_types=layer_types,
-                            tie_word_embeddings=True)
+    return Gemma3TextConfig(
+        **_common(s, vocab, ids),
+        num_key_value_heads=s.kv_heads,
+        head_dim=head,
+        query_pre_attn_scalar=head,
+        sliding_window=s.window,
+        layer_types=layer_types,
+        tie_word_embeddings=True,
+    )
 
 
 def _phi3(s: Shape, vocab: int, ids: TokenIds):
     from transformers import Phi3Config
 
     # Phi3Config's defaults name token 32000 as pad and EOS: out of range for any other vocabulary.
-    return Phi3Config(**_common(s, vocab, ids), num_key_value_heads=s.kv_heads, sliding_window=None,
-                      tie_word_embeddings=False)
+    return Phi3Config(
+        **_common(s, vocab, ids), num_key_value_heads=s.kv_heads, sliding_window=None, tie_word_embeddings=False
+    )
 
 
 def _gpt_neox(s: Shape, vocab: int, ids: TokenIds):
@@ -105,16 +136,23 @@ def _gpt_neox(s: Shape, vocab: int, ids: TokenIds):
     return GPTNeoXConfig(**_common(s, vocab, ids), tie_word_embeddings=False)
 
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (
-    Family("gpt2", "eos", _gpt2, "Conv1D layers (transposed weights), fused c_attn, tied embeddings"),
-    Family("llama", "none", _llama, "no pad token, grouped-query attention, RMSNorm, rotary positions"),
-    Family("mistral", "none", _mistral, "no pad token, grouped-query and sliding-window attention"),
-    Family("qwen2", "eos", _qwen2, "grouped-query attention, tied embeddings, biased q/k/v"),
-    Family("gemma3", "own", _gemma3, "own pad token, tied and scaled embeddings, alternating sliding/global "
-           "attention, (1 + w) RMSNorm"),
-    Family("phi3", "none", _phi3, "no pad token, fused qkv_proj and gate_up_proj, no PEFT default targets"),
-    Family("gpt_neox", "none", _gpt_neox, "no pad token, fused query_key_value, parallel residual, partial rotary"),
-)}
+FAMILIES: dict[str, Family] = {
+    f.name: f
+    for f in (
+        Family("gpt2", "eos", _gpt2, "Conv1D layers (transposed weights), fused c_attn, tied embeddings"),
+        Family("llama", "none", _llama, "no pad token, grouped-query attention, RMSNorm, rotary positions"),
+        Family("mistral", "none", _mistral, "no pad token, grouped-query and sliding-window attention"),
+        Family("qwen2", "eos", _qwen2, "grouped-query attention, tied embeddings, biased q/k/v"),
+        Family(
+            "gemma3",
+            "own",
+            _gemma3,
+            "own pad token, tied and scaled embeddings, alternating sliding/global attention, (1 + w) RMSNorm",
+        ),
+        Family("phi3", "none", _phi3, "no pad token, fused qkv_proj and gate_up_proj, no PEFT default targets"),
+        Family("gpt_neox", "none", _gpt_neox, "no pad token, fused query_key_value, parallel residual, partial rotary"),
+    )
+}
 
 
 def family(name: str) -> Family:
@@ -140,9 +178,17 @@ def family_config(name: str, vocab_size: int, shape: Shape = Shape(), ids: Token
     return family(name).config(shape, vocab_size, ids or TokenIds(bos=0, eos=0, pad=None))
 
 
-def build_tiny_model(name: str, folder: Path, *, shape: Shape = Shape(), tokenizer_dir: Path | None = None,
-                     seed: int = 0, dtype: torch.dtype = torch.float32, max_shard_size: str | None = None,
-                     chat_template: str | None = None) -> Path:
+def build_tiny_model(
+    name: str,
+    folder: Path,
+    *,
+    shape: Shape = Shape(),
+    tokenizer_dir: Path | None = None,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    max_shard_size: str | None = None,
+    chat_template: str | None = None,
+) -> Path:
     """Write a random-initialised `name` model with the embedded tokenizer to `folder`, as save_pretrained does."""
     from transformers import AutoModelForCausalLM
 

@@ -12,10 +12,13 @@ from common.config import EMBEDDED_MODEL, DeviceChoice, DtypeChoice, ModelConfig
 from common.errors import ModelError
 from common.model.embedded import ensure_embedded_model
 
-
 # What a model folder must hold: weights in one of these layouts, and the files of some tokenizer.
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                "pytorch_model.bin.index.json")
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt", "tokenizer.tiktoken")
 # Files that decide what the model computes from a text: config, weights and tokenizer (fedsov's own excluded).
 FINGERPRINTED_SUFFIXES = {".json", ".safetensors", ".bin", ".model", ".txt", ".tiktoken", ".jinja"}
@@ -179,7 +182,12 @@ def load_base_model(path: Path, device: torch.device, dtype: torch.dtype, *, gra
         ) from err
     # Moving to the device before get_peft_model matters: the other order can leave DP-LoRA
     # training adapters that are not the ones used (opacus issue #820).
-    model.to(device)
+    model.to(device)  # type: ignore[arg-type]  # transformers' stub types .to() as taking the model
+    return frozen_base(model, gradient_checkpointing=gradient_checkpointing)
+
+
+def frozen_base(model, *, gradient_checkpointing: bool = False):
+    """The base model as LoRA training needs it: eval mode, no parameter trainable, checkpointing if asked."""
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)

@@ -7,8 +7,8 @@ An adapter state is a name -> float32 CPU tensor mapping keyed like PEFT's saved
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import torch
 
@@ -26,10 +26,13 @@ def linear_layer_names(base_model) -> list[str]:
     from transformers.pytorch_utils import Conv1D
 
     output = base_model.get_output_embeddings()
-    return sorted({
-        name.rsplit(".", 1)[-1] for name, m in base_model.named_modules()
-        if isinstance(m, (torch.nn.Linear, Conv1D)) and m is not output
-    })
+    return sorted(
+        {
+            name.rsplit(".", 1)[-1]
+            for name, m in base_model.named_modules()
+            if isinstance(m, (torch.nn.Linear, Conv1D)) and m is not output
+        }
+    )
 
 
 def resolve_target_modules(settings: LoraSettings, base_model) -> list[str]:
@@ -47,14 +50,16 @@ def resolve_target_modules(settings: LoraSettings, base_model) -> list[str]:
         return linear_layer_names(base_model)
     if target:
         return list(target)
-    target = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type) or FALLBACK_TARGETS.get(model_type)
-    if target is None:
+    default = None
+    if model_type is not None:
+        default = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type) or FALLBACK_TARGETS.get(model_type)
+    if default is None:
         raise ModelError(
             f"PEFT has no default LoRA target modules for architecture '{model_type}'. Set "
             f"model.lora.target_modules, e.g. to [{ALL_LINEAR}] or to some of these linear layers: "
             f"{', '.join(linear_layer_names(base_model)[:12])}."
         )
-    return list(target)
+    return list(default)
 
 
 def make_lora_config(settings: LoraSettings, base_model):
@@ -69,7 +74,7 @@ def make_lora_config(settings: LoraSettings, base_model):
     return LoraConfig(
         task_type=TaskType.CAUSAL_LM,
         r=settings.rank,
-        lora_alpha=settings.alpha,
+        lora_alpha=settings.alpha,  # type: ignore[arg-type]  # PEFT says int, uses it only in alpha / r
         lora_dropout=settings.dropout,
         target_modules=list(target),
         fan_in_fan_out=fan_in_fan_out,
@@ -131,7 +136,7 @@ def trainable_names(peft_model) -> list[str]:
     return names
 
 
-def adapter_state(peft_model) -> "OrderedDict[str, torch.Tensor]":
+def adapter_state(peft_model) -> OrderedDict[str, torch.Tensor]:
     """All adapter tensors as float32 CPU copies, keyed as in PEFT's adapter files."""
     from peft import get_peft_model_state_dict
 

@@ -13,8 +13,9 @@ import math
 import numbers
 import warnings
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TypeGuard
 
 from dp_accounting.pld import privacy_loss_distribution, privacy_loss_mechanism
 from dp_accounting.pld.privacy_loss_distribution import PrivacyLossDistribution
@@ -118,7 +119,7 @@ def noise_for_target(target_epsilon: float, delta: float, sample_rate: float, st
 
 
 # -- validation: every value is checked before any accountant sees it ------------------------------------------
-def _is_real(value: object) -> bool:
+def _is_real(value: object) -> TypeGuard[float]:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
@@ -140,7 +141,7 @@ def _check_sample_rate(rate: object, where: str) -> None:
 
 
 def _check_steps(steps: object, where: str) -> None:
-    if not isinstance(steps, numbers.Integral) or isinstance(steps, bool) or not 0 <= steps <= MAX_STEPS:
+    if not isinstance(steps, numbers.Integral) or isinstance(steps, bool) or not 0 <= int(steps) <= MAX_STEPS:
         raise PrivacyError(
             f"steps={steps!r} in {where} is not a whole number of DP-SGD steps from 0 to {MAX_STEPS}. "
             "Plan federation.local_steps and federation.rounds as integers whose product is within that limit."

@@ -14,10 +14,11 @@ the ledger keeps the history and derives epsilon from it; the history is the sou
 from __future__ import annotations
 
 import secrets
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from common.audit import EvidenceKey, KeyedRegister, TamperedLog
 from common.errors import BudgetExhausted, LedgerError, PrivacyError
@@ -96,8 +97,12 @@ class PrivacyLedger(KeyedRegister):
         state = self._state()
         if fingerprint not in state["datasets"]:
             salt = bytes.fromhex(state["salt"])
-            entry = {"kind": "dataset", "fingerprint": fingerprint, "units": len(units),
-                     "unit_digests": sorted({u.digest(salt) for u in units})}
+            entry = {
+                "kind": "dataset",
+                "fingerprint": fingerprint,
+                "units": len(units),
+                "unit_digests": sorted({u.digest(salt) for u in units}),
+            }
             if self.unit != PrivacyUnitKind.user:
                 # Record digests cannot tell whose records they are once the text changed: keep who, for erasures.
                 entry["people"] = sorted({person_digest(u.user_id, salt) for u in units})
@@ -148,8 +153,15 @@ class PrivacyLedger(KeyedRegister):
 
     # -- the one write that matters -----------------------------------------------------
     def charge(
-        self, fingerprint: str, ran: DpSgdSteps, *, budget: float | None, run_id: str, round_number: int,
-        max_grad_norm: float, node: str,
+        self,
+        fingerprint: str,
+        ran: DpSgdSteps,
+        *,
+        budget: float | None,
+        run_id: str,
+        round_number: int,
+        max_grad_norm: float,
+        node: str,
     ) -> RoundCharge:
         """Durably record the steps that ran (not the ones planned), re-checking the budget first.
 
@@ -177,18 +189,20 @@ class PrivacyLedger(KeyedRegister):
                     f"Privacy budget exhausted for dataset {fingerprint[:12]}: epsilon would reach "
                     f"{epsilon:.3f} > budget {budget:g} at delta={self.delta:g} (ledger {self.path})."
                 )
-            made.append(RoundCharge(
-                dataset=fingerprint,
-                run_id=run_id,
-                round=round_number,
-                noise_multiplier=ran.noise_multiplier,
-                sample_rate=ran.sample_rate,
-                steps=ran.steps,
-                max_grad_norm=max_grad_norm,
-                node=node,
-                epsilon_after=epsilon,
-                recorded_at=_now(),
-            ))
+            made.append(
+                RoundCharge(
+                    dataset=fingerprint,
+                    run_id=run_id,
+                    round=round_number,
+                    noise_multiplier=ran.noise_multiplier,
+                    sample_rate=ran.sample_rate,
+                    steps=ran.steps,
+                    max_grad_norm=max_grad_norm,
+                    node=node,
+                    epsilon_after=epsilon,
+                    recorded_at=_now(),
+                )
+            )
             return {"kind": "charge", **asdict(made[0])}
 
         self.append(entry)
@@ -202,17 +216,27 @@ class PrivacyLedger(KeyedRegister):
         if not entries or entries[0].get("kind") != "ledger" or entries[0].get("format") != LEDGER_FORMAT:
             raise LedgerError(f"{self.path} is not a fedsov privacy ledger ({LEDGER_FORMAT}); restore the right file.")
         head = entries[0]
-        state: dict[str, Any] = {"delta": head["delta"], "unit": head["unit"], "salt": head["salt"],
-                                 "datasets": {}, "charges": []}
+        state: dict[str, Any] = {
+            "delta": head["delta"],
+            "unit": head["unit"],
+            "salt": head["salt"],
+            "datasets": {},
+            "charges": [],
+        }
         for e in entries[1:]:
             if e.get("kind") == "dataset":
-                state["datasets"][e["fingerprint"]] = {"units": e["units"], "unit_digests": e["unit_digests"],
-                                                       "people": e.get("people")}
+                state["datasets"][e["fingerprint"]] = {
+                    "units": e["units"],
+                    "unit_digests": e["unit_digests"],
+                    "people": e.get("people"),
+                }
             elif e.get("kind") == "charge":
                 try:
                     state["charges"].append(RoundCharge(**{k: e[k] for k in RoundCharge.__dataclass_fields__}))
                 except KeyError as err:
-                    raise LedgerError(f"{self.path}: charge entry {e.get('seq')} lacks {err}; restore the ledger.") from err
+                    raise LedgerError(
+                        f"{self.path}: charge entry {e.get('seq')} lacks {err}; restore the ledger."
+                    ) from err
         return state
 
     @staticmethod

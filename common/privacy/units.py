@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
-from common.policy import PrivacyUnitKind
 from common.data.records import Record
+from common.policy import PrivacyUnitKind
 
 
 @dataclass(frozen=True)

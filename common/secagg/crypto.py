@@ -36,14 +36,18 @@ def new_keypair() -> tuple[bytes, bytes]:
     """A fresh X25519 key pair as raw (private, public) bytes."""
     private = X25519PrivateKey.generate()
     return (
-        private.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()),
+        private.private_bytes(
+            serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+        ),
         private.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw),
     )
 
 
 def public_of(private: bytes) -> bytes:
-    return X25519PrivateKey.from_private_bytes(private).public_key().public_bytes(
-        serialization.Encoding.Raw, serialization.PublicFormat.Raw
+    return (
+        X25519PrivateKey.from_private_bytes(private)
+        .public_key()
+        .public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     )
 
 
@@ -70,7 +74,9 @@ def decrypt(key: bytes, blob: bytes, aad: bytes) -> bytes:
     try:
         return AESGCM(key).decrypt(blob[:12], blob[12:], aad)
     except InvalidTag as err:
-        raise SecAggError("A secret share failed authentication: it was altered or is not addressed to this node.") from err
+        raise SecAggError(
+            "A secret share failed authentication: it was altered or is not addressed to this node."
+        ) from err
 
 
 def mask_stream(key: bytes, count: int, dtype: type = np.uint32) -> np.ndarray:
@@ -93,7 +99,7 @@ def split_secret(secret: bytes, threshold: int, holders: int) -> list[bytes]:
         raise ValueError("secret length must be a multiple of 16 bytes")
     per_holder = [bytearray() for _ in range(holders)]
     for start in range(0, len(secret), CHUNK):
-        for index, share in Shamir.split(threshold, holders, secret[start : start + CHUNK]):
+        for index, share in Shamir.split(threshold, holders, secret[start : start + CHUNK], ssss=False):
             per_holder[index - 1] += share
     return [bytes(s) for s in per_holder]
 
@@ -103,5 +109,5 @@ def combine_secret(shares: dict[int, bytes]) -> bytes:
     length = len(next(iter(shares.values())))
     out = bytearray()
     for start in range(0, length, CHUNK):
-        out += Shamir.combine([(index, share[start : start + CHUNK]) for index, share in shares.items()])
+        out += Shamir.combine([(index, share[start : start + CHUNK]) for index, share in shares.items()], ssss=False)
     return bytes(out)

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
@@ -67,7 +68,7 @@ class Quantization:
     levels: int
 
     @classmethod
-    def for_cohort(cls, clip_range: float, total_weight: int) -> "Quantization":
+    def for_cohort(cls, clip_range: float, total_weight: int) -> Quantization:
         levels = (DATA_MODULUS - 1) // max(1, total_weight)
         if levels < MIN_LEVELS:
             raise SecAggError(
@@ -122,10 +123,10 @@ def flatten(update: Mapping[str, Any], layout: Layout) -> np.ndarray:
     return np.concatenate([as_numpy(update[name]) for name, _ in layout])
 
 
-def unflatten(vector: np.ndarray, layout: Layout) -> "OrderedDict[str, torch.Tensor]":
+def unflatten(vector: np.ndarray, layout: Layout) -> OrderedDict[str, torch.Tensor]:
     import torch
 
-    out: "OrderedDict[str, torch.Tensor]" = OrderedDict()
+    out: OrderedDict[str, torch.Tensor] = OrderedDict()
     offset = 0
     for name, shape in layout:
         size = int(np.prod(shape))
@@ -164,7 +165,9 @@ def metric_slots(regions: Sequence[str]) -> tuple[list[str], list[str]]:
     return slots, [r if r in own else OTHER_REGIONS for r in regions]
 
 
-def metric_vector(kind: str, slots: Sequence[str], slot: str, values: Mapping[str, float], counter: float) -> np.ndarray:
+def metric_vector(
+    kind: str, slots: Sequence[str], slot: str, values: Mapping[str, float], counter: float
+) -> np.ndarray:
     names, _ = METRIC_SLOTS[kind]
     if slot not in slots:
         raise SecAggError(f"Slot '{slot}' is not in this aggregation (slots: {', '.join(slots)}).")
@@ -176,7 +179,9 @@ def metric_vector(kind: str, slots: Sequence[str], slot: str, values: Mapping[st
     return vector
 
 
-def read_metric_vector(kind: str, slots: Sequence[str], vector: np.ndarray) -> tuple[dict[str, dict[str, float]], float]:
+def read_metric_vector(
+    kind: str, slots: Sequence[str], vector: np.ndarray
+) -> tuple[dict[str, dict[str, float]], float]:
     names, _ = METRIC_SLOTS[kind]
     per_slot = {
         slot: {name: decode_metric(vector[r * len(names) + i]) for i, name in enumerate(names)}

@@ -15,9 +15,9 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -47,18 +47,21 @@ class Identity:
         self.folder = folder
 
     @classmethod
-    def load_or_create(cls, folder: Path | str) -> "Identity":
+    def load_or_create(cls, folder: Path | str) -> Identity:
         folder = Path(folder).expanduser()
         path = folder / IDENTITY_FILE
         if path.exists():
             try:
                 return cls(Ed25519PrivateKey.from_private_bytes(bytes.fromhex(path.read_text().strip())), folder)
             except ValueError as err:
-                raise ConfigError(f"The node identity key {path} is unreadable ({err}); restore it from its backup.") from err
+                raise ConfigError(
+                    f"The node identity key {path} is unreadable ({err}); restore it from its backup."
+                ) from err
         folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         private = Ed25519PrivateKey.generate()
-        raw = private.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
-                                    serialization.NoEncryption())
+        raw = private.private_bytes(
+            serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+        )
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except FileExistsError:  # another process of this node made it first
@@ -89,7 +92,7 @@ class Roster:
             raise ConfigError("The roster gives two nodes the same identity key; each node has its own.")
 
     @classmethod
-    def load(cls, path: Path | str) -> "Roster":
+    def load(cls, path: Path | str) -> Roster:
         path = Path(path)
         try:
             raw = json.loads(path.read_text())
@@ -107,10 +110,13 @@ class Roster:
     def save(self, path: Path | str) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        data = {"format": ROSTER_FORMAT, "nodes": [
-            {"name": e.name, "region": e.region, "identity": e.public_key.hex()}
-            for e in sorted(self.entries.values(), key=lambda e: e.name)
-        ]}
+        data = {
+            "format": ROSTER_FORMAT,
+            "nodes": [
+                {"name": e.name, "region": e.region, "identity": e.public_key.hex()}
+                for e in sorted(self.entries.values(), key=lambda e: e.name)
+            ],
+        }
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(json.dumps(data, indent=1) + "\n")
         os.replace(tmp, path)
@@ -139,7 +145,9 @@ def _entry(path: Path, index: int, item: object) -> RosterEntry:
         raise ConfigError(f"{path}: nodes[{index}] must have exactly name, region and identity.")
     name, region, identity = str(item["name"]), str(item["region"]), str(item["identity"])
     if not NAME.fullmatch(name) or not NAME.fullmatch(region):
-        raise ConfigError(f"{path}: nodes[{index}]: name and region must be short identifiers (got {name!r}, {region!r}).")
+        raise ConfigError(
+            f"{path}: nodes[{index}]: name and region must be short identifiers (got {name!r}, {region!r})."
+        )
     try:
         key = bytes.fromhex(identity)
     except ValueError:
