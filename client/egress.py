@@ -45,7 +45,8 @@ ALLOWED_MESSAGE_TYPES = frozenset(
 )
 AUDIT_METRIC = re.compile(
     r"(exposure-rep\d+-(mean|max)|extracted-(greedy|beam)-rep\d+|canaries-rep\d+|mia-(loss|calibrated)-(auc|tpr-at-1pct-fpr)"
-    r"|mia-(members|nonmembers)|one-run-(canaries|guesses|correct)|generations|pii-spans"
+    r"|mia-(members|nonmembers)|one-run-(canaries|guesses|correct|repetitions)|generations|pii-spans"
+    r"|canaries-never-inserted|exposure-never-inserted-mean"
     r"|epsilon|delta)"
 )
 # A redacted canary prompt: no digit runs, no addresses, short.

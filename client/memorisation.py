@@ -147,20 +147,28 @@ def audit(
     metrics["mia-members"] = len(sample)
     metrics["mia-nonmembers"] = len(nonmembers)
 
-    # One-run audit: canaries each inserted with probability 1/2; score by how much training
-    # lowered their loss relative to the base model.
+    # One-run audit: canaries each inserted with probability 1/2. The score is the secret's exposure among random
+    # secrets after the same prefix: for a canary left out, its secret is one more random draw, so its score
+    # follows the null exactly whatever the prefix, and those canaries measure what "never seen" scores here.
     one_run = [c for c in canaries if c.kind == "one-run"]
     if one_run:
-        texts = [c.text for c in one_run]
-        tuned = sequence_losses(model, tokenizer, texts)
-        with model.disable_adapter():
-            base = sequence_losses(model, tokenizer, texts)
-        guesses, correct = one_run_guesses(
-            [b - t for b, t in zip(base, tuned, strict=True)],
-            [c.repetitions > 0 for c in one_run],
-            guesses=len(one_run) // 2,
+        bits = [
+            exposure_extrapolated(*canary_losses(model, tokenizer, c, settings.one_run_candidates), c.space_size)
+            for c in one_run
+        ]
+        included = [c.repetitions > 0 for c in one_run]
+        guesses, correct = one_run_guesses(bits, included, guesses=round(len(one_run) * settings.one_run_guess_share))
+        never = [b for b, inside in zip(bits, included, strict=True) if not inside]
+        metrics.update(
+            {
+                "one-run-canaries": len(one_run),
+                "one-run-guesses": guesses,
+                "one-run-correct": correct,
+                "one-run-repetitions": max((c.repetitions for c in one_run), default=1) or 1,
+                "canaries-never-inserted": len(never),
+                "exposure-never-inserted-mean": sum(never) / len(never) if never else 0.0,
+            }
         )
-        metrics.update({"one-run-canaries": len(one_run), "one-run-guesses": guesses, "one-run-correct": correct})
 
     # Personal data in generated text, and how much of it is verbatim from this node's records.
     detector = PiiDetector()

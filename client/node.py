@@ -292,6 +292,8 @@ class RegionNode:
             learning_rate=plan.learning_rate,
             dp=dp,
             pad_id=self._tokenizer.pad_token_id,
+            optimizer_name=plan.optimizer,
+            max_grad_norm=decision.max_grad_norm,
         )
         # Charged before the reply leaves, with the steps that ran: a crash after training over-counts, never under.
         ran = DpSgdSteps(planned.noise_multiplier, sample_rate, result.steps)

@@ -94,7 +94,11 @@ def load_node_data(
     canaries: list[Canary] = []
     if s.audit.enabled and (s.synthetic_data or s.audit.canaries_in_real_data):
         canaries = load_or_create(
-            s.state_dir, s.audit.canary_formats, s.audit.canary_repetitions, s.audit.one_run_canaries
+            s.state_dir,
+            s.audit.canary_formats,
+            s.audit.canary_repetitions,
+            s.audit.one_run_canaries,
+            s.audit.one_run_repetitions,
         )
     record_examples = encode_units(group_units(train, PrivacyUnitKind.record), tokenizer, s.model.max_length)
     # Each canary copy is its own privacy unit, as a secret repeated in real data would be.

@@ -1,8 +1,9 @@
 """Local DP-LoRA training and held-out evaluation on one node's privacy units.
 
 DP-SGD (Abadi et al. 2016) with Opacus: Poisson sampling of units at rate q, per-unit
-gradient clipping to C, Gaussian noise sigma*C on the summed clipped gradients. Only the
-LoRA tensors train; the base model is frozen.
+gradient clipping to C, Gaussian noise sigma*C on the summed clipped gradients. The noisy
+mean gradient then feeds plain SGD or AdamW (DP-Adam); either is post-processing, so the
+privacy cost is the same. Only the LoRA tensors train; the base model is frozen.
 """
 
 from __future__ import annotations
@@ -65,8 +66,13 @@ def train_locally(
     learning_rate: float,
     dp: DpSettings | None,
     pad_id: int,
+    optimizer_name: str = "adamw",
+    max_grad_norm: float | None = None,
 ) -> LocalTrainResult:
-    """Run `steps` optimiser steps on Poisson-sampled batches; return the adapter update."""
+    """Run `steps` optimiser steps on Poisson-sampled batches; return the adapter update.
+
+    Without DP, SGD clips each batch gradient to `max_grad_norm` (when given), so its update stays
+    within the range the secure sum expects (`common.secagg.encoding.sgd_update_range`)."""
     from opacus import GradSampleModule
     from opacus.optimizers import DPOptimizer
     from opacus.utils.uniform_sampler import UniformWithReplacementSampler
@@ -81,7 +87,14 @@ def train_locally(
     sampler = UniformWithReplacementSampler(
         num_samples=len(examples), sample_rate=sample_rate, generator=generator, steps=steps
     )
-    optimizer: torch.optim.Optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
+    optimizer: torch.optim.Optimizer
+    if optimizer_name == "sgd":
+        optimizer = torch.optim.SGD(params, lr=learning_rate)
+    elif optimizer_name == "adamw":
+        optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
+    else:
+        raise ValueError(f"Unknown optimizer {optimizer_name!r}; use adamw or sgd (federation.optimizer).")
+    clip_batch = dp is None and optimizer_name == "sgd" and max_grad_norm is not None
     model = peft_model
     noise = secret_generator(device)
     if dp is not None:
@@ -119,6 +132,8 @@ def train_locally(
                 loss.backward()
             # Fresh OS entropy for every step: recovering one step's generator state reveals no other step.
             noise.manual_seed(secrets.randbits(64))
+            if clip_batch:
+                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             taken += 1

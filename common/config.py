@@ -49,6 +49,13 @@ class DeviceChoice(str, Enum):
     cuda = "cuda"
 
 
+class OptimizerChoice(str, Enum):
+    """The clients' local optimiser: DP-Adam(W) or DP-SGD (Opacus wraps either)."""
+
+    adamw = "adamw"
+    sgd = "sgd"
+
+
 @dataclass
 class LoraSettings:
     rank: int = 8
@@ -148,6 +155,7 @@ class FederationConfig:
     rounds: int = 5
     local_steps: int = 10
     batch_size: int = 32
+    optimizer: OptimizerChoice = OptimizerChoice.adamw
     learning_rate: float = 1e-2
     server_learning_rate: float = 1.0
     eval_batch_size: int = 32
@@ -184,8 +192,15 @@ class AuditConfig:
     canaries_in_real_data: bool = False
     canary_formats: list[str] = field(default_factory=lambda: ["door-code", "passport"])
     canary_repetitions: list[int] = field(default_factory=lambda: [1, 4, 16])
-    # Canaries for one-run auditing, each inserted with probability 1/2.
+    # Canaries for one-run auditing, each inserted with probability 1/2, in one_run_repetitions copies
+    # (each its own privacy unit: the audit then measures the epsilon of a group of that many units).
     one_run_canaries: int = 64
+    one_run_repetitions: int = 1
+    # Random secrets scored against each one-run canary (its exposure is the membership score).
+    one_run_candidates: int = 100
+    # Share of the one-run canaries guessed: the top-scoring half of that share "in", the bottom half "out";
+    # the rest abstain (Steinke et al. 2023: guessing only where the score is extreme raises the bound).
+    one_run_guess_share: float = 0.5
     exposure_candidates: int = 400
     mia_members: int = 200
     generations: int = 16
@@ -771,10 +786,26 @@ def validate(cfg: FedsovConfig) -> None:
         _fail("audit.canary_formats", unknown, "unknown canary formats", f"Use some of: {', '.join(FORMATS)}.")
     if au.enabled and not au.canary_formats:
         _fail("audit.canary_formats", [], "the audit needs at least one canary format", "Use e.g. [door-code].")
+    if au.one_run_repetitions < 1:
+        _fail(
+            "audit.one_run_repetitions",
+            au.one_run_repetitions,
+            "must be at least 1",
+            "Use 1 (each included canary once) or a few copies.",
+        )
     if any(r < 1 for r in au.canary_repetitions):
         _fail(
             "audit.canary_repetitions", au.canary_repetitions, "repetitions must be at least 1", "Use e.g. [1, 4, 16]."
         )
+    if not 0 < au.one_run_guess_share <= 1:
+        _fail(
+            "audit.one_run_guess_share",
+            au.one_run_guess_share,
+            "must be in (0, 1]",
+            "Use e.g. 0.5: guess on the half of the canaries with the most and the least extreme scores.",
+        )
+    if au.one_run_canaries and au.one_run_candidates < 50:
+        _fail("audit.one_run_candidates", au.one_run_candidates, "too few for a skew-normal fit", "Use at least 50.")
     for key, value in {
         "audit.one_run_canaries": au.one_run_canaries,
         "audit.exposure_candidates": au.exposure_candidates,

@@ -71,6 +71,7 @@ RUN_ID = Text(128, r"[A-Za-z0-9._:#-]+")
 JURISDICTION = Text(32, r"[A-Za-z0-9*_-]+")
 FINGERPRINT = Text(64, r"[0-9a-f]{64}")
 MODULE_NAME = Text(128, r"[A-Za-z0-9_.*-]+")
+OPTIMIZERS = r"adamw|sgd"  # common.config.OptimizerChoice
 
 PLAN_FIELDS: dict[str, Spec] = {
     "run-id": RUN_ID,
@@ -78,6 +79,7 @@ PLAN_FIELDS: dict[str, Spec] = {
     "total-rounds": Int(1, MAX_ROUNDS),
     "local-steps": Int(1, MAX_LOCAL_STEPS),
     "batch-size": Int(1, MAX_BATCH),
+    "optimizer": Text(8, OPTIMIZERS),
     "learning-rate": Float(0.0, 10.0, open_lo=True),
     "max-length": Int(1, 1 << 20),
     "eval-batch-size": Int(1, 65_536),
@@ -138,6 +140,7 @@ class RoundPlan:
     noise_multiplier: float | None = None
     target_epsilon: float | None = None
     lora_target_modules: tuple[str, ...] = field(default_factory=tuple)
+    optimizer: str = "adamw"
 
     def to_record(self):
         from flwr.app import ConfigRecord

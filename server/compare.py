@@ -104,13 +104,20 @@ def run_arm(
 
 
 def judge(reports: dict) -> tuple[str, list[str]]:
-    """The comparison table and its verdict."""
+    """The comparison table and its verdict.
+
+    Exposure is the mean over each repetition count's canaries, beside the mean of the one-run canaries that were
+    never inserted (what chance gives). A secret in k copies, each its own unit, is protected only at about
+    k x epsilon (group privacy), so memorisation of repeated canaries under DP is reported with that epsilon and
+    is not held against DP; secrets in one unit, extraction and membership inference are.
+    """
     nodp, dp = reports["no-dp"], reports["dp-eps8"]
     lines = [
-        "| region | arm | epsilon | perplexity after | max exposure (bits) by repetitions | extracted "
-        "| MIA AUC (loss / calibrated) | one-run lower bound | verdict |",
+        "| region | arm | epsilon | perplexity after | mean exposure (bits) by repetitions; never inserted | "
+        "extracted | MIA AUC (loss / calibrated) | one-run: right / guesses, lower bound (copies) | verdict |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
+    bounds: dict[str, list[float]] = {"no DP": [], "DP eps=8": []}
     for region in nodp["regions"]:
         for arm, rep in (("no DP", nodp), ("DP eps=8", dp)):
             r = rep["regions"].get(region)
@@ -118,16 +125,24 @@ def judge(reports: dict) -> tuple[str, list[str]]:
                 lines.append(f"| {region} | {arm} | - | - | - | - | - | - | not audited |")
                 continue
             a = r["audit"]
-            exposure = ", ".join(f"{k}x: {e['max_bits']:.1f}" for k, e in a["exposure"].items())
+            never = a.get("never_inserted")
+            exposure = ", ".join(f"{k}x: {e['mean_bits']:.1f}" for k, e in a["exposure"].items())
+            exposure += f"; {never['mean_bits']:.1f}" if never else ""
             extracted = int(sum(e["extracted_greedy"] + e["extracted_beam"] for e in a["exposure"].values()))
             eps = r["epsilon"] if r["epsilon"] == "inf" else f"{float(r['epsilon']):.2f}"
+            o = a["one_run"]
+            bounds[arm].append(o["epsilon_lower_bound"])
+            copies = o.get("repetitions", 1)
             lines.append(
                 f"| {region} | {arm} | {eps} | {r['perplexity_after']:.2f} | {exposure} | {extracted} | "
                 f"{a['mia']['loss-auc']:.2f} / {a['mia']['calibrated-auc']:.2f} | "
-                f"{a['one_run']['epsilon_lower_bound']:.2f} | {r['verdict']['status']} |"
+                f"{o['correct']}/{o['guesses']}: {o['epsilon_lower_bound']:.2f} ({copies}) | {r['verdict']['status']} |"
             )
     nodp_detected = any(r["verdict"]["status"] == "memorisation detected" for r in nodp["regions"].values())
-    dp_detected = any(r["verdict"]["status"] == "memorisation detected" for r in dp["regions"].values())
+    dp_detected = any(
+        r["verdict"]["status"] == "memorisation detected" and not r["verdict"].get("repeated_secrets_only")
+        for r in dp["regions"].values()
+    )
     violations = nodp["bound_violations"] + dp["bound_violations"]
     if violations:
         verdict = "AUDIT FAILED: " + "; ".join(violations)
@@ -137,7 +152,24 @@ def judge(reports: dict) -> tuple[str, list[str]]:
         verdict = "DP did NOT prevent memorisation"
     else:
         verdict = "DP works and the audit has power"
-    return verdict, lines + ["", f"Verdict: {verdict}."]
+    notes = [
+        f"{region}: with DP, {'; '.join(r['verdict']['signals'])}"
+        for region, r in dp["regions"].items()
+        if r["verdict"].get("repeated_secrets_only")
+    ]
+    power = max(bounds["no DP"], default=0.0)
+    notes.append(
+        f"One-run audit: empirical epsilon lower bound {power:.2f} without DP"
+        + (
+            " (above 1: the audit can see a single unit's influence)"
+            if power > 1
+            else " (at most 1: too weak to say much about a single unit)"
+        )
+        + f", {max(bounds['DP eps=8'], default=0.0):.2f} with DP (accounted epsilon "
+        + ", ".join(f"{float(r['epsilon']):.2f}" for r in dp["regions"].values() if r["epsilon"] != "inf")
+        + ")."
+    )
+    return verdict, lines + [""] + [f"- {n}" for n in notes] + ["", f"Verdict: {verdict}."]
 
 
 def write_lab_policies(

@@ -26,10 +26,10 @@ from common.schema import SchemaError, check_record
 from common.secagg.crypto import SecAggError
 from common.secagg.encoding import (
     Quantization,
-    adam_displacement_bound,
     layout_of,
     read_metric_vector,
     unflatten,
+    update_range,
 )
 from common.secagg.protocol import Advert
 from common.wire import (
@@ -120,6 +120,36 @@ class NotContributing:
 
     def row(self) -> dict[str, list[str]]:
         return {"clients_refused": self.refused, "clients_failed": self.failed}
+
+
+def round_plan(cfg: FedsovConfig, run_id: str, round_number: int, fingerprint: str, cohort_size: int) -> RoundPlan:
+    """What the coordinator asks of every node in one round, from the run's configuration."""
+    lora, priv, fed = cfg.model.lora, cfg.privacy, cfg.federation
+    return RoundPlan(
+        run_id=run_id,
+        round=round_number,
+        total_rounds=fed.rounds,
+        local_steps=fed.local_steps,
+        batch_size=fed.batch_size,
+        optimizer=fed.optimizer.value,
+        learning_rate=fed.learning_rate,
+        max_length=cfg.model.max_length,
+        eval_batch_size=fed.eval_batch_size,
+        model_fingerprint=fingerprint,
+        lora_rank=lora.rank,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        lora_ffa=lora.ffa,
+        lora_seed=fed.seed,
+        lora_target_modules=tuple(lora.target_modules or ()),
+        dp_enabled=priv.enabled,
+        max_grad_norm=priv.max_grad_norm,
+        coordinator_jurisdiction=fed.coordinator_jurisdiction,
+        cohort_size=cohort_size,
+        secure_aggregation=cfg.secure_aggregation.enabled,
+        noise_multiplier=priv.noise_multiplier if priv.enabled else None,
+        target_epsilon=priv.target_epsilon if priv.enabled else None,
+    )
 
 
 class ServerModel:
@@ -405,32 +435,7 @@ class Coordinator:
         return request
 
     def _plan(self, round_number: int, fingerprint: str) -> RoundPlan:
-        cfg = self.cfg
-        lora, priv, fed = cfg.model.lora, cfg.privacy, cfg.federation
-        return RoundPlan(
-            run_id=self.session_id,
-            round=round_number,
-            total_rounds=fed.rounds,
-            local_steps=fed.local_steps,
-            batch_size=fed.batch_size,
-            learning_rate=fed.learning_rate,
-            max_length=cfg.model.max_length,
-            eval_batch_size=fed.eval_batch_size,
-            model_fingerprint=fingerprint,
-            lora_rank=lora.rank,
-            lora_alpha=lora.alpha,
-            lora_dropout=lora.dropout,
-            lora_ffa=lora.ffa,
-            lora_seed=fed.seed,
-            lora_target_modules=tuple(lora.target_modules or ()),
-            dp_enabled=priv.enabled,
-            max_grad_norm=priv.max_grad_norm,
-            coordinator_jurisdiction=fed.coordinator_jurisdiction,
-            cohort_size=len(self.nodes),
-            secure_aggregation=cfg.secure_aggregation.enabled,
-            noise_multiplier=priv.noise_multiplier if priv.enabled else None,
-            target_epsilon=priv.target_epsilon if priv.enabled else None,
-        )
+        return round_plan(self.cfg, self.session_id, round_number, fingerprint, len(self.nodes))
 
     def _train(self, plan: RoundPlan, state) -> tuple[OrderedDict[str, torch.Tensor], dict[str, Any]]:
 
@@ -497,7 +502,8 @@ class Coordinator:
         try:
             layout = layout_of(trainable)
             quantization = Quantization.for_cohort(
-                adam_displacement_bound(plan.learning_rate, plan.local_steps), sum(units.values())
+                update_range(plan.optimizer, plan.learning_rate, plan.local_steps, plan.max_grad_norm),
+                sum(units.values()),
             )
             params = {
                 "layout": [[name, list(shape)] for name, shape in layout],

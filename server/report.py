@@ -20,9 +20,12 @@ from common.config import FedsovConfig
 from common.leakage.metrics import epsilon_lower_bound
 from server.rundir import RunDirectory
 
-# Above these, the audit calls it memorisation: a canary more likely than 99.9% of other secrets,
-# or a membership test clearly better than a coin.
-EXPOSURE_ALARM_BITS = 10.0
+# Above these, the audit calls it memorisation: canaries of one repetition count that rank, on average, above
+# 98.4% (2^-6) of the other secrets of their format, or a membership test clearly better than a coin. A canary
+# the model never saw is as likely as any other secret: its exposure averages 1/ln 2 = 1.44 bits, and a mean of
+# 6 bits over 4 such canaries has a chance of 6e-5 (their summed exposure x ln 2 is Gamma(4, 1)). The mean, not
+# the maximum: the largest of a handful of canaries is a noisy statistic that crossed any fixed alarm by chance.
+EXPOSURE_ALARM_BITS = 6.0
 MIA_ALARM_AUC = 0.6
 CONFIDENCE = 0.95
 # A node's own data counts as its describe reply carries them (summary.json: regions.<r>.data.<node>), in order.
@@ -50,9 +53,13 @@ def build_report(run: RunDirectory, cfg: FedsovConfig) -> dict[str, Any]:
         audit = _region_audit(name, results) if results is not None else None
         accounted = info.get("epsilon")
         if audit and "one_run" in audit and audit["one_run"]["guesses"]:
-            bound = audit["one_run"]["epsilon_lower_bound"]
-            if accounted not in (None, "inf") and bound > float(accounted) + 1e-9:
-                violations.append(f"{name}: lower bound {bound:.3f} > accounted epsilon {float(accounted):.3f}")
+            # A canary in k copies is a group of k units: the bound measures the group's epsilon, at most k x epsilon.
+            bound, k = audit["one_run"]["epsilon_lower_bound"], audit["one_run"]["repetitions"]
+            if accounted not in (None, "inf") and bound > k * float(accounted) + 1e-9:
+                violations.append(
+                    f"{name}: lower bound {bound:.3f} > accounted epsilon {float(accounted):.3f}"
+                    + (f" x {k} copies" if k > 1 else "")
+                )
         regions[name] = {
             "contribution": _contribution(name, info, manifest, summary.get("not_contributing") or []),
             "data": info.get("data") or {},
@@ -234,10 +241,23 @@ def _region_audit(region: str, results: dict[str, Any]) -> dict[str, Any] | None
 
     guesses = int(sum(m.get("one-run-guesses", 0) for m in metrics))
     correct = int(sum(m.get("one-run-correct", 0) for m in metrics))
+    never = sum(m.get("canaries-never-inserted", 0) for m in metrics)
     return {
         "nodes": len(nodes),
         "errors": errors,
         "exposure": exposure,
+        # One-run canaries left out of training: what exposure a secret the model never saw reaches here.
+        "never_inserted": {
+            "canaries": int(never),
+            "mean_bits": sum(
+                m["exposure-never-inserted-mean"] * m["canaries-never-inserted"]
+                for m in metrics
+                if m.get("canaries-never-inserted")
+            )
+            / never,
+        }
+        if never
+        else None,
         "mia": {
             key: weighted(f"mia-{key}")
             for key in ("loss-auc", "loss-tpr-at-1pct-fpr", "calibrated-auc", "calibrated-tpr-at-1pct-fpr")
@@ -248,6 +268,7 @@ def _region_audit(region: str, results: dict[str, Any]) -> dict[str, Any] | None
             "guesses": guesses,
             "correct": correct,
             "epsilon_lower_bound": epsilon_lower_bound(guesses, correct, 1 - CONFIDENCE),
+            "repetitions": int(max((m.get("one-run-repetitions", 1) for m in metrics), default=1)),
         },
         "generations": {
             "samples": int(sum(m["generations"] for m in metrics)),
@@ -267,16 +288,37 @@ def auc_standard_error(auc: float, members: int, nonmembers: int) -> float:
 
 
 def _verdict(audit: dict[str, Any] | None, accounted: Any) -> dict[str, Any]:
+    """Memorisation detected or not, from the means over canaries, extraction and membership inference; with
+    the protection DP gives a secret in k copies (each its own unit): group privacy, about k x epsilon."""
     if audit is None:
         return {"status": "not audited", "signals": []}
     if "exposure" not in audit:
         return {"status": "audit failed", "signals": [audit.get("error", "")]}
+    eps = None if accounted in (None, "inf") else float(accounted)
+    group = {reps: (None if eps is None else int(reps) * eps) for reps in audit["exposure"]}
+    never = audit.get("never_inserted")
+    reference = f"; never-inserted canaries: {never['mean_bits']:.1f}" if never else ""
+
+    def protection(reps: str) -> str:
+        if eps is None:
+            return "no DP"
+        if reps == "1":
+            return f"DP epsilon {eps:.2f}"
+        return f"DP protects a secret in {reps} copies only at about {reps} x epsilon = {group[reps]:.1f}"
+
     signals = []
+    repeated = []  # signals from secrets in several units only: group privacy, not the per-unit guarantee
     for reps, e in audit["exposure"].items():
+        found = []
         if e["extracted_greedy"] or e["extracted_beam"]:
-            signals.append(f"canaries inserted {reps}x were extracted verbatim")
-        if e["max_bits"] >= EXPOSURE_ALARM_BITS:
-            signals.append(f"canaries inserted {reps}x reach {e['max_bits']:.1f} bits of exposure")
+            found.append(f"canaries inserted {reps}x were extracted verbatim ({protection(reps)})")
+        if e["mean_bits"] >= EXPOSURE_ALARM_BITS:
+            found.append(
+                f"canaries inserted {reps}x reach a mean exposure of {e['mean_bits']:.1f} bits over "
+                f"{e['canaries']} canaries{reference} ({protection(reps)})"
+            )
+        signals += found
+        repeated += found if reps != "1" else []
     mia = audit["mia"]
     for kind in ("loss", "calibrated"):
         auc = mia.get(f"{kind}-auc")
@@ -286,7 +328,12 @@ def _verdict(audit: dict[str, Any] | None, accounted: Any) -> dict[str, Any]:
         # Clearly better than a coin: above the alarm level and above chance beyond sampling noise.
         if auc >= MIA_ALARM_AUC and auc - 1.96 * se > 0.5:
             signals.append(f"membership inference ({kind}) AUC {auc:.2f} +/- {1.96 * se:.2f}")
-    return {"status": "memorisation detected" if signals else "no memorisation detected", "signals": signals}
+    return {
+        "status": "memorisation detected" if signals else "no memorisation detected",
+        "signals": signals,
+        "group_epsilon": group,
+        "repeated_secrets_only": bool(signals) and len(repeated) == len(signals),
+    }
 
 
 def plain_summary(report: dict[str, Any]) -> list[str]:
@@ -393,13 +440,13 @@ def _figures(report: dict[str, Any]) -> dict[str, bytes]:
         for i, (r, a) in enumerate(audited.items()):
             ax.bar(
                 [j + i * width for j in range(len(reps))],
-                [a["exposure"].get(str(k), {}).get("max_bits", 0) for k in reps],
+                [a["exposure"].get(str(k), {}).get("mean_bits", 0) for k in reps],
                 width=width,
                 label=r,
             )
         ax.axhline(EXPOSURE_ALARM_BITS, color="red", linestyle=":", label="alarm")
         ax.set_xticks([j + width * (len(audited) - 1) / 2 for j in range(len(reps))], [f"{k}x" for k in reps])
-        ax.set_xlabel("canary repetitions"), ax.set_ylabel("max exposure (bits)"), ax.set_title("Canary exposure")
+        ax.set_xlabel("canary repetitions"), ax.set_ylabel("mean exposure (bits)"), ax.set_title("Canary exposure")
         ax.legend()
         figures["exposure"] = save(fig)
     return figures
@@ -454,7 +501,10 @@ def _tables(report: dict[str, Any]) -> list[tuple[str, str, list[str], list[list
             f"{e['extracted_greedy']}+{e['extracted_beam']} of {e['canaries']}"
             for k, e in a["exposure"].items()
         )
+        never = a.get("never_inserted")
+        exp += f"; never inserted: mean {never['mean_bits']:.1f} bits of {never['canaries']}" if never else ""
         o = a["one_run"]
+        copies = f", {o['repetitions']} copies each" if o.get("repetitions", 1) > 1 else ""
         audit_rows.append(
             [
                 r,
@@ -463,7 +513,7 @@ def _tables(report: dict[str, Any]) -> list[tuple[str, str, list[str], list[list
                 _auc(a["mia"], "loss"),
                 _auc(a["mia"], "calibrated"),
                 _fmt(a["mia"]["calibrated-tpr-at-1pct-fpr"]),
-                f"{o['correct']}/{o['guesses']} right: epsilon >= {o['epsilon_lower_bound']:.2f} "
+                f"{o['correct']}/{o['guesses']} right{copies}: epsilon >= {o['epsilon_lower_bound']:.2f} "
                 f"(accounted {_fmt(v['epsilon'])})",
                 f"{a['generations']['pii_spans']} in {a['generations']['samples']} samples",
             ]

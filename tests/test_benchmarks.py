@@ -183,6 +183,47 @@ def test_privacy_utility_quick_runs_both_lora_kinds_on_the_same_canaries(model_c
     )
 
 
+def test_dp_sweep_quick_runs_every_optimiser_and_lora_kind_and_resumes_from_finished_arms(model_cache, tmp_path):
+    command = [
+        sys.executable,
+        str(SCRIPTS / "bench_dp_sweep.py"),
+        "--quick",
+        "--no-confirm",
+        "--out",
+        str(tmp_path),
+        f"model.cache_dir={model_cache}",
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    record = json.loads((tmp_path / "dp-sweep.json").read_text())
+    assert record["quick"] is True and record["skipped"] == []
+    arms = {(a["epsilon"], a["optimizer"], a["ffa"], a["rank"]) for a in record["arms"]}
+    # Rank is tried on the best epsilon-8 arm, whichever kind that was in this run.
+    shape = next(a for a in record["arms"] if a["stage"] == "shape")
+    at8 = min((a for a in record["arms"] if a["epsilon"] == 8.0 and a["rank"] == 8), key=lambda a: a["perplexity"])
+    assert (shape["optimizer"], shape["ffa"], shape["rank"]) == (at8["optimizer"], at8["ffa"], 16)
+    # Epsilon 1 is tried again with the best epsilon-8 setting (a new arm when the rank-16 one won).
+    best8 = min((a for a in record["arms"] if a["epsilon"] == 8.0), key=lambda a: a["perplexity"])
+    assert arms == {
+        (None, "adamw", False, 8),
+        (8.0, shape["optimizer"], shape["ffa"], 16),
+        (1.0, best8["optimizer"], best8["ffa"], best8["rank"]),
+    } | {(e, o, f, 8) for e in (8.0, 1.0) for o in ("adamw", "sgd") for f in (False, True)}
+    for a in record["arms"]:
+        # Perplexity is not bounded above: DP-SGD on 16-record batches at sigma ~1 may wreck the tiny model.
+        assert a["perplexity"] > 1 and len(a["perplexity_by_round"]) == 1
+        if a["epsilon"] is not None:  # the ledger never lets a node spend past the target
+            assert 0 < a["epsilon_spent"] <= a["epsilon"] + 1e-3 and a["sigma"] > 0
+    assert record["best"]["no DP"]["x_no_dp"] == 1.0 and set(record["best"]) == {"no DP", "8", "1"}
+    table = (tmp_path / "dp-sweep.md").read_text()
+    assert "| 8 | " in table and "| 1 | " in table and "| no DP | adamw | LoRA |" in table
+    assert (tmp_path / "dp-sweep.png").stat().st_size > 0
+    # Past its deadline the sweep starts no arm, re-reads the finished ones and writes the same numbers.
+    again = subprocess.run([*command, "--minutes", "0"], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads((tmp_path / "dp-sweep.json").read_text())["arms"] == record["arms"]
+
+
 def test_model_scale_quick_measures_every_mode(tmp_path):
     done = subprocess.run(
         [sys.executable, str(SCRIPTS / "bench_model_scale.py"), "--quick", "--out", str(tmp_path)],

@@ -68,6 +68,8 @@ def test_every_value_overridable_and_groups_composable(tmp_path):
         (["secure_aggregation.min_clients=1"], ["secure_aggregation.min_clients", "at least 2"]),
         (["regions.eu.data.source=files"], ["regions.eu.data.paths", "source=files needs at least one path"]),
         (["data.records_per_user=[5,2]"], ["data.records_per_user"]),
+        (["federation.optimizer=rmsprop"], ["federation.optimizer", "adamw", "sgd"]),
+        (["audit.one_run_repetitions=0"], ["audit.one_run_repetitions", "at least 1"]),
     ],
 )
 def test_bad_values_name_the_key_and_the_fix(override, expected):

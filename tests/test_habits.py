@@ -331,7 +331,7 @@ def federated_fake_run(tmp_path):
         "epsilon": 1.0,
         "delta": 1e-5,
     }
-    memorised = {**audit, "exposure-rep16-max": 15.0}
+    memorised = {**audit, "exposure-rep16-mean": 12.0, "exposure-rep16-max": 15.0}  # the verdict reads the mean
     run.write_audit_results(
         {
             "eu-1": {"region": "eu", "metrics": audit, "examples": ["The code is \u2588\u2588"]},

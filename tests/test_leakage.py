@@ -163,7 +163,7 @@ class Sections(html.parser.HTMLParser):
             self.images.append(attrs.get("src", ""))
 
 
-def fake_run(tmp_path, correct: int, accounted: float):
+def fake_run(tmp_path, correct: int, accounted: float, copies: int = 1, mean_bits: float = 3.0):
     from common.audit import AuditLog, EvidenceKey
     from common.config import load_config
     from server.rundir import RunDirectory
@@ -193,8 +193,8 @@ def fake_run(tmp_path, correct: int, accounted: float):
         }
     )
     metrics = {
-        "exposure-rep16-mean": 3.0,
-        "exposure-rep16-max": 4.0,
+        "exposure-rep16-mean": mean_bits,
+        "exposure-rep16-max": 4.0 + mean_bits,
         "extracted-greedy-rep16": 0.0,
         "extracted-beam-rep16": 0.0,
         "canaries-rep16": 2.0,
@@ -207,6 +207,9 @@ def fake_run(tmp_path, correct: int, accounted: float):
         "one-run-canaries": 64.0,
         "one-run-guesses": 32.0,
         "one-run-correct": float(correct),
+        "one-run-repetitions": float(copies),
+        "canaries-never-inserted": 30.0,
+        "exposure-never-inserted-mean": 1.4,
         "generations": 16.0,
         "pii-spans": 3.0,
         "epsilon": accounted,
@@ -265,6 +268,31 @@ def test_a_lower_bound_above_the_accounted_epsilon_fails_loudly(tmp_path):
     assert any("AUDIT FAILED" in line for line in report["plain_summary"])
 
 
+def test_a_canary_in_k_copies_is_held_to_k_times_epsilon(tmp_path):
+    from server.report import write_privacy_report
+
+    # 32/32 right gives epsilon >= 2.32: above 1.0 for one copy, within 4 x 1.0 for a canary in 4 copies.
+    one = write_privacy_report(*fake_run(tmp_path / "one", correct=32, accounted=1.0))
+    four = write_privacy_report(*fake_run(tmp_path / "four", correct=32, accounted=1.0, copies=4))
+    assert one["bound_violations"] and not four["bound_violations"]
+    assert four["regions"]["us"]["audit"]["one_run"]["repetitions"] == 4
+
+
+def test_memorisation_verdict_reads_the_mean_over_canaries_and_states_group_epsilon(tmp_path):
+    from server.report import EXPOSURE_ALARM_BITS, write_privacy_report
+
+    # One lucky canary (max far above the alarm) does not make memorisation; the mean does.
+    quiet = write_privacy_report(*fake_run(tmp_path / "quiet", correct=16, accounted=8.0, mean_bits=3.0))
+    assert quiet["regions"]["us"]["verdict"]["status"] == "no memorisation detected"
+    assert quiet["regions"]["us"]["audit"]["exposure"]["16"]["max_bits"] >= EXPOSURE_ALARM_BITS
+    loud = write_privacy_report(*fake_run(tmp_path / "loud", correct=16, accounted=8.0, mean_bits=12.0))
+    verdict = loud["regions"]["us"]["verdict"]
+    assert verdict["status"] == "memorisation detected" and verdict["repeated_secrets_only"]
+    assert verdict["group_epsilon"]["16"] == 128.0
+    assert "16 x epsilon = 128.0" in verdict["signals"][0] and "never-inserted canaries: 1.4" in verdict["signals"][0]
+    assert loud["regions"]["us"]["audit"]["never_inserted"] == {"canaries": 30, "mean_bits": 1.4}
+
+
 def test_auc_standard_error_by_hand():
     from server.report import auc_standard_error
 
@@ -275,36 +303,43 @@ def test_auc_standard_error_by_hand():
 def test_compare_verdicts():
     from server.compare import judge
 
-    def report(status, bound=0.0, violations=()):
+    def report(detected_at=(), bound=0.0, violations=()):
+        exposure = {
+            k: {
+                "mean_bits": 12.0 if k in detected_at else 1.5,
+                "max_bits": 14.0,
+                "extracted_greedy": 0,
+                "extracted_beam": 0,
+            }
+            for k in ("1", "16")
+        }
         audit = {
-            "exposure": {
-                "16": {
-                    "max_bits": 15.0 if status == "memorisation detected" else 2.0,
-                    "extracted_greedy": 0,
-                    "extracted_beam": 0,
-                }
-            },
+            "exposure": exposure,
+            "never_inserted": {"canaries": 30, "mean_bits": 1.4},
             "mia": {"loss-auc": 0.6, "calibrated-auc": 0.55},
-            "one_run": {"epsilon_lower_bound": bound},
+            "one_run": {"epsilon_lower_bound": bound, "correct": 30, "guesses": 32, "repetitions": 1},
+        }
+        signals = [f"canaries inserted {k}x reach a mean exposure of 12.0 bits" for k in detected_at]
+        verdict = {
+            "status": "memorisation detected" if signals else "no memorisation detected",
+            "signals": signals,
+            "repeated_secrets_only": bool(signals) and "1" not in detected_at,
         }
         return {
-            "regions": {
-                "us": {"epsilon": 8.0, "perplexity_after": 30.0, "audit": audit, "verdict": {"status": status}}
-            },
+            "regions": {"us": {"epsilon": 8.0, "perplexity_after": 30.0, "audit": audit, "verdict": verdict}},
             "bound_violations": list(violations),
         }
 
-    ok = judge({"no-dp": report("memorisation detected"), "dp-eps8": report("no memorisation detected")})[0]
+    ok, lines = judge({"no-dp": report(["16"], bound=1.7), "dp-eps8": report()})
     assert ok == "DP works and the audit has power"
-    assert (
-        "NO POWER"
-        in judge({"no-dp": report("no memorisation detected"), "dp-eps8": report("no memorisation detected")})[0]
-    )
-    assert (
-        "did NOT prevent"
-        in judge({"no-dp": report("memorisation detected"), "dp-eps8": report("memorisation detected")})[0]
-    )
-    failed = judge({"no-dp": report("memorisation detected"), "dp-eps8": report("x", violations=["us: 9 > 8"])})[0]
+    assert any("lower bound 1.70 without DP (above 1" in line for line in lines)
+    assert "NO POWER" in judge({"no-dp": report(), "dp-eps8": report()})[0]
+    # Repeated secrets memorised under DP are group privacy at work (16 x epsilon), not DP failing...
+    grouped, lines = judge({"no-dp": report(["16"]), "dp-eps8": report(["16"])})
+    assert grouped == "DP works and the audit has power" and any("with DP, canaries inserted 16x" in x for x in lines)
+    # ...a secret in one unit is not.
+    assert "did NOT prevent" in judge({"no-dp": report(["1", "16"]), "dp-eps8": report(["1"])})[0]
+    failed = judge({"no-dp": report(["16"]), "dp-eps8": report(violations=["us: 9 > 8"])})[0]
     assert failed.startswith("AUDIT FAILED")
 
 

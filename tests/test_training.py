@@ -105,6 +105,98 @@ def test_training_lowers_heldout_loss_and_loaded_state_reproduces_it(model_dir, 
     assert heldout_loss(other, heldout, batch_size=64, pad_id=pad)[0] == pytest.approx(tuned_loss, rel=1e-5)
 
 
+def update_norm(result) -> float:
+    return float(torch.cat([v.flatten() for v in result.update.values()]).norm())
+
+
+def test_dp_sgd_moves_by_the_clipped_mean_and_dp_adam_does_not(model_dir, examples):
+    """Without noise, a DP-SGD step moves the adapter by lr * (sum of clipped gradients) / B: at most lr * C per
+    unit sampled, over B. DP-Adam normalises every value instead, so the same run moves it much further."""
+    ids, pad = examples
+    lr, clip, batch = 1e-2, 1.0, 8
+    noiseless = DpSettings(noise_multiplier=0.0, max_grad_norm=clip)
+    sgd = train_locally(
+        fresh_lora(model_dir),
+        ids,
+        steps=3,
+        batch_size=batch,
+        learning_rate=lr,
+        dp=noiseless,
+        pad_id=pad,
+        optimizer_name="sgd",
+    )
+    adam = train_locally(
+        fresh_lora(model_dir),
+        ids,
+        steps=3,
+        batch_size=batch,
+        learning_rate=lr,
+        dp=noiseless,
+        pad_id=pad,
+        optimizer_name="adamw",
+    )
+    assert 0 < update_norm(sgd) <= lr * clip * sgd.units_sampled / batch + 1e-6
+    assert update_norm(adam) > 10 * lr * clip * adam.units_sampled / batch
+
+
+def test_sgd_without_dp_clips_the_batch_gradient(model_dir, examples):
+    ids, pad = examples
+    clipped = train_locally(
+        fresh_lora(model_dir),
+        ids,
+        steps=3,
+        batch_size=8,
+        learning_rate=1.0,
+        dp=None,
+        pad_id=pad,
+        optimizer_name="sgd",
+        max_grad_norm=1e-3,
+    )
+    free = train_locally(
+        fresh_lora(model_dir), ids, steps=3, batch_size=8, learning_rate=1.0, dp=None, pad_id=pad, optimizer_name="sgd"
+    )
+    assert 0 < update_norm(clipped) <= 3 * 1e-3 + 1e-7 < update_norm(free)
+
+
+def test_dp_sgd_update_fits_the_secure_sum_range(model_dir, examples):
+    """The range the coordinator derives for an SGD round holds a real noisy round: nothing is clipped."""
+    import numpy as np
+
+    from common.secagg.encoding import Quantization, flatten, layout_of, update_range
+
+    ids, pad = examples
+    lr, steps, clip = 0.5, 5, 0.1
+    result = train_locally(
+        fresh_lora(model_dir),
+        ids,
+        steps=steps,
+        batch_size=8,
+        learning_rate=lr,
+        dp=DpSettings(noise_multiplier=1.0, max_grad_norm=clip),
+        pad_id=pad,
+        optimizer_name="sgd",
+    )
+    values = flatten(result.update, layout_of(result.update))
+    bound = update_range("sgd", lr, steps, clip)
+    assert np.abs(values).max() < bound < update_range("adamw", lr, steps, clip)
+    assert Quantization.for_cohort(bound, 1000).encode(values, 500)[1] == 0
+
+
+def test_unknown_optimizer_is_refused(model_dir, examples):
+    ids, pad = examples
+    with pytest.raises(ValueError, match="adamw or sgd"):
+        train_locally(
+            fresh_lora(model_dir),
+            ids,
+            steps=1,
+            batch_size=8,
+            learning_rate=1e-2,
+            dp=None,
+            pad_id=pad,
+            optimizer_name="rmsprop",
+        )
+
+
 NOISE_PROBE = """
 import json, sys, torch
 torch.manual_seed(0)  # the same public seed in both processes, as after the embedded build

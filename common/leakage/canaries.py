@@ -1,9 +1,9 @@
 """Secret canaries (Carlini et al. 2019, "The Secret Sharer") inserted into a node's training data.
 
 Each canary is a sentence with a random secret in a realistic format. Exposure canaries are
-inserted 1, 4 or 16 times; one-run audit canaries (Steinke et al. 2023) are each inserted once
-with probability 1/2. Secrets come from os.urandom and are kept only in the node's own state
-folder, so nobody else knows which canaries exist.
+inserted 1, 4 or 16 times; one-run audit canaries (Steinke et al. 2023) are each inserted with
+probability 1/2, k times (k = 1 by default) when they are. Secrets come from os.urandom and are kept
+only in the node's own state folder, so nobody else knows which canaries exist.
 """
 
 from __future__ import annotations
@@ -58,7 +58,9 @@ class Canary:
         return "".join(rng.choice(alphabet) for _ in range(length))
 
 
-def make_canaries(formats: Sequence[str], repetitions: Sequence[int], one_run: int) -> list[Canary]:
+def make_canaries(
+    formats: Sequence[str], repetitions: Sequence[int], one_run: int, one_run_repetitions: int = 1
+) -> list[Canary]:
     """Fresh canaries with secrets from the operating system's random source."""
     unknown = sorted(set(formats) - set(FORMATS))
     if unknown:
@@ -75,16 +77,18 @@ def make_canaries(formats: Sequence[str], repetitions: Sequence[int], one_run: i
     canaries = [Canary("exposure", fmt, prefix(fmt), "", reps) for fmt in formats for reps in repetitions]
     for i in range(one_run):
         fmt = formats[i % len(formats)]
-        canaries.append(Canary("one-run", fmt, prefix(fmt), "", 1 if rng.random() < 0.5 else 0))
+        canaries.append(Canary("one-run", fmt, prefix(fmt), "", one_run_repetitions if rng.random() < 0.5 else 0))
     return [Canary(c.kind, c.format, c.prefix, c.random_secret(rng), c.repetitions) for c in canaries]
 
 
-def load_or_create(state_dir: Path, formats: Sequence[str], repetitions: Sequence[int], one_run: int) -> list[Canary]:
+def load_or_create(
+    state_dir: Path, formats: Sequence[str], repetitions: Sequence[int], one_run: int, one_run_repetitions: int = 1
+) -> list[Canary]:
     """The node's canaries: created once, then the same ones every run (stable dataset fingerprint)."""
     path = Path(state_dir) / CANARY_FILE
     if path.exists():
         return [Canary(**c) for c in json.loads(path.read_text())["canaries"]]
-    canaries = make_canaries(formats, repetitions, one_run)
+    canaries = make_canaries(formats, repetitions, one_run, one_run_repetitions)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps({"canaries": [asdict(c) for c in canaries]}, indent=1))

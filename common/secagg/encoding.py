@@ -42,6 +42,26 @@ def adam_displacement_bound(learning_rate: float, steps: int, beta1: float = 0.9
     return learning_rate * per_step * steps
 
 
+def sgd_update_range(learning_rate: float, steps: int, max_grad_norm: float) -> float:
+    """The range that holds one value of a round's DP-SGD update, but for rare noise outliers.
+
+    A step moves the adapter by lr * (sum of clipped gradients + N(0, (sigma C)^2)) / B, B the expected
+    batch: the clipped part has norm at most C * |batch| / B, and the Poisson batch stays below 2B all but
+    rarely, so `steps` steps move a value by at most 2 lr C steps. The noise is unbounded; for sigma <= B
+    its sum over the round has a standard deviation of at most lr C sqrt(steps) per value, and 6 of them
+    are added. What still falls outside is clipped and counted by the secure sum (`clipped-values`):
+    clipping an update after training is post-processing, it costs no privacy, only bias.
+    """
+    return learning_rate * max_grad_norm * (2 * steps + 6 * steps**0.5)
+
+
+def update_range(optimizer: str, learning_rate: float, steps: int, max_grad_norm: float) -> float:
+    """The secure sum's range [-R, R] for one value of a round's update by `optimizer`."""
+    if optimizer == "sgd":
+        return sgd_update_range(learning_rate, steps, max_grad_norm)
+    return adam_displacement_bound(learning_rate, steps)
+
+
 @dataclass(frozen=True)
 class Quantization:
     clip_range: float
