@@ -34,6 +34,7 @@ QUICK = [
     "federation.batch_size=8",
     "audit.exposure_candidates=50",
     "audit.one_run_canaries=8",
+    "audit.one_run_candidates=50",
     "audit.generations=2",
     "audit.mia_members=30",
 ]

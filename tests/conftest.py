@@ -61,7 +61,8 @@ def small_overrides(tmp_path, model_cache, config_dir) -> list[str]:
         "federation.eval_batch_size=64",
         "model.max_length=96",
         "audit.exposure_candidates=100",
-        "audit.one_run_canaries=16",
+        "audit.one_run_canaries=8",
+        "audit.one_run_candidates=50",
         "audit.generations=4",
         "audit.mia_members=50",
     ]
