@@ -20,6 +20,7 @@ from common.secagg.identity import SIGNATURE_BYTES
 from common.secagg.protocol import MAX_SLOTS
 from common.wire import (
     AUDIT,
+    DATA_COUNTS,
     DESCRIBE,
     EVALUATE,
     EVALUATE_METRICS,
@@ -55,14 +56,7 @@ MAX_EXAMPLES = 32
 DESCRIBE_METRICS = (
     "num-units",
     "people",
-    "records",
-    "excluded-no-consent",
-    "excluded-special",
-    "heldout-records",
-    "skipped-files",
-    "truncated-units",
-    "truncated-tokens",
-    "truncated-heldout",
+    *DATA_COUNTS,
     "delta",
     "epsilon-budget",
     "epsilon",

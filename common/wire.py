@@ -33,6 +33,17 @@ TRAIN = "train"
 EVALUATE = "evaluate"
 
 SECAGG_STAGES = ("secagg_shares", "secagg_mask", "secagg_confirm", "secagg_unmask")
+# The counts from a node's start checks that describe carries (so the report shows what was excluded or cut).
+DATA_COUNTS = (
+    "records",
+    "excluded-no-consent",
+    "excluded-special",
+    "heldout-records",
+    "skipped-files",
+    "truncated-units",
+    "truncated-tokens",
+    "truncated-heldout",
+)
 
 # Error codes in replies. Flower uses small codes for its own errors.
 REFUSED = 4001

@@ -34,6 +34,7 @@ from common.secagg.encoding import (
 from common.secagg.protocol import Advert
 from common.wire import (
     AUDIT,
+    DATA_COUNTS,
     DESCRIBE,
     EVALUATE,
     EVIDENCE,
@@ -63,18 +64,6 @@ from server.provenance import write_manifest
 from server.report import write_privacy_report
 from server.rundir import RunDirectory, json_number
 from server.secure import SecureRound, SecureSumResult, secure_sum, threshold_for
-
-# The counts from a node's start checks that describe carries (so the report shows what was excluded or cut).
-DATA_COUNTS = (
-    "records",
-    "excluded-no-consent",
-    "excluded-special",
-    "heldout-records",
-    "skipped-files",
-    "truncated-units",
-    "truncated-tokens",
-    "truncated-heldout",
-)
 
 
 @dataclass
