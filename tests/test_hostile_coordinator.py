@@ -182,6 +182,47 @@ def test_an_unexpected_error_is_a_logged_refusal_and_its_text_stays_on_the_node(
     assert errors and "the secret text of a record" in errors[-1]["reason"]
 
 
+def _adapter_record(values: torch.Tensor, layout: bytes):
+    """A global adapter as a deviating coordinator may build it: any values, any layout bytes."""
+    from flwr.app import ArrayRecord
+
+    return ArrayRecord(OrderedDict(values=values, layout=torch.frombuffer(bytearray(layout), dtype=torch.uint8)))
+
+
+def _global_adapter(federation, kind: str):
+    import json
+
+    state = federation.model.initial_state()
+    names, shapes = list(state), [list(t.shape) for t in state.values()]
+    flat = torch.cat([t.reshape(-1) for t in state.values()])
+    if kind == "sizes differ":  # the layout claims one value more than arrived
+        shapes[0][0] += 1
+    elif kind == "nan":
+        flat[0] = float("nan")
+    elif kind == "unknown tensor":  # well formed, but names a tensor this node's model does not have
+        names[0] = "base_model.model.lm_head.lora_A.weight"
+    elif kind == "other shape":  # the same values, the first tensor transposed
+        shapes[0] = shapes[0][::-1]
+    return _adapter_record(flat, json.dumps([[n, s] for n, s in zip(names, shapes, strict=True)]).encode())
+
+
+@pytest.mark.parametrize(
+    "kind, reason",
+    [
+        ("sizes differ", "The adapter layout describes"),
+        ("nan", "NaN or infinite"),
+        ("unknown tensor", "unexpected ['base_model.model.lm_head.lora_A.weight']"),
+        ("other shape", "shape"),
+    ],
+)
+def test_a_malformed_global_adapter_is_refused_and_costs_nothing(federation, kind, reason):
+    before = spent(federation, "eu-2")
+    content = RecordDict({PLAN: federation.plan_with(), GLOBAL_ADAPTER: _global_adapter(federation, kind)})
+    reply = federation.send("eu-2", "train", content)
+    assert_refused_with_nothing_sent(reply, reason)
+    assert spent(federation, "eu-2") == before
+
+
 # -- bounded queries ----------------------------------------------------------------------------
 
 

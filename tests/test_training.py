@@ -226,7 +226,11 @@ print(json.dumps(drawn))
     [
         "cpu",
         pytest.param(
-            "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+            "cuda",
+            marks=pytest.mark.skipif(
+                not torch.cuda.is_available(),
+                reason="no CUDA device on this machine (scripts/device_check.py runs this check on a GPU)",
+            ),
         ),
     ],
 )
