@@ -191,3 +191,29 @@ def assert_refused_with_nothing_sent(reply: Message, *fragments: str) -> None:
     assert reply.has_error() and not reply.has_content()
     for fragment in fragments:
         assert fragment in reply.error.reason, reply.error.reason
+
+
+def node_audit_metrics(**changes: float) -> dict[str, float]:
+    """A node's memorisation-audit reply as the report reads it: one 16x canary group, a membership test near
+    chance, 17 of 32 one-run guesses right; `changes` override by metric name (underscores for dashes)."""
+    metrics = {
+        "exposure-rep16-mean": 3.0,
+        "exposure-rep16-max": 4.0,
+        "extracted-greedy-rep16": 0.0,
+        "extracted-beam-rep16": 0.0,
+        "canaries-rep16": 2.0,
+        "mia-loss-auc": 0.52,
+        "mia-loss-tpr-at-1pct-fpr": 0.01,
+        "mia-calibrated-auc": 0.51,
+        "mia-calibrated-tpr-at-1pct-fpr": 0.02,
+        "mia-members": 200.0,
+        "mia-nonmembers": 50.0,
+        "one-run-canaries": 64.0,
+        "one-run-guesses": 32.0,
+        "one-run-correct": 17.0,
+        "generations": 16.0,
+        "pii-spans": 3.0,
+        "epsilon": 1.0,
+        "delta": 1e-5,
+    }
+    return metrics | {name.replace("_", "-"): value for name, value in changes.items()}

@@ -311,26 +311,9 @@ def federated_fake_run(tmp_path):
             },
         }
     )
-    audit = {
-        "exposure-rep16-mean": 3.0,
-        "exposure-rep16-max": 4.0,
-        "extracted-greedy-rep16": 0.0,
-        "extracted-beam-rep16": 0.0,
-        "canaries-rep16": 2.0,
-        "mia-loss-auc": 0.52,
-        "mia-loss-tpr-at-1pct-fpr": 0.01,
-        "mia-calibrated-auc": 0.51,
-        "mia-calibrated-tpr-at-1pct-fpr": 0.02,
-        "mia-members": 200.0,
-        "mia-nonmembers": 50.0,
-        "one-run-canaries": 64.0,
-        "one-run-guesses": 32.0,
-        "one-run-correct": 17.0,
-        "generations": 16.0,
-        "pii-spans": 3.0,
-        "epsilon": 1.0,
-        "delta": 1e-5,
-    }
+    from tests.inprocess import node_audit_metrics
+
+    audit = node_audit_metrics()
     memorised = {**audit, "exposure-rep16-mean": 12.0, "exposure-rep16-max": 15.0}  # the verdict reads the mean
     run.write_audit_results(
         {

@@ -192,29 +192,17 @@ def fake_run(tmp_path, correct: int, accounted: float, copies: int = 1, mean_bit
             },
         }
     )
-    metrics = {
-        "exposure-rep16-mean": mean_bits,
-        "exposure-rep16-max": 4.0 + mean_bits,
-        "extracted-greedy-rep16": 0.0,
-        "extracted-beam-rep16": 0.0,
-        "canaries-rep16": 2.0,
-        "mia-loss-auc": 0.52,
-        "mia-loss-tpr-at-1pct-fpr": 0.01,
-        "mia-calibrated-auc": 0.51,
-        "mia-calibrated-tpr-at-1pct-fpr": 0.02,
-        "mia-members": 200.0,
-        "mia-nonmembers": 50.0,
-        "one-run-canaries": 64.0,
-        "one-run-guesses": 32.0,
-        "one-run-correct": float(correct),
-        "one-run-repetitions": float(copies),
-        "canaries-never-inserted": 30.0,
-        "exposure-never-inserted-mean": 1.4,
-        "generations": 16.0,
-        "pii-spans": 3.0,
-        "epsilon": accounted,
-        "delta": 1e-5,
-    }
+    from tests.inprocess import node_audit_metrics
+
+    metrics = node_audit_metrics(
+        exposure_rep16_mean=mean_bits,
+        exposure_rep16_max=4.0 + mean_bits,
+        one_run_correct=float(correct),
+        one_run_repetitions=float(copies),
+        canaries_never_inserted=30.0,
+        exposure_never_inserted_mean=1.4,
+        epsilon=accounted,
+    )
     run.write_audit_results(
         {
             "us-1": {
