@@ -13,19 +13,14 @@ from server.compare import AUDIT_FEDERATION
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 
 
+def run_script(name: str, *args: str, timeout: int) -> subprocess.CompletedProcess:
+    """One of scripts/ in its own process, as a user runs it; output captured for the assertions."""
+    return subprocess.run([sys.executable, str(SCRIPTS / name), *args], capture_output=True, text=True, timeout=timeout)
+
+
 def test_dp_overhead_quick_writes_every_mode(model_cache, tmp_path):
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(SCRIPTS / "bench_dp_overhead.py"),
-            "--quick",
-            "--out",
-            str(tmp_path),
-            f"model.cache_dir={model_cache}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
+    done = run_script(
+        "bench_dp_overhead.py", "--quick", "--out", str(tmp_path), f"model.cache_dir={model_cache}", timeout=600
     )
     assert done.returncode == 0, done.stderr[-3000:]
     record = json.loads((tmp_path / "dp-overhead.json").read_text())
@@ -41,18 +36,13 @@ def test_dp_overhead_quick_writes_every_mode(model_cache, tmp_path):
 
 
 def test_message_start_quick_measures_each_message_kind(model_cache, tmp_path):
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(SCRIPTS / "bench_message_start.py"),
-            "--quick",
-            "--out",
-            str(tmp_path),
-            f"model.cache_dir={model_cache}",
-            f"workdir={tmp_path / 'work'}",
-        ],
-        capture_output=True,
-        text=True,
+    done = run_script(
+        "bench_message_start.py",
+        "--quick",
+        "--out",
+        str(tmp_path),
+        f"model.cache_dir={model_cache}",
+        f"workdir={tmp_path / 'work'}",
         timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
@@ -71,18 +61,8 @@ def test_message_start_quick_measures_each_message_kind(model_cache, tmp_path):
 
 
 def test_federation_quick_compares_secure_and_plain(model_cache, tmp_path):
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(SCRIPTS / "bench_federation.py"),
-            "--quick",
-            "--out",
-            str(tmp_path),
-            f"model.cache_dir={model_cache}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=900,
+    done = run_script(
+        "bench_federation.py", "--quick", "--out", str(tmp_path), f"model.cache_dir={model_cache}", timeout=900
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     record = json.loads((tmp_path / "federation.json").read_text())
@@ -112,18 +92,8 @@ def test_growth_per_added_client_finds_the_bend():
 
 
 def test_privacy_utility_quick_runs_both_lora_kinds_on_the_same_canaries(model_cache, tmp_path):
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(SCRIPTS / "bench_privacy_utility.py"),
-            "--quick",
-            "--out",
-            str(tmp_path),
-            f"model.cache_dir={model_cache}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=900,
+    done = run_script(
+        "bench_privacy_utility.py", "--quick", "--out", str(tmp_path), f"model.cache_dir={model_cache}", timeout=900
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     record = json.loads((tmp_path / "privacy-utility.json").read_text())
@@ -159,18 +129,13 @@ def test_privacy_utility_quick_runs_both_lora_kinds_on_the_same_canaries(model_c
     assert all(torch.equal(final[k], initial[k]) for k in final if "lora_A" in k)
     assert any(not torch.equal(final[k], initial[k]) for k in final if "lora_B" in k)
     # --report-only re-reads the finished runs and writes the same numbers without running anything.
-    again = subprocess.run(
-        [
-            sys.executable,
-            str(SCRIPTS / "bench_privacy_utility.py"),
-            "--quick",
-            "--report-only",
-            "--out",
-            str(tmp_path),
-            f"model.cache_dir={model_cache}",
-        ],
-        capture_output=True,
-        text=True,
+    again = run_script(
+        "bench_privacy_utility.py",
+        "--quick",
+        "--report-only",
+        "--out",
+        str(tmp_path),
+        f"model.cache_dir={model_cache}",
         timeout=300,
     )
     assert again.returncode == 0, again.stderr[-3000:]
@@ -184,16 +149,8 @@ def test_privacy_utility_quick_runs_both_lora_kinds_on_the_same_canaries(model_c
 
 
 def test_dp_sweep_quick_runs_every_optimiser_and_lora_kind_and_resumes_from_finished_arms(model_cache, tmp_path):
-    command = [
-        sys.executable,
-        str(SCRIPTS / "bench_dp_sweep.py"),
-        "--quick",
-        "--no-confirm",
-        "--out",
-        str(tmp_path),
-        f"model.cache_dir={model_cache}",
-    ]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    args = ["--quick", "--no-confirm", "--out", str(tmp_path), f"model.cache_dir={model_cache}"]
+    done = run_script("bench_dp_sweep.py", *args, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     record = json.loads((tmp_path / "dp-sweep.json").read_text())
     assert record["quick"] is True and record["skipped"] == []
@@ -219,18 +176,13 @@ def test_dp_sweep_quick_runs_every_optimiser_and_lora_kind_and_resumes_from_fini
     assert "| 8 | " in table and "| 1 | " in table and "| no DP | adamw | LoRA |" in table
     assert (tmp_path / "dp-sweep.png").stat().st_size > 0
     # Past its deadline the sweep starts no arm, re-reads the finished ones and writes the same numbers.
-    again = subprocess.run([*command, "--minutes", "0"], capture_output=True, text=True, timeout=300)
+    again = run_script("bench_dp_sweep.py", *args, "--minutes", "0", timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads((tmp_path / "dp-sweep.json").read_text())["arms"] == record["arms"]
 
 
 def test_model_scale_quick_measures_every_mode(tmp_path):
-    done = subprocess.run(
-        [sys.executable, str(SCRIPTS / "bench_model_scale.py"), "--quick", "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    done = run_script("bench_model_scale.py", "--quick", "--out", str(tmp_path), timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     record = json.loads((tmp_path / "model-scale.json").read_text())
     assert record["quick"] is True and (record["device"] == "cpu" or record["device"].startswith("cuda"))
@@ -251,12 +203,7 @@ def test_model_scale_quick_measures_every_mode(tmp_path):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine-without-CUDA path")
 def test_device_check_without_cuda_says_so_exits_0_and_writes_nothing(tmp_path):
     out = tmp_path / "device-check.json"
-    done = subprocess.run(
-        [sys.executable, str(SCRIPTS / "device_check.py"), "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = run_script("device_check.py", "--out", str(out), timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "needs a CUDA device" in done.stdout and "nothing was checked" in done.stdout
     assert not out.exists()
@@ -264,12 +211,7 @@ def test_device_check_without_cuda_says_so_exits_0_and_writes_nothing(tmp_path):
 
 def test_accounting_bench_compares_pld_with_rdp_and_times_each_call(tmp_path):
     # No --quick: the whole script takes seconds.
-    done = subprocess.run(
-        [sys.executable, str(SCRIPTS / "bench_accounting.py"), "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    done = run_script("bench_accounting.py", "--out", str(tmp_path), timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     record = json.loads((tmp_path / "accounting.json").read_text())
     for row in record["accountants"]:
