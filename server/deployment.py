@@ -152,6 +152,21 @@ def submit_run(
     return run_id, cfg
 
 
+STATUS_EVERY_S, LOCAL_POLL_S = 15.0, 0.5
+
+
+@dataclass
+class LocalRunFiles:
+    """A run directory on this machine, for watch_run: the events after `skip` are this run's."""
+
+    run_dir: Path
+    skip: int
+    alive: Callable[[], bool]  # the SuperLink process; when it is gone, Flower's status says why at once
+
+    def events(self) -> list[dict]:
+        return RunDirectory(self.run_dir).read_events() if (self.run_dir / "events.jsonl").exists() else []
+
+
 def watch_run(
     connection: Connection,
     run_id: int,
@@ -160,14 +175,30 @@ def watch_run(
     poll_s: float = 3.0,
     timeout_s: float | None = None,
     on_event: Callable[[dict], None] | None = None,
+    local: LocalRunFiles | None = None,
 ) -> RunStatus:
-    """Print the run's progress events as they appear in its Flower log; return its final status."""
+    """Print the run's progress events as they appear; return its final status from Flower.
+
+    Remotely the events come from the run's Flower log. Each read is a `flwr` process (about a second of CPU),
+    so where the run directory is on this machine (`local`) its events file is read instead, and Flower's
+    status only every STATUS_EVERY_S, when the run says it ended, or when the SuperLink process is gone.
+    """
     control = connection.control()
-    seen = 0
-    started = time.monotonic()
+    seen = local.skip if local else 0
+    started = last_status = time.monotonic()
+    ended = False
     while True:
-        status = control.status(run_id)
-        events = parse_events(control.logs(run_id))
+        if local is None:
+            status = control.status(run_id)
+            events = parse_events(control.logs(run_id))
+        else:
+            events = local.events()
+            # Once the run says it ended, ask Flower each time until it agrees (its ServerApp is still exiting).
+            ended = ended or any(e["event"] in ("run_finished", "run_failed") for e in events[seen:])
+            if ended or not local.alive() or time.monotonic() - last_status > STATUS_EVERY_S:
+                status, last_status = control.status(run_id), time.monotonic()
+            else:  # not asked this time: the last answer was "running", or nothing has been asked yet
+                status = RunStatus(run_id, "running", "")
         for event in events[seen:]:
             if cfg is None and event["event"] == "run_config":
                 from common.config import config_from_json
@@ -185,7 +216,7 @@ def watch_run(
             return status
         if timeout_s is not None and time.monotonic() - started > timeout_s:
             raise FederationError(f"Run {run_id} did not finish within {timeout_s:.0f}s (status {status.status}).")
-        time.sleep(poll_s)
+        time.sleep(LOCAL_POLL_S if local else poll_s)
 
 
 def run_outcome(status: RunStatus, run_dir: Path | None, out: Callable[[str], None]) -> int:
@@ -339,8 +370,13 @@ class LocalDeployment:
 
     def run(self, on_event: Callable[[dict], None] | None = None) -> int:
         """Submit the federation, follow it, return the exit code from Flower's real status."""
+        # The run directory is on this machine: its events file is read, not Flower's log (a `flwr` process each).
+        if self.superlink is None:
+            raise FederationError("The coordinator is not started: use LocalDeployment as a context manager.")
+        local = LocalRunFiles(self.run_dir, 0, self.superlink.alive)
+        local.skip = len(local.events())  # a resumed run's earlier sessions
         run_id, cfg = submit_run(self.connection, self.overrides, self.out, self.config_dir)
-        status = watch_run(self.connection, run_id, cfg, self.out, on_event=on_event)
+        status = watch_run(self.connection, run_id, cfg, self.out, on_event=on_event, local=local)
         self.connection.control().save_logs(run_id, self.root / "logs" / f"flower-run-{run_id}.log")
         code = run_outcome(status, self.run_dir, self.out)
         self.out(f"Run directory: {self.run_dir}")

@@ -379,6 +379,10 @@ def test_a_restarted_coordinator_resumes_from_its_last_checkpoint(small_override
                 MODEL_CACHE_ENV: deployment.cfg.model.cache_dir,
             }
         )
+        # As README says: stop the lost run first, so that the nodes drop its last message now, not when the
+        # SuperLink gives up on its ServerApp (about a minute).
+        lost = next(int(line.split()[3]) for line in lines if line.startswith("Submitted Flower run"))
+        deployment.connection.control().stop_run(lost)
         run_id, cfg = submit_run(deployment.connection, [f"resume={deployment.run_dir}"], lines.append)
         status = watch_run(deployment.connection, run_id, cfg, lines.append)
         assert run_outcome(status, deployment.run_dir, lines.append) == 0, "\n".join(lines[-30:])
@@ -466,3 +470,50 @@ def test_a_node_started_before_its_coordinator_waits_for_it(tmp_path):
         node.stop()
         superlink.stop()
     assert not flower_processes(tmp_path)
+
+
+class FakeControl:
+    """Flower's status as `flwr ls` gives it, counted: each real call is a `flwr` process."""
+
+    def __init__(self, statuses: list[str]):
+        self.statuses, self.calls = statuses, 0
+
+    def status(self, run_id: int):
+        from server.superlink import RunStatus
+
+        self.calls += 1
+        return RunStatus(run_id, self.statuses.pop(0), "")
+
+    def logs(self, run_id: int) -> str:
+        raise AssertionError("a local run's events come from its run directory, not Flower's log")
+
+
+def test_a_local_run_is_watched_from_its_events_file_and_a_resumed_runs_old_events_are_not_replayed(tmp_path):
+    from server.deployment import LocalRunFiles, watch_run
+    from server.rundir import RunDirectory
+
+    run = RunDirectory(tmp_path / "run")
+    run.create()
+    run.event("round_finished", round=1)  # the lost session's
+    local = LocalRunFiles(run.path, 0, alive=lambda: True)
+    local.skip = len(local.events())
+    run.event("resumed", round=1)
+    run.event("run_finished", result=None)
+    control = FakeControl(["running", "finished:completed"])
+    connection = type("Connection", (), {"control": lambda self: control})()
+    seen: list[str] = []
+    status = watch_run(connection, 5, None, lambda line: None, on_event=lambda e: seen.append(e["event"]), local=local)
+    assert status.completed and seen == ["resumed", "run_finished"]
+    assert control.calls == 2  # asked only once the run said it ended (and again until Flower agreed)
+
+    # A SuperLink that is gone is asked at once: its status call is what names the failure.
+    from common.errors import FederationError
+
+    class Gone(FakeControl):
+        def status(self, run_id: int):
+            raise FederationError("flwr ls could not read run 6")
+
+    gone = Gone([])
+    connection = type("Connection", (), {"control": lambda self: gone})()
+    with pytest.raises(FederationError, match="could not read run 6"):
+        watch_run(connection, 6, None, lambda line: None, local=LocalRunFiles(tmp_path / "none", 0, lambda: False))
