@@ -40,6 +40,38 @@ class LoopClock:
         time.sleep(seconds)
 
 
+class RecordedTasks:
+    """The tasks one `_pull_and_store_message` call creates, so that none is left open when it returns None.
+
+    Flower creates a message's task before it pulls the content. When the run stops meanwhile (a coordinator
+    that restarted: its lost run ends once the SuperLink misses its ServerApp), Flower logs "not in RUNNING
+    status", returns None, and leaves the task open: the warm worker would claim it and wait about two minutes
+    for content that never comes, while the resumed run's messages queue behind it. Finishing the task as
+    failed revokes its token, so the worker's pull fails at once. A task Flower finished itself stays as it is.
+    """
+
+    def __init__(self, state):
+        self.state, self.task_ids = state, []
+        create = state.create_task
+
+        def create_and_record(*args, **kwargs):
+            task_id = create(*args, **kwargs)
+            if task_id is not None:
+                self.task_ids.append(task_id)
+            return task_id
+
+        state.create_task = create_and_record
+
+    def stop(self) -> None:
+        del self.state.create_task  # the instance attribute set above: the class's method shows again
+
+    def finish_orphans(self) -> None:
+        from flwr.common.constant import SubStatus
+
+        for task_id in self.task_ids:
+            self.state.finish_task(task_id, SubStatus.FAILED, "the run stopped while its message was received")
+
+
 def patch_supernode_loop() -> ActivityPoll:
     """Shorten the waits of Flower's SuperNode loop in this process; every received message marks activity."""
     from flwr.supernode import start_client_internal as loop
@@ -48,9 +80,15 @@ def patch_supernode_loop() -> ActivityPoll:
     pull = loop._pull_and_store_message
 
     def pull_and_note(*args, **kwargs):
-        run_id = pull(*args, **kwargs)
+        created = RecordedTasks(kwargs["state"])
+        try:
+            run_id = pull(*args, **kwargs)
+        finally:
+            created.stop()
         if run_id is not None:
             poll.active()
+        else:
+            created.finish_orphans()
         return run_id
 
     loop._pull_and_store_message = pull_and_note

@@ -76,6 +76,45 @@ def test_the_waits_fedsov_shortens_are_flowers(monkeypatch):
     assert slept == [3, 0.2, 0.05, 1] and clock.monotonic is time.monotonic
 
 
+def test_a_message_whose_run_stopped_while_received_leaves_no_task_open(monkeypatch):
+    """Flower creates the task, then meets a stopped run and returns None with the task open; fedsov finishes it
+    (failed, token revoked), so the warm worker is not left waiting for content that never comes."""
+    from flwr.common.constant import Status, SubStatus
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.supernode import start_client_internal as loop
+    from flwr.supernode.nodestate.in_memory_nodestate import InMemoryNodeState
+
+    from client.supernode_loop import patch_supernode_loop
+
+    # The Flower path this repairs: the RunNotRunningException handler returns None without finish_task.
+    source = inspect.getsource(loop._pull_and_store_message)
+    handler = source[source.index("except RunNotRunningException:") :]
+    assert "task_id = state.create_task(" in source and "finish_task" not in handler and "return None" in handler
+
+    state = InMemoryNodeState(ObjectStoreFactory().store())
+    created: list[int] = []
+
+    def stopped_run(state, **_):  # what Flower does when the run stops mid-receive
+        created.append(state.create_task(task_type=TaskType.CLIENT_APP, run_id=7, fab_hash="f"))
+        return None
+
+    def received(state, **_):
+        created.append(state.create_task(task_type=TaskType.CLIENT_APP, run_id=8, fab_hash="f"))
+        return 8
+
+    for fake in (stopped_run, received):
+        monkeypatch.setattr(loop, "_pull_and_store_message", fake)
+        monkeypatch.setattr(loop, "time", time)
+        patch_supernode_loop()
+        assert loop._pull_and_store_message(state=state, receive=None) in (None, 8)
+        assert "create_task" not in vars(state)  # Flower's own method again after the call
+    tasks = {t.task_id: t for t in state.get_tasks(task_ids=created)}
+    orphan, live = tasks[created[0]], tasks[created[1]]
+    assert orphan.status.status == Status.FINISHED and orphan.status.sub_status == SubStatus.FAILED
+    assert live.status.status != Status.FINISHED  # a received message's task is the worker's to answer
+
+
 def test_only_fedsovs_own_clientapp_runs(tmp_path):
     """A run whose app bundle names another ClientApp gets a refusal; nothing of the bundle is loaded."""
     import io
