@@ -246,6 +246,22 @@ def default_config_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "configs"
 
 
+def interrupted(err: BaseException) -> bool:
+    """Whether `err` arose while a Ctrl-C or SIGTERM was unwinding: OmegaConf, cut short mid-update, can raise
+    an error of its own from its clean-up, which would otherwise read as an invalid configuration."""
+    seen: set[int] = set()
+    chain: list[BaseException | None] = [err]
+    while chain:
+        cause = chain.pop()
+        if cause is None or id(cause) in seen:
+            continue
+        if isinstance(cause, KeyboardInterrupt):
+            return True
+        seen.add(id(cause))
+        chain += [cause.__cause__, cause.__context__]
+    return False
+
+
 def load_config(
     overrides: Sequence[str] = (), config_dir: Path | None = None, config_name: str = "config"
 ) -> FedsovConfig:
@@ -270,6 +286,8 @@ def load_config(
                 load_region_file(config_dir / "regions" / f"{name}.yaml")
             composed = compose(config_name=config_name, overrides=list(overrides))
     except (HydraException, OmegaConfBaseException) as err:
+        if interrupted(err):
+            raise KeyboardInterrupt from err
         detail = str(err).strip() or str(err.__cause__ or "").strip() or type(err).__name__
         raise ConfigError(f"Invalid configuration in {config_dir} or its overrides: {detail}") from err
     except yaml.YAMLError as err:  # Hydra reads every selected file before composing, and lets these through

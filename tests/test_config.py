@@ -200,3 +200,27 @@ def test_bad_policy_values_name_the_key(tmp_path, edit, expected):
     with pytest.raises(ConfigError) as err:
         load_region_file(path)
     assert expected in str(err.value)
+
+
+def test_a_stop_signal_during_composition_stops_fedsov_and_is_never_reported_as_a_bad_config(monkeypatch):
+    """SIGTERM (raised as KeyboardInterrupt) landing inside OmegaConf can surface as an OmegaConf error from its
+    clean-up; it must still stop fedsov (exit 143), not read as "Invalid configuration" (exit 2)."""
+    import hydra
+    from omegaconf.errors import OmegaConfBaseException
+
+    def cut_short(*args, **kwargs):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise OmegaConfBaseException("'NoneType' object has no attribute '_invalidate_flags_cache'") from None
+
+    monkeypatch.setattr(hydra, "compose", cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        load_config(["regions=[us]"])
+
+    def broken(*args, **kwargs):
+        raise OmegaConfBaseException("a real configuration error")
+
+    monkeypatch.setattr(hydra, "compose", broken)
+    with pytest.raises(ConfigError, match="a real configuration error"):
+        load_config(["regions=[us]"])
