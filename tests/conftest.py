@@ -26,6 +26,17 @@ MICRO_MODEL = [
 ]
 
 
+def pytest_collection_modifyitems(config, items):
+    """Heavy tests first, longest first: xdist hands tests out in collection order, and a two-minute test
+    handed out last would leave the other worker idle while it runs."""
+
+    def weight(item) -> float:
+        mark = item.get_closest_marker("heavy")
+        return -float(mark.kwargs["seconds"]) if mark else 0.0
+
+    items.sort(key=weight)  # stable: every other test keeps its place
+
+
 @pytest.fixture(scope="session")
 def model_cache(tmp_path_factory) -> Path:
     """Cache folder holding the micro embedded model, built once for the whole session, shared by all of

@@ -18,6 +18,7 @@ def run_script(name: str, *args: str, timeout: int) -> subprocess.CompletedProce
     return subprocess.run([sys.executable, str(SCRIPTS / name), *args], capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.heavy(seconds=60)
 def test_dp_overhead_quick_writes_every_mode(model_cache, tmp_path):
     done = run_script(
         "bench_dp_overhead.py", "--quick", "--out", str(tmp_path), f"model.cache_dir={model_cache}", timeout=600
@@ -35,6 +36,7 @@ def test_dp_overhead_quick_writes_every_mode(model_cache, tmp_path):
     assert table.count("\n| ") == 5 and "Best DP mode" in table
 
 
+@pytest.mark.heavy(seconds=78)
 def test_message_start_quick_measures_each_message_kind(model_cache, tmp_path):
     done = run_script(
         "bench_message_start.py",
@@ -60,6 +62,7 @@ def test_message_start_quick_measures_each_message_kind(model_cache, tmp_path):
     assert (tmp_path / "message-start.png").stat().st_size > 0
 
 
+@pytest.mark.heavy(seconds=75)
 def test_federation_quick_compares_secure_and_plain(model_cache, tmp_path):
     done = run_script(
         "bench_federation.py", "--quick", "--out", str(tmp_path), f"model.cache_dir={model_cache}", timeout=900
@@ -91,6 +94,7 @@ def test_growth_per_added_client_finds_the_bend():
     assert [s["per_client_s"] for s in bent["segments"]] == [2.0, 2.0, 6.0] and bent["bends_after"] == 12
 
 
+@pytest.mark.heavy(seconds=116)
 def test_privacy_utility_quick_runs_both_lora_kinds_on_the_same_canaries(model_cache, tmp_path):
     done = run_script(
         "bench_privacy_utility.py", "--quick", "--out", str(tmp_path), f"model.cache_dir={model_cache}", timeout=900
@@ -148,6 +152,7 @@ def test_privacy_utility_quick_runs_both_lora_kinds_on_the_same_canaries(model_c
     )
 
 
+@pytest.mark.heavy(seconds=27)
 def test_dp_sweep_quick_runs_every_optimiser_and_lora_kind_and_resumes_from_finished_arms(model_cache, tmp_path):
     args = ["--quick", "--no-confirm", "--out", str(tmp_path), f"model.cache_dir={model_cache}"]
     done = run_script("bench_dp_sweep.py", *args, timeout=600)
@@ -181,6 +186,7 @@ def test_dp_sweep_quick_runs_every_optimiser_and_lora_kind_and_resumes_from_fini
     assert json.loads((tmp_path / "dp-sweep.json").read_text())["arms"] == record["arms"]
 
 
+@pytest.mark.heavy(seconds=24)
 def test_model_scale_quick_measures_every_mode(tmp_path):
     done = run_script("bench_model_scale.py", "--quick", "--out", str(tmp_path), timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -641,6 +641,7 @@ def test_output_into_a_closed_pipe_exits_quietly():
     assert done.returncode == 141 and done.stderr == "", done.stderr
 
 
+@pytest.mark.heavy(seconds=20)
 def test_sigterm_stops_a_simulation_and_everything_it_started(small_overrides, tmp_path):
     """flwr-simulation and Ray run in flower-superexec's own session, outside the SuperLink's process group."""
     fedsov = FedsovProcess(["simulate", *small_overrides], tmp_path)

@@ -94,6 +94,7 @@ def test_saved_adapter_loads_with_peft_and_beats_the_base(small_overrides, confi
     assert summary["regions"]["us"]["epsilon"] == "inf"
 
 
+@pytest.mark.heavy(seconds=30)
 def test_resume_continues_the_round_count_and_a_new_run_continues_the_budget(small_overrides):
     cfg, run, _, _ = run_federation(small_overrides)
     first = ledger_epsilons(cfg)

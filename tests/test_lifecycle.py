@@ -377,6 +377,7 @@ def test_retention_deletes_checkpoints_past_the_strictest_contributing_region(sm
 # -- branches and the DPO record -------------------------------------------------------------
 
 
+@pytest.mark.heavy(seconds=19)
 def test_a_run_resumes_from_an_earlier_checkpoint_and_its_dpo_record(small_overrides, capsys):
     cfg, run, summary, _ = run_federation(small_overrides + ["purpose=a support assistant for our customers"])
     assert summary["rounds_completed"] == 2

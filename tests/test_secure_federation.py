@@ -131,6 +131,7 @@ def test_a_lost_node_is_reported_as_failed_never_as_refused(small_overrides):
     assert "REFUSED" not in line and "not a refusal" in line
 
 
+@pytest.mark.heavy(seconds=20)
 def test_one_dropout_too_many_skips_the_round_cleanly_and_the_run_goes_on(small_overrides):
     def prepare(grid):
         grid.lose |= {(n, "train.secagg_mask", "1") for n in sorted(grid.contexts)[:3]}
@@ -157,6 +158,7 @@ def test_one_dropout_too_many_skips_the_round_cleanly_and_the_run_goes_on(small_
     assert summary["not_contributing"] == ["round 1 was not aggregated"]
 
 
+@pytest.mark.heavy(seconds=22)
 def test_secure_upload_is_compact(small_overrides, config_dir):
     base = small_overrides + ["federation.rounds=1", "federation.local_steps=2"]
     _, secure_run, _, _ = run_federation(base, run_name="secure")

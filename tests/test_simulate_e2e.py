@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests import test_deployment
 
 
@@ -24,6 +26,7 @@ def flower_processes(tmp_path: Path) -> list[str]:
     return test_deployment.flower_processes(tmp_path, SIMULATION_PROCESSES)
 
 
+@pytest.mark.heavy(seconds=50)
 def test_simulate_runs_a_dp_federation_with_a_region_its_policy_excludes(small_overrides, tmp_path):
     assert not flower_processes(tmp_path)
     # With the default China region, whose PIPL preset forbids the EU coordinator.
@@ -72,6 +75,7 @@ def test_simulate_reports_bad_config_without_starting_anything(tmp_path):
     assert not (tmp_path / "flwr-home").exists()
 
 
+@pytest.mark.heavy(seconds=96)
 def test_simulate_multirun_sweeps_one_run_per_value_and_prints_a_table(small_overrides, tmp_path):
     """Hydra's -m: each value its own run directory, saved overrides and TensorBoard files; a sweep table at the end."""
     result = fedsov(

@@ -261,6 +261,7 @@ def _wait_for(condition, what: str, timeout: float = 600.0) -> None:
         time.sleep(0.05)
 
 
+@pytest.mark.heavy(seconds=75)
 def test_a_worker_killed_mid_round_is_restarted_and_the_ledger_stays_exact(small_overrides, tmp_path, config_dir):
     """eu's worker dies in its round-1 training; round 1 aggregates us and sg, eu is back for round 2.
 
