@@ -31,6 +31,9 @@ AUDIT_FEDERATION = (
     "regions.sg.clients=1",
     "federation.local_steps=50",
     "model.lora.target_modules=[c_attn,c_proj,c_fc]",
+    # One copy of a 6-digit secret is barely memorised here even without DP (about 1-3 bits of exposure), so
+    # one-run canaries in 1 copy cannot show power; in 4 copies the audit measures a group of 4 units' epsilon.
+    "audit.one_run_repetitions=4",
 )
 
 
@@ -158,18 +161,20 @@ def judge(reports: dict) -> tuple[str, list[str]]:
         if r["verdict"].get("repeated_secrets_only")
     ]
     power = max(bounds["no DP"], default=0.0)
+    copies = max((r["audit"]["one_run"].get("repetitions", 1) for r in _audited(nodp)), default=1)
+    unit = "a single unit" if copies == 1 else f"a group of {copies} units (a canary in {copies} copies)"
     notes.append(
         f"One-run audit: empirical epsilon lower bound {power:.2f} without DP"
-        + (
-            " (above 1: the audit can see a single unit's influence)"
-            if power > 1
-            else " (at most 1: too weak to say much about a single unit)"
-        )
+        + (f" (above 1: the audit can see {unit}'s influence)" if power > 1 else f" (at most 1: too weak for {unit})")
         + f", {max(bounds['DP eps=8'], default=0.0):.2f} with DP (accounted epsilon "
         + ", ".join(f"{float(r['epsilon']):.2f}" for r in dp["regions"].values() if r["epsilon"] != "inf")
         + ")."
     )
     return verdict, lines + [""] + [f"- {n}" for n in notes] + ["", f"Verdict: {verdict}."]
+
+
+def _audited(report: dict) -> list[dict]:
+    return [r for r in report["regions"].values() if r.get("audit") and "one_run" in r["audit"]]
 
 
 def write_lab_policies(

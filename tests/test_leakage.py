@@ -291,7 +291,7 @@ def test_auc_standard_error_by_hand():
 def test_compare_verdicts():
     from server.compare import judge
 
-    def report(detected_at=(), bound=0.0, violations=()):
+    def report(detected_at=(), bound=0.0, violations=(), copies=1):
         exposure = {
             k: {
                 "mean_bits": 12.0 if k in detected_at else 1.5,
@@ -305,7 +305,7 @@ def test_compare_verdicts():
             "exposure": exposure,
             "never_inserted": {"canaries": 30, "mean_bits": 1.4},
             "mia": {"loss-auc": 0.6, "calibrated-auc": 0.55},
-            "one_run": {"epsilon_lower_bound": bound, "correct": 30, "guesses": 32, "repetitions": 1},
+            "one_run": {"epsilon_lower_bound": bound, "correct": 30, "guesses": 32, "repetitions": copies},
         }
         signals = [f"canaries inserted {k}x reach a mean exposure of 12.0 bits" for k in detected_at]
         verdict = {
@@ -320,7 +320,10 @@ def test_compare_verdicts():
 
     ok, lines = judge({"no-dp": report(["16"], bound=1.7), "dp-eps8": report()})
     assert ok == "DP works and the audit has power"
-    assert any("lower bound 1.70 without DP (above 1" in line for line in lines)
+    assert any("lower bound 1.70 without DP (above 1: the audit can see a single unit's" in line for line in lines)
+    # Canaries in k copies: the bound is a group's, and the note says so.
+    _, lines = judge({"no-dp": report(["16"], bound=1.2, copies=4), "dp-eps8": report(copies=4)})
+    assert any("1.20 without DP (above 1: the audit can see a group of 4 units" in line for line in lines)
     assert "NO POWER" in judge({"no-dp": report(), "dp-eps8": report()})[0]
     # Repeated secrets memorised under DP are group privacy at work (16 x epsilon), not DP failing...
     grouped, lines = judge({"no-dp": report(["16"]), "dp-eps8": report(["16"])})
