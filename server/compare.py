@@ -31,6 +31,7 @@ AUDIT_FEDERATION = (
     "regions.sg.clients=1",
     "federation.local_steps=50",
     "model.lora.target_modules=[c_attn,c_proj,c_fc]",
+    "model.lora.rank=8",  # more capacity to memorise than the default's rank 4: the audit needs something to see
     # One copy of a 6-digit secret is barely memorised here even without DP (about 1-3 bits of exposure), so
     # one-run canaries in 1 copy cannot show power; in 4 copies the audit measures a group of 4 units' epsilon.
     "audit.one_run_repetitions=4",
