@@ -56,6 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     verify.add_argument("--node", help="with --manifest: the node whose anchors to use (e.g. eu-1)")
     compare = asub.add_parser("compare", help="run the same federation without and with DP (epsilon 8) and audit both")
+    compare.add_argument(
+        "--report-only",
+        action="store_true",
+        help="rewrite compare.md/.json from the two arms' finished runs under <workdir>/compare, running nothing",
+    )
     compare.add_argument("overrides", nargs="*", help="config overrides for both arms")
 
     report = sub.add_parser("report", help="(re)write a run's privacy report")
@@ -136,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "audit":
             from server.compare import compare
 
-            return compare(args.overrides)
+            return compare(args.overrides, report_only=args.report_only)
         if args.command == "report":
             return _report(args.run_dir)
         if args.command == "generate":

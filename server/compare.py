@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from common.config import CONFIG_DIR_ENV, default_config_dir, load_config
-from common.errors import FederationError
+from common.errors import ConfigError, FederationError
 from common.paths import writable_folder
 from server.report import load_report
 from server.simulation import simulate
@@ -38,12 +38,17 @@ AUDIT_FEDERATION = (
 )
 
 
-def compare(overrides: Sequence[str], out: Callable[[str], None] = print) -> int:
+ARMS = ("no-dp", "dp-eps8")
+
+
+def compare(overrides: Sequence[str], out: Callable[[str], None] = print, report_only: bool = False) -> int:
     base = load_config([*AUDIT_FEDERATION, *overrides])
     root = writable_folder(Path(base.workdir) / "compare", "workdir=<folder>")
+    if report_only:
+        return _write_comparison(root, _finished_reports(root), out)
     lab_configs = root / "lab-configs"
     write_lab_policies(lab_configs, why="fedsov audit compare: DP not required", require_dp=False)
-    arms = {
+    arms = {  # in ARMS' order
         "no-dp": (["privacy=off"], lab_configs),
         "dp-eps8": (["privacy.target_epsilon=8", "privacy.noise_multiplier=null"], default_config_dir()),
     }
@@ -60,6 +65,20 @@ def compare(overrides: Sequence[str], out: Callable[[str], None] = print) -> int
         if code != 0:
             return code
         reports[name] = report
+    return _write_comparison(root, reports, out)
+
+
+def _finished_reports(root: Path) -> dict:
+    missing = [name for name in ARMS if not (root / name / "run" / "summary.json").is_file()]
+    if missing:
+        raise ConfigError(
+            f"--report-only: no finished run for arm(s) {', '.join(missing)} under {root}; "
+            "run `fedsov audit compare` without --report-only first (same workdir)."
+        )
+    return {name: load_report(root / name / "run") for name in ARMS}
+
+
+def _write_comparison(root: Path, reports: dict, out: Callable[[str], None]) -> int:
     verdict, lines = judge(reports)
     out("\n" + "\n".join(lines))
     (root / "compare.json").write_text(json.dumps({"verdict": verdict, "arms": reports}, indent=1, ensure_ascii=False))
@@ -134,11 +153,17 @@ def judge(reports: dict) -> tuple[str, list[str]]:
             exposure += f"; {never['mean_bits']:.1f}" if never else ""
             extracted = int(sum(e["extracted_greedy"] + e["extracted_beam"] for e in a["exposure"].values()))
             eps = r["epsilon"] if r["epsilon"] == "inf" else f"{float(r['epsilon']):.2f}"
+            # A region of one node has no perplexity of its own in the report (it would be that node's).
+            perplexity = (
+                f"{r['perplexity_after']:.2f}"
+                if r["perplexity_after"] is not None
+                else f"overall {rep['perplexity_by_round'][-1]['overall']:.2f}"
+            )
             o = a["one_run"]
             bounds[arm].append(o["epsilon_lower_bound"])
             copies = o.get("repetitions", 1)
             lines.append(
-                f"| {region} | {arm} | {eps} | {r['perplexity_after']:.2f} | {exposure} | {extracted} | "
+                f"| {region} | {arm} | {eps} | {perplexity} | {exposure} | {extracted} | "
                 f"{a['mia']['loss-auc']:.2f} / {a['mia']['calibrated-auc']:.2f} | "
                 f"{o['correct']}/{o['guesses']}: {o['epsilon_lower_bound']:.2f} ({copies}) | {r['verdict']['status']} |"
             )
@@ -166,7 +191,7 @@ def judge(reports: dict) -> tuple[str, list[str]]:
     unit = "a single unit" if copies == 1 else f"a group of {copies} units (a canary in {copies} copies)"
     notes.append(
         f"One-run audit: empirical epsilon lower bound {power:.2f} without DP"
-        + (f" (above 1: the audit can see {unit}'s influence)" if power > 1 else f" (at most 1: too weak for {unit})")
+        + (f" (above 1: the audit sees the influence of {unit})" if power > 1 else f" (at most 1: too weak for {unit})")
         + f", {max(bounds['DP eps=8'], default=0.0):.2f} with DP (accounted epsilon "
         + ", ".join(f"{float(r['epsilon']):.2f}" for r in dp["regions"].values() if r["epsilon"] != "inf")
         + ")."

@@ -291,7 +291,7 @@ def test_auc_standard_error_by_hand():
 def test_compare_verdicts():
     from server.compare import judge
 
-    def report(detected_at=(), bound=0.0, violations=(), copies=1):
+    def report(detected_at=(), bound=0.0, violations=(), copies=1, perplexity=30.0):
         exposure = {
             k: {
                 "mean_bits": 12.0 if k in detected_at else 1.5,
@@ -314,16 +314,21 @@ def test_compare_verdicts():
             "repeated_secrets_only": bool(signals) and "1" not in detected_at,
         }
         return {
-            "regions": {"us": {"epsilon": 8.0, "perplexity_after": 30.0, "audit": audit, "verdict": verdict}},
+            "regions": {"us": {"epsilon": 8.0, "perplexity_after": perplexity, "audit": audit, "verdict": verdict}},
+            "perplexity_by_round": [{"round": 0, "overall": 400.0}, {"round": 5, "overall": 31.0}],
             "bound_violations": list(violations),
         }
 
     ok, lines = judge({"no-dp": report(["16"], bound=1.7), "dp-eps8": report()})
     assert ok == "DP works and the audit has power"
-    assert any("lower bound 1.70 without DP (above 1: the audit can see a single unit's" in line for line in lines)
-    # Canaries in k copies: the bound is a group's, and the note says so.
-    _, lines = judge({"no-dp": report(["16"], bound=1.2, copies=4), "dp-eps8": report(copies=4)})
-    assert any("1.20 without DP (above 1: the audit can see a group of 4 units" in line for line in lines)
+    assert any(
+        "lower bound 1.70 without DP (above 1: the audit sees the influence of a single unit)" in x for x in lines
+    )
+    # Canaries in k copies: the bound is a group's, and the note says so. A region of one node has no
+    # perplexity of its own in the report: the arm's overall one is shown.
+    _, lines = judge({"no-dp": report(["16"], bound=1.2, copies=4, perplexity=None), "dp-eps8": report(copies=4)})
+    assert any("| us | no DP | 8.00 | overall 31.00 |" in x for x in lines)
+    assert any("1.20 without DP (above 1: the audit sees the influence of a group of 4 units" in x for x in lines)
     assert "NO POWER" in judge({"no-dp": report(), "dp-eps8": report()})[0]
     # Repeated secrets memorised under DP are group privacy at work (16 x epsilon), not DP failing...
     grouped, lines = judge({"no-dp": report(["16"]), "dp-eps8": report(["16"])})
@@ -360,3 +365,11 @@ def test_a_node_whose_audit_failed_is_reported_as_such(tmp_path):
     report = write_privacy_report(run, cfg)
     assert report["regions"]["us"]["verdict"] == {"status": "audit failed", "signals": ["Node Unavailable"]}
     assert "audit failed" in (run.report_dir / "privacy-report.html").read_text()
+
+
+def test_compare_report_only_needs_both_arms_finished(tmp_path):
+    from common.errors import ConfigError
+    from server.compare import compare
+
+    with pytest.raises(ConfigError, match="no finished run for arm.s. no-dp, dp-eps8 .*without --report-only"):
+        compare([f"workdir={tmp_path}"], out=lambda line: None, report_only=True)
