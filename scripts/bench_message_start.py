@@ -250,13 +250,12 @@ def messages(cfg, repeats: int):
     from flwr.app import ConfigRecord, Message, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
-    from common.wire import DESCRIBE, EVALUATE, GLOBAL_ADAPTER, PLAN, REQUEST, RoundPlan, state_to_record
-    from server.coordinator import ServerModel
+    from common.wire import DESCRIBE, EVALUATE, GLOBAL_ADAPTER, PLAN, REQUEST, state_to_record
+    from server.coordinator import ServerModel, round_plan
 
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = RUN_ID, 0, 1
     model = ServerModel(cfg)
     adapter = state_to_record(model.initial_state())
-    lora, fed = cfg.model.lora, cfg.federation
     jurisdiction = cfg.federation.coordinator_jurisdiction
     for i in range(repeats + 1):
         session = f"bench-{i}"
@@ -265,29 +264,7 @@ def messages(cfg, repeats: int):
             "describe",
             Message(RecordDict({REQUEST: request}), dst_node_id=NODE_ID, message_type=DESCRIBE, group_id="0"),
         )
-        plan = RoundPlan(
-            run_id=session,
-            round=0,
-            total_rounds=fed.rounds,
-            local_steps=fed.local_steps,
-            batch_size=fed.batch_size,
-            learning_rate=fed.learning_rate,
-            max_length=cfg.model.max_length,
-            eval_batch_size=fed.eval_batch_size,
-            model_fingerprint=model.fingerprint,
-            lora_rank=lora.rank,
-            lora_alpha=lora.alpha,
-            lora_dropout=lora.dropout,
-            lora_ffa=lora.ffa,
-            lora_seed=fed.seed,
-            lora_target_modules=tuple(lora.target_modules or ()),
-            dp_enabled=True,
-            max_grad_norm=cfg.privacy.max_grad_norm,
-            coordinator_jurisdiction=jurisdiction,
-            cohort_size=3,
-            secure_aggregation=True,
-            target_epsilon=cfg.privacy.target_epsilon,
-        )
+        plan = round_plan(cfg, session, 0, model.fingerprint, cohort_size=3)  # what a coordinator sends
         yield (
             "evaluate",
             Message(
