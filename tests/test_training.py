@@ -116,25 +116,18 @@ def test_dp_sgd_moves_by_the_clipped_mean_and_dp_adam_does_not(model_dir, exampl
     ids, pad = examples
     lr, clip, batch = 1e-2, 1.0, 8
     noiseless = DpSettings(noise_multiplier=0.0, max_grad_norm=clip)
-    sgd = train_locally(
-        fresh_lora(model_dir),
-        ids,
-        steps=3,
-        batch_size=batch,
-        learning_rate=lr,
-        dp=noiseless,
-        pad_id=pad,
-        optimizer_name="sgd",
-    )
-    adam = train_locally(
-        fresh_lora(model_dir),
-        ids,
-        steps=3,
-        batch_size=batch,
-        learning_rate=lr,
-        dp=noiseless,
-        pad_id=pad,
-        optimizer_name="adamw",
+    sgd, adam = (
+        train_locally(
+            fresh_lora(model_dir),
+            ids,
+            steps=3,
+            batch_size=batch,
+            learning_rate=lr,
+            dp=noiseless,
+            pad_id=pad,
+            optimizer_name=name,
+        )
+        for name in ("sgd", "adamw")
     )
     assert 0 < update_norm(sgd) <= lr * clip * sgd.units_sampled / batch + 1e-6
     assert update_norm(adam) > 10 * lr * clip * adam.units_sampled / batch
