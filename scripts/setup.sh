@@ -19,18 +19,41 @@ fi
 
 pip() { "$VENV/bin/python" -m pip --disable-pip-version-check "$@"; }
 
+# uv installs the same packages in seconds where pip takes one to two minutes. It does not read pip's
+# configuration, so scripts/uv_args.py passes it on (indexes, wheel folders, constraints); where it cannot,
+# or uv fails, pip installs as before. FEDSOV_INSTALLER=pip skips uv.
+UV_ARGS=()
+USING_UV=
+if [ "${FEDSOV_INSTALLER:-uv}" = uv ] && pip install --quiet "uv>=0.13.5,<0.14" >/dev/null 2>&1 \
+  && lines=$("$VENV/bin/python" scripts/uv_args.py "$(pip config list 2>/dev/null)"); then
+  while IFS= read -r line; do
+    case "$line" in
+      "ENV "*) export "${line#ENV }" ;;
+      ?*) UV_ARGS+=("$line") ;;
+    esac
+  done <<< "$lines"
+  USING_UV=1
+  install() { "$VENV/bin/uv" pip install --python "$VENV/bin/python" "${UV_ARGS[@]}" "$@"; }
+else
+  install() { pip install "$@"; }
+fi
+
 # Install torch before the project so the resolver never reaches for a CUDA build
 # (several GB) on a machine without a GPU.
 if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-    pip install "torch==$TORCH_VERSION"
-  elif echo "Installing torch $TORCH_VERSION (CPU build) ..." && pip install "torch==$TORCH_VERSION+cpu" >/dev/null 2>&1; then
-    :  # pip's configured sources (e.g. a find-links wheel folder) had the CPU build; its dependencies
+    install "torch==$TORCH_VERSION"
+  elif echo "Installing torch $TORCH_VERSION (CPU build) ..." && install "torch==$TORCH_VERSION+cpu" >/dev/null 2>&1; then
+    :  # the configured sources (e.g. a find-links wheel folder) had the CPU build; its dependencies
        # come from the usual index. Asking PyTorch's index only when needed avoids minutes of retries
        # where that index is unreachable.
   else
-    pip install "torch==$TORCH_VERSION+cpu" --extra-index-url https://download.pytorch.org/whl/cpu
+    install "torch==$TORCH_VERSION+cpu" --extra-index-url https://download.pytorch.org/whl/cpu
   fi
 fi
-pip install -e ".[dev]"
+if ! install -e ".[dev]"; then
+  [ -n "$USING_UV" ] || exit 1
+  echo "uv could not install fedsov here; installing with pip instead."
+  pip install -e ".[dev]"
+fi
 echo "$want" > "$STAMP"

@@ -128,3 +128,45 @@ def test_python_snippets_use_only_names_they_define():
                 defined.add(node.id)
         used = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
         assert used <= defined, (sorted(used - defined), block)
+
+
+def test_setup_gives_uv_the_package_sources_pip_is_configured_with():
+    """scripts/setup.sh installs with uv, which does not read pip's configuration: every source pip would use
+    is passed on, and a setting that cannot be carried over sends setup back to pip."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    from uv_args import uv_args
+
+    pip_config = "\n".join(
+        [
+            ":env:.default-timeout='180'",
+            ":env:.find-links='/opt/wheels'",
+            "global.cert='/etc/ssl/certs/ca.crt'",
+            "global.constraint='/etc/xdg/pip/constraints.txt'",
+            "global.extra-index-url='file:///opt/a/simple file:///opt/b/simple'",
+            "global.index-url='https://mirror.example/simple'",
+            "user.index-url='https://inner.example/simple'",
+        ]
+    )
+    args, env = uv_args(pip_config)
+    assert args == [
+        "--index-strategy",
+        "unsafe-best-match",  # pip's rule: the best version from any source
+        "--find-links",
+        "/opt/wheels",
+        "--constraint",
+        "/etc/xdg/pip/constraints.txt",
+        "--extra-index-url",
+        "file:///opt/a/simple",
+        "--extra-index-url",
+        "file:///opt/b/simple",
+        "--index-url",
+        "https://inner.example/simple",  # pip lists its files in precedence order: the last one wins
+    ]
+    assert env == {"SSL_CERT_FILE": "/etc/ssl/certs/ca.crt"}
+    assert uv_args("") == (["--index-strategy", "unsafe-best-match"], {})
+    # Sources uv would not see the same way: setup installs with pip.
+    assert uv_args("global.trusted-host='pypi.internal'") is None
+    assert uv_args("global.proxy='http://proxy:3128'") is None
+    assert uv_args("global.no-index='true'") is None

@@ -182,7 +182,7 @@ def load_base_model(path: Path, device: torch.device, dtype: torch.dtype, *, gra
         ) from err
     # Moving to the device before get_peft_model matters: the other order can leave DP-LoRA
     # training adapters that are not the ones used (opacus issue #820).
-    model.to(device)  # type: ignore[arg-type]  # transformers' stub types .to() as taking the model
+    model.to(device)
     return frozen_base(model, gradient_checkpointing=gradient_checkpointing)
 
 

@@ -74,7 +74,7 @@ def make_lora_config(settings: LoraSettings, base_model):
     return LoraConfig(
         task_type=TaskType.CAUSAL_LM,
         r=settings.rank,
-        lora_alpha=settings.alpha,  # type: ignore[arg-type]  # PEFT says int, uses it only in alpha / r
+        lora_alpha=settings.alpha,  # PEFT says int, uses it only in alpha / r
         lora_dropout=settings.dropout,
         target_modules=list(target),
         fan_in_fan_out=fan_in_fan_out,
