@@ -26,51 +26,6 @@ def flower_processes(tmp_path: Path) -> list[str]:
     return test_deployment.flower_processes(tmp_path, SIMULATION_PROCESSES)
 
 
-@pytest.mark.heavy(seconds=50)
-def test_simulate_runs_a_dp_federation_with_a_region_its_policy_excludes(small_overrides, tmp_path):
-    assert not flower_processes(tmp_path)
-    # With the default China region, whose PIPL preset forbids the EU coordinator.
-    # One round: more rounds run in-process (tests/inprocess.py) and in the deployment tests.
-    first = fedsov(
-        [*small_overrides, "regions=[eu,us,cn]", "federation.rounds=1", "run_dir=" + str(tmp_path / "run1")], tmp_path
-    )
-    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    out = first.stdout
-    assert "region cn EXCLUDED: PIPL policy forbids sending updates to a coordinator in EU" in out
-    assert re.search(r"\n  cn\s+-\s+EXCLUDED: PIPL", out)
-    assert "round 0/1" in out and "round 1/1 done" in out and "Summary: run run1 completed 1/1 rounds" in out
-    for node in ("eu-1", "eu-2", "us-1", "us-2"):
-        assert f"{node:<6} trained" in out
-    run = tmp_path / "run1"
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in rows] == [0, 1]
-    # One round of a mixed federation need not help every region: the eu data moves the shared adapter most,
-    # and us's held-out perplexity came out 0.99-1.08x its start in repeated runs. Overall it falls by ~20%.
-    assert rows[1]["perplexity"]["overall"] < 0.9 * rows[0]["perplexity"]["overall"]
-    assert rows[1]["perplexity"]["eu"] < rows[0]["perplexity"]["eu"]
-    assert all(set(r["train_loss"]) == {"eu", "us"} for r in rows[1:])
-    # Secure aggregation is on by default in simulation: every round was summed securely.
-    assert "secure aggregation on" in out
-    assert all(r["secure_aggregation"] and r["aggregated"] and r["clients_trained"] == 4 for r in rows[1:])
-    summary = json.loads((run / "summary.json").read_text())
-    # A second run continuing each region's budget: the sweep test below.
-    assert all(0 < summary["regions"][r]["epsilon"] <= 3.0 + 1e-6 for r in ("eu", "us"))
-    assert (run / "adapter" / "adapter_model.safetensors").is_file() and (run / "config.yaml").is_file()
-    assert set(json.loads((run / "adapter" / "fedsov-manifest.json").read_text())["contributing_regions"]) == {
-        "eu",
-        "us",
-    }
-    # The main job writes the privacy report by default.
-    assert "Privacy report:" in out and "audit: " in out
-    for name in ("privacy-report.html", "privacy-report.md", "privacy-report.json"):
-        assert (run / "report" / name).is_file()
-    from common.audit import open_log
-
-    for log in [run / "audit.jsonl", *sorted((tmp_path / "work" / "nodes").glob("*/audit.jsonl"))]:
-        assert open_log(log).verify().ok, log
-    assert not flower_processes(tmp_path), "fedsov simulate left Flower or Ray processes behind"
-
-
 def test_simulate_reports_bad_config_without_starting_anything(tmp_path):
     result = fedsov(["federation.roundz=3"], tmp_path)
     assert result.returncode == 2
@@ -78,17 +33,22 @@ def test_simulate_reports_bad_config_without_starting_anything(tmp_path):
     assert not (tmp_path / "flwr-home").exists()
 
 
-@pytest.mark.heavy(seconds=96)
-def test_simulate_multirun_sweeps_one_run_per_value_and_prints_a_table(small_overrides, tmp_path):
-    """Hydra's -m: each value its own run directory, saved overrides and TensorBoard files; a sweep table at the end."""
+@pytest.mark.heavy(seconds=110)
+def test_simulate_sweeps_a_dp_federation_with_a_region_its_policy_excludes(small_overrides, tmp_path):
+    """The main job end to end, twice: Hydra's -m runs one `fedsov simulate` per value (each its own run
+    directory, saved overrides and TensorBoard files; a sweep table at the end). The default China region's
+    PIPL preset forbids the EU coordinator. One round each: more rounds run in-process (tests/inprocess.py)
+    and in the deployment tests."""
+    assert not flower_processes(tmp_path)
     result = fedsov(
-        ["-m", *small_overrides, "privacy.target_epsilon=3,8", "federation.rounds=1", "audit.enabled=false"], tmp_path
+        ["-m", *small_overrides, "regions=[eu,us,cn]", "privacy.target_epsilon=3,8", "federation.rounds=1"], tmp_path
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = result.stdout
     assert "2 runs over privacy.target_epsilon; every job's config is valid" in out
     assert "=== sweep job 1/2: privacy.target_epsilon=3 ===" in out
     assert "=== sweep job 2/2: privacy.target_epsilon=8 ===" in out
+    first_job = out.split("=== sweep job 2/2")[0]
     table = out.split("runs succeeded")[1].splitlines()
     assert "2/2 runs succeeded" in out and re.match(r"\s+job\s+privacy.target_epsilon\s+status", table[1])
     runs = sorted((tmp_path / "work" / "runs").glob("*-job*"))
@@ -103,4 +63,35 @@ def test_simulate_multirun_sweeps_one_run_per_value_and_prints_a_table(small_ove
     assert 0 < epsilon[0] <= 3.0 + 1e-6 < epsilon[1]  # the second run spends on top of the first: cumulative
     record = json.loads(next((tmp_path / "work" / "sweeps").glob("*/sweep.json")).read_text())
     assert [j["exit_code"] for j in record["jobs"]] == [0, 0]
+    check_first_run(runs[0], first_job, tmp_path)
     assert not flower_processes(tmp_path), "the sweep left Flower or Ray processes behind"
+
+
+def check_first_run(run: Path, out: str, tmp_path: Path) -> None:
+    """What the main job prints and writes: the excluded region, each node, the report, the audit logs."""
+    assert "region cn EXCLUDED: PIPL policy forbids sending updates to a coordinator in EU" in out
+    assert re.search(r"\n  cn\s+-\s+EXCLUDED: PIPL", out)
+    assert "round 0/1" in out and "round 1/1 done" in out and f"Summary: run {run.name} completed 1/1 rounds" in out
+    for node in ("eu-1", "eu-2", "us-1", "us-2"):
+        assert f"{node:<6} trained" in out
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1]
+    # One round of a mixed federation need not help every region: the eu data moves the shared adapter most,
+    # and us's held-out perplexity came out 0.99-1.08x its start in repeated runs. Overall it falls by ~20%.
+    assert rows[1]["perplexity"]["overall"] < 0.9 * rows[0]["perplexity"]["overall"]
+    assert rows[1]["perplexity"]["eu"] < rows[0]["perplexity"]["eu"]
+    assert all(set(r["train_loss"]) == {"eu", "us"} for r in rows[1:])
+    # Secure aggregation is on by default in simulation: every round was summed securely.
+    assert "secure aggregation on" in out
+    assert all(r["secure_aggregation"] and r["aggregated"] and r["clients_trained"] == 4 for r in rows[1:])
+    assert (run / "adapter" / "adapter_model.safetensors").is_file() and (run / "config.yaml").is_file()
+    manifest = json.loads((run / "adapter" / "fedsov-manifest.json").read_text())
+    assert set(manifest["contributing_regions"]) == {"eu", "us"}
+    # The main job writes the privacy report by default.
+    assert "Privacy report:" in out and "audit: " in out
+    for name in ("privacy-report.html", "privacy-report.md", "privacy-report.json"):
+        assert (run / "report" / name).is_file()
+    from common.audit import open_log
+
+    for log in [run / "audit.jsonl", *sorted((tmp_path / "work" / "nodes").glob("*/audit.jsonl"))]:
+        assert open_log(log).verify().ok, log
