@@ -57,57 +57,6 @@ def deployment_overrides(small_overrides, tmp_path, regions: tuple[str, ...] = (
     ]
 
 
-@pytest.mark.heavy(seconds=50)
-def test_local_deployment_with_tls_and_node_auth_end_to_end(small_overrides, tmp_path):
-    """`fedsov deploy local`: coordinator + 3 regional SuperNodes, TLS and node auth, DP and SecAgg, 1 round
-    (rounds after the first: the wire, resume and warm-worker tests)."""
-    # Two nodes: each node process costs the 2-core CI machine seconds; eu's GDPR path is the wire test's.
-    overrides = [*deployment_overrides(small_overrides, tmp_path, ("us", "sg")), "federation.rounds=1"]
-    exe = Path(sys.executable).parent / "fedsov"
-    done = subprocess.run([str(exe), "deploy", "local", *overrides], capture_output=True, text=True, timeout=900)
-    out = done.stdout
-    assert done.returncode == 0, out[-4000:] + done.stderr[-3000:]
-    assert "TLS + node authentication" in out and "2 regional SuperNodes connected" in out
-    assert "INSECURE" not in out
-    assert "round 1/1 done" in out and "Privacy report:" in out
-    run_dir = Path(out.split("Run directory: ")[1].split()[0])
-    assert run_dir.parent == tmp_path / "work" / "deployment" / "coordinator" / "runs"
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in rows] == [0, 1]
-    assert rows[1]["secure_aggregation"] and rows[1]["aggregated"] and rows[1]["clients_trained"] == 2
-    assert rows[1]["perplexity"]["overall"] < rows[0]["perplexity"]["overall"]
-    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
-    manifest = json.loads((run_dir / "adapter" / "fedsov-manifest.json").read_text())
-    assert set(manifest["contributing_regions"]) == {"us", "sg"}
-    assert (run_dir / "report" / "privacy-report.html").is_file()
-    # Each node's ledger holds its round.
-    summary = json.loads((run_dir / "summary.json").read_text())
-    for region in ("us", "sg"):
-        assert 0 < summary["regions"][region]["epsilon"] <= 3.0 + 1e-6
-    from common.audit import open_log
-
-    node_logs = sorted((tmp_path / "work" / "deployment" / "nodes").glob("*/state/audit.jsonl"))
-    assert len(node_logs) == 2
-    for log in [run_dir / "audit.jsonl", *node_logs]:
-        assert open_log(log).verify().ok, log
-    assert not flower_processes(tmp_path), "fedsov deploy local left Flower processes behind"
-
-    # A restarted client (a fresh node process on the same state folder) still holds what it spent.
-    from omegaconf import OmegaConf
-
-    from client.node import RegionNode
-    from client.settings import deployment_settings
-    from common.config import config_from_container
-    from server.deployment import local_node_config
-
-    cfg = config_from_container(OmegaConf.load(run_dir / "config.yaml"))
-    restarted = RegionNode(
-        deployment_settings(cfg, local_node_config(cfg, "us", 0, 1, tmp_path / "work" / "deployment", "us-1"))
-    )
-    _, counts = restarted.describe("EU")
-    assert counts["epsilon"] == pytest.approx(summary["regions"]["us"]["epsilon"], rel=1e-9)
-
-
 @pytest.fixture
 def secured_coordinator(tmp_path, model_cache):
     from common.credentials import make_certificates
@@ -355,16 +304,21 @@ def test_wire_carries_no_text_and_a_node_killed_mid_round_is_survived(small_over
     assert not leaked, f"{len(leaked)} private strings on the wire, e.g. {leaked[:3]}"
 
 
-@pytest.mark.heavy(seconds=90)
-def test_a_restarted_coordinator_resumes_from_its_last_checkpoint(small_overrides, tmp_path):
-    """Stop the coordinator (SuperLink and its ServerApp) after round 1; restart it; resume the run."""
+@pytest.mark.heavy(seconds=100)
+def test_a_local_deployment_with_tls_and_node_auth_resumes_after_its_coordinator_restarts(small_overrides, tmp_path):
+    """`fedsov deploy local` (a coordinator and two regional SuperNodes, TLS and node authentication, DP and
+    secure aggregation): stop the coordinator (SuperLink and its ServerApp) after round 1, restart it on the
+    same state, resume the run. eu's GDPR path is the wire test's."""
     from common.errors import FederationError
     from server.app import MODEL_CACHE_ENV, RUNS_DIR_ENV
     from server.deployment import LocalDeployment, run_outcome, submit_run, watch_run
 
     overrides = [*deployment_overrides(small_overrides, tmp_path, ("us", "sg")), "audit.enabled=false"]
     lines: list[str] = []
-    with LocalDeployment(overrides, lines.append, insecure=True) as deployment:
+    with LocalDeployment(overrides, lines.append, insecure=False) as deployment:
+        assert any("TLS + node authentication" in line for line in lines)
+        assert any("2 regional SuperNodes connected" in line for line in lines)
+        assert not any("INSECURE" in line for line in lines)
         stopped: list[int] = []
 
         def stop_coordinator_after_round_1(event: dict) -> None:
@@ -391,13 +345,47 @@ def test_a_restarted_coordinator_resumes_from_its_last_checkpoint(small_override
         assert run_outcome(status, deployment.run_dir, lines.append) == 0, "\n".join(lines[-30:])
         # The same coordinator, while it is up: Flower's run verbs, through its Control API only.
         check_stop_logs_and_pull(deployment, run_id, tmp_path)
-    events = [json.loads(line) for line in (deployment.run_dir / "events.jsonl").read_text().splitlines()]
+    run_dir = deployment.run_dir
+    assert run_dir.parent == tmp_path / "work" / "deployment" / "coordinator" / "runs"
+    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
     resumed = [e for e in events if e["event"] == "resumed"]
     assert len(resumed) == 1 and resumed[0]["round"] == 1
-    rows = [json.loads(line) for line in (deployment.run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     # Round 1 ran once, before the stop; round 2 after the restart: nothing repeated.
-    assert [r["round"] for r in rows if r["round"] > 0] == [1, 2]
-    assert not flower_processes(tmp_path)
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert all(r["secure_aggregation"] and r["aggregated"] and r["clients_trained"] == 2 for r in rows[1:])
+    assert rows[2]["perplexity"]["overall"] < rows[0]["perplexity"]["overall"]
+    manifest = json.loads((run_dir / "adapter" / "fedsov-manifest.json").read_text())
+    assert set(manifest["contributing_regions"]) == {"us", "sg"}
+    assert (run_dir / "report" / "privacy-report.html").is_file()
+    from common.audit import open_log
+
+    node_logs = sorted((tmp_path / "work" / "deployment" / "nodes").glob("*/state/audit.jsonl"))
+    assert len(node_logs) == 2
+    for log in [run_dir / "audit.jsonl", *node_logs]:
+        assert open_log(log).verify().ok, log
+    assert not flower_processes(tmp_path), "fedsov deploy local left Flower processes behind"
+    check_a_restarted_node_holds_what_it_spent(run_dir, tmp_path)
+
+
+def check_a_restarted_node_holds_what_it_spent(run_dir: Path, tmp_path: Path) -> None:
+    """A fresh node process on the same state folder still holds what the run spent."""
+    from omegaconf import OmegaConf
+
+    from client.node import RegionNode
+    from client.settings import deployment_settings
+    from common.config import config_from_container
+    from server.deployment import local_node_config
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    for region in ("us", "sg"):
+        assert 0 < summary["regions"][region]["epsilon"] <= 3.0 + 1e-6
+    cfg = config_from_container(OmegaConf.load(run_dir / "config.yaml"))
+    restarted = RegionNode(
+        deployment_settings(cfg, local_node_config(cfg, "us", 0, 1, tmp_path / "work" / "deployment", "us-1"))
+    )
+    _, counts = restarted.describe("EU")
+    assert counts["epsilon"] == pytest.approx(summary["regions"]["us"]["epsilon"], rel=1e-9)
 
 
 def check_stop_logs_and_pull(deployment, run_id: int, tmp_path: Path) -> None:
@@ -427,10 +415,11 @@ def check_stop_logs_and_pull(deployment, run_id: int, tmp_path: Path) -> None:
         assert (pulled / name).read_bytes() == (deployment.run_dir / name).read_bytes(), name
     assert list((pulled / "tensorboard").glob("events.out.tfevents.*"))
 
+    ca = deployment.connection.ca_cert
     connection = [
         "--superlink",
         deployment.connection.superlink,
-        "--insecure",
+        *(["--ca", str(ca)] if ca else ["--insecure"]),
         "--home",
         str(deployment.connection.home),
     ]
