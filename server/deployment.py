@@ -4,8 +4,8 @@ The coordinator is a Flower SuperLink (TLS and SuperNode authentication on unles
 asked for, runtime dependency installs off); regional nodes are SuperNodes (`client.supernode`).
 Runs are submitted with `flwr run` and followed through Flower's own run log, in which the
 ServerApp echoes its progress events, so watching works from any machine that can reach the
-SuperLink's Control API. A run's status always comes from `flwr ls` (`flwr run --stream`
-exits 0 even when a run fails).
+SuperLink's Control API. A run's status always comes from that API (what `flwr ls` shows; `flwr run
+--stream` exits 0 even when a run fails).
 """
 
 from __future__ import annotations
@@ -179,9 +179,9 @@ def watch_run(
 ) -> RunStatus:
     """Print the run's progress events as they appear; return its final status from Flower.
 
-    Remotely the events come from the run's Flower log. Each read is a `flwr` process (about a second of CPU),
-    so where the run directory is on this machine (`local`) its events file is read instead, and Flower's
-    status only every STATUS_EVERY_S, when the run says it ended, or when the SuperLink process is gone.
+    Remotely the events come from the run's Flower log, the whole log at each read. Where the run directory is
+    on this machine (`local`) its events file is read instead, and Flower's status only every STATUS_EVERY_S,
+    when the run says it ended, or when the SuperLink process is gone.
     """
     control = connection.control()
     seen = local.skip if local else 0
@@ -370,7 +370,7 @@ class LocalDeployment:
 
     def run(self, on_event: Callable[[dict], None] | None = None) -> int:
         """Submit the federation, follow it, return the exit code from Flower's real status."""
-        # The run directory is on this machine: its events file is read, not Flower's log (a `flwr` process each).
+        # The run directory is on this machine: its events file is read, not Flower's whole log every few seconds.
         if self.superlink is None:
             raise FederationError("The coordinator is not started: use LocalDeployment as a context manager.")
         local = LocalRunFiles(self.run_dir, 0, self.superlink.alive)

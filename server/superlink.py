@@ -1,7 +1,8 @@
-"""Starting a Flower SuperLink and driving it with the `flwr` CLI (submit, status, logs, stop).
+"""Starting a Flower SuperLink and driving it: `flwr run` and `flwr supernode` submit runs and register nodes;
+status, logs and stop are Control API requests made in this process, as the flwr CLI makes them.
 
 Flower's engine does the transport and scheduling; this module only starts its processes,
-passes them a safe environment, and reads run status the way `flwr ls` reports it (`flwr run
+passes them a safe environment, and reads run status from the Control API as `flwr ls` does (`flwr run
 --stream` exits 0 even when a run fails, so status is always read back explicitly).
 """
 
@@ -38,12 +39,13 @@ class RunStatus:
 
 
 class FlowerControl:
-    """The `flwr` CLI pointed at one SuperLink (its Control API), with its own FLWR_HOME."""
+    """One SuperLink's Control API: the `flwr` CLI with its own FLWR_HOME, and the CLI's client in this process."""
 
     def __init__(self, home: Path, address: str, ca_cert: Path | None):
         self.home = home
         self.address = address
         self.ca_cert = ca_cert
+        self._api = None  # Flower's Control API client, made at the first request
         self.env = flower_environment(home)
         home.mkdir(parents=True, exist_ok=True)
         # Flower 1.42 reads connections from $FLWR_HOME/config.toml only.
@@ -63,23 +65,26 @@ class FlowerControl:
         return int(out["run-id"])
 
     def status(self, run_id: int) -> RunStatus:
-        out = self._flwr(["ls", CONNECTION, "--run-id", str(run_id), "--format", "json"])
-        runs = out.get("runs") or []
-        if not out.get("success") or not runs:
-            raise FederationError(f"flwr ls could not read run {run_id}: {out.get('error-message', out)}")
-        run = runs[0]
-        return RunStatus(run_id, str(run.get("status", "")), str(run.get("status-details", "")))
+        from flwr.proto.control_pb2 import ListRunsRequest
+
+        response = self._call("read run", run_id, lambda api: api.ListRuns(ListRunsRequest(run_id=run_id)))
+        run = response.run_dict.get(run_id)
+        if run is None:
+            raise FederationError(f"The SuperLink at {self.address} has no run {run_id}.")
+        status = run.status.status + (f":{run.status.sub_status}" if run.status.sub_status else "")
+        return RunStatus(run_id, status, run.status.details)
 
     def logs(self, run_id: int) -> str:
-        """Everything the run's ServerApp has logged so far."""
-        result = subprocess.run(
-            [flower_bin("flwr"), "log", str(run_id), CONNECTION, "--show"],
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        return result.stdout + result.stderr
+        """Everything the run's ServerApp has logged so far (what `flwr log --show` prints)."""
+        from flwr.proto.control_pb2 import StreamLogsRequest
+
+        def first_reply(api) -> str:
+            # The SuperLink's first reply holds the whole log so far; later ones would wait for more.
+            for reply in api.StreamLogs(StreamLogsRequest(run_id=run_id, after_timestamp=0.0)):
+                return reply.log_output
+            return ""
+
+        return self._call("read the log of run", run_id, first_reply)
 
     def save_logs(self, run_id: int, path: Path) -> None:
         from server.rundir import OUTPUT_LINE
@@ -89,9 +94,36 @@ class FlowerControl:
         path.write_text("\n".join(lines) + "\n")
 
     def stop_run(self, run_id: int) -> None:
-        out = self._flwr(["stop", str(run_id), CONNECTION, "--format", "json"])
-        if not out.get("success"):
-            raise FederationError(f"flwr stop could not stop run {run_id}: {out.get('error-message', out)}")
+        from flwr.proto.control_pb2 import StopRunRequest
+
+        response = self._call("stop run", run_id, lambda api: api.StopRun(StopRunRequest(run_id=run_id)))
+        if not response.success:
+            raise FederationError(f"The SuperLink at {self.address} did not stop run {run_id}.")
+
+    def _call(self, what: str, run_id: int, call):
+        """One Control API request from this process, as `flwr ls`, `log` and `stop` make it.
+
+        A `flwr` process per request costs about a second of CPU, and a run is watched every few seconds. The
+        client and the error handling are the flwr CLI's own (internal to flwr 1.42, pinned)."""
+        import click
+        from flwr.cli.utils import flwr_cli_exc_handler
+
+        if self._api is None:
+            from flwr.cli.cli_client_interceptor import CliClientHttpInterceptor
+            from flwr.supercore.control import ControlHttpClient
+            from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
+
+            self._api = ControlHttpClient.from_server_address(
+                server_address=self.address,
+                insecure=self.ca_cert is None,
+                root_certificates=self.ca_cert.read_bytes() if self.ca_cert else None,
+                interceptors=[CliClientHttpInterceptor(), RuntimeVersionHttpInterceptor(component_name="flwr CLI")],
+            )
+        try:
+            with flwr_cli_exc_handler():
+                return call(self._api)
+        except click.ClickException as err:
+            raise FederationError(f"Could not {what} {run_id} at the SuperLink {self.address}: {err.message}") from None
 
     def register_node(self, public_key: Path) -> int:
         out = self._flwr(["supernode", "register", str(public_key), CONNECTION, "--format", "json"])
