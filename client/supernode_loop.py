@@ -94,7 +94,24 @@ def patch_supernode_loop() -> ActivityPoll:
     loop._pull_and_store_message = pull_and_note
     loop.time = LoopClock(poll)
     retry_objects_sooner(loop)
+    announce_heartbeats_sooner()
     return poll
+
+
+# A node says it will beat every HEARTBEAT_S; the SuperLink counts it gone after two missed intervals.
+HEARTBEAT_S = 15
+
+
+def announce_heartbeats_sooner() -> None:
+    """This SuperNode beats every ~8 s and tells its SuperLink so, where Flower beats every ~20 s and announces
+    30 s: a node that dies is known to be gone after ~30 s instead of ~60 s, so that a round, its evaluation and
+    the audit stop waiting on it that much sooner. One small request per node every 8 s costs nothing that
+    matters. (Flower's constants, imported by name into these two modules; tests/test_warm_worker.py.)"""
+    from flwr.supercore import heartbeat
+    from flwr.supernode import fleet_http_connection
+
+    heartbeat.HEARTBEAT_DEFAULT_INTERVAL = HEARTBEAT_S  # the sender's pace: (interval - 5 s) x 0.7-0.9
+    fleet_http_connection.HEARTBEAT_DEFAULT_INTERVAL = HEARTBEAT_S  # what the node announces
 
 
 def main() -> None:

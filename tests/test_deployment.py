@@ -230,7 +230,7 @@ def test_wire_carries_no_text_and_a_node_killed_mid_round_is_survived(small_over
     # The audit stays on: its canaries must be in the data, and its replies cross the wire too.
     overrides = [
         *deployment_overrides(small_overrides, tmp_path),
-        "secure_aggregation.stage_timeout_s=30",
+        "secure_aggregation.stage_timeout_s=15",
         "federation.round_timeout_s=120",
     ]
     proxies: list[RecordingProxy] = []

@@ -63,6 +63,16 @@ def test_the_waits_fedsov_shortens_are_flowers(monkeypatch):
     assert "pull_objects(" in inspect.getsource(http_grid.HttpGrid.pull_messages)
     for pull in (inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object_from_tree):
         assert {"initial_backoff", "backoff_cap"} <= set(inspect.signature(pull).parameters)
+    # The heartbeat a node announces and keeps: Flower's constant, read by name in these two modules.
+    from flwr.common.constant import HEARTBEAT_MIN_INTERVAL, HEARTBEAT_PATIENCE
+    from flwr.supercore import heartbeat
+    from flwr.supernode import fleet_http_connection
+
+    from client.supernode_loop import HEARTBEAT_S
+
+    assert "heartbeat_interval=HEARTBEAT_DEFAULT_INTERVAL" in inspect.getsource(fleet_http_connection)
+    assert "next_interval: float = HEARTBEAT_DEFAULT_INTERVAL" in inspect.getsource(heartbeat)
+    assert HEARTBEAT_MIN_INTERVAL <= HEARTBEAT_S and HEARTBEAT_PATIENCE == 2  # the SuperLink would refuse less
 
     slept: list[float] = []
     monkeypatch.setattr(time, "sleep", slept.append)
