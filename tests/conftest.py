@@ -52,8 +52,18 @@ def model_cache(tmp_path_factory) -> Path:
         shared = shared.parent
     cache = shared / "fedsov-cache"
     with FileLock(str(shared / "fedsov-cache.lock")):
-        cfg = load_config([f"model.cache_dir={cache}", *MICRO_MODEL])
-        resolve_model_path(cfg.model, log=lambda m: None)
+        import torch
+
+        # The other worker waits on this lock (every heavy test, collected first, needs the model): the build may
+        # use two threads, 15 s instead of 25 s on the 2-core machine. Two everywhere, so every machine builds
+        # the same model bits.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(2)
+        try:
+            cfg = load_config([f"model.cache_dir={cache}", *MICRO_MODEL])
+            resolve_model_path(cfg.model, log=lambda m: None)
+        finally:
+            torch.set_num_threads(threads)
     return cache
 
 

@@ -96,6 +96,7 @@ def test_saved_adapter_loads_with_peft_and_beats_the_base(small_overrides, confi
 
 @pytest.mark.heavy(seconds=30)
 def test_resume_continues_the_round_count_and_a_new_run_continues_the_budget(small_overrides):
+    small_overrides = [*small_overrides, "audit.enabled=false"]  # three runs' budgets and rounds: no audit needed
     cfg, run, _, _ = run_federation(small_overrides)
     first = ledger_epsilons(cfg)
     # Resume the same run with one more round: rounds 1-2 are not repeated.
