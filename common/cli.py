@@ -180,21 +180,29 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ("certs", "coordinator", "node", "run", "deploy"):
             return _deployment(args)
     except FedsovError as err:
+        if sigterm.received:
+            return _stopped(sigterm)
         print(f"fedsov: error: {_one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        # Every `finally` on the way has stopped the processes this command started.
-        print(f"fedsov: {'stopped by SIGTERM' if sigterm.received else 'interrupted'}", file=sys.stderr)
-        return 143 if sigterm.received else 130
+        return _stopped(sigterm)
     except BrokenPipeError:
         if not _stdout_closed():
             return _internal_error()
         return 141  # like any tool whose reader (`| head`) has gone: quietly
     except Exception:
-        return _internal_error()
+        # A SIGTERM that cut a library short mid-update (OmegaConf composing the config) can surface as that
+        # library's own error, with the interrupt swallowed: it is still the stop, not a fault to report.
+        return _stopped(sigterm) if sigterm.received else _internal_error()
     finally:
         sigterm.restore()
     return 1
+
+
+def _stopped(sigterm: _SigtermAsInterrupt) -> int:
+    # Every `finally` on the way has stopped the processes this command started.
+    print(f"fedsov: {'stopped by SIGTERM' if sigterm.received else 'interrupted'}", file=sys.stderr)
+    return 143 if sigterm.received else 130
 
 
 class _SigtermAsInterrupt:

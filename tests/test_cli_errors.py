@@ -693,3 +693,28 @@ def test_sigterm_stops_a_coordinator(tmp_path):
         lambda: "listening on" in fedsov.output() and fedsov.started("flower-superexec"), 120, "the SuperLink"
     )
     fedsov.stop_and_check(signal.SIGTERM, 0, "Coordinator stopped.")
+
+
+def test_a_sigterm_a_library_swallows_still_stops_fedsov_with_143(monkeypatch, capsys):
+    """OmegaConf, interrupted while it composes the config, can swallow the interrupt and fail on its own
+    half-updated state (seen in CI: AttributeError '_invalidate_flags_cache' after SIGTERM in `deploy local`).
+    Once SIGTERM has come, that failure is the stop: exit 143, not an internal error asking for a report."""
+    import common.config
+    from common.cli import main
+
+    def compose_cut_short(*args, **kwargs):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler runs here and raises KeyboardInterrupt
+        except KeyboardInterrupt:
+            pass  # swallowed by the library, which then trips over its own state
+        raise AttributeError("'NoneType' object has no attribute '_invalidate_flags_cache'")
+
+    monkeypatch.setattr(common.config, "load_config", compose_cut_short)
+    assert main(["data", "generate"]) == 143
+    err = capsys.readouterr().err
+    assert "fedsov: stopped by SIGTERM" in err and "internal error" not in err
+    # Without a SIGTERM the same failure is a fault, reported as one.
+    monkeypatch.setattr(common.config, "load_config", lambda *a, **k: (_ for _ in ()).throw(AttributeError("bug")))
+    assert main(["data", "generate"]) == 1
+    assert "internal error" in capsys.readouterr().err
