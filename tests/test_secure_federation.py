@@ -12,7 +12,14 @@ from tests.conftest import edit_policy
 from tests.inprocess import run_federation
 
 # Six clients in three regions: threshold ceil(0.6 * 6) = 4 tolerates two dropouts.
-SIX = ["regions=[eu,us,sg]", "federation.rounds=1", "federation.local_steps=3", "secure_aggregation.stage_timeout_s=1"]
+# No memorisation audit: these tests check what the secure sum reveals and how rounds end, not the audit.
+SIX = [
+    "regions=[eu,us,sg]",
+    "federation.rounds=1",
+    "federation.local_steps=3",
+    "secure_aggregation.stage_timeout_s=1",
+    "audit.enabled=false",
+]
 
 
 def capture_updates(grid, into):
@@ -160,7 +167,7 @@ def test_one_dropout_too_many_skips_the_round_cleanly_and_the_run_goes_on(small_
 
 @pytest.mark.heavy(seconds=22)
 def test_secure_upload_is_compact(small_overrides, config_dir):
-    base = small_overrides + ["federation.rounds=1", "federation.local_steps=2"]
+    base = small_overrides + ["federation.rounds=1", "federation.local_steps=2", "audit.enabled=false"]
     _, secure_run, _, _ = run_federation(base, run_name="secure")
     for region in ("eu", "us"):  # regions that accept plaintext updates, for the comparison
         edit_policy(config_dir, region, "transfers.require_secure_aggregation", False)
