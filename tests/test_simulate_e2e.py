@@ -41,7 +41,15 @@ def test_simulate_sweeps_a_dp_federation_with_a_region_its_policy_excludes(small
     and in the deployment tests."""
     assert not flower_processes(tmp_path)
     result = fedsov(
-        ["-m", *small_overrides, "regions=[eu,us,cn]", "privacy.target_epsilon=3,8", "federation.rounds=1"], tmp_path
+        [
+            "-m",
+            *small_overrides,
+            "regions=[eu,us,cn]",
+            "privacy.target_epsilon=3,8",
+            "federation.rounds=1",
+            "audit.enabled=false",
+        ],
+        tmp_path,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = result.stdout
@@ -87,8 +95,9 @@ def check_first_run(run: Path, out: str, tmp_path: Path) -> None:
     assert (run / "adapter" / "adapter_model.safetensors").is_file() and (run / "config.yaml").is_file()
     manifest = json.loads((run / "adapter" / "fedsov-manifest.json").read_text())
     assert set(manifest["contributing_regions"]) == {"eu", "us"}
-    # The main job writes the privacy report by default.
-    assert "Privacy report:" in out and "audit: " in out
+    # The main job writes the privacy report (the memorisation audit through Ray: the privacy-utility benchmark's
+    # smoke test; over a real wire: the deployment wire test).
+    assert "Privacy report:" in out and "audit: not audited" in out
     for name in ("privacy-report.html", "privacy-report.md", "privacy-report.json"):
         assert (run / "report" / name).is_file()
     from common.audit import open_log
