@@ -23,7 +23,6 @@ pip() { "$VENV/bin/python" -m pip --disable-pip-version-check "$@"; }
 # configuration, so scripts/uv_args.py passes it on (indexes, wheel folders, constraints); where it cannot,
 # or uv fails, pip installs as before. FEDSOV_INSTALLER=pip skips uv.
 UV_ARGS=()
-USING_UV=
 if [ "${FEDSOV_INSTALLER:-uv}" = uv ] && pip install --quiet "uv>=0.13.5,<0.14" >/dev/null 2>&1 \
   && lines=$("$VENV/bin/python" scripts/uv_args.py "$(pip config list 2>/dev/null)"); then
   while IFS= read -r line; do
@@ -32,11 +31,15 @@ if [ "${FEDSOV_INSTALLER:-uv}" = uv ] && pip install --quiet "uv>=0.13.5,<0.14" 
       ?*) UV_ARGS+=("$line") ;;
     esac
   done <<< "$lines"
-  USING_UV=1
   # --compile-bytecode: pip writes .pyc files at install, uv only when asked. Without them every process pays
   # for compiling what it imports (importing torch and transformers took 11 s instead of 5) wherever Python may
   # not write them itself (PYTHONDONTWRITEBYTECODE, read-only installs).
-  install() { "$VENV/bin/uv" pip install --compile-bytecode --python "$VENV/bin/python" "${UV_ARGS[@]}" "$@"; }
+  install() {
+    "$VENV/bin/uv" pip install --compile-bytecode --python "$VENV/bin/python" "${UV_ARGS[@]}" "$@" || {
+      echo "uv could not install $*; installing with pip instead."
+      pip install "$@"
+    }
+  }
 else
   install() { pip install "$@"; }
 fi
@@ -54,9 +57,5 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
     install "torch==$TORCH_VERSION+cpu" --extra-index-url https://download.pytorch.org/whl/cpu
   fi
 fi
-if ! install -e ".[dev]"; then
-  [ -n "$USING_UV" ] || exit 1
-  echo "uv could not install fedsov here; installing with pip instead."
-  pip install -e ".[dev]"
-fi
+install -e ".[dev]"
 echo "$want" > "$STAMP"
