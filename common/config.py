@@ -210,6 +210,9 @@ class AuditConfig:
 class SimulationConfig:
     client_cpus: int = 1
     client_gpus: float = 0.0
+    # Cores the simulated clients share (Ray's num_cpus); None: all of this machine's. Clients that train at
+    # once: cpus // client_cpus. Each runs in its own process holding the model.
+    cpus: int | None = None
 
 
 @dataclass
@@ -770,6 +773,14 @@ def validate(cfg: FedsovConfig) -> None:
     lo_hi = data.records_per_user
     if len(lo_hi) != 2 or not 1 <= lo_hi[0] <= lo_hi[1]:
         _fail("data.records_per_user", lo_hi, "must be [min, max] with 1 <= min <= max", "Use e.g. [2, 6].")
+    cpus = cfg.simulation.cpus
+    if cpus is not None and cpus < cfg.simulation.client_cpus:
+        _fail(
+            "simulation.cpus",
+            cpus,
+            f"is below simulation.client_cpus ({cfg.simulation.client_cpus}): no client could run",
+            "Give the simulation at least one client's cores, or null for all of this machine's.",
+        )
     if cfg.simulation.client_gpus < 0:
         _fail("simulation.client_gpus", cfg.simulation.client_gpus, "must be >= 0", "Use 0 on CPU.")
     if model.device == DeviceChoice.cuda:

@@ -70,6 +70,19 @@ def resolve_run_config(overrides: Sequence[str], config_dir: Path | None = None)
     return resumed
 
 
+def federation_config(cfg: FedsovConfig) -> dict[str, int | float]:
+    """Flower's simulation settings: one SuperNode per configured client, each client's cores and GPUs, and
+    (when set) the cores all clients share, which caps how many Ray actors run them."""
+    settings: dict[str, int | float] = {
+        "num-supernodes": sum(r.clients for r in cfg.regions.values()),
+        "client-resources-num-cpus": cfg.simulation.client_cpus,
+        "client-resources-num-gpus": cfg.simulation.client_gpus,
+    }
+    if cfg.simulation.cpus is not None:
+        settings["init-args-num-cpus"] = cfg.simulation.cpus
+    return settings
+
+
 def simulate(overrides: Sequence[str], config_dir: Path | None = None, out: Callable[[str], None] = print) -> int:
     """Run a simulated federation end to end; return the process exit code."""
     cfg = resolve_run_config(overrides, config_dir)
@@ -81,8 +94,7 @@ def simulate(overrides: Sequence[str], config_dir: Path | None = None, out: Call
     if not cfg.resume:
         run.write_overrides(list(overrides))
     check_trackers(cfg)
-    n_nodes = sum(r.clients for r in cfg.regions.values())
-    out(_headline(cfg, run, n_nodes))
+    out(_headline(cfg, run, sum(r.clients for r in cfg.regions.values())))
 
     ensure_synthetic_data(cfg, log=lambda m: out(f"  {m}"))
     resolve_model_path(cfg.model, log=lambda m: out(f"  {m}"))
@@ -97,11 +109,7 @@ def simulate(overrides: Sequence[str], config_dir: Path | None = None, out: Call
         run_id = superlink.submit(
             app_dir,
             run_config,
-            {
-                "num-supernodes": n_nodes,
-                "client-resources-num-cpus": cfg.simulation.client_cpus,
-                "client-resources-num-gpus": cfg.simulation.client_gpus,
-            },
+            federation_config(cfg),
         )
         out(f"  Flower run {run_id} on a local SuperLink ({superlink.address}); logs in {run.logs_dir}")
         status = _watch(superlink, run_id, run, cfg, out)

@@ -15,6 +15,9 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # starts, which inherit this), not two workers fighting over both cores.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("MKL_NUM_THREADS", "1")
+    # And a simulation's clients share that one core: one Ray actor, which imports torch and starts each node
+    # once, instead of two doing both (12 of a micro federation's 43 CPU seconds).
+    os.environ.setdefault("FEDSOV_SIMULATION_CPUS", "1")
 
 # A smaller recipe than the default so the suite stays fast; same code path.
 MICRO_MODEL = [

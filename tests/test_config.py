@@ -224,3 +224,16 @@ def test_a_stop_signal_during_composition_stops_fedsov_and_is_never_reported_as_
     monkeypatch.setattr(hydra, "compose", broken)
     with pytest.raises(ConfigError, match="a real configuration error"):
         load_config(["regions=[us]"])
+
+
+def test_the_cores_a_simulation_shares_cap_its_ray_actors_and_come_from_the_environment(monkeypatch):
+    from server.simulation import federation_config
+
+    monkeypatch.delenv("FEDSOV_SIMULATION_CPUS", raising=False)
+    settings = federation_config(load_config(["regions=[eu,us]"]))
+    assert settings == {"num-supernodes": 4, "client-resources-num-cpus": 1, "client-resources-num-gpus": 0.0}
+    monkeypatch.setenv("FEDSOV_SIMULATION_CPUS", "1")
+    assert federation_config(load_config(["regions=[eu,us]"]))["init-args-num-cpus"] == 1
+    assert federation_config(load_config(["simulation.cpus=4"]))["init-args-num-cpus"] == 4
+    with pytest.raises(ConfigError, match=r"'simulation.cpus' = 1: is below simulation.client_cpus \(2\)"):
+        load_config(["simulation.client_cpus=2"])
