@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -37,7 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchlib import MICRO, device_name, write_results  # noqa: E402  (scripts/ is on sys.path when run)
+from benchlib import MICRO, device_name, simulation_cores, write_results  # noqa: E402  (scripts/ is on sys.path when run)
 
 # At least 5,000 training records per client: 2,000 users of 2-6 records, 92% consenting, 20% held out. The micro
 # model, 64-token records, expected batch 128 and 24 steps keep an arm to a few minutes on 2 shared cores (the
@@ -56,7 +55,7 @@ SCALE = [
     "federation.local_steps=8",
     "federation.batch_size=128",
     "federation.eval_batch_size=128",
-    f"simulation.client_cpus={os.cpu_count() or 1}",
+    f"simulation.client_cpus={simulation_cores()}",
 ]
 QUICK = ["data.users_per_region=60", "federation.rounds=1", "federation.local_steps=2", "federation.batch_size=16"]
 # Learning rates per optimiser: DP-Adam's step is about lr per value whatever the noise; DP-SGD's is

@@ -16,6 +16,14 @@ MICRO = [
 ]
 
 
+def simulation_cores() -> int:
+    """The cores a simulation may use on this machine: $FEDSOV_SIMULATION_CPUS where set (as
+    `simulation.cpus` reads it), else all of them."""
+    import os
+
+    return int(os.environ.get("FEDSOV_SIMULATION_CPUS") or os.cpu_count() or 1)
+
+
 def device_name() -> str:
     import torch
 
