@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from common.model.lora import adapter_state, trainable_names
 from common.privacy.units import PrivacyUnit
+from common.secagg.encoding import RMSPROP_ALPHA
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,31 @@ def encode_units(units: Sequence[PrivacyUnit], tokenizer, max_length: int | None
     return encoded
 
 
+def local_optimizer(
+    name: str, params: list[torch.nn.Parameter], learning_rate: float, dp: DpSettings | None, batch_size: int
+) -> torch.optim.Optimizer:
+    """The optimiser that the privatised gradient feeds (post-processing: any choice costs no privacy).
+
+    rmsprop: each step moves a value by lr * g / sqrt(v), v a running mean of g^2 that starts at the DP noise's
+    variance per value, (sigma C / B)^2: sigma, C and the expected batch B are public, so the start is known, not
+    estimated. At this data size the noise dominates g; Adam, restarted every round, estimates the same variance
+    from a few noisy squares and takes sign-like first steps. Without DP there is no noise to start from.
+    """
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=learning_rate)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
+    if name != "rmsprop":
+        raise ValueError(f"Unknown optimizer {name!r}; use adamw, sgd or rmsprop (federation.optimizer).")
+    if dp is None:
+        raise ValueError("federation.optimizer=rmsprop needs DP: it starts from the DP noise's variance; use adamw.")
+    optimizer = torch.optim.RMSprop(params, lr=learning_rate, alpha=RMSPROP_ALPHA)
+    noise_variance = (dp.noise_multiplier * dp.max_grad_norm / batch_size) ** 2
+    for p in params:
+        optimizer.state[p] = {"step": torch.tensor(0.0), "square_avg": torch.full_like(p, noise_variance)}
+    return optimizer
+
+
 def train_locally(
     peft_model,
     examples: Sequence[Sequence[int]],
@@ -87,13 +113,7 @@ def train_locally(
     sampler = UniformWithReplacementSampler(
         num_samples=len(examples), sample_rate=sample_rate, generator=generator, steps=steps
     )
-    optimizer: torch.optim.Optimizer
-    if optimizer_name == "sgd":
-        optimizer = torch.optim.SGD(params, lr=learning_rate)
-    elif optimizer_name == "adamw":
-        optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
-    else:
-        raise ValueError(f"Unknown optimizer {optimizer_name!r}; use adamw or sgd (federation.optimizer).")
+    optimizer = local_optimizer(optimizer_name, params, learning_rate, dp, batch_size)
     clip_batch = dp is None and optimizer_name == "sgd" and max_grad_norm is not None
     model = peft_model
     noise = secret_generator(device)

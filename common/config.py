@@ -50,10 +50,14 @@ class DeviceChoice(str, Enum):
 
 
 class OptimizerChoice(str, Enum):
-    """The clients' local optimiser: DP-Adam(W) or DP-SGD (Opacus wraps either)."""
+    """The clients' local optimiser on the privatised gradient: DP-Adam(W), DP-SGD, or DP-RMSprop whose running
+    mean of squared gradients starts at the DP noise's variance (Opacus wraps each). auto: rmsprop with DP,
+    adamw without (there is no noise to start from); resolved when the config loads, never sent."""
 
+    auto = "auto"
     adamw = "adamw"
     sgd = "sgd"
+    rmsprop = "rmsprop"
 
 
 @dataclass
@@ -155,7 +159,7 @@ class FederationConfig:
     rounds: int = 5
     local_steps: int = 10
     batch_size: int = 32
-    optimizer: OptimizerChoice = OptimizerChoice.adamw
+    optimizer: OptimizerChoice = OptimizerChoice.auto
     learning_rate: float = 1e-2
     server_learning_rate: float = 1.0
     eval_batch_size: int = 32
@@ -431,6 +435,8 @@ def config_from_container(raw: DictConfig | ListConfig | dict[str, Any]) -> Feds
         )
     cfg: FedsovConfig = _typed(FedsovConfig, raw, "")
     _absolutise_paths(cfg)
+    if cfg.federation.optimizer == OptimizerChoice.auto:
+        cfg.federation.optimizer = OptimizerChoice.rmsprop if cfg.privacy.enabled else OptimizerChoice.adamw
     validate(cfg)
     return cfg
 
@@ -773,6 +779,13 @@ def validate(cfg: FedsovConfig) -> None:
     lo_hi = data.records_per_user
     if len(lo_hi) != 2 or not 1 <= lo_hi[0] <= lo_hi[1]:
         _fail("data.records_per_user", lo_hi, "must be [min, max] with 1 <= min <= max", "Use e.g. [2, 6].")
+    if fed.optimizer == OptimizerChoice.rmsprop and not priv.enabled:
+        _fail(
+            "federation.optimizer",
+            fed.optimizer.value,
+            "needs DP (privacy.enabled=true): it starts from the DP noise's variance",
+            "Use federation.optimizer=adamw without DP.",
+        )
     cpus = cfg.simulation.cpus
     if cpus is not None and cpus < cfg.simulation.client_cpus:
         _fail(

@@ -82,7 +82,7 @@ RUN_ID = Text(128, r"[A-Za-z0-9._:#-]+")
 JURISDICTION = Text(32, r"[A-Za-z0-9*_-]+")
 FINGERPRINT = Text(64, r"[0-9a-f]{64}")
 MODULE_NAME = Text(128, r"[A-Za-z0-9_.*-]+")
-OPTIMIZERS = r"adamw|sgd"  # common.config.OptimizerChoice
+OPTIMIZERS = r"adamw|sgd|rmsprop"  # common.config.OptimizerChoice
 
 PLAN_FIELDS: dict[str, Spec] = {
     "run-id": RUN_ID,

@@ -68,7 +68,8 @@ def test_every_value_overridable_and_groups_composable(tmp_path):
         (["secure_aggregation.min_clients=1"], ["secure_aggregation.min_clients", "at least 2"]),
         (["regions.eu.data.source=files"], ["regions.eu.data.paths", "source=files needs at least one path"]),
         (["data.records_per_user=[5,2]"], ["data.records_per_user"]),
-        (["federation.optimizer=rmsprop"], ["federation.optimizer", "adamw", "sgd"]),
+        (["federation.optimizer=lion"], ["federation.optimizer", "adamw", "sgd", "rmsprop"]),
+        (["privacy=off", "federation.optimizer=rmsprop"], ["federation.optimizer", "needs DP", "adamw"]),
         (["audit.one_run_repetitions=0"], ["audit.one_run_repetitions", "at least 1"]),
     ],
 )
@@ -237,3 +238,13 @@ def test_the_cores_a_simulation_shares_cap_its_ray_actors_and_come_from_the_envi
     assert federation_config(load_config(["simulation.cpus=4"]))["init-args-num-cpus"] == 4
     with pytest.raises(ConfigError, match=r"'simulation.cpus' = 1: is below simulation.client_cpus \(2\)"):
         load_config(["simulation.client_cpus=2"])
+
+
+def test_the_optimiser_is_dp_rmsprop_with_dp_and_adamw_without_unless_named():
+    from common.config import OptimizerChoice
+
+    assert load_config([]).federation.optimizer == OptimizerChoice.rmsprop
+    assert load_config(["privacy=off"]).federation.optimizer == OptimizerChoice.adamw
+    assert load_config(["privacy=off", "federation.optimizer=sgd"]).federation.optimizer == OptimizerChoice.sgd
+    resolved = load_config(["federation.optimizer=adamw"])
+    assert config_from_json(json.dumps(config_to_dict(resolved))).federation.optimizer == OptimizerChoice.adamw

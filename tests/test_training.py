@@ -152,6 +152,49 @@ def test_sgd_without_dp_clips_the_batch_gradient(model_dir, examples):
     assert 0 < update_norm(clipped) <= 3 * 1e-3 + 1e-7 < update_norm(free)
 
 
+def test_dp_rmsprop_starts_from_the_noise_variance_and_needs_dp():
+    """Its first step divides by sqrt(alpha (sigma C / B)^2 + (1 - alpha) g^2), not by sqrt(g^2) (a sign step)."""
+    from client.training import local_optimizer
+    from common.secagg.encoding import RMSPROP_ALPHA
+
+    sigma, clip, batch, lr = 1.5, 0.5, 16, 1e-2
+    value = torch.nn.Parameter(torch.zeros(4))
+    gradient = torch.tensor([0.04, -0.01, 0.0, 1.0])  # noise per value here: sigma C / B = 0.047
+    optimizer = local_optimizer("rmsprop", [value], lr, DpSettings(noise_multiplier=sigma, max_grad_norm=clip), batch)
+    value.grad = gradient.clone()
+    optimizer.step()
+    mean_square = RMSPROP_ALPHA * (sigma * clip / batch) ** 2 + (1 - RMSPROP_ALPHA) * gradient**2
+    expected = -lr * gradient / (mean_square.sqrt() + 1e-8)
+    assert torch.allclose(value.detach(), expected, rtol=1e-5, atol=1e-9)
+    # Within the noise's scale the step follows the gradient (a fresh Adam's first step is lr * sign(g) instead).
+    assert float(value[0] / value[1]) == pytest.approx(-4.0, rel=0.01)
+    with pytest.raises(ValueError, match="rmsprop needs DP"):
+        local_optimizer("rmsprop", [value], lr, None, batch)
+
+
+def test_dp_rmsprop_round_stays_in_its_secure_sum_range(model_dir, examples):
+    """Whatever the noise, a round's RMSprop update fits the range the coordinator derives: nothing is clipped."""
+    import numpy as np
+
+    from common.secagg.encoding import flatten, layout_of, update_range
+
+    ids, pad = examples
+    lr, steps = 1e-2, 6
+    result = train_locally(
+        fresh_lora(model_dir),
+        ids,
+        steps=steps,
+        batch_size=8,
+        learning_rate=lr,
+        # Almost no noise: the prior is tiny and the first steps are as large as RMSprop's bound allows.
+        dp=DpSettings(noise_multiplier=1e-6, max_grad_norm=1.0),
+        pad_id=pad,
+        optimizer_name="rmsprop",
+    )
+    values = flatten(result.update, layout_of(result.update))
+    assert lr * steps < np.abs(values).max() <= update_range("rmsprop", lr, steps, 1.0)
+
+
 def test_dp_sgd_update_fits_the_secure_sum_range(model_dir, examples):
     """The range the coordinator derives for an SGD round holds a real noisy round: nothing is clipped."""
     import numpy as np
@@ -178,7 +221,7 @@ def test_dp_sgd_update_fits_the_secure_sum_range(model_dir, examples):
 
 def test_unknown_optimizer_is_refused(model_dir, examples):
     ids, pad = examples
-    with pytest.raises(ValueError, match="adamw or sgd"):
+    with pytest.raises(ValueError, match="adamw, sgd or rmsprop"):
         train_locally(
             fresh_lora(model_dir),
             ids,
@@ -187,7 +230,7 @@ def test_unknown_optimizer_is_refused(model_dir, examples):
             learning_rate=1e-2,
             dp=None,
             pad_id=pad,
-            optimizer_name="rmsprop",
+            optimizer_name="lion",
         )
 
 

@@ -60,10 +60,11 @@ def test_round_plan_round_trips_and_rejects_unknown_fields():
     assert RoundPlan.from_record(record) == plan
     with pytest.raises(SchemaError, match="unknown fields"):
         RoundPlan.from_record({**record, "send-me-your-data": True})
-    sgd = dataclasses.replace(plan, optimizer="sgd")
-    assert RoundPlan.from_record(sgd.to_record()).optimizer == "sgd"
-    with pytest.raises(SchemaError, match="optimizer"):
-        RoundPlan.from_record({**record, "optimizer": "rmsprop"})
+    for name in ("sgd", "rmsprop"):
+        assert RoundPlan.from_record(dataclasses.replace(plan, optimizer=name).to_record()).optimizer == name
+    for hostile in ("lion", "rmsprop2", "sgd|adamw"):
+        with pytest.raises(SchemaError, match="optimizer"):
+            RoundPlan.from_record({**record, "optimizer": hostile})
 
 
 def test_weighted_mean_weights_by_units():

@@ -27,6 +27,7 @@ METRIC_DTYPE = np.uint64
 DATA_MODULUS = 2**32
 METRIC_SCALE = 10**6  # metrics travel as fixed-point micro-units
 MIN_LEVELS = 2**12
+RMSPROP_ALPHA = 0.999  # DP-RMSprop's decay of its mean of squared gradients (client.training uses the same)
 
 Layout = Sequence[tuple[str, tuple[int, ...]]]
 
@@ -55,10 +56,21 @@ def sgd_update_range(learning_rate: float, steps: int, max_grad_norm: float) -> 
     return learning_rate * max_grad_norm * (2 * steps + 6 * steps**0.5)
 
 
+def rmsprop_displacement_bound(learning_rate: float, steps: int, alpha: float) -> float:
+    """Largest change RMSprop can make to one value in `steps` steps.
+
+    Its running mean v of squared gradients takes (1 - alpha) g^2 of each step's own gradient g, so
+    |lr g / sqrt(v)| <= lr / sqrt(1 - alpha), whatever v started from: clipping to this range never clips.
+    """
+    return learning_rate * steps / (1 - alpha) ** 0.5
+
+
 def update_range(optimizer: str, learning_rate: float, steps: int, max_grad_norm: float) -> float:
     """The secure sum's range [-R, R] for one value of a round's update by `optimizer`."""
     if optimizer == "sgd":
         return sgd_update_range(learning_rate, steps, max_grad_norm)
+    if optimizer == "rmsprop":
+        return rmsprop_displacement_bound(learning_rate, steps, RMSPROP_ALPHA)
     return adam_displacement_bound(learning_rate, steps)
 
 
