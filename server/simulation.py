@@ -194,9 +194,9 @@ def _headline(cfg: FedsovConfig, run: RunDirectory, n_nodes: int) -> str:
     if not p.enabled:
         dp = "NO differential privacy (privacy.enabled=false)"
     elif p.target_epsilon is not None:
-        dp = f"DP-SGD, target epsilon {p.target_epsilon:g} for this run"
+        dp = f"DP-SGD ({cfg.federation.optimizer.value}), target epsilon {p.target_epsilon:g} for this run"
     else:
-        dp = f"DP-SGD, sigma {p.noise_multiplier:g}"
+        dp = f"DP-SGD ({cfg.federation.optimizer.value}), sigma {p.noise_multiplier:g}"
     resumed = " (resuming)" if cfg.resume else ""
     if cfg.secure_aggregation.enabled:
         secure = (
