@@ -72,6 +72,44 @@ class RecordedTasks:
             self.state.finish_task(task_id, SubStatus.FAILED, "the run stopped while its message was received")
 
 
+class PulledMessages:
+    """The instruction messages one pull stored, until Flower deletes each with its sent reply.
+
+    Flower pushes, after each pull, every reply the node holds at that moment, and assumes one is the answer to
+    the message just pulled. A reply left over from an earlier message (its run stopped while it was received,
+    around a coordinator restart) breaks that: it goes out first, ignored by the SuperLink, and the new
+    message's reply, ready a moment later, stays in the node until the next pull, which never comes because the
+    coordinator is waiting for that very reply. Knowing what the pull stored, the push stage goes on until
+    those messages are answered.
+    """
+
+    def __init__(self, state):
+        self.unanswered: set[str] = set()
+        self.recording = False
+        store, delete = state.store_message, state.delete_messages
+
+        def store_and_note(message):
+            object_id = store(message)
+            if self.recording and object_id is not None and not message.metadata.reply_to_message_id:
+                self.unanswered.add(message.metadata.message_id)
+            return object_id
+
+        def delete_and_note(*, message_ids=None):
+            delete(message_ids=message_ids)
+            if message_ids is None:
+                self.unanswered.clear()
+            else:
+                self.unanswered.difference_update(message_ids)
+
+        state.store_message, state.delete_messages = store_and_note, delete_and_note
+
+    @classmethod
+    def of(cls, state) -> PulledMessages:
+        if not isinstance(getattr(state, "fedsov_pulled", None), cls):
+            state.fedsov_pulled = cls(state)
+        return state.fedsov_pulled
+
+
 def patch_supernode_loop() -> ActivityPoll:
     """Shorten the waits of Flower's SuperNode loop in this process; every received message marks activity."""
     from flwr.supernode import start_client_internal as loop
@@ -79,19 +117,32 @@ def patch_supernode_loop() -> ActivityPoll:
     poll = ActivityPoll(ACTIVE_POLL_S, IDLE_SLEEP_S, ACTIVE_WINDOW_S)
     pull = loop._pull_and_store_message
 
+    push = loop._push_messages
+
     def pull_and_note(*args, **kwargs):
-        created = RecordedTasks(kwargs["state"])
+        created, pulled = RecordedTasks(kwargs["state"]), PulledMessages.of(kwargs["state"])
+        pulled.unanswered.clear()  # only this pull's messages hold the push stage
+        pulled.recording = True
         try:
             run_id = pull(*args, **kwargs)
         finally:
             created.stop()
+            pulled.recording = False
         if run_id is not None:
             poll.active()
         else:
             created.finish_orphans()
+            pulled.unanswered.clear()  # Flower skips the push stage
         return run_id
 
+    def push_until_answered(*args, **kwargs):
+        push(*args, **kwargs)
+        pulled = PulledMessages.of(kwargs["state"])
+        while pulled.unanswered:  # what went out was an older reply: wait for this message's own and send it
+            push(*args, **kwargs)
+
     loop._pull_and_store_message = pull_and_note
+    loop._push_messages = push_until_answered
     loop.time = LoopClock(poll)
     retry_objects_sooner(loop)
     announce_heartbeats_sooner()

@@ -45,6 +45,65 @@ def test_the_flower_internals_the_worker_uses_are_there():
     assert "if isolation == ISOLATION_MODE_SUBPROCESS:" in source and "superexec_auth_secret = None" in source
 
 
+def test_a_reply_left_from_a_stopped_run_does_not_hold_back_the_next_messages_reply(monkeypatch):
+    """Around a coordinator restart a node can hold a reply to the stopped run's last message. Flower's push stage
+    sends every reply it holds once, and that stale one went out in place of the resumed run's describe reply,
+    ready 0.1 s later: the node then waited for a next message that the coordinator, waiting for that reply,
+    never sent (a hang seen in the restart test). The push stage now goes on until the pulled message is answered.
+    """
+    from types import SimpleNamespace
+
+    from flwr.supernode import start_client_internal as loop
+
+    from client.supernode_loop import patch_supernode_loop
+
+    # Flower's own push stage does what the fake below does: wait for any reply, send all, delete each and the
+    # message it answers.
+    source = inspect.getsource(loop._push_messages)
+    assert "get_messages_legacy(is_reply=True)" in source and "reply_to_message_id," in source
+
+    def message(message_id: str, reply_to: str = ""):
+        return SimpleNamespace(metadata=SimpleNamespace(message_id=message_id, reply_to_message_id=reply_to))
+
+    class NodeState:
+        def __init__(self):
+            self.held: dict[str, str] = {}  # message id -> the message it replies to ("" for an instruction)
+
+        def store_message(self, msg):
+            self.held[msg.metadata.message_id] = msg.metadata.reply_to_message_id
+            return msg.metadata.message_id
+
+        def delete_messages(self, *, message_ids=None):
+            for message_id in message_ids or list(self.held):
+                self.held.pop(message_id, None)
+
+        def create_task(self, **kwargs):
+            return None
+
+    state, sent = NodeState(), []
+    state.store_message(message("stale-reply", reply_to="stopped-run-message"))
+
+    def pull(*, state, **_):
+        state.store_message(message("describe"))
+        threading.Timer(0.2, state.store_message, [message("describe-reply", reply_to="describe")]).start()
+        return 8
+
+    def push(*, state, **_):
+        while not (replies := [m for m, to in state.held.items() if to]):
+            time.sleep(0.02)
+        for reply in replies:
+            sent.append(reply)
+            state.delete_messages(message_ids=[reply, state.held[reply]])
+
+    monkeypatch.setattr(loop, "_pull_and_store_message", pull)
+    monkeypatch.setattr(loop, "_push_messages", push)
+    monkeypatch.setattr(loop, "time", time)
+    patch_supernode_loop()
+    assert loop._pull_and_store_message(state=state) == 8
+    loop._push_messages(state=state)
+    assert sent == ["stale-reply", "describe-reply"] and state.held == {}
+
+
 def test_the_waits_fedsov_shortens_are_flowers(monkeypatch):
     """client.supernode_loop and common.flowerproc replace these Flower waits by name: check they are still there."""
     from flwr.supercore.inflatable import inflatable_utils
