@@ -176,44 +176,34 @@ def test_dp_rmsprop_round_stays_in_its_secure_sum_range(model_dir, examples):
     """Whatever the noise, a round's RMSprop update fits the range the coordinator derives: nothing is clipped."""
     import numpy as np
 
-    from common.secagg.encoding import flatten, layout_of, update_range
+    from common.secagg.encoding import update_range
+
+    lr, steps = 1e-2, 6
+    # Almost no noise: the prior is tiny and the first steps are as large as RMSprop's bound allows.
+    values = round_update(model_dir, examples, "rmsprop", lr, steps, DpSettings(noise_multiplier=1e-6, max_grad_norm=1))
+    assert lr * steps < np.abs(values).max() <= update_range("rmsprop", lr, steps, 1.0)
+
+
+def round_update(model_dir, examples, optimizer: str, lr: float, steps: int, dp: DpSettings):
+    """One round of DP training from a fresh adapter at batch 8, its update flattened as the secure sum sees it."""
+    from common.secagg.encoding import flatten, layout_of
 
     ids, pad = examples
-    lr, steps = 1e-2, 6
+    lora = fresh_lora(model_dir)
     result = train_locally(
-        fresh_lora(model_dir),
-        ids,
-        steps=steps,
-        batch_size=8,
-        learning_rate=lr,
-        # Almost no noise: the prior is tiny and the first steps are as large as RMSprop's bound allows.
-        dp=DpSettings(noise_multiplier=1e-6, max_grad_norm=1.0),
-        pad_id=pad,
-        optimizer_name="rmsprop",
+        lora, ids, steps=steps, batch_size=8, learning_rate=lr, dp=dp, pad_id=pad, optimizer_name=optimizer
     )
-    values = flatten(result.update, layout_of(result.update))
-    assert lr * steps < np.abs(values).max() <= update_range("rmsprop", lr, steps, 1.0)
+    return flatten(result.update, layout_of(result.update))
 
 
 def test_dp_sgd_update_fits_the_secure_sum_range(model_dir, examples):
     """The range the coordinator derives for an SGD round holds a real noisy round: nothing is clipped."""
     import numpy as np
 
-    from common.secagg.encoding import Quantization, flatten, layout_of, update_range
+    from common.secagg.encoding import Quantization, update_range
 
-    ids, pad = examples
     lr, steps, clip = 0.5, 5, 0.1
-    result = train_locally(
-        fresh_lora(model_dir),
-        ids,
-        steps=steps,
-        batch_size=8,
-        learning_rate=lr,
-        dp=DpSettings(noise_multiplier=1.0, max_grad_norm=clip),
-        pad_id=pad,
-        optimizer_name="sgd",
-    )
-    values = flatten(result.update, layout_of(result.update))
+    values = round_update(model_dir, examples, "sgd", lr, steps, DpSettings(noise_multiplier=1.0, max_grad_norm=clip))
     bound = update_range("sgd", lr, steps, clip)
     assert np.abs(values).max() < bound < update_range("adamw", lr, steps, clip)
     assert Quantization.for_cohort(bound, 1000).encode(values, 500)[1] == 0
