@@ -85,12 +85,12 @@ class PulledMessages:
 
     def __init__(self, state):
         self.unanswered: set[str] = set()
-        self.recording = False
         store, delete = state.store_message, state.delete_messages
 
         def store_and_note(message):
+            # Only a pull stores instruction messages; the worker's replies (reply_to set) are not noted.
             object_id = store(message)
-            if self.recording and object_id is not None and not message.metadata.reply_to_message_id:
+            if object_id is not None and not message.metadata.reply_to_message_id:
                 self.unanswered.add(message.metadata.message_id)
             return object_id
 
@@ -122,12 +122,10 @@ def patch_supernode_loop() -> ActivityPoll:
     def pull_and_note(*args, **kwargs):
         created, pulled = RecordedTasks(kwargs["state"]), PulledMessages.of(kwargs["state"])
         pulled.unanswered.clear()  # only this pull's messages hold the push stage
-        pulled.recording = True
         try:
             run_id = pull(*args, **kwargs)
         finally:
             created.stop()
-            pulled.recording = False
         if run_id is not None:
             poll.active()
         else:
