@@ -114,6 +114,25 @@ def time_training_steps(model, ids, mode: str, batch: int, steps: int, warmup: i
     return times
 
 
+def plain_gradient(model, ids, mask):
+    """The gradient of the batch's mean unit loss for the adapter, without Opacus or clipping, flattened: what
+    the same model's numerics give without DP, to tell a dtype's own error from the DP path's."""
+    import torch
+
+    from client.training import unit_losses
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    model.train()
+    try:
+        # .backward, not autograd.grad: reentrant gradient checkpointing reaches the adapter only through .grad
+        unit_losses(model, ids, mask)[0].mean().backward()
+    finally:
+        model.eval()
+    grads = torch.cat([p.grad.flatten() for p in params])
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
 def noiseless_dp_update(model, ids, mask, max_grad_norm: float = 1.0):
     """The adapter change of one DP-SGD step on a fixed batch with noise off and plain SGD (lr 1): minus
     the mean of the clipped per-unit gradients, flattened. Same batch and model in, same update out."""

@@ -225,3 +225,17 @@ def test_accounting_bench_compares_pld_with_rdp_and_times_each_call(tmp_path):
         assert row["epsilon_pld_at_sigma_rdp"] < row["epsilon_pld"] <= row["target"] < row["epsilon_rdp"]
     assert len(record["timings"]) == 5 and all(t["fresh_s"] > 0 and t.get("cached_s", 1) > 0 for t in record["timings"])
     assert (tmp_path / "accounting.md").read_text().count("\n| ") == 11
+
+
+def test_device_check_judges_a_dtype_by_its_own_error_without_dp():
+    # scripts/ is not a package; device_check puts the repository and scripts/ on sys.path itself
+    sys.path.insert(0, str(SCRIPTS))
+    from device_check import within_dtype_error
+
+    def measured(dp_error, plain_error, finite=True):
+        return {"relative_l2_error": dp_error, "plain_gradient_relative_l2_error": plain_error, "finite": finite}
+
+    assert within_dtype_error(measured(0.0519, 0.0501))  # the H200 run's bfloat16 at 1.1B
+    assert not within_dtype_error(measured(0.09, 0.05))  # the DP path adds its own error
+    assert not within_dtype_error(measured(0.25, 0.20))  # both broken: a wrong gradient is not "the dtype"
+    assert not within_dtype_error(measured(0.01, 0.01, finite=False))
