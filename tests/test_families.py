@@ -202,6 +202,19 @@ def test_lora_targets_that_do_not_exist_or_mix_all_linear_are_refused(tiny_model
         lora(path, target_modules=["all-linear", "dense"])
 
 
+def test_gpt2s_python_gelu_is_loaded_as_the_fused_kernel_of_the_same_function(tiny_models):
+    from transformers import AutoModelForCausalLM
+
+    path = tiny_models.path("gpt2")
+    as_saved = AutoModelForCausalLM.from_pretrained(path, local_files_only=True).eval()
+    loaded = load_base_model(path, torch.device("cpu"), torch.float32)
+    assert as_saved.config.activation_function == "gelu_new"
+    assert loaded.config.activation_function == "gelu_pytorch_tanh"
+    ids = torch.randint(1, as_saved.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, as_saved(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
 def test_unknown_family_names_the_known_ones(tmp_path):
     with pytest.raises(ModelError, match=r"Unknown model family 'bloom'.*llama.*gpt_neox"):
         build_tiny_model("bloom", tmp_path)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import hashlib
 import json
 import math
@@ -33,11 +34,17 @@ EOS = "<|endoftext|>"
 def embedded_model_dir(cache_dir: Path | str, recipe: EmbeddedRecipe) -> Path:
     """Cache folder named by a hash of the recipe, the build version and the corpus itself."""
     recipe_json = json.dumps({"v": BUILD_VERSION, **dataclasses.asdict(recipe)}, sort_keys=True)
+    return Path(cache_dir) / "models" / f"embedded-{_build_digest(recipe_json, recipe.seed, recipe.corpus_documents)}"
+
+
+@functools.lru_cache(maxsize=4)
+def _build_digest(recipe_json: str, seed: int, corpus_documents: int) -> str:
+    # Generating the corpus takes ~0.8 s and every node start asks for the folder: once per process is enough,
+    # since the generator's code (what the corpus part of the hash guards against) cannot change within one.
     h = hashlib.sha256(recipe_json.encode())
-    for doc in generate_public_corpus(seed=recipe.seed, num_documents=recipe.corpus_documents):
+    for doc in generate_public_corpus(seed=seed, num_documents=corpus_documents):
         h.update(doc.encode())
-    digest = h.hexdigest()[:12]
-    return Path(cache_dir) / "models" / f"embedded-{digest}"
+    return h.hexdigest()[:12]
 
 
 def ensure_embedded_model(cache_dir: Path | str, recipe: EmbeddedRecipe, log: Callable[[str], None] = print) -> Path:
