@@ -170,9 +170,7 @@ def load_tokenizer(path: Path):
 def load_base_model(path: Path, device: torch.device, dtype: torch.dtype, *, gradient_checkpointing: bool = False):
     """Frozen base model in eval mode, already on `device` (before any LoRA is attached)."""
     from safetensors import SafetensorError
-    from transformers import AutoModelForCausalLM
-
-    from transformers import AutoConfig
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
         config = fused_activation(AutoConfig.from_pretrained(path, local_files_only=True))
