@@ -1,24 +1,21 @@
 """The warm worker (client/worker.py): one process per node answers every message of a deployment.
 
-The Flower internals it relies on, the SuperNode's Runtime API secret, the node caches it keeps warm
-(policy edits, logs rolled back under it), and end to end on loopback: a worker killed mid-round.
+The Flower internals it relies on, the SuperNode's Runtime API secret and the node caches it keeps warm
+(policy edits, logs rolled back under it). A worker killed mid-round, end to end on loopback, is played in
+tests/test_deployment.py, in the same deployment as a node's death and the wire recording.
 """
 
 from __future__ import annotations
 
-import fcntl
 import inspect
 import json
-import os
-import signal
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
 from tests.conftest import edit_policy
-from tests.test_deployment import deployment_overrides, flower_processes
+from tests.test_deployment import flower_processes
 
 
 def test_the_flower_internals_the_worker_uses_are_there():
@@ -309,132 +306,3 @@ def test_a_warm_node_follows_policy_edits_and_refuses_logs_rolled_back_under_it(
     with pytest.raises(TamperedLog, match="changed under this process"):
         client_app.region_node(context)
     assert STARTS["node"] == starts + 1
-
-
-def _entries(path: Path) -> list[dict]:
-    """A log's entries as written so far (a line being appended is skipped)."""
-    entries = []
-    for line in path.read_text().splitlines() if path.exists() else []:
-        try:
-            entries.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
-    return entries
-
-
-def _wait_for(condition, what: str, timeout: float = 600.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"waited {timeout:.0f} s for {what}")
-        time.sleep(0.05)
-
-
-@pytest.mark.heavy(seconds=75)
-def test_a_worker_killed_mid_round_is_restarted_and_the_ledger_stays_exact(small_overrides, tmp_path, config_dir):
-    """eu's worker dies in its round-1 training; round 1 aggregates us and sg, eu is back for round 2.
-
-    Deterministic: after eu's node described itself, the test holds eu's ledger lock, which the node next
-    needs inside round-1 training, before it could charge anything; it kills the worker there. Meanwhile sg's
-    policy gets a higher noise floor: sg's next message must run under it, with its model still loaded once.
-    """
-    from common.audit import EvidenceKey
-    from common.privacy.ledger import PrivacyLedger
-    from common.wire import DESCRIBE
-    from server.deployment import LocalDeployment
-
-    overrides = [
-        *deployment_overrides(small_overrides, tmp_path),
-        "audit.enabled=false",
-        "federation.round_timeout_s=120",
-        "secure_aggregation.stage_timeout_s=60",
-    ]
-    lines: list[str] = []
-    done: list[str] = []
-    failures: list[BaseException] = []
-
-    with LocalDeployment(overrides, lines.append, insecure=True) as deployment:
-        root = deployment.root
-        eu = deployment.nodes["eu-1"]
-
-        def crash_eu_in_round_1() -> None:
-            try:
-                audit, worker_log = root / "nodes" / "eu-1" / "state" / "audit.jsonl", eu.worker.log_path
-                _wait_for(
-                    lambda: any(e["action"] == "egress" and e.get("message_type") == DESCRIBE for e in _entries(audit)),
-                    "eu-1 to describe itself",
-                )
-                with open(root / "ledgers" / "eu" / "privacy-ledger.jsonl.lock", "a+") as lock:
-                    fcntl.flock(lock, fcntl.LOCK_EX)
-                    assert "task started: train" not in worker_log.read_text(), "the test took the lock too late"
-                    _wait_for(
-                        lambda: "task started: train (round 1)" in worker_log.read_text(),
-                        "eu-1 to start round-1 training",
-                    )
-                    # Inside train_round the worker now waits for the ledger: it cannot have charged anything.
-                    killed = eu.worker.process
-                    os.kill(killed.pid, signal.SIGKILL)
-                    killed.wait()
-                done.append("killed")
-                edit_policy(config_dir, "sg", "privacy.min_noise_multiplier", 5.0)
-                done.append("sg policy edited")
-            except BaseException as err:  # noqa: BLE001 - reported by the test below
-                failures.append(err)
-
-        crash = threading.Thread(target=crash_eu_in_round_1, daemon=True)
-        crash.start()
-        code = deployment.run()
-        crash.join(timeout=60)
-        run_dir = deployment.run_dir
-        restarts = {name: node.worker.restarts for name, node in deployment.nodes.items()}
-    assert not failures, failures
-    assert code == 0, "\n".join(lines[-40:])
-    assert done == ["killed", "sg policy edited"] and restarts == {"eu-1": 1, "us-1": 0, "sg-1": 0}
-    assert not flower_processes(tmp_path)
-
-    # Round 1 failed cleanly for eu only (answered by the restarted worker, or by Flower's timeout) and went on
-    # without it; in round 2 eu trained again.
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in rows] == [0, 1, 2]
-    assert rows[1]["aggregated"] and rows[1]["clients_trained"] == 2 and rows[1]["clients_failed"] == ["eu-1"]
-    assert rows[2]["aggregated"] and rows[2]["clients_trained"] == 3
-    worker_logs = {
-        name: (root / "logs" / f"supernode-{name}.worker.log").read_text() for name in ("eu-1", "us-1", "sg-1")
-    }
-    assert (
-        "answered the unfinished train (round 1) with an error" in worker_logs["eu-1"]
-        or "left the unfinished train (round 1) to Flower's heartbeat timeout" in worker_logs["eu-1"]
-    )
-
-    # eu's ledger: round 2 charged once, round 1 never (the worker died before charging); the epsilon the run
-    # reports for eu is exactly what its ledger holds.
-    summary = json.loads((run_dir / "summary.json").read_text())
-
-    def charges(region: str):
-        policy = deployment.cfg.regions[region].policy.privacy
-        key = EvidenceKey.load(root / "keys" / f"ledger-{region}")
-        ledger = PrivacyLedger(
-            root / "ledgers" / region / "privacy-ledger.jsonl", delta=policy.delta, unit=policy.unit, key=key
-        )
-        return ledger.charges()
-
-    eu_charges = charges("eu")
-    assert [(c.node, c.round) for c in eu_charges] == [("eu-1", 2)]
-    assert summary["regions"]["eu"]["epsilon"] == pytest.approx(eu_charges[-1].epsilon_after, rel=1e-9)
-    for region in ("us", "sg"):
-        assert [c.round for c in charges(region)] == [1, 2]
-
-    # Each worker started its node and loaded its model once per run (eu's restarted worker: once since then);
-    # sg started its node again for the edited policy, and the next plan it ran used the new noise floor.
-    def last_task(name: str) -> dict:
-        tasks = [json.loads(line.split("task ", 1)[1]) for line in worker_logs[name].splitlines() if " task {" in line]
-        return tasks[-1]
-
-    assert (last_task("us-1")["node_starts"], last_task("us-1")["model_loads"]) == (1, 1)
-    assert (last_task("eu-1")["node_starts"], last_task("eu-1")["model_loads"]) == (1, 1)
-    assert (last_task("sg-1")["node_starts"], last_task("sg-1")["model_loads"]) == (2, 1)
-    sg_audit = _entries(root / "nodes" / "sg-1" / "state" / "audit.jsonl")
-    starts = [e for e in sg_audit if e["action"] == "start" and e["decision"] == "accepted"]
-    assert len(starts) == 2 and starts[0]["policy_hash"] != starts[1]["policy_hash"]
-    plans = [e for e in sg_audit if e["action"] == "plan" and e["policy_hash"] == starts[1]["policy_hash"]]
-    assert plans and all(e["decision"] == "adjusted" and e["noise_multiplier"] == 5.0 for e in plans)
