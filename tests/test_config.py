@@ -248,3 +248,16 @@ def test_the_optimiser_is_dp_rmsprop_with_dp_and_adamw_without_unless_named():
     assert load_config(["privacy=off", "federation.optimizer=sgd"]).federation.optimizer == OptimizerChoice.sgd
     resolved = load_config(["federation.optimizer=adamw"])
     assert config_from_json(json.dumps(config_to_dict(resolved))).federation.optimizer == OptimizerChoice.adamw
+
+
+def test_the_server_step_is_one_and_a_half_under_dp_rmsprop_and_plain_fedavg_otherwise_unless_named():
+    def server_step(*overrides: str) -> float | None:
+        return load_config(list(overrides)).federation.server_learning_rate
+
+    assert server_step() == 1.5
+    assert server_step("privacy=off") == 1.0
+    assert server_step("federation.optimizer=adamw") == 1.0  # 1.5 was measured for RMSprop only
+    assert server_step("privacy=off", "federation.server_learning_rate=1.25") == 1.25
+    # Resolved once: a saved config (a resumed run) keeps the number it ran with.
+    saved = config_to_dict(load_config(["federation.optimizer=sgd"]))
+    assert config_from_json(json.dumps(saved)).federation.server_learning_rate == 1.0

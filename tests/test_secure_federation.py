@@ -78,8 +78,9 @@ def test_coordinator_learns_the_sum_and_nothing_else(small_overrides):
 
     after = load_file(str(run.adapter_dir / "adapter_model.safetensors"))
     plain = weighted_mean([u for u, _ in updates.values()], [w for _, w in updates.values()])
-    for name, expected in plain.items():
-        got = after[name] - before[name]
+    step = cfg.federation.server_learning_rate  # the server's step on the mean, resolved at config load
+    for name, mean in plain.items():
+        got, expected = after[name] - before[name], step * mean
         assert (got - expected).abs().max() <= 1e-3 * expected.abs().max()
     rows = run.read_metrics()
     assert rows[1]["clipped_values"] == 0 and rows[1]["clients_trained"] == 6
@@ -104,7 +105,8 @@ def test_round_survives_dropouts_after_key_exchange(small_overrides, lost):
     from safetensors.torch import load_file
 
     after = load_file(str(run.adapter_dir / "adapter_model.safetensors"))
-    for name, expected in plain.items():
+    for name, mean in plain.items():
+        expected = cfg.federation.server_learning_rate * mean
         assert ((after[name] - before[name]) - expected).abs().max() <= 1e-3 * expected.abs().max()
 
 
