@@ -39,7 +39,7 @@ def embedded_model_dir(cache_dir: Path | str, recipe: EmbeddedRecipe) -> Path:
 
 @functools.lru_cache(maxsize=4)
 def _build_digest(recipe_json: str, seed: int, corpus_documents: int) -> str:
-    # Generating the corpus takes ~0.8 s and every node start asks for the folder: once per process is enough,
+    # Generating the corpus takes ~0.2 s and every node start asks for the folder: once per process is enough,
     # since the generator's code (what the corpus part of the hash guards against) cannot change within one.
     h = hashlib.sha256(recipe_json.encode())
     for doc in generate_public_corpus(seed=seed, num_documents=corpus_documents):
