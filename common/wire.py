@@ -172,9 +172,6 @@ class RoundPlan:
             raise SchemaError(f"round plan: round {values['round']} is past total-rounds {values['total-rounds']}")
         if values["dp-enabled"] and (values["noise-multiplier"] is None) == (values["target-epsilon"] is None):
             raise SchemaError("round plan: DP needs exactly one of noise-multiplier and target-epsilon")
-        if values["optimizer"] == "rmsprop" and not values["dp-enabled"]:
-            # Refused here, before any policy check or audit entry says "accepted": training would fail later.
-            raise SchemaError("round plan: optimizer rmsprop needs DP (it starts from the DP noise's variance)")
         values["lora-target-modules"] = tuple(values["lora-target-modules"])
         return cls(**{k.replace("-", "_"): v for k, v in values.items()})
 

@@ -100,7 +100,6 @@ HOSTILE_PLANS = [
     ({"lora_target_modules": ["c_attn", "c_attn"]}, "repeat"),
     ({"lora_target_modules": "c_attn"}, "must be a list"),
     ({"dp_enabled": 1}, "true or false"),
-    ({"optimizer": "rmsprop", "dp_enabled": False}, "rmsprop needs DP"),
     ({"noise_multiplier": None, "target_epsilon": None}, "exactly one of"),
     ({"noise_multiplier": 1.0, "target_epsilon": 3.0}, "exactly one of"),
     ({"send-me-your-data": True}, "unknown fields"),
