@@ -7,6 +7,7 @@ shorter waits that let one message follow another without Flower's per-process p
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import os
 import signal
@@ -52,6 +53,7 @@ def flower_environment(flwr_home: Path) -> dict[str, str]:
 
 # An object not there yet is asked for again after 20 ms, doubling up to 250 ms (Flower: 1 s doubling up to 10 s).
 OBJECT_RETRY_S, OBJECT_RETRY_CAP_S = 0.02, 0.25
+_PULL_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("fedsov_pull_deadline", default=None)
 
 
 def retry_objects_sooner(module) -> None:
@@ -60,12 +62,39 @@ def retry_objects_sooner(module) -> None:
     A SuperNode offers a task before it has fetched the message's content from the SuperLink, and a reply
     shows at the SuperLink before its content: Flower's 1-2-4 s backoff, hidden while each message started
     a process, would be most of a warm message's time. (Internal to flwr 1.42; tests/test_warm_worker.py.)
+    Inside `object_pulls_until`, a pull also gives up at that deadline.
     """
     for name in ("pull_objects", "pull_and_inflate_object_from_tree"):
         pull = getattr(module, name, None)
-        if pull is not None and not isinstance(pull, functools.partial):  # once per process
-            sooner = functools.partial(pull, initial_backoff=OBJECT_RETRY_S, backoff_cap=OBJECT_RETRY_CAP_S)
-            setattr(module, name, sooner)
+        if pull is not None and not getattr(pull, "fedsov_sooner", False):  # once per process
+            setattr(module, name, _sooner(pull))
+
+
+def _sooner(pull):
+    @functools.wraps(pull)
+    def sooner(*args, **kwargs):
+        deadline = _PULL_DEADLINE.get()
+        if deadline is not None:
+            kwargs["max_time"] = max(0.0, deadline - time.monotonic())
+        return pull(*args, initial_backoff=OBJECT_RETRY_S, backoff_cap=OBJECT_RETRY_CAP_S, **kwargs)
+
+    sooner.fedsov_sooner = True  # type: ignore[attr-defined]
+    return sooner
+
+
+@contextlib.contextmanager
+def object_pulls_until(deadline: float) -> Iterator[None]:
+    """Object pulls in this block give up at `deadline` (time.monotonic()).
+
+    Flower gives up on a reply whose content never comes after 500 tries: 125 s at our retry pace. A node
+    that dies between announcing its reply and uploading it would hold the coordinator that long, whatever
+    the stage's timeout, and the other nodes' replies with it.
+    """
+    token = _PULL_DEADLINE.set(deadline)
+    try:
+        yield
+    finally:
+        _PULL_DEADLINE.reset(token)
 
 
 class ActivityPoll:

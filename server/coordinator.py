@@ -20,6 +20,7 @@ import torch
 from common.audit import AuditLog, EvidenceKey
 from common.config import FedsovConfig
 from common.errors import FederationError
+from common.flowerproc import object_pulls_until
 from common.model.loading import load_base_model, model_fingerprint, resolve_model_path
 from common.model.lora import adapter_state, attach_lora, save_adapter
 from common.schema import SchemaError, check_record
@@ -674,7 +675,9 @@ class Coordinator:
         deadline = sent + timeout
         replies: list[Reply] = []
         while pending and time.monotonic() < deadline:
-            for msg in self.grid.pull_messages(list(pending)):
+            with object_pulls_until(deadline):
+                pulled = self.grid.pull_messages(list(pending))
+            for msg in pulled:
                 node_id = pending.pop(msg.metadata.reply_to_message_id, None)
                 if node_id is None:
                     continue

@@ -118,7 +118,7 @@ def test_the_waits_fedsov_shortens_are_flowers(monkeypatch):
     assert "pull_and_inflate_object_from_tree(" in inspect.getsource(run_clientapp.pull_task_input)
     assert "pull_objects(" in inspect.getsource(http_grid.HttpGrid.pull_messages)
     for pull in (inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object_from_tree):
-        assert {"initial_backoff", "backoff_cap"} <= set(inspect.signature(pull).parameters)
+        assert {"initial_backoff", "backoff_cap", "max_time"} <= set(inspect.signature(pull).parameters)
     # The heartbeat a node announces and keeps: Flower's constant, read by name in these two modules.
     from flwr.common.constant import HEARTBEAT_MIN_INTERVAL, HEARTBEAT_PATIENCE
     from flwr.supercore import heartbeat
@@ -140,6 +140,81 @@ def test_the_waits_fedsov_shortens_are_flowers(monkeypatch):
     clock.sleep(0.5)  # waiting for the worker's reply
     clock.sleep(1)  # any other wait is Flower's own
     assert slept == [3, 0.2, 0.05, 1] and clock.monotonic is time.monotonic
+
+
+class ReplyWithoutContent:
+    """A grid on which one node's reply is announced but its content never uploaded (the node died while
+    sending it), the others' replies come: pulled the way Flower's HttpGrid pulls them, through the module
+    function the ServerApp makes retry sooner."""
+
+    def __init__(self, lost_node: int):
+        self.lost_node = lost_node
+        self.pushed: dict[str, int] = {}
+
+    def push_messages(self, messages):
+        for i, msg in enumerate(messages):
+            self.pushed[f"m{i}"] = msg.metadata.dst_node_id
+        return list(self.pushed)
+
+    def pull_messages(self, message_ids):
+        from flwr.app import ConfigRecord, Error, Metadata, RecordDict
+        from flwr.app.message import make_message
+        from flwr.supercore.inflatable.inflatable_utils import ObjectPullError, ObjectUnavailableError
+        from flwr.superlink.grid import http_grid
+
+        def never_uploaded(object_id: str) -> bytes:
+            raise ObjectUnavailableError(object_id)
+
+        replies = []
+        for mid in message_ids:
+            node = self.pushed[mid]
+            meta = Metadata(
+                run_id=1,
+                message_id="",
+                src_node_id=node,
+                dst_node_id=1,
+                reply_to_message_id=mid,
+                group_id="1",
+                created_at=time.time(),
+                ttl=60.0,
+                message_type="train",
+            )
+            if node != self.lost_node:
+                replies.append(make_message(meta, content=RecordDict({"ok": ConfigRecord({"node": node})})))
+                continue
+            try:
+                http_grid.pull_objects(["content"], never_uploaded)
+            except ObjectPullError as err:  # HttpGrid answers the reply with this error
+                replies.append(make_message(meta, error=Error(3, f"Reply message objects are unavailable. {err}")))
+        return replies
+
+
+def test_a_reply_whose_content_never_comes_is_given_up_at_the_exchanges_deadline(tmp_path, monkeypatch):
+    """Without a deadline, Flower retries a missing object 500 times: 125 s at fedsov's retry pace, whatever
+    the stage's timeout (seen as a deployed round stalling ~2 minutes after a node died mid-reply)."""
+    from flwr.app import RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+    from flwr.superlink.grid import http_grid
+
+    from common.config import load_config
+    from common.flowerproc import retry_objects_sooner
+    from server.coordinator import Coordinator
+    from server.rundir import RunDirectory
+
+    retry_objects_sooner(http_grid)  # as the ServerApp does
+    for name in ("_run_id", "_node_id", "_task_id"):  # messages take their ids from it, as in a ServerApp
+        monkeypatch.setattr(TaskIdentity, name, 1)
+    cfg = load_config([f"workdir={tmp_path}"])
+    run = RunDirectory(str(tmp_path / "run"))
+    run.create()
+    coordinator = Coordinator(cfg, ReplyWithoutContent(lost_node=2), run, pull_interval=0.01)
+    started = time.monotonic()
+    replies = coordinator._exchange([1, 2, 3], "train", lambda _: RecordDict(), 1, timeout=1.0)
+    took = time.monotonic() - started
+    assert took < 10, f"the exchange waited {took:.0f} s for content past its 1 s deadline"
+    by_node = {r.node_id: r for r in replies}
+    assert by_node[1].ok and by_node[3].ok
+    assert not by_node[2].ok and "objects are unavailable" in by_node[2].reason
 
 
 def test_a_message_whose_run_stopped_while_received_leaves_no_task_open(monkeypatch):
