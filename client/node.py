@@ -261,6 +261,11 @@ class RegionNode:
         self._refresh_data()
         decision = self._check_plan(plan, plan.dp_enabled)
         self._check_round_moves_forward(plan)
+        if plan.optimizer == "rmsprop" and not plan.dp_enabled:
+            # After the policy's own checks, so that a region requiring DP says so first.
+            self._refuse(
+                plan, "optimizer 'rmsprop' starts from the DP noise's variance and the plan has no DP; use adamw"
+            )
         n_units = len(self.data.train_units)
         sample_rate = plan.batch_size / n_units
         if sample_rate >= 1:

@@ -17,7 +17,7 @@ from common.data.records import Record, write_jsonl
 from common.wire import REQUEST, SECAGG
 from server.simulation import resolve_run_config
 from tests.conftest import edit_policy
-from tests.inprocess import Federation, assert_refused_with_nothing_sent, run_federation
+from tests.inprocess import Federation, assert_refused_with_nothing_sent, region_ledger, run_federation
 
 
 @pytest.fixture
@@ -26,6 +26,20 @@ def federation(small_overrides):
 
 
 # -- hostile coordinator ----------------------------------------------------------------------
+
+
+def test_rmsprop_without_dp_is_refused_where_the_policy_allows_no_dp(federation, config_dir):
+    """DP-RMSprop needs the DP noise's variance to start from: a plan without DP is refused before training,
+    on a node whose policy would accept plaintext training; a node requiring DP names its own rule first."""
+    fed = federation
+    edit_policy(config_dir, "us", "privacy.require_dp", False)  # taken at the node's next message
+    reply = fed.train("us-1", optimizer="rmsprop", dp_enabled=False)
+    assert_refused_with_nothing_sent(reply, "PolicyViolation", "optimizer 'rmsprop'", "use adamw")
+    plans = [e for e in fed.audit("us-1") if e["action"] == "plan"]
+    assert plans[-1]["decision"] == "refused" and "rmsprop" in plans[-1]["reason"]
+    assert region_ledger(fed.cfg, "us").charges() == []
+    assert_refused_with_nothing_sent(fed.train("eu-1", optimizer="rmsprop", dp_enabled=False), "requires DP-SGD")
+    assert not fed.train("us-1", optimizer="adamw", dp_enabled=False).has_error()  # the fix the message names
 
 
 def test_weaker_sigma_is_raised_to_the_policy_minimum(federation):
