@@ -60,6 +60,15 @@ class OptimizerChoice(str, Enum):
     rmsprop = "rmsprop"
 
 
+class LrScheduler(str, Enum):
+    """The clients' learning rate over the rounds, as Hugging Face's `lr_scheduler_type`: linear (from
+    federation.learning_rate in round 1 down towards 0 at the end of the run; each round at its start's rate) or
+    constant. Round-level: each round's plan carries its rate, and the nodes train as before."""
+
+    linear = "linear"
+    constant = "constant"
+
+
 @dataclass
 class LoraSettings:
     rank: int = 8
@@ -164,7 +173,8 @@ class FederationConfig:
     local_steps: int = 10
     batch_size: int = 32
     optimizer: OptimizerChoice = OptimizerChoice.auto
-    learning_rate: float = 1e-2
+    learning_rate: float = 1.5e-2  # the first round's; see lr_scheduler
+    lr_scheduler: LrScheduler = LrScheduler.linear
     # null: 1.5 with DP-RMSprop (measured on the default federation), 1.0 (plain FedAvg) otherwise; resolved at load.
     server_learning_rate: float | None = None
     eval_batch_size: int = 32

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from common.audit import AuditLog, EvidenceKey
-from common.config import FedsovConfig
+from common.config import FederationConfig, FedsovConfig, LrScheduler
 from common.errors import FederationError
 from common.flowerproc import object_pulls_until
 from common.model.loading import load_base_model, model_fingerprint, resolve_model_path
@@ -112,6 +112,15 @@ class NotContributing:
         return {"clients_refused": self.refused, "clients_failed": self.failed}
 
 
+def round_learning_rate(fed: FederationConfig, round_number: int) -> float:
+    """The clients' learning rate in a round: linear decay is Hugging Face's, sampled at each round's start
+    (round r of R: learning_rate x (R - r + 1) / R), so the last round still moves."""
+    if fed.lr_scheduler == LrScheduler.constant:
+        return fed.learning_rate
+    r = min(max(round_number, 1), fed.rounds)  # round 0's evaluation and the audit plan carry a rate they never use
+    return fed.learning_rate * (fed.rounds - r + 1) / fed.rounds
+
+
 def round_plan(cfg: FedsovConfig, run_id: str, round_number: int, fingerprint: str, cohort_size: int) -> RoundPlan:
     """What the coordinator asks of every node in one round, from the run's configuration."""
     lora, priv, fed = cfg.model.lora, cfg.privacy, cfg.federation
@@ -122,7 +131,7 @@ def round_plan(cfg: FedsovConfig, run_id: str, round_number: int, fingerprint: s
         local_steps=fed.local_steps,
         batch_size=fed.batch_size,
         optimizer=fed.optimizer.value,
-        learning_rate=fed.learning_rate,
+        learning_rate=round_learning_rate(fed, round_number),
         max_length=cfg.model.max_length,
         eval_batch_size=fed.eval_batch_size,
         model_fingerprint=fingerprint,

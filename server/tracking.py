@@ -91,6 +91,7 @@ def _start_mlflow(cfg: FedsovConfig, run_dir: Path):
             "local_steps": cfg.federation.local_steps,
             "batch_size": cfg.federation.batch_size,
             "learning_rate": cfg.federation.learning_rate,
+            "lr_scheduler": cfg.federation.lr_scheduler.value,
             "dp": cfg.privacy.enabled,
             "target_epsilon": cfg.privacy.target_epsilon,
             "noise_multiplier": cfg.privacy.noise_multiplier,

@@ -261,3 +261,22 @@ def test_the_server_step_is_one_and_a_half_under_dp_rmsprop_and_plain_fedavg_oth
     # Resolved once: a saved config (a resumed run) keeps the number it ran with.
     saved = config_to_dict(load_config(["federation.optimizer=sgd"]))
     assert config_from_json(json.dumps(saved)).federation.server_learning_rate == 1.0
+
+
+def test_the_clients_learning_rate_decays_linearly_by_round_unless_constant():
+    from server.coordinator import round_learning_rate, round_plan
+
+    def rates(*overrides: str) -> list[float]:
+        fed = load_config(list(overrides)).federation
+        return [round_learning_rate(fed, r) for r in range(0, fed.rounds + 1)]
+
+    # Round 0 (the base model's evaluation) carries round 1's rate; it trains nothing.
+    assert rates() == pytest.approx([1.5e-2, 1.5e-2, 1.2e-2, 0.9e-2, 0.6e-2, 0.3e-2])
+    assert rates("federation.rounds=2", "federation.learning_rate=0.1") == pytest.approx([0.1, 0.1, 0.05])
+    assert rates("federation.lr_scheduler=constant") == [1.5e-2] * 6
+    # What the nodes get is each round's own rate, in its plan.
+    cfg = load_config(["federation.rounds=4"])
+    assert [round_plan(cfg, "run#1", r, "f" * 64, 3).learning_rate for r in (1, 4)] == pytest.approx([1.5e-2, 3.75e-3])
+    with pytest.raises(ConfigError, match="federation.lr_scheduler") as err:
+        load_config(["federation.lr_scheduler=cosine"])
+    assert "linear" in str(err.value) and "constant" in str(err.value)
