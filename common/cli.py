@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import faulthandler
 import os
 import select
 import signal
@@ -121,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         # Absolute, for Hydra and for the processes fedsov starts in other working folders.
         args.config_dir = args.config_dir.expanduser().resolve()
         os.environ["FEDSOV_CONFIG_DIR"] = str(args.config_dir)
+    _stacks_on_sigusr1()
     sigterm = _SigtermAsInterrupt()
     try:
         if args.command == "simulate":
@@ -197,6 +200,14 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         sigterm.restore()
     return 1
+
+
+def _stacks_on_sigusr1() -> None:
+    """`kill -USR1 <pid>` prints where every thread is: for a stop that hangs. Not where stderr is no file (a
+    test capturing it)."""
+    if hasattr(signal, "SIGUSR1"):
+        with contextlib.suppress(ValueError, OSError):
+            faulthandler.register(signal.SIGUSR1, all_threads=True)
 
 
 def _stopped(sigterm: _SigtermAsInterrupt) -> int:

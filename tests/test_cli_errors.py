@@ -601,6 +601,10 @@ class FedsovProcess:
         self.proc.send_signal(sig)
         try:
             self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.send_signal(signal.SIGUSR1)  # fedsov prints every thread's stack (faulthandler)
+            time.sleep(2)
+            pytest.fail(f"fedsov did not stop within 60 s of signal {sig}; its output:\n{self.output()[-6000:]}")
         finally:
             leftover = [" ".join(p.cmdline())[:150] for p in _alive(tree)]
             for p in tree:  # nothing may outlive the test, even when it fails
