@@ -75,8 +75,11 @@ def _sooner(pull):
     def sooner(*args, **kwargs):
         deadline = _PULL_DEADLINE.get()
         if deadline is not None:
-            kwargs["max_time"] = max(0.0, deadline - time.monotonic())
-        return pull(*args, initial_backoff=OBJECT_RETRY_S, backoff_cap=OBJECT_RETRY_CAP_S, **kwargs)
+            left = max(0.0, deadline - time.monotonic())
+            kwargs["max_time"] = min(left, kwargs.get("max_time") or left)
+        kwargs.setdefault("initial_backoff", OBJECT_RETRY_S)
+        kwargs.setdefault("backoff_cap", OBJECT_RETRY_CAP_S)
+        return pull(*args, **kwargs)
 
     sooner.fedsov_sooner = True  # type: ignore[attr-defined]
     return sooner
