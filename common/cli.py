@@ -124,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         args.config_dir = args.config_dir.expanduser().resolve()
         os.environ["FEDSOV_CONFIG_DIR"] = str(args.config_dir)
     _stacks_on_sigusr1()
+    _stop_signals_deliverable()
     sigterm = _SigtermAsInterrupt()
     try:
         if args.command == "simulate":
@@ -208,6 +209,14 @@ def _stacks_on_sigusr1() -> None:
     if hasattr(signal, "SIGUSR1"):
         with contextlib.suppress(ValueError, OSError):
             faulthandler.register(signal.SIGUSR1, all_threads=True)
+
+
+def _stop_signals_deliverable() -> None:
+    """Ctrl-C and SIGTERM must reach fedsov, which then stops everything it started. A blocked signal mask is
+    inherited across exec (some launchers block SIGINT in their children): unblocked here, or they would stay
+    pending for ever. An ignored SIGINT (a background job of a non-interactive shell) is left as the shell set it."""
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
 
 
 def _stopped(sigterm: _SigtermAsInterrupt) -> int:

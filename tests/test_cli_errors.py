@@ -569,11 +569,22 @@ class FedsovProcess:
         self.out_path, self.err_path = tmp_path / "fedsov.out", tmp_path / "fedsov.err"
         with open(self.out_path, "w") as out, open(self.err_path, "w") as err:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "common.cli", *args], cwd=REPO, env=env, stdout=out, stderr=err
+                [sys.executable, "-m", "common.cli", *args],
+                cwd=REPO,
+                env=env,
+                stdout=out,
+                stderr=err,
+                preexec_fn=_as_a_launcher_that_blocks_stop_signals,
             )
 
     def output(self) -> str:
         return self.out_path.read_text() + self.err_path.read_text()
+
+    def signal_state(self) -> str:
+        """The process's blocked, ignored and pending signal masks (Linux)."""
+        status = Path(f"/proc/{self.proc.pid}/status")
+        lines = status.read_text().splitlines() if status.exists() else []
+        return " ".join(line for line in lines if line.startswith(("SigBlk", "SigIgn", "SigPnd", "ShdPnd")))
 
     def wait_for(self, predicate: Callable[[], bool], timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout
@@ -604,7 +615,10 @@ class FedsovProcess:
         except subprocess.TimeoutExpired:
             self.proc.send_signal(signal.SIGUSR1)  # fedsov prints every thread's stack (faulthandler)
             time.sleep(2)
-            pytest.fail(f"fedsov did not stop within 60 s of signal {sig}; its output:\n{self.output()[-6000:]}")
+            pytest.fail(
+                f"fedsov did not stop within 60 s of signal {sig} ({self.signal_state()}); its output:\n"
+                f"{self.output()[-6000:]}"
+            )
         finally:
             leftover = [" ".join(p.cmdline())[:150] for p in _alive(tree)]
             for p in tree:  # nothing may outlive the test, even when it fails
@@ -615,6 +629,15 @@ class FedsovProcess:
         assert not leftover, leftover
         assert self.proc.returncode == code, self.output()[-3000:]
         assert "Traceback" not in self.output() and message in self.output(), self.output()[-3000:]
+
+
+def _as_a_launcher_that_blocks_stop_signals() -> None:
+    """Start fedsov as some launchers do, SIGINT and SIGTERM blocked (inherited across exec; a full run once left
+    `fedsov node start` deaf to Ctrl-C for 60 s): fedsov must unblock them itself. The dispositions are reset to
+    the default, so that what the xdist worker itself ignores does not leak into the test."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
 
 
 def _alive(processes: list[psutil.Process]) -> list[psutil.Process]:
