@@ -581,10 +581,10 @@ class FedsovProcess:
         return self.out_path.read_text() + self.err_path.read_text()
 
     def signal_state(self) -> str:
-        """The process's blocked, ignored and pending signal masks (Linux)."""
+        """The process's blocked, ignored, caught and pending signal masks (Linux)."""
         status = Path(f"/proc/{self.proc.pid}/status")
         lines = status.read_text().splitlines() if status.exists() else []
-        return " ".join(line for line in lines if line.startswith(("SigBlk", "SigIgn", "SigPnd", "ShdPnd")))
+        return " ".join(line for line in lines if line.startswith(("SigBlk", "SigIgn", "SigCgt", "SigPnd", "ShdPnd")))
 
     def wait_for(self, predicate: Callable[[], bool], timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout
