@@ -201,6 +201,7 @@ def test_a_reply_whose_content_never_comes_is_given_up_at_the_exchanges_deadline
     from server.coordinator import Coordinator
     from server.rundir import RunDirectory
 
+    monkeypatch.setattr(http_grid, "pull_objects", http_grid.pull_objects)  # Flower's own again after the test
     retry_objects_sooner(http_grid)  # as the ServerApp does
     for name in ("_run_id", "_node_id", "_task_id"):  # messages take their ids from it, as in a ServerApp
         monkeypatch.setattr(TaskIdentity, name, 1)
