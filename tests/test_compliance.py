@@ -250,7 +250,8 @@ def test_run_shows_exclusions_writes_manifest_and_export_obeys_it(small_override
     from server.provenance import MANIFEST, export_adapter
 
     cfg, run, summary, grid = run_federation(
-        small_overrides + ["regions=[eu,us,cn]", "federation.rounds=1", "federation.local_steps=2"]
+        small_overrides
+        + ["regions=[eu,us,cn]", "federation.rounds=1", "federation.local_steps=2", "audit.enabled=false"]
     )
     assert "PIPL" in summary["excluded_regions"]["cn"] and set(summary["regions"]) == {"eu", "us"}
     cn_replies = [m for m in grid.received if m.has_error()]
@@ -273,7 +274,9 @@ def test_run_shows_exclusions_writes_manifest_and_export_obeys_it(small_override
 
 
 def test_tampered_ledger_makes_the_node_refuse_to_train(small_overrides):
-    cfg, run, _, _ = run_federation(small_overrides + ["federation.rounds=1", "federation.local_steps=2"])
+    cfg, run, _, _ = run_federation(
+        small_overrides + ["federation.rounds=1", "federation.local_steps=2", "audit.enabled=false"]
+    )
     ledger = f"{cfg.workdir}/ledgers/eu/{LEDGER_FILE}"
     lines = open(ledger).read().splitlines()
     open(ledger, "w").write("\n".join(lines[:-1]) + "\n")  # drop the last charge

@@ -15,7 +15,8 @@ from tests.inprocess import ledger_epsilons, run_federation
 
 
 def test_federated_dp_lora_trains_accounts_and_saves(small_overrides):
-    cfg, run, summary, grid = run_federation(small_overrides + ["federation.rounds=3"])
+    # No memorisation audit: it is checked in-process in test_leakage, test_habits and test_hostile_coordinator.
+    cfg, run, summary, grid = run_federation(small_overrides + ["federation.rounds=3", "audit.enabled=false"])
     rows = run.read_metrics()
     assert [r["round"] for r in rows] == [0, 1, 2, 3]
     for region in ("eu", "us"):
@@ -62,7 +63,8 @@ def test_saved_adapter_loads_with_peft_and_beats_the_base(small_overrides, confi
         edit_policy(config_dir, region, "privacy.require_dp", False)
         edit_policy(config_dir, region, "transfers.require_secure_aggregation", False)
     cfg, run, summary, grid = run_federation(
-        small_overrides + ["privacy=off", "secure_aggregation.enabled=false", "federation.rounds=2"]
+        small_overrides
+        + ["privacy=off", "secure_aggregation.enabled=false", "federation.rounds=2", "audit.enabled=false"]
     )
     # Without secure aggregation (an explicit, logged choice) updates travel in the clear.
     assert any(e["event"] == "secure_aggregation_disabled" for e in run.read_events())
@@ -125,6 +127,7 @@ def test_over_budget_round_is_refused_and_nothing_is_sent(small_overrides, confi
         "privacy.target_epsilon=null",
         "privacy.noise_multiplier=1.0",
         "federation.local_steps=10",
+        "audit.enabled=false",
     ]
     cfg = resolve_run_config(overrides)
     ensure_synthetic_data(cfg, log=lambda m: None)

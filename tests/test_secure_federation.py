@@ -146,9 +146,7 @@ def test_one_dropout_too_many_skips_the_round_cleanly_and_the_run_goes_on(small_
         grid.lose |= {(n, "train.secagg_mask", "1") for n in sorted(grid.contexts)[:3]}
 
     cfg, run, summary, _ = run_federation(
-        small_overrides
-        + SIX[:-3]
-        + ["federation.rounds=2", "federation.local_steps=3", "secure_aggregation.stage_timeout_s=1"],
+        small_overrides + SIX + ["federation.rounds=2"],
         prepare_grid=prepare,
     )
     rows = run.read_metrics()
