@@ -13,15 +13,13 @@ its own. Writes JSON and a Markdown table with ratios measured in this one run.
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchlib import MICRO, device_name, time_training_steps, write_results  # noqa: E402  (scripts/ is on sys.path)
+from benchlib import MICRO, device_name, each_in_own_process, time_training_steps, write_results  # noqa: E402  (scripts/ is on sys.path)
 
 MODES = ("non-private", "hooks", "functorch", "ghost")
 
@@ -67,29 +65,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="micro model, few steps: a smoke run")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "dp-overhead")
-    parser.add_argument("--mode", help=argparse.SUPPRESS)  # internal: run one mode in this process
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     batch, length, steps, warmup = (4, 32, 3, 1) if args.quick else (16, 128, 20, 3)
     overrides = [*(MICRO if args.quick else []), *args.overrides]
-    if args.mode:
-        print(json.dumps(run_mode(args.mode, overrides, batch, length, steps, warmup)))
-        return 0
-    results = []
-    for mode in MODES:
-        done = subprocess.run(
-            [sys.executable, __file__, "--mode", mode, *(["--quick"] if args.quick else []), *args.overrides],
-            capture_output=True,
-            text=True,
-            cwd=ROOT,
-        )
-        if done.returncode != 0:
-            # A mode Opacus cannot apply to this model is reported, not hidden.
-            results.append(
-                {"mode": mode, "error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed"}
-            )
-            continue
-        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    calls = [(mode, overrides, batch, length, steps, warmup) for mode in MODES]
+    # A mode Opacus cannot apply to this model is reported, not hidden.
+    results = [
+        result or {"mode": mode, "error": why}
+        for (mode, *_), (result, why) in zip(calls, each_in_own_process(run_mode, calls), strict=True)
+    ]
     base = next(r for r in results if r["mode"] == "non-private")
     for r in results:
         if "error" not in r:

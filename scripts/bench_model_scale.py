@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchlib import device_name, time_training_steps, write_results  # noqa: E402  (scripts/ is on sys.path)
+from benchlib import device_name, each_in_own_process, time_training_steps, write_results  # noqa: E402  (scripts/ is on sys.path)
 
 MODES = ("non-private", "hooks", "ghost", "hooks+checkpointing")
 
@@ -106,12 +105,14 @@ def adapter_sizes(shape: ScaleShape) -> dict:
     return out
 
 
-def run_one(shape: ScaleShape, mode: str, batch: int, length: int, steps: int, warmup: int) -> dict:
+def run_one(shape: ScaleShape, mode: str, batch: int, length: int, steps: int, warmup: int, threads: int) -> dict:
     """One (shape, mode), in this process: seconds per step, tokens/s and peak memory."""
     import resource
 
     import psutil
     import torch
+
+    torch.set_num_threads(threads)
 
     from common.config import DeviceChoice, DtypeChoice, LoraSettings
     from common.model.loading import pick_device, pick_dtype
@@ -165,47 +166,20 @@ def main() -> int:
         default=1,
         help="CPU threads (default 1: on a shared machine, one thread's CPU time is reproducible)",
     )
-    parser.add_argument("--one", nargs=2, metavar=("SHAPE", "MODE"), help=argparse.SUPPRESS)  # internal
     args = parser.parse_args()
     import torch
 
     torch.set_num_threads(args.threads)
     cuda = torch.cuda.is_available()
     batch, length, steps, warmup = (2, 16, 2, 1) if args.quick else ((8, 512, 5, 2) if cuda else (8, 128, 3, 1))
-    if args.one:
-        print(json.dumps(run_one(SHAPES[args.one[0]], args.one[1], batch, length, steps, warmup)))
-        return 0
     names = args.shapes or (QUICK_SHAPES if args.quick else (CUDA_SHAPES if cuda else CPU_SHAPES))
     shapes = [SHAPES[n] for n in names if cuda or not SHAPES[n].cuda_only]
-    results, sizes = [], {}
-    for shape in shapes:
-        sizes[shape.name] = adapter_sizes(shape)
-        for mode in args.modes:
-            done = subprocess.run(
-                [
-                    sys.executable,
-                    __file__,
-                    "--one",
-                    shape.name,
-                    mode,
-                    f"--threads={args.threads}",
-                    *(["--quick"] if args.quick else []),
-                ],
-                capture_output=True,
-                text=True,
-                cwd=ROOT,
-            )
-            if done.returncode != 0:
-                # Killed by the kernel (-9) is how running out of memory shows on Linux.
-                why = (
-                    "killed: out of memory?"
-                    if done.returncode == -9
-                    else (done.stderr.strip().splitlines() or ["failed"])[-1]
-                )
-                results.append({"shape": shape.name, "mode": mode, "error": why[:300]})
-            else:
-                results.append(json.loads(done.stdout.strip().splitlines()[-1]))
-            print(f"  {shape.name} {mode}: {json.dumps(results[-1])}", file=sys.stderr)
+    sizes = {shape.name: adapter_sizes(shape) for shape in shapes}
+    calls = [(shape, mode, batch, length, steps, warmup, args.threads) for shape in shapes for mode in args.modes]
+    results = []
+    for (shape, mode, *_), (result, why) in zip(calls, each_in_own_process(run_one, calls), strict=True):
+        results.append(result or {"shape": shape.name, "mode": mode, "error": why[:300]})
+        print(f"  {shape.name} {mode}: {json.dumps(results[-1])}", file=sys.stderr)
     for r in results:
         base = next(
             (b for b in results if b["shape"] == r["shape"] and b["mode"] == "non-private" and "error" not in b), None

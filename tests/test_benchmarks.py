@@ -1,6 +1,7 @@
 """Benchmarks in quick mode: they run and write well-formed output. No timing is asserted here."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -82,6 +83,19 @@ def test_federation_quick_compares_secure_and_plain(model_cache, tmp_path):
     assert sizes["GPT-2 small shape (124M), same LoRA"]["share"] < sizes["configured"]["share"]
     assert record["scale"]["secure"]["per_client_s"] is None  # one client count: no growth to report
     assert "| 4 |" in (tmp_path / "federation.md").read_text() and (tmp_path / "federation.png").stat().st_size > 0
+
+
+def test_each_mode_runs_in_a_fresh_process_of_its_own_and_its_failure_is_reported():
+    sys.path.insert(0, str(SCRIPTS))
+    from benchlib import each_in_own_process
+
+    # Nothing preloaded: the contract, not the imports, is under test.
+    pids = [pid for pid, why in each_in_own_process(os.getpid, [(), ()], preload=()) if not why]
+    assert len(set(pids)) == 2 and os.getpid() not in pids
+    ((result, why),) = each_in_own_process(int, [("not a number",)], preload=())
+    assert result is None and why.startswith("ValueError: invalid literal")
+    ((result, why),) = each_in_own_process(os.abort, [()], preload=())
+    assert result is None and "the process died" in why
 
 
 def test_growth_per_added_client_finds_the_bend():
