@@ -31,11 +31,13 @@ if [ "${FEDSOV_INSTALLER:-uv}" = uv ] && pip install --quiet "uv>=0.13.5,<0.14" 
       ?*) UV_ARGS+=("$line") ;;
     esac
   done <<< "$lines"
-  # --compile-bytecode: pip writes .pyc files at install, uv only when asked. Without them every process pays
-  # for compiling what it imports (importing torch and transformers took 11 s instead of 5) wherever Python may
-  # not write them itself (PYTHONDONTWRITEBYTECODE, read-only installs).
+  # No --compile-bytecode: compiling all of site-packages (335 MB of Python, mostly never imported) took 34 of
+  # this script's 43 s on 2 cores. Python writes the bytecode of what is imported on first import; where the
+  # machine forbids that (PYTHONDONTWRITEBYTECODE), every process compiles its imports again (a micro federation
+  # 40 -> 70 CPU s), so the test suite allows it for itself and its processes (tests/conftest.py). To compile
+  # everything up front instead: UV_COMPILE_BYTECODE=1 ./scripts/setup.sh (uv reads it).
   install() {
-    "$VENV/bin/uv" pip install --compile-bytecode --python "$VENV/bin/python" "${UV_ARGS[@]}" "$@" || {
+    "$VENV/bin/uv" pip install --python "$VENV/bin/python" "${UV_ARGS[@]}" "$@" || {
       echo "uv could not install $*; installing with pip instead."
       pip install "$@"
     }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,11 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The suite's ~100 processes import the same modules: each module is compiled once and its bytecode kept in
+# .venv, also where the machine sets PYTHONDONTWRITEBYTECODE (which would make every process compile torch and
+# transformers again: a micro federation 40 -> 70 CPU seconds). scripts/setup.sh compiles nothing up front.
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+sys.dont_write_bytecode = False
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # Each of xdist's workers has a core to itself: one compute thread each (and in the processes a test
     # starts, which inherit this), not two workers fighting over both cores.
